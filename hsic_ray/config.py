@@ -19,7 +19,7 @@ from hsic_ray.hsic import ESTIMATORS
 
 ARCHITECTURES = ("mlp", "resconv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
-TRAINERS = ("local", "ray")
+TRAINERS = ("local",)
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
 
@@ -97,6 +97,8 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # The backprop baseline: the same network and head trained end to end with cross-entropy.
+    backprop: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05))
 
     @property
     def num_hsic_layers(self) -> int:
@@ -130,6 +132,7 @@ def paper_mlp(source: str = "mnist-sample") -> ExperimentConfig:
         optim=OptimConfig(lr=1e-3),
         head=HeadConfig(epochs=5, lr=0.005),
         train=TrainConfig(batch_size=256, epochs=5),
+        backprop=OptimConfig(lr=0.05),
     )
 
 
@@ -144,6 +147,7 @@ def paper_resconv(source: str = "mnist-sample") -> ExperimentConfig:
         optim=OptimConfig(lr=0.01),
         head=HeadConfig(epochs=5, lr=0.005),
         train=TrainConfig(batch_size=512, epochs=5),
+        backprop=OptimConfig(lr=0.01),
     )
 
 
@@ -158,6 +162,7 @@ def deep_mlp(source: str = "mnist-sample") -> ExperimentConfig:
         optim=OptimConfig(lr=1e-3),
         head=HeadConfig(epochs=5, lr=0.005),
         train=TrainConfig(batch_size=256, epochs=5),
+        backprop=OptimConfig(lr=0.01),
     )
 
 
@@ -203,7 +208,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.hsic.sigma is None or cfg.hsic.sigma > 0, "hsic.sigma", cfg.hsic.sigma, "a positive number or null (median heuristic)")
     _check(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
     _check(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
-    for prefix, opt in (("optim", cfg.optim), ("head", cfg.head)):
+    for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
         _check(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
         _check(opt.weight_decay >= 0, f"{prefix}.weight_decay", opt.weight_decay, "a number >= 0")
@@ -247,6 +252,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
+# An override value meaning "set this field to null" (None itself means "not given, keep the current value").
+NULL = "__null__"
+
+
 def overrides_to_tree(overrides: Mapping[str, Any]) -> dict[str, Any]:
     """{"model.depth": 10} -> {"model": {"depth": 10}}; None values (flags not given) are dropped."""
     tree: dict[str, Any] = {}
@@ -257,7 +266,7 @@ def overrides_to_tree(overrides: Mapping[str, Any]) -> dict[str, Any]:
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        node[leaf] = None if value == NULL else value
     return tree
 
 

@@ -1,0 +1,208 @@
+"""Reading accuracy off a network's outputs: plain argmax, and the "unformatted" readout.
+
+An unformatted network ends in a layer of `units >= num_classes` outputs with no trained head. To read a
+class off it, each class is matched to one output unit using the class-mean output vectors of a fitting
+set (the training data), and a sample counts as correct when its argmax unit is the unit matched to its
+label. Two matchings are offered:
+
+* ``"hungarian"``: the maximum-weight one-to-one assignment of classes to units on the class-mean matrix
+  (the sound version);
+* ``"greedy"``: the HSIC-bottleneck authors' rule: for each class in order 0..C-1, take the largest entry
+  of its mean vector among the units not yet taken by an earlier class.
+
+A sample whose argmax unit is matched to no class is wrong. Accuracies are percentages in [0, 100]. By
+default they are over samples; ``balanced=True`` gives the mean of the per-class accuracies instead, which
+is the figure the authors report (see section 7 of docs/hsic-reference.md).
+
+Everything here is pure numpy/scipy; torch tensors are accepted and converted (detached, moved to CPU).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+METHODS = ("hungarian", "greedy")
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    """A numpy view of `x`: torch tensors are detached and moved to CPU; anything else goes via asarray."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency, but keep this module usable without it
+        torch = None
+    if torch is not None and isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _outputs(outputs: Any, name: str = "outputs") -> np.ndarray:
+    out = _to_numpy(outputs)
+    if out.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [samples, units]; got shape {tuple(out.shape)}")
+    if out.shape[0] == 0:
+        raise ValueError(f"{name} has no samples")
+    if out.shape[1] == 0:
+        raise ValueError(f"{name} has no units")
+    if not np.issubdtype(out.dtype, np.number) or np.issubdtype(out.dtype, np.complexfloating):
+        raise ValueError(f"{name} must be real numbers; got dtype {out.dtype}")
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
+    return out.astype(np.float64, copy=False)
+
+
+def _labels(labels: Any, n: int, name: str = "labels") -> np.ndarray:
+    lab = _to_numpy(labels)
+    if lab.ndim != 1:
+        raise ValueError(f"{name} must be 1-D [samples]; got shape {tuple(lab.shape)}")
+    if lab.shape[0] != n:
+        raise ValueError(f"{name} has {lab.shape[0]} entries but the outputs have {n} samples")
+    if np.issubdtype(lab.dtype, np.bool_) or not np.issubdtype(lab.dtype, np.number):
+        raise ValueError(f"{name} must be integer class indices; got dtype {lab.dtype}")
+    if not np.issubdtype(lab.dtype, np.integer):
+        if not np.all(np.isfinite(lab)) or np.any(lab != np.round(lab)):
+            raise ValueError(f"{name} must be integer class indices")
+    lab = lab.astype(np.int64)
+    if lab.size and lab.min() < 0:
+        raise ValueError(f"{name} must be non-negative class indices; got {int(lab.min())}")
+    return lab
+
+
+def _check_num_classes(num_classes: int) -> int:
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    return int(num_classes)
+
+
+def _check_labels_in_range(lab: np.ndarray, num_classes: int, name: str = "labels") -> None:
+    if lab.size and lab.max() >= num_classes:
+        raise ValueError(f"{name} contain class {int(lab.max())} but num_classes is {num_classes}")
+
+
+def _check_width(units: int, num_classes: int) -> None:
+    if units < num_classes:
+        raise ValueError(
+            f"the last layer must be at least num_classes wide to read an unformatted output: it has "
+            f"{units} units but there are {num_classes} classes"
+        )
+
+
+def class_means(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """The mean output vector of each class: an array [num_classes, units].
+
+    Raises ValueError when a class in 0..num_classes-1 has no sample (its mean is undefined).
+    """
+    num_classes = _check_num_classes(num_classes)
+    out = _outputs(outputs)
+    lab = _labels(labels, out.shape[0])
+    _check_labels_in_range(lab, num_classes)
+    counts = np.bincount(lab, minlength=num_classes)
+    missing = np.flatnonzero(counts == 0)
+    if missing.size:
+        raise ValueError(
+            f"class(es) {missing.tolist()} have no samples in labels; every class 0..{num_classes - 1} "
+            "needs at least one to compute its mean output"
+        )
+    sums = np.zeros((num_classes, out.shape[1]), dtype=np.float64)
+    np.add.at(sums, lab, out)
+    return sums / counts[:, None]
+
+
+def hungarian_assignment(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """class_to_unit [num_classes]: the maximum-weight one-to-one matching of classes to units on the
+    class-mean matrix."""
+    means = class_means(outputs, labels, num_classes)
+    _check_width(means.shape[1], means.shape[0])
+    rows, cols = linear_sum_assignment(means, maximize=True)
+    class_to_unit = np.empty(means.shape[0], dtype=np.int64)
+    class_to_unit[rows] = cols
+    return class_to_unit
+
+
+def greedy_assignment(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
+    """class_to_unit [num_classes] by the authors' rule: for each class c in order 0..C-1, the unit with
+    the largest entry of c's mean output vector among the units not yet taken by an earlier class (ties go
+    to the lowest unit index)."""
+    means = class_means(outputs, labels, num_classes)
+    _check_width(means.shape[1], means.shape[0])
+    taken = np.zeros(means.shape[1], dtype=bool)
+    class_to_unit = np.empty(means.shape[0], dtype=np.int64)
+    for c in range(means.shape[0]):
+        row = np.where(taken, -np.inf, means[c])
+        unit = int(np.argmax(row))
+        class_to_unit[c] = unit
+        taken[unit] = True
+    return class_to_unit
+
+
+def _percent_correct(correct: np.ndarray, lab: np.ndarray, balanced: bool) -> float:
+    if not balanced:
+        return float(100.0 * correct.mean())
+    classes = np.unique(lab)
+    per_class = [correct[lab == c].mean() for c in classes]
+    return float(100.0 * np.mean(per_class))
+
+
+def assignment_accuracy(outputs: Any, labels: Any, class_to_unit: Any, *, balanced: bool = False) -> float:
+    """Percentage of samples whose argmax unit is ``class_to_unit[label]``.
+
+    A sample whose argmax unit is assigned to no class is wrong. With ``balanced=True`` the result is the
+    mean over the classes present in `labels` of the per-class accuracies.
+    """
+    out = _outputs(outputs)
+    lab = _labels(labels, out.shape[0])
+    mapping = _to_numpy(class_to_unit)
+    if mapping.ndim != 1 or mapping.shape[0] == 0:
+        raise ValueError(f"class_to_unit must be a non-empty 1-D array; got shape {tuple(mapping.shape)}")
+    if not np.issubdtype(mapping.dtype, np.integer):
+        raise ValueError(f"class_to_unit must hold integer unit indices; got dtype {mapping.dtype}")
+    mapping = mapping.astype(np.int64)
+    units = out.shape[1]
+    if mapping.min() < 0 or mapping.max() >= units:
+        raise ValueError(f"class_to_unit holds unit indices outside 0..{units - 1}: {mapping.tolist()}")
+    if np.unique(mapping).size != mapping.size:
+        raise ValueError(f"class_to_unit must map classes to distinct units; got {mapping.tolist()}")
+    _check_labels_in_range(lab, mapping.shape[0])
+    correct = np.argmax(out, axis=1) == mapping[lab]
+    return _percent_correct(correct, lab, balanced)
+
+
+def unformatted_accuracy(
+    train_outputs: Any,
+    train_labels: Any,
+    test_outputs: Any,
+    test_labels: Any,
+    num_classes: int,
+    method: str = "hungarian",
+    *,
+    balanced: bool = False,
+) -> float:
+    """Test accuracy (%) of an unformatted network: the class-to-unit matching is fitted on the training
+    outputs by `method` ("hungarian" or "greedy") and scored on the test outputs."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    num_classes = _check_num_classes(num_classes)
+    train = _outputs(train_outputs, "train_outputs")
+    test = _outputs(test_outputs, "test_outputs")
+    _check_width(train.shape[1], num_classes)
+    if test.shape[1] != train.shape[1]:
+        raise ValueError(
+            f"train_outputs have {train.shape[1]} units but test_outputs have {test.shape[1]}"
+        )
+    test_lab = _labels(test_labels, test.shape[0], "test_labels")
+    _check_labels_in_range(test_lab, num_classes, "test_labels")
+    assign = hungarian_assignment if method == "hungarian" else greedy_assignment
+    class_to_unit = assign(train, train_labels, num_classes)
+    return assignment_accuracy(test, test_lab, class_to_unit, balanced=balanced)
+
+
+def accuracy(logits: Any, labels: Any) -> float:
+    """Plain argmax accuracy in percent (for a trained format head)."""
+    out = _outputs(logits, "logits")
+    lab = _labels(labels, out.shape[0])
+    return float(100.0 * np.mean(np.argmax(out, axis=1) == lab))

@@ -1,0 +1,85 @@
+"""One run, end to end: check inputs, prepare the output directory, build the network, train, report.
+
+Everything that can be checked cheaply (config, data, output directory) is checked before training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from hsic_ray.backprop import BackpropTrainer
+from hsic_ray.config import ExperimentConfig, save_config
+from hsic_ray.data import ImageData, load_dataset
+from hsic_ray.local import LocalPipeline
+from hsic_ray.models import LayerwiseNet, build_network
+from hsic_ray.objective import HSICObjective
+from hsic_ray.run_dir import RunDirectory
+from hsic_ray.trainer import HSICTrainer
+
+log = logging.getLogger("hsic_ray")
+
+
+class OutputExistsError(FileExistsError):
+    """The output directory already holds a finished run, which a new run would overwrite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda, but torch sees no CUDA device; use --device auto or cpu")
+    return torch.device(name)
+
+
+def default_output(cfg: ExperimentConfig, method: str) -> str:
+    return f"runs/{cfg.preset or method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def open_run(cfg: ExperimentConfig, method: str) -> RunDirectory:
+    """The run directory with the resolved config saved in it; refuses to overwrite a finished run."""
+    run = RunDirectory(cfg.output or default_output(cfg, method))
+    if run.exists("metrics.json"):
+        raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
+    run.write_text("config.yaml", save_config(cfg))
+    return run
+
+
+def build_seeded_network(cfg: ExperimentConfig, data: ImageData) -> LayerwiseNet:
+    torch.manual_seed(cfg.train.seed)
+    return build_network(cfg.model, data.input_shape)
+
+
+def _check_fits(cfg: ExperimentConfig, data: ImageData) -> None:
+    n = len(data.y_train)
+    if n < cfg.train.batch_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} exceeds the {n} training samples of {data.name}; "
+            "use a smaller --batch-size"
+        )
+
+
+def run_hsic(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:
+    """Train with the HSIC bottleneck (then the format head); returns and saves metrics.json."""
+    data = data or load_dataset(cfg.data)
+    _check_fits(cfg, data)
+    device = resolve_device(cfg.train.device)
+    run = open_run(cfg, "hsic")
+    log.info("run directory: %s  (%s, %d train / %d test samples, device %s)",
+             run.uri, data.name, len(data.y_train), len(data.y_test), device)  # fmt: skip
+    net = build_seeded_network(cfg, data)
+    pipeline = LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device)
+    trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device)
+    return trainer.fit()
+
+
+def run_backprop(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:
+    """The baseline: the same network and head trained end to end by backprop, in process."""
+    data = data or load_dataset(cfg.data)
+    _check_fits(cfg, data)
+    device = resolve_device(cfg.train.device)
+    run = open_run(cfg, "backprop")
+    return BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, device).fit()

@@ -1,0 +1,58 @@
+"""The format head: one linear layer trained with SGD and cross-entropy on detached network outputs.
+
+It only ever sees features as data (detached tensors), so no gradient can reach an HSIC layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from hsic_ray.config import HeadConfig
+from hsic_ray.models import build_head
+from hsic_ray.stage import make_sgd
+
+
+class FormatHeadTrainer:
+    def __init__(self, in_features: int, num_classes: int, cfg: HeadConfig, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.head = build_head(in_features, num_classes).to(self.device)
+        self.optimizer = make_sgd(self.head.parameters(), cfg)
+
+    def step(self, features: Tensor, labels: Tensor) -> float:
+        self.head.train()
+        features = features.detach().to(self.device)
+        loss = F.cross_entropy(self.head(features), labels.to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def fit(self, features: Tensor, labels: Tensor, epochs: int, seed: int) -> list[float]:
+        """Train on precomputed features (the frozen network's output); returns the mean loss per epoch."""
+        rng = np.random.default_rng(seed)
+        n = features.shape[0]
+        batch = self.cfg.batch_size
+        epoch_losses = []
+        for _ in range(epochs):
+            order = torch.from_numpy(rng.permutation(n))
+            losses = [self.step(features[idx], labels[idx]) for idx in order.split(batch)]
+            epoch_losses.append(float(np.mean(losses)))
+        return epoch_losses
+
+    @torch.no_grad()
+    def logits(self, features: Tensor) -> Tensor:
+        self.head.eval()
+        return self.head(features.to(self.device)).cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,115 @@
+"""Networks as lists of independently trainable layers, plus the linear format head.
+
+HSIC training never passes a gradient between layers, so a network here is just an ordered list of
+modules with known input and output shapes: any contiguous slice can be trained in another process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from hsic_ray.config import ModelConfig
+
+Shape = tuple[int, ...]
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
+
+
+def dense_block(in_features: int, out_features: int, activation: str, flatten: bool = False) -> nn.Sequential:
+    """Linear -> BatchNorm1d(affine=False) -> activation, as in the authors' MLP."""
+    parts: list[nn.Module] = [nn.Flatten()] if flatten else []
+    parts += [nn.Linear(in_features, out_features), nn.BatchNorm1d(out_features, affine=False)]
+    parts.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*parts)
+
+
+class ResidualBlock(nn.Module):
+    """act(BN(act(BN(conv(x))) + x)): the residual unit of the paper's Fig. 7."""
+
+    def __init__(self, channels: int, activation: str, kernel_size: int = 5):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, kernel_size, padding=kernel_size // 2)
+        self.bn_inner = nn.BatchNorm2d(channels, affine=False)
+        self.bn_outer = nn.BatchNorm2d(channels, affine=False)
+        self.act = _ACTIVATIONS[activation]()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.bn_inner(self.conv(x)))
+        return self.act(self.bn_outer(y + x))
+
+
+class LayerwiseNet(nn.Module):
+    """An ordered list of layers; `shapes[i]` is layer i's input shape, `shapes[-1]` the output shape."""
+
+    def __init__(self, layers: Sequence[nn.Module], shapes: Sequence[Shape]):
+        super().__init__()
+        if len(shapes) != len(layers) + 1:
+            raise ValueError(f"need {len(layers) + 1} shapes for {len(layers)} layers, got {len(shapes)}")
+        self.layers = nn.ModuleList(layers)
+        self.shapes = [tuple(s) for s in shapes]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def slice(self, start: int, stop: int) -> "LayerwiseNet":
+        """Layers [start, stop) as a network of their own (sharing the modules)."""
+        return LayerwiseNet(list(self.layers)[start:stop], self.shapes[start : stop + 1])
+
+    @property
+    def output_features(self) -> int:
+        return math.prod(self.shapes[-1])
+
+
+def _infer_shapes(layers: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
+    # Eval mode so BatchNorm accepts a tiny batch and its running statistics stay untouched.
+    shapes = [tuple(input_shape)]
+    x = torch.zeros(2, *input_shape)
+    with torch.no_grad():
+        for layer in layers:
+            was_training = layer.training
+            x = layer.eval()(x)
+            layer.train(was_training)
+            shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def build_mlp(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
+    """input -> width, `depth` blocks width -> width, width -> last_width: depth + 2 layers."""
+    in_features = math.prod(input_shape)
+    layers = [dense_block(in_features, cfg.width, cfg.activation, flatten=True)]
+    layers += [dense_block(cfg.width, cfg.width, cfg.activation) for _ in range(cfg.depth)]
+    layers.append(dense_block(cfg.width, cfg.last_width, cfg.activation))
+    return LayerwiseNet(layers, _infer_shapes(layers, input_shape))
+
+
+def build_resconv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
+    """5x5 stride-2 conv, `depth` residual blocks of `width` channels, then dense to last_width."""
+    channels_in, height, width = input_shape
+    stem = nn.Sequential(
+        nn.Conv2d(channels_in, cfg.width, 5, stride=2, padding=2),
+        nn.BatchNorm2d(cfg.width, affine=False),
+        _ACTIVATIONS[cfg.activation](),
+    )
+    layers: list[nn.Module] = [stem] + [ResidualBlock(cfg.width, cfg.activation) for _ in range(cfg.depth)]
+    flat = math.prod(_infer_shapes(layers, input_shape)[-1])
+    layers.append(dense_block(flat, cfg.last_width, cfg.activation, flatten=True))
+    return LayerwiseNet(layers, _infer_shapes(layers, input_shape))
+
+
+def build_network(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
+    builders = {"mlp": build_mlp, "resconv": build_resconv}
+    return builders[cfg.arch](cfg, tuple(input_shape))
+
+
+def build_head(in_features: int, num_classes: int) -> nn.Sequential:
+    """The format head: one linear layer from the (flattened) network output to class logits."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))

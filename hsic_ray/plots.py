@@ -1,0 +1,187 @@
+"""Plots written to PNG files: the information plane of a run, and generic curves.
+
+Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas directly, so this module
+never touches pyplot or the global backend. Every plot is validated before anything is drawn, rendered to
+a temporary file in the destination directory and moved into place with `os.replace`: a failure leaves
+any earlier file at the path untouched, and a reader never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import BoundaryNorm
+from matplotlib.figure import Figure
+
+DPI = 100
+FIGSIZE = (7.0, 5.0)
+
+
+def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
+    """Render `fig` as PNG to a temporary file next to `path`, then move it into place."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"directory for the plot does not exist: {directory}")
+    FigureCanvasAgg(fig)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.png", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=DPI)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a plot is an ordinary readable file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _finite_float(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number; got {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number; got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{what} must be finite; got {x}")
+    return x
+
+
+def _information_plane_data(records: Sequence[Mapping]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(epochs [E], zx [E, L], zy [E, L]) from the records, sorted by epoch; ValueError on bad records."""
+    if not isinstance(records, Sequence) or isinstance(records, (str, bytes)):
+        raise ValueError("records must be a list of per-epoch dicts")
+    if len(records) == 0:
+        raise ValueError("records is empty: nothing to plot in the information plane")
+    epochs, zx, zy = [], [], []
+    n_layers = None
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or "epoch" not in rec or "per_layer" not in rec:
+            raise ValueError(f"records[{i}] must be a dict with keys 'epoch' and 'per_layer'")
+        epoch = _finite_float(rec["epoch"], f"records[{i}]['epoch']")
+        layers = rec["per_layer"]
+        if not isinstance(layers, Sequence) or isinstance(layers, (str, bytes)) or len(layers) == 0:
+            raise ValueError(f"records[{i}]['per_layer'] must be a non-empty list of per-layer dicts")
+        if n_layers is None:
+            n_layers = len(layers)
+        elif len(layers) != n_layers:
+            raise ValueError(
+                f"records[{i}] (epoch {rec['epoch']}) has {len(layers)} layers but records[0] has "
+                f"{n_layers}: every epoch must measure the same layers"
+            )
+        row_x, row_y = [], []
+        for j, layer in enumerate(layers):
+            where = f"records[{i}]['per_layer'][{j}]"
+            if not isinstance(layer, Mapping) or "nhsic_zx" not in layer or "nhsic_zy" not in layer:
+                raise ValueError(f"{where} must be a dict with keys 'nhsic_zx' and 'nhsic_zy'")
+            row_x.append(_finite_float(layer["nhsic_zx"], f"{where}['nhsic_zx']"))
+            row_y.append(_finite_float(layer["nhsic_zy"], f"{where}['nhsic_zy']"))
+        epochs.append(epoch)
+        zx.append(row_x)
+        zy.append(row_y)
+    order = np.argsort(np.asarray(epochs), kind="stable")
+    return np.asarray(epochs)[order], np.asarray(zx)[order], np.asarray(zy)[order]
+
+
+def plot_information_plane(records: list[dict], path: str | os.PathLike, title: str = "") -> None:
+    """Each layer's trajectory over epochs in the information plane, written as a PNG to `path`.
+
+    `records` holds one dict per epoch: ``{"epoch": int, "per_layer": [{"nhsic_zx": float,
+    "nhsic_zy": float}, ...]}`` with the same number of layers every epoch (records are sorted by epoch).
+    x is nHSIC(Z_i, X), y is nHSIC(Z_i, Y); layer i (1-based) gets one viridis colour, a marker at each
+    epoch and a star at the last one. Raises ValueError on empty or inconsistent records, before anything
+    is written.
+    """
+    epochs, zx, zy = _information_plane_data(records)
+    n_layers = zx.shape[1]
+
+    cmap = colormaps["viridis"]
+    norm = BoundaryNorm(np.arange(0.5, n_layers + 1.5), cmap.N)
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.add_subplot(1, 1, 1)
+    for j in range(n_layers):
+        colour = cmap(norm(j + 1))
+        ax.plot(zx[:, j], zy[:, j], "-o", color=colour, markersize=4, linewidth=1.5, alpha=0.9)
+        ax.plot(
+            zx[-1, j], zy[-1, j], marker="*", markersize=14, color=colour,
+            markeredgecolor="black", markeredgewidth=0.8, linestyle="none", zorder=3,
+        )
+    # Legend for the marker shapes only; colours are explained by the colorbar.
+    ax.plot([], [], "o", color="grey", markersize=4, label="epoch")
+    ax.plot([], [], "*", color="grey", markersize=12, markeredgecolor="black",
+            label=f"last epoch ({epochs[-1]:g})")
+    ax.legend(loc="best", fontsize="small")
+
+    mappable = ScalarMappable(norm=norm, cmap=cmap)
+    mappable.set_array(np.arange(1, n_layers + 1))
+    step = max(1, int(math.ceil(n_layers / 12)))
+    cbar = fig.colorbar(mappable, ax=ax, ticks=np.arange(1, n_layers + 1, step))
+    cbar.set_label("layer")
+
+    ax.set_xlabel("nHSIC(Z, X)")
+    ax.set_ylabel("nHSIC(Z, Y)")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save_atomic(fig, path)
+
+
+def plot_curves(
+    series: dict[str, list[tuple[float, float]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> None:
+    """A line plot, one line (with point markers) per named series of (x, y) points, with a legend,
+    written as a PNG to `path`. Raises ValueError, before anything is written, when there is no series,
+    a series has no points, or a point is not a finite (x, y) pair."""
+    if not isinstance(series, Mapping) or len(series) == 0:
+        raise ValueError("series must be a non-empty dict of name -> list of (x, y) points")
+    data: list[tuple[str, np.ndarray, np.ndarray]] = []
+    for name, points in series.items():
+        if isinstance(points, (str, bytes)):
+            raise ValueError(f"series {name!r} must be a list of (x, y) points")
+        try:
+            points = list(points)
+        except TypeError:
+            raise ValueError(f"series {name!r} must be a list of (x, y) points") from None
+        if len(points) == 0:
+            raise ValueError(f"series {name!r} has no points")
+        xs, ys = [], []
+        for k, point in enumerate(points):
+            try:
+                x, y = point
+            except (TypeError, ValueError):
+                raise ValueError(f"series {name!r} point {k} must be an (x, y) pair; got {point!r}") from None
+            xs.append(_finite_float(x, f"series {name!r} point {k} x"))
+            ys.append(_finite_float(y, f"series {name!r} point {k} y"))
+        data.append((str(name), np.asarray(xs), np.asarray(ys)))
+
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, xs, ys in data:
+        ax.plot(xs, ys, "-o", markersize=4, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize="small")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save_atomic(fig, path)

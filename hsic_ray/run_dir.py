@@ -1,0 +1,81 @@
+"""A run's output directory, on a local path or any pyarrow filesystem URI (shared storage on a cluster).
+
+Every file is written whole to a temporary name and then moved into place, so a crash mid-write leaves
+either the previous version or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow.fs as pafs
+
+
+def _has_scheme(uri: str) -> bool:
+    return "://" in uri
+
+
+class RunDirectory:
+    def __init__(self, uri: str):
+        self.uri = uri
+        location = uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
+        self.fs, self.root = pafs.FileSystem.from_uri(location)
+        self.fs.create_dir(self.root, recursive=True)
+        self._jsonl: dict[str, list[str]] = {}
+
+    def path(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def local_path(self, name: str) -> str | None:
+        """The file's path on this machine, or None when the run lives on remote storage."""
+        return self.path(name) if isinstance(self.fs, pafs.LocalFileSystem) else None
+
+    def exists(self, name: str) -> bool:
+        return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        final = self.path(name)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+        with self.fs.open_output_stream(tmp) as out:
+            out.write(data)
+        self.fs.move(tmp, final)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode())
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_text(name, json.dumps(obj, indent=2) + "\n")
+
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.path(name)) as src:
+            return src.read()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode()
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        if not self.exists(name):
+            return []
+        return [json.loads(line) for line in self.read_text(name).splitlines() if line.strip()]
+
+    def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
+        """Add one record; the whole file is rewritten atomically (object stores cannot append)."""
+        if name not in self._jsonl:
+            self._jsonl[name] = [json.dumps(r) for r in self.read_jsonl(name)]
+        self._jsonl[name].append(json.dumps(record))
+        self.write_text(name, "\n".join(self._jsonl[name]) + "\n")
+
+    def write_with_local_file(self, name: str, writer: Callable[[str], None]) -> None:
+        """For writers that need a local file path (matplotlib): write there, then store the bytes."""
+        suffix = Path(name).suffix
+        with tempfile.TemporaryDirectory() as tmpdir:
+            tmp = os.path.join(tmpdir, "out" + suffix)
+            writer(tmp)
+            self.write_bytes(name, Path(tmp).read_bytes())

@@ -1,0 +1,81 @@
+import pytest
+import torch
+from torch import nn
+
+from hsic_ray.config import ACTIVATIONS, ModelConfig
+from hsic_ray.models import LayerwiseNet, build_head, build_network
+
+
+@pytest.mark.parametrize("depth", [1, 5])
+def test_mlp_has_input_hidden_and_output_blocks(depth):
+    net = build_network(ModelConfig(arch="mlp", depth=depth, width=32, last_width=10), (1, 28, 28))
+    assert len(net) == depth + 2
+    assert net.shapes == [(1, 28, 28), (32,)] + [(32,)] * depth + [(10,)]
+    first = net.layers[0]
+    assert isinstance(first[0], nn.Flatten) and first[1].in_features == 784
+    for layer in net.layers:
+        bn = [m for m in layer.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert len(bn) == 1 and not bn[0].affine
+    out = net(torch.rand(4, 1, 28, 28))
+    assert out.shape == (4, 10)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_mlp_activation_is_applied(activation):
+    net = build_network(ModelConfig(depth=1, width=8, last_width=4, activation=activation), (1, 4, 4))
+    names = {type(m).__name__.lower() for m in net.modules()}
+    assert activation in names
+
+
+@pytest.mark.parametrize("input_shape, flat", [((1, 28, 28), 16 * 14 * 14), ((3, 32, 32), 16 * 16 * 16)])
+def test_resconv_shapes_follow_the_stride_two_stem(input_shape, flat):
+    net = build_network(ModelConfig(arch="resconv", depth=2, width=16, last_width=24), input_shape)
+    assert len(net) == 4
+    half = (16, input_shape[1] // 2, input_shape[2] // 2)
+    assert net.shapes[1] == net.shapes[2] == net.shapes[3] == half
+    assert net.shapes[-1] == (24,)
+    assert net.layers[-1][1].in_features == flat
+    assert net(torch.rand(3, *input_shape)).shape == (3, 24)
+
+
+def test_residual_block_adds_its_input():
+    net = build_network(ModelConfig(arch="resconv", depth=1, width=4, last_width=8), (1, 8, 8))
+    block = net.layers[1].eval()
+    x = torch.rand(2, 4, 4, 4)
+    with torch.no_grad():
+        block.conv.weight.zero_()
+        block.conv.bias.zero_()
+        # conv output 0 -> inner branch relu(BN(0)) = 0, so the block reduces to relu(BN(x)).
+        expected = torch.relu(block.bn_outer(x))
+        assert torch.allclose(block(x), expected)
+
+
+def test_slice_shares_modules_and_keeps_shapes():
+    net = build_network(ModelConfig(depth=3, width=16, last_width=10), (1, 8, 8))
+    part = net.slice(1, 5)
+    assert len(part) == 4
+    assert part.shapes == net.shapes[1:6]
+    assert part.layers[0] is net.layers[1]
+    x = torch.rand(5, 1, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        assert torch.allclose(part(net.slice(0, 1)(x)), net(x))
+
+
+def test_shape_inference_leaves_batchnorm_statistics_untouched():
+    net = build_network(ModelConfig(depth=2, width=8, last_width=4), (1, 4, 4))
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            assert int(module.num_batches_tracked) == 0
+            assert torch.all(module.running_mean == 0)
+        assert module.training
+
+
+def test_layerwise_net_rejects_wrong_shape_count():
+    with pytest.raises(ValueError, match="need 3 shapes"):
+        LayerwiseNet([nn.Identity(), nn.Identity()], [(1,), (1,)])
+
+
+def test_head_maps_flattened_features_to_classes():
+    head = build_head(12, 10)
+    assert head(torch.rand(7, 3, 4)).shape == (7, 10)

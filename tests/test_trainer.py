@@ -1,0 +1,120 @@
+"""The in-process trainer end to end on the real bundled digits (small nets, few steps)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hsic_ray.config import build_config
+from hsic_ray.data import ImageData, load_dataset
+from hsic_ray.experiment import OutputExistsError, build_seeded_network, run_backprop, run_hsic
+from hsic_ray.head import FormatHeadTrainer
+from hsic_ray.local import LocalPipeline
+from hsic_ray.objective import HSICObjective
+from hsic_ray.trainer import HSICTrainer
+
+
+@pytest.fixture(scope="module")
+def digits():
+    cfg = build_config("paper_mlp")
+    full = load_dataset(cfg.data)
+    # A quarter of the real digits keeps these tests quick; the split is the package's own.
+    return ImageData("mnist-sample", full.x_train[:2000], full.y_train[:2000], full.x_test[:1000], full.y_test[:1000], 10)
+
+
+def small_config(tmp_path, **extra):
+    overrides = {
+        "model.depth": 2, "model.width": 64, "train.batch_size": 128, "train.epochs": 2,
+        "head.epochs": 3, "train.eval_samples": 256, "train.log_every": 5, "output": str(tmp_path / "run"),
+    }  # fmt: skip
+    overrides.update(extra)
+    return build_config("paper_mlp", overrides=overrides)
+
+
+def test_run_writes_metrics_config_and_plot(tmp_path, digits):
+    metrics = run_hsic(small_config(tmp_path), digits)
+    run = tmp_path / "run"
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    for key in ("test_accuracy_unformatted", "test_accuracy_formatted", "train_seconds", "steps", "samples_per_second"):
+        assert key in saved
+    assert 0 <= saved["test_accuracy_formatted"] <= 100 and 0 <= saved["test_accuracy_unformatted"] <= 100
+    assert saved["test_accuracy_unformatted"] > 40  # well above the 10% of chance after 30 steps
+    assert saved["steps"] == 2 * (2000 // 128)
+    assert len(saved["per_layer"]) == 4 and all(set(p) == {"nhsic_zx", "nhsic_zy"} for p in saved["per_layer"])
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in lines]
+    assert kinds.count("epoch") == 3 and kinds.count("format_epoch") == 3 and "step" in kinds
+    assert (run / "information_plane.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "depth: 2" in (run / "config.yaml").read_text()
+
+
+def test_same_seed_same_run_on_cpu(tmp_path, digits):
+    a = run_hsic(small_config(tmp_path / "a", **{"train.epochs": 1}), digits)
+    b = run_hsic(small_config(tmp_path / "b", **{"train.epochs": 1}), digits)
+    c = run_hsic(small_config(tmp_path / "c", **{"train.epochs": 1, "train.seed": 7}), digits)
+    assert a["per_layer"] == b["per_layer"] and a["test_accuracy_formatted"] == b["test_accuracy_formatted"]
+    assert a["per_layer"] != c["per_layer"]
+
+
+def test_max_steps_stops_hsic_training(tmp_path, digits):
+    metrics = run_hsic(small_config(tmp_path, **{"train.max_steps": 4, "train.epochs": 5}), digits)
+    assert metrics["steps"] == 4 and metrics["epochs"] == 1
+
+
+def test_concurrent_head_never_changes_the_hsic_layers(tmp_path, digits):
+    def trained_layers(concurrent):
+        cfg = small_config(tmp_path / str(concurrent), **{"head.concurrent": concurrent, "train.epochs": 1})
+        net = build_seeded_network(cfg, digits)
+        pipeline = LocalPipeline(net, HSICObjective(cfg.hsic, 10), cfg.optim, "cpu")
+        trainer = HSICTrainer(cfg, digits, pipeline, net.output_features)
+        trainer._train_epoch(1)
+        return trainer, [p.detach().clone() for p in net.parameters()]
+
+    with_head, weights_with = trained_layers(True)
+    _, weights_without = trained_layers(False)
+    assert all(torch.equal(a, b) for a, b in zip(weights_with, weights_without))
+    # ...while the concurrent head did train.
+    fresh = FormatHeadTrainer(10, 10, with_head.cfg.head)
+    assert not torch.equal(fresh.head[1].weight, with_head.head.head[1].weight)
+
+
+def test_head_gradient_never_reaches_the_network(digits):
+    cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 16})
+    net = build_seeded_network(cfg, digits)
+    head = FormatHeadTrainer(net.output_features, 10, cfg.head)
+    x = torch.from_numpy(digits.x_train[:64]).float() / 255
+    head.step(net(x), torch.from_numpy(digits.y_train[:64]))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path, digits):
+    cfg = small_config(tmp_path, **{"train.max_steps": 1, "head.epochs": 1})
+    run_hsic(cfg, digits)
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    with pytest.raises(OutputExistsError, match="already holds a finished run"):
+        run_hsic(cfg, digits)
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+
+
+def test_batch_larger_than_the_data_is_refused_before_training(tmp_path, digits):
+    cfg = small_config(tmp_path, **{"train.batch_size": 5000})
+    with pytest.raises(ValueError, match="batch_size=5000 exceeds"):
+        run_hsic(cfg, digits)
+    assert not (tmp_path / "run").exists()
+
+
+def test_narrow_last_layer_reports_no_unformatted_accuracy(tmp_path, digits):
+    metrics = run_hsic(small_config(tmp_path, **{"model.last_width": 4, "train.max_steps": 3}), digits)
+    assert metrics["test_accuracy_unformatted"] is None and metrics["test_accuracy_unformatted_greedy"] is None
+    assert 0 <= metrics["test_accuracy_formatted"] <= 100
+
+
+def test_backprop_baseline_learns_and_logs_gradient_norms(tmp_path, digits):
+    cfg = small_config(tmp_path, **{"backprop.lr": 0.05})
+    metrics = run_backprop(cfg, digits)
+    assert metrics["test_accuracy_formatted"] > 70
+    assert metrics["test_accuracy_unformatted"] is None
+    assert len(metrics["grad_norms"]) == 4 and all(g > 0 for g in metrics["grad_norms"])
+    assert np.isfinite(metrics["train_seconds"]) and metrics["steps"] == 2 * (2000 // 128)
