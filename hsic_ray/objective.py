@@ -48,7 +48,14 @@ class HSICObjective:
         self.estimator: Estimator = make_estimator(cfg.estimator, cfg.eps)
 
     def _factor(self, v: Tensor) -> Tensor:
-        return self.estimator.factor(gaussian_kernel(v, self.cfg.sigma))
+        try:
+            return self.estimator.factor(gaussian_kernel(v, self.cfg.sigma))
+        except FloatingPointError:
+            if v.dtype == torch.float64:
+                raise
+            # Badly scaled activations (eval-mode BatchNorm on young running statistics, deep in a net) can
+            # lose the kernel's positive definiteness to float32 rounding; float64 restores it.
+            return self.estimator.factor(gaussian_kernel(v.double(), self.cfg.sigma)).to(v.dtype)
 
     @torch.no_grad()
     def targets(self, x: Tensor, labels: Tensor) -> BatchTargets:

@@ -128,3 +128,20 @@ def test_state_dict_round_trip_restores_weights_optimizer_and_batchnorm():
     assert torch.equal(out_a, out_b) and torch.equal(stats_a, stats_b)
     with pytest.raises(ValueError, match="layers"):
         StageTrainer(list(_net(depth=1).layers), objective, OptimConfig()).load_state_dict(trained.state_dict())
+
+
+def test_badly_scaled_float32_activations_fall_back_to_float64():
+    """Eval-mode BatchNorm deep in a young net can emit activations in the 1e4s: float32 distances then break
+    the kernel's positive definiteness. The objective recomputes such a kernel in float64."""
+    g = torch.Generator().manual_seed(3)
+    z = (torch.randn(256, 10, generator=g) * 3e4).float()
+    z[:128] = z[0] + torch.randn(128, 10, generator=g)  # many near-duplicates: kernel entries strictly in (0, 1)
+    x, y = _batch(m=256)
+    objective = HSICObjective(HSICConfig(sigma=6.0), num_classes=4)
+    targets = objective.targets(x, y)
+    with pytest.raises(FloatingPointError):
+        hsic_cca(gaussian_kernel(z, 6.0), gaussian_kernel(z, 6.0))
+    terms = objective.layer_loss(z, targets)
+    exact = objective.layer_loss(z.double(), HSICObjective(HSICConfig(sigma=6.0), 4).targets(x.double(), y))
+    assert terms.nhsic_zy.dtype == torch.float32
+    assert terms.nhsic_zy.item() == pytest.approx(exact.nhsic_zy.item(), rel=1e-3)

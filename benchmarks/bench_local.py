@@ -1,0 +1,175 @@
+"""Speed of the in-process trainer and of the HSIC estimators.
+
+    python benchmarks/bench_local.py                  # depths 5 10 20 50, m = 256 512 1024
+    python benchmarks/bench_local.py --reference      # also time the authors' schedule, re-created here
+    python benchmarks/bench_local.py --depths 5 10 --steps 5 --json out.json
+
+Part 1 times one training step (every layer's local HSIC step on one batch) of the paper config
+(width 1024, batch 256, cca, sigma 6) on the bundled digits. Part 2 times each estimator on one batch of
+1024-wide activations against 10-class labels. The authors' figures were measured on a 2-core machine
+like this project's CI machine; see the README for the machine each of our figures came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+from torch.nn import functional as F
+
+from hsic_ray.config import build_config
+from hsic_ray.data import iterate_batches, load_dataset
+from hsic_ray.experiment import build_seeded_network
+from hsic_ray.hsic import gaussian_kernel, hsic_biased, hsic_cca, hsic_cka, plausible_loss
+from hsic_ray.objective import HSICObjective
+from hsic_ray.stage import StageTrainer
+
+# Seconds per step of the authors' code on a 2-core machine (issue #2), and their cca forward in ms.
+AUTHORS_STEP_SECONDS = {5: 0.36, 10: 1.05, 20: 3.2, 50: 18.5}
+AUTHORS_CCA_MS = {256: 4.4, 512: 23.6}
+
+
+def _timed(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) / repeats
+
+
+def _setup(depth: int, device: str):
+    cfg = build_config("paper_mlp", overrides={"model.depth": depth})
+    data = load_dataset(cfg.data)
+    net = build_seeded_network(cfg, data)
+    objective = HSICObjective(cfg.hsic, data.num_classes)
+    batch = next(iterate_batches(data.x_train, data.y_train, cfg.train.batch_size, seed=0, epoch=1))
+    return cfg, net, objective, batch
+
+
+def step_seconds(depth: int, steps: int, device: str) -> float:
+    """Our schedule: targets once per batch, one forward and one local step per layer."""
+    cfg, net, objective, batch = _setup(depth, device)
+    stage = StageTrainer(list(net.layers), objective, cfg.optim, device)
+    x = batch.x.to(device)
+
+    def step():
+        stage.train_step(x, objective.targets(x, batch.y.to(device)))
+
+    return _timed(step, steps)
+
+
+def reference_step_seconds(depth: int, steps: int, device: str) -> float:
+    """The authors' schedule as the reference doc describes it, re-created for a like-for-like timing:
+    for each layer i, a forward pass from the input up to layer i, the X and Y kernels rebuilt, the cca
+    estimate by explicit inverses with one-sided centring, and an SGD optimizer rebuilt for the step."""
+    cfg, net, _, batch = _setup(depth, device)
+    x, y = batch.x.to(device), F.one_hot(batch.y, 10).float().to(device)
+    m, sigma, beta, eps = x.shape[0], cfg.hsic.sigma, cfg.hsic.beta, cfg.hsic.eps
+    h = torch.eye(m, device=device) - 1.0 / m
+    eye = torch.eye(m, device=device)
+
+    def nhsic(a, b):
+        ka = gaussian_kernel(a, sigma) @ h
+        kb = gaussian_kernel(b, sigma) @ h
+        ra = ka @ torch.linalg.inv(ka + eps * m * eye)
+        rb = kb @ torch.linalg.inv(kb + eps * m * eye)
+        return torch.trace(ra @ rb)
+
+    def step():
+        for i, layer in enumerate(net.layers):
+            opt = torch.optim.SGD(layer.parameters(), lr=cfg.optim.lr, momentum=0.9, weight_decay=1e-3)
+            with torch.no_grad():
+                h_in = x
+                for below in list(net.layers)[:i]:
+                    h_in = below(h_in)
+            z = layer(h_in)
+            loss = nhsic(z, x.flatten(1)) - beta * nhsic(z, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    return _timed(step, steps, warmup=1)
+
+
+def estimator_ms(m: int, repeats: int, device: str) -> dict[str, dict[str, float]]:
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(m, 1024, generator=g).to(device)
+    y = F.one_hot(torch.randint(0, 10, (m,), generator=g), 10).float().to(device)
+    estimators = {
+        "cca": hsic_cca,
+        "biased": hsic_biased,
+        "cka": hsic_cka,
+        "plausible": lambda kz, ky: plausible_loss(kz, ky, 2.0),
+    }
+    out = {}
+    for name, fn in estimators.items():
+        ky = gaussian_kernel(y, 6.0)
+
+        def forward():
+            fn(gaussian_kernel(z, 6.0), ky)
+
+        def forward_backward():
+            zz = z.detach().requires_grad_()
+            fn(gaussian_kernel(zz, 6.0), ky).backward()
+
+        out[name] = {"forward_ms": 1e3 * _timed(forward, repeats), "fwd_bwd_ms": 1e3 * _timed(forward_backward, repeats)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 50])
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per depth (after 2 warm-up steps)")
+    p.add_argument("--reference", action="store_true", help="also time the authors' schedule (slow at depth 50)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}"
+    if args.device.startswith("cuda"):
+        machine += f" ({torch.cuda.get_device_name()})"
+    print(f"# hsic-ray in-process benchmark ({machine}, torch {torch.__version__})\n")
+    print("## Seconds per training step: paper config (width 1024, batch 256, cca)\n")
+    header = "| depth | layers | ours s/step | ms per layer | authors s/step (their machine) | speed-up |"
+    if args.reference:
+        header += " reference schedule here s/step |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    results: dict = {"machine": machine, "steps": [], "estimators": {}}
+    for depth in args.depths:
+        ours = step_seconds(depth, args.steps, args.device)
+        layers = depth + 2
+        row = {"depth": depth, "layers": layers, "seconds_per_step": ours}
+        authors = AUTHORS_STEP_SECONDS.get(depth)
+        line = f"| {depth} | {layers} | {ours:.3f} | {1e3 * ours / layers:.1f} | {authors or '-'} | "
+        line += f"{authors / ours:.1f}x |" if authors else "- |"
+        if args.reference:
+            row["reference_seconds_per_step"] = ref = reference_step_seconds(depth, max(1, args.steps // 2), args.device)
+            line += f" {ref:.3f} |"
+        results["steps"].append(row)
+        print(line, flush=True)
+
+    print("\n## Estimators: one batch of 1024-wide activations against 10-class labels (kernels included)\n")
+    print("| m | estimator | forward ms | forward+backward ms | authors' cca forward ms |")
+    print("|---|---|---|---|---|")
+    for m in args.sizes:
+        timings = estimator_ms(m, repeats=10 if m <= 512 else 3, device=args.device)
+        results["estimators"][m] = timings
+        for name, t in timings.items():
+            authors = AUTHORS_CCA_MS.get(m, "-") if name == "cca" else ""
+            print(f"| {m} | {name} | {t['forward_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | {authors} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+import pytest
+
+from hsic_ray.config import (
+    NULL,
+    PRESETS,
+    ConfigError,
+    ExperimentConfig,
+    build_config,
+    config_from_yaml_text,
+    save_config,
+)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_validate_and_round_trip_through_yaml(name):
+    cfg = build_config(name)
+    assert cfg.preset == name
+    assert config_from_yaml_text(save_config(cfg)) == cfg
+
+
+def test_paper_mlp_matches_the_authors_config():
+    cfg = build_config("paper_mlp")
+    assert (cfg.model.depth, cfg.model.width, cfg.model.last_width) == (5, 1024, 10)
+    assert (cfg.hsic.sigma, cfg.hsic.beta, cfg.optim.lr, cfg.train.batch_size) == (6.0, 200.0, 1e-3, 256)
+    assert cfg.num_hsic_layers == 7
+
+
+@pytest.mark.parametrize("source, beta", [("mnist-sample", 200.0), ("fashion-mnist", 1000.0), ("cifar10", 2500.0)])
+def test_preset_beta_follows_the_dataset(source, beta):
+    assert build_config("paper_mlp", overrides={"data.source": source}).hsic.beta == beta
+
+
+def test_yaml_file_then_overrides_apply_in_order(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: paper_resconv\nmodel:\n  depth: 3\nhsic:\n  beta: 77\n")
+    cfg = build_config(None, path, {"model.depth": 4, "train.epochs": None})
+    assert cfg.preset == "paper_resconv" and cfg.model.arch == "resconv"
+    assert cfg.model.depth == 4  # the override beats the file
+    assert cfg.hsic.beta == 77.0  # the file beats the preset
+    assert cfg.train.epochs == 5  # None means "flag not given"
+
+
+def test_null_override_sets_a_field_to_none():
+    assert build_config("paper_mlp", overrides={"hsic.sigma": NULL}).hsic.sigma is None
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.depth": 0}, "model.depth=0 is invalid: expected a number >= 1"),
+        ({"hsic.estimator": "nope"}, "hsic.estimator='nope' is invalid: expected one of cca, biased, cka, plausible"),
+        ({"hsic.beta": -1.0}, "hsic.beta=-1.0 is invalid"),
+        ({"hsic.sigma": 0.0}, "hsic.sigma=0.0 is invalid"),
+        ({"data.source": "imagenet"}, "data.source='imagenet' is invalid"),
+        ({"train.batch_size": 1}, "train.batch_size=1 is invalid"),
+        ({"optim.momentum": 1.0}, "optim.momentum=1.0 is invalid"),
+        ({"model.activation": "gelu"}, "model.activation='gelu' is invalid: expected one of relu, tanh, sigmoid, elu"),
+        ({"model.depth": "deep"}, "model.depth"),
+        ({"model.size": 3}, "Key 'size' not in 'ModelConfig'"),
+        ({"preset": "tiny"}, "preset='tiny' is invalid"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_it_accepts(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        build_config("paper_mlp", overrides=overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_or_malformed_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_config("paper_mlp", tmp_path / "absent.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        build_config("paper_mlp", bad)
+
+
+def test_default_config_is_valid():
+    assert build_config() == ExperimentConfig()
