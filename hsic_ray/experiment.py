@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from hsic_ray.backprop import BackpropTrainer
-from hsic_ray.config import ExperimentConfig, save_config
+from hsic_ray import checkpoint
+from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network
@@ -39,13 +40,44 @@ def default_output(cfg: ExperimentConfig, method: str) -> str:
     return f"runs/{cfg.preset or method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def open_run(cfg: ExperimentConfig, method: str) -> RunDirectory:
-    """The run directory with the resolved config saved in it; refuses to overwrite a finished run."""
+# Settings a resumed run must share with the run it continues (epochs, max_steps, logging may change).
+_RESUME_MUST_MATCH = ("data", "model", "hsic", "optim", "head", "train.batch_size", "train.seed")
+
+
+def _setting(cfg: ExperimentConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, uri: str) -> None:
+    for name in _RESUME_MUST_MATCH:
+        if _setting(saved, name) != _setting(cfg, name):
+            raise ConfigError(
+                f"{uri} holds a run with different {name} settings ({_setting(saved, name)} there, "
+                f"{_setting(cfg, name)} now); resume with the same settings or choose another --output"
+            )
+
+
+def open_run(cfg: ExperimentConfig, method: str, resume: bool = False) -> tuple[RunDirectory, int | None]:
+    """The run directory, and the checkpoint step to resume from (None: a fresh run).
+
+    A directory with a complete checkpoint and no metrics.json is an interrupted run: it is continued.
+    A finished run is never written over. Checkpoint files are verified before anything is written.
+    """
     run = RunDirectory(cfg.output or default_output(cfg, method))
     if run.exists("metrics.json"):
         raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
-    run.write_text("config.yaml", save_config(cfg))
-    return run
+    step = checkpoint.latest_step(run)
+    if step is None:
+        if resume:
+            raise checkpoint.CheckpointError(f"--resume: {run.uri} holds no complete checkpoint to resume from")
+        run.write_text("config.yaml", save_config(cfg))
+        return run, None
+    _check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri)
+    checkpoint.verify(run, step)
+    return run, step
 
 
 def build_seeded_network(cfg: ExperimentConfig, data: ImageData) -> LayerwiseNet:
@@ -62,18 +94,21 @@ def _check_fits(cfg: ExperimentConfig, data: ImageData) -> None:
         )
 
 
-def run_hsic(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:
-    """Train with the HSIC bottleneck (then the format head); returns and saves metrics.json."""
+def run_hsic(cfg: ExperimentConfig, data: ImageData | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train with the HSIC bottleneck (then the format head); returns and saves metrics.json.
+
+    An interrupted run in the same output directory is continued from its latest checkpoint.
+    """
     data = data or load_dataset(cfg.data)
     _check_fits(cfg, data)
     device = resolve_device(cfg.train.device)
-    run = open_run(cfg, "hsic")
+    run, resume_step = open_run(cfg, "hsic", resume)
     log.info("run directory: %s  (%s, %d train / %d test samples, device %s)",
              run.uri, data.name, len(data.y_train), len(data.y_test), device)  # fmt: skip
     net = build_seeded_network(cfg, data)
     pipeline = LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device)
     trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device)
-    return trainer.fit()
+    return trainer.fit(resume_step)
 
 
 def run_backprop(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:
@@ -81,5 +116,5 @@ def run_backprop(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[s
     data = data or load_dataset(cfg.data)
     _check_fits(cfg, data)
     device = resolve_device(cfg.train.device)
-    run = open_run(cfg, "backprop")
+    run, _ = open_run(cfg, "backprop")
     return BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, device).fit()

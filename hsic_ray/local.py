@@ -7,16 +7,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hsic_ray import checkpoint
 from hsic_ray.config import OptimConfig
 from hsic_ray.models import LayerwiseNet
 from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import StageTrainer
+from hsic_ray.trainer import StepResult
 
 
 class LocalPipeline:
     """Trains every layer in this process; a step is done by the time `submit` returns."""
 
     max_in_flight = 1
+    num_stages = 1
 
     def __init__(self, net: LayerwiseNet, objective: HSICObjective, optim: OptimConfig, device: torch.device | str):
         self.stage = StageTrainer(list(net.layers), objective, optim, device)
@@ -24,9 +28,9 @@ class LocalPipeline:
     def submit(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
         return self.stage.train_step(x, targets)
 
-    def result(self, handle: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def result(self, handle: tuple[Tensor, Tensor], want_output: bool) -> StepResult:
         out, stats = handle
-        return out.cpu(), stats
+        return StepResult(stats.cpu(), out.cpu() if want_output else None)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stage.forward(x).cpu()
@@ -34,8 +38,11 @@ class LocalPipeline:
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         return self.stage.measure(x, targets)[1]
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.stage.state_dict()
+    def save(self, run: RunDirectory, step: int) -> None:
+        checkpoint.save_state(run, checkpoint.stage_file(step, 0), self.stage.state_dict())
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.stage.load_state_dict(state)
+    def load(self, run: RunDirectory, step: int) -> None:
+        self.stage.load_state_dict(checkpoint.load_state(run, checkpoint.stage_file(step, 0)))
+
+    def events(self) -> list[dict[str, Any]]:
+        return []

@@ -38,6 +38,14 @@ class RunDirectory:
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
 
+    def list_dir(self, name: str) -> list[str]:
+        """Names directly under `name` (empty when it does not exist)."""
+        selector = pafs.FileSelector(self.path(name), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    def delete_dir(self, name: str) -> None:
+        self.fs.delete_dir(self.path(name))
+
     def write_bytes(self, name: str, data: bytes) -> None:
         final = self.path(name)
         parent = final.rsplit("/", 1)[0]

@@ -12,13 +12,13 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hsic_ray import evaluation
+from hsic_ray import checkpoint, evaluation
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHeadTrainer
@@ -31,16 +31,26 @@ log = logging.getLogger("hsic_ray")
 EVAL_CHUNK = 1024  # samples per forward pass when reading features of a whole split
 
 
+@dataclass
+class StepResult:
+    """What one training step of the whole pipeline gives back to the loop."""
+
+    layer_stats: Tensor  # [layers, 3]: (loss, nhsic_zx, nhsic_zy)
+    output: Optional[Tensor] = None  # the last layer's output (CPU), when asked for
+    stage_seconds: Optional[list[tuple[float, float]]] = None  # per stage (busy, idle) for this step
+
+
 class Pipeline(Protocol):
     """Where the HSIC layers live and train."""
 
     max_in_flight: int
+    num_stages: int
 
     def submit(self, x: Tensor, targets: BatchTargets) -> Any:
         """Start one training step of every layer on this batch; returns a handle for `result`."""
 
-    def result(self, handle: Any) -> tuple[Tensor, Tensor]:
-        """The step's final output (detached, CPU) and per-layer [layers, 3] (loss, nhsic_zx, nhsic_zy)."""
+    def result(self, handle: Any, want_output: bool) -> StepResult:
+        """Wait for a submitted step."""
 
     def forward(self, x: Tensor) -> Tensor:
         """Eval-mode output of the whole network (CPU)."""
@@ -48,11 +58,40 @@ class Pipeline(Protocol):
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         """Eval-mode per-layer [layers, 2] (nhsic_zx, nhsic_zy) on one batch."""
 
+    def save(self, run: RunDirectory, step: int) -> None:
+        """Write every stage's state into step's checkpoint (see hsic_ray.checkpoint)."""
+
+    def load(self, run: RunDirectory, step: int) -> None:
+        """Restore every stage from step's checkpoint."""
+
+    def events(self) -> list[dict[str, Any]]:
+        """Records of what happened since the last call (recoveries), for metrics.jsonl."""
+
 
 @dataclass
 class _InFlight:
     batch: Batch
     handle: Any
+
+
+@dataclass
+class _Clock:
+    """Wall time and batches finished since the epoch (or the last checkpoint pause) began."""
+
+    started: float
+    finished: int = 0
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class _Position:
+    """Where training stands: the next batch to submit."""
+
+    epoch: int = 1
+    batch: int = 0
 
 
 class HSICTrainer:
@@ -73,19 +112,30 @@ class HSICTrainer:
         self.head = FormatHeadTrainer(output_features, data.num_classes, cfg.head, device)
         self.steps = 0
         self.train_seconds = 0.0
+        self.recoveries = 0
         self.info_plane: list[dict[str, Any]] = []
+        self._batches_per_epoch = num_batches(len(data.y_train), cfg.train.batch_size)
         self._eval_batch = self._fixed_eval_batch()
+        self._stage_seconds = [[0.0, 0.0] for _ in range(pipeline.num_stages)]
 
     # --- the run ---------------------------------------------------------------------------------------
 
-    def fit(self) -> dict[str, Any]:
-        """HSIC epochs, then the format head on the frozen network, then evaluation; returns metrics."""
-        self._record_information_plane(epoch=0)
-        for epoch in range(1, self.cfg.train.epochs + 1):
-            self._train_epoch(epoch)
-            self._record_information_plane(epoch)
-            if self._step_budget_spent():
-                break
+    def fit(self, resume_step: int | None = None) -> dict[str, Any]:
+        """HSIC epochs, then the format head on the frozen network, then evaluation; returns metrics.
+
+        With `resume_step`, training continues from that checkpoint of the run directory.
+        """
+        if resume_step is None:
+            position = _Position()
+            self._record_information_plane(epoch=0)
+        else:
+            position = self._restore(resume_step)
+        while position.epoch <= self.cfg.train.epochs and not self._step_budget_spent():
+            self._train_epoch(position)
+            self._record_information_plane(position.epoch)
+            position = _Position(position.epoch + 1, 0)
+        if resume_step is None or self.steps > resume_step:
+            self._checkpoint(position)
         train_features = self._features(self.data.x_train)
         head_losses = self._train_head(train_features)
         metrics = self._evaluate(train_features)
@@ -96,12 +146,13 @@ class HSICTrainer:
     def _step_budget_spent(self) -> bool:
         return self.cfg.train.max_steps is not None and self.steps >= self.cfg.train.max_steps
 
-    def _train_epoch(self, epoch: int) -> None:
+    def _train_epoch(self, position: _Position) -> None:
         train = self.cfg.train
-        total = num_batches(len(self.data.y_train), train.batch_size)
         pending: collections.deque[_InFlight] = collections.deque()
-        started = time.perf_counter()
-        batches = iterate_batches(self.data.x_train, self.data.y_train, train.batch_size, train.seed, epoch)
+        clock = _Clock(time.perf_counter())
+        batches = iterate_batches(
+            self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
+        )
         for batch in batches:
             if self._step_budget_spent():
                 break
@@ -109,23 +160,38 @@ class HSICTrainer:
             pending.append(_InFlight(batch, self.pipeline.submit(batch.x, targets)))
             self.steps += 1  # counted when submitted, so max_steps bounds what is started
             while len(pending) >= self.pipeline.max_in_flight:
-                self._finish(pending.popleft(), total, started)
+                self._finish(pending.popleft(), len(pending), clock)
+            if train.checkpoint_every and self.steps % train.checkpoint_every == 0:
+                while pending:  # a checkpoint holds every stage at the same step
+                    self._finish(pending.popleft(), len(pending), clock)
+                self.train_seconds += clock.seconds
+                self._checkpoint(_Position(position.epoch, batch.index + 1))
+                clock = _Clock(time.perf_counter())
         while pending:
-            self._finish(pending.popleft(), total, started)
-        self.train_seconds += time.perf_counter() - started
+            self._finish(pending.popleft(), len(pending), clock)
+        self.train_seconds += clock.seconds
 
-    def _finish(self, item: _InFlight, total: int, started: float) -> None:
-        out, stats = self.pipeline.result(item.handle)
-        if self.cfg.head.concurrent:
-            self.head.step(out, item.batch.y)
-        index = item.batch.index + 1
-        if index % self.cfg.train.log_every == 0 or index == total:
-            self._log_step(item.batch, stats, total, time.perf_counter() - started)
+    def _finish(self, item: _InFlight, in_flight: int, clock: _Clock) -> None:
+        result = self.pipeline.result(item.handle, want_output=self.cfg.head.concurrent)
+        if result.output is not None:
+            self.head.step(result.output, item.batch.y)
+        if result.stage_seconds:
+            for total, (busy, idle) in zip(self._stage_seconds, result.stage_seconds):
+                total[0] += busy
+                total[1] += idle
+        for event in self.pipeline.events():
+            self.recoveries += event.get("kind") == "recovery"
+            self._append({**event, "step": self.steps})
+        clock.finished += 1
+        done = item.batch.index + 1
+        if done % self.cfg.train.log_every == 0 or done == self._batches_per_epoch:
+            rate = clock.finished * self.cfg.train.batch_size / max(clock.seconds, 1e-9)
+            self._log_step(item.batch, result.layer_stats, in_flight + 1, rate)
 
-    def _log_step(self, batch: Batch, stats: Tensor, total: int, epoch_seconds: float) -> None:
+    def _log_step(self, batch: Batch, stats: Tensor, in_flight: int, rate: float) -> None:
         stats = stats.cpu()
+        total = self._batches_per_epoch
         done = batch.index + 1
-        rate = done * self.cfg.train.batch_size / max(epoch_seconds, 1e-9)
         record = {
             "kind": "step",
             "epoch": batch.epoch,
@@ -134,15 +200,60 @@ class HSICTrainer:
             "nhsic_zx": stats[:, 1].tolist(),
             "nhsic_zy": stats[:, 2].tolist(),
             "samples_per_second": rate,
+            "in_flight": in_flight,
         }
+        if self.pipeline.num_stages > 1:
+            record["stage_busy_seconds"] = [busy for busy, _ in self._stage_seconds]
+            record["stage_idle_seconds"] = [idle for _, idle in self._stage_seconds]
         self._append(record)
-        eta = (total - done) * self.cfg.train.batch_size / rate
+        eta = (total - done) * self.cfg.train.batch_size / max(rate, 1e-9)
         log.info(
             "epoch %d/%d  batch %d/%d  step %d  loss %.4g  nHSIC(Z,X) %.3g  nHSIC(Z,Y) %.3g (last layer)  "
             "%.0f samples/s  epoch eta %.0fs",
             batch.epoch, self.cfg.train.epochs, done, total, self.steps, record["loss"],
             stats[-1, 1], stats[-1, 2], rate, eta,
         )  # fmt: skip
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+
+    def _checkpoint(self, position: _Position) -> None:
+        if self.run is None:
+            return
+        self.pipeline.save(self.run, self.steps)
+        state = {
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "steps": self.steps,
+            "train_seconds": self.train_seconds,
+            "recoveries": self.recoveries,
+            "info_plane": self.info_plane,
+            "stage_seconds": self._stage_seconds,
+            "head": self.head.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        checkpoint.save_state(self.run, checkpoint.coordinator_file(self.steps), state)
+        checkpoint.commit(self.run, self.steps, self.pipeline.num_stages)
+        self._append({"kind": "checkpoint", "step": self.steps, "epoch": position.epoch, "batch": position.batch})
+        log.info("checkpoint at step %d written to %s", self.steps, self.run.path(checkpoint.checkpoint_dir(self.steps)))
+
+    def _restore(self, step: int) -> _Position:
+        assert self.run is not None
+        manifest = checkpoint.read_manifest(self.run, step)
+        if manifest["stages"] != self.pipeline.num_stages:
+            raise checkpoint.CheckpointError(
+                f"checkpoint at step {step} holds {manifest['stages']} stages, this run has "
+                f"{self.pipeline.num_stages}; resume with the same number of stages"
+            )
+        state = checkpoint.load_state(self.run, checkpoint.coordinator_file(step))
+        self.pipeline.load(self.run, step)
+        self.head.load_state_dict(state["head"])
+        torch.set_rng_state(state["torch_rng"])
+        self.steps, self.train_seconds = state["steps"], state["train_seconds"]
+        self.recoveries, self.info_plane = state["recoveries"], state["info_plane"]
+        self._stage_seconds = state["stage_seconds"]
+        self._append({"kind": "resume", "step": self.steps, "epoch": state["epoch"], "batch": state["batch"]})
+        log.info("resumed from the checkpoint at step %d (epoch %d, batch %d)", step, state["epoch"], state["batch"])
+        return _Position(state["epoch"], state["batch"])
 
     # --- head, information plane, evaluation ----------------------------------------------------------
 
@@ -200,7 +311,12 @@ class HSICTrainer:
             samples_per_second=self.steps * self.cfg.train.batch_size / max(self.train_seconds, 1e-9),
             epochs=self.info_plane[-1]["epoch"],
             per_layer=self.info_plane[-1]["per_layer"],
+            stages=self.pipeline.num_stages,
+            recoveries=self.recoveries,
         )
+        if self.pipeline.num_stages > 1:
+            metrics["stage_busy_seconds"] = [busy for busy, _ in self._stage_seconds]
+            metrics["stage_idle_seconds"] = [idle for _, idle in self._stage_seconds]
         log.info(
             "test accuracy: unformatted %s, formatted %.2f%%  (%d steps in %.1fs, %.0f samples/s)",
             _percent(metrics["test_accuracy_unformatted"]), metrics["test_accuracy_formatted"],

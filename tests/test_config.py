@@ -21,7 +21,7 @@ def test_presets_validate_and_round_trip_through_yaml(name):
 def test_paper_mlp_matches_the_authors_config():
     cfg = build_config("paper_mlp")
     assert (cfg.model.depth, cfg.model.width, cfg.model.last_width) == (5, 1024, 10)
-    assert (cfg.hsic.sigma, cfg.hsic.beta, cfg.optim.lr, cfg.train.batch_size) == (6.0, 200.0, 1e-3, 256)
+    assert (cfg.hsic.sigma, cfg.hsic.beta, cfg.optim.lr, cfg.train.batch_size) == (6.0, 200.0, 1e-4, 256)
     assert cfg.num_hsic_layers == 7
 
 

@@ -65,11 +65,11 @@ def test_max_steps_stops_hsic_training(tmp_path, digits):
 
 def test_concurrent_head_never_changes_the_hsic_layers(tmp_path, digits):
     def trained_layers(concurrent):
-        cfg = small_config(tmp_path / str(concurrent), **{"head.concurrent": concurrent, "train.epochs": 1})
+        cfg = small_config(tmp_path / str(concurrent), **{"head.concurrent": concurrent, "train.epochs": 1, "head.epochs": 0})
         net = build_seeded_network(cfg, digits)
         pipeline = LocalPipeline(net, HSICObjective(cfg.hsic, 10), cfg.optim, "cpu")
         trainer = HSICTrainer(cfg, digits, pipeline, net.output_features)
-        trainer._train_epoch(1)
+        trainer.fit()
         return trainer, [p.detach().clone() for p in net.parameters()]
 
     with_head, weights_with = trained_layers(True)

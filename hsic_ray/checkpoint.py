@@ -1,0 +1,107 @@
+"""Checkpoints in a run directory: one file per stage, the coordinator's state, and a manifest written last.
+
+    checkpoints/step-00000100/stage-000.pt ...   each stage's layers, optimizers, BatchNorm statistics
+    checkpoints/step-00000100/coordinator.pt     head, data position, counters, RNG state, metrics so far
+    checkpoints/step-00000100/MANIFEST.json      written after every other file: its presence marks the
+                                                 checkpoint complete
+    checkpoints/LATEST                           the newest complete step, replaced atomically
+
+A crash mid-write leaves at worst an incomplete directory without a manifest, which is never loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import torch
+
+from hsic_ray.run_dir import RunDirectory
+
+ROOT = "checkpoints"
+KEEP = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or unreadable."""
+
+
+def checkpoint_dir(step: int) -> str:
+    return f"{ROOT}/step-{step:08d}"
+
+
+def stage_file(step: int, stage: int) -> str:
+    return f"{checkpoint_dir(step)}/stage-{stage:03d}.pt"
+
+
+def coordinator_file(step: int) -> str:
+    return f"{checkpoint_dir(step)}/coordinator.pt"
+
+
+def save_state(run: RunDirectory, name: str, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    run.write_bytes(name, buffer.getvalue())
+
+
+def load_state(run: RunDirectory, name: str) -> dict[str, Any]:
+    try:
+        data = run.read_bytes(name)
+    except (FileNotFoundError, OSError) as exc:
+        raise CheckpointError(f"checkpoint file {run.path(name)} is missing: {exc}") from None
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(
+            f"checkpoint file {run.path(name)} is corrupt ({type(exc).__name__}); delete its directory to "
+            "fall back to the previous checkpoint, or start a new run with another --output"
+        ) from None
+
+
+def commit(run: RunDirectory, step: int, num_stages: int) -> None:
+    """Mark step's checkpoint complete (after all its files are written) and drop old ones."""
+    run.write_json(f"{checkpoint_dir(step)}/MANIFEST.json", {"step": step, "stages": num_stages})
+    run.write_text(f"{ROOT}/LATEST", f"{step}\n")
+    for old in complete_steps(run)[:-KEEP]:
+        run.delete_dir(checkpoint_dir(old))
+
+
+def complete_steps(run: RunDirectory) -> list[int]:
+    steps = []
+    for name in run.list_dir(ROOT):
+        if name.startswith("step-") and run.exists(f"{ROOT}/{name}/MANIFEST.json"):
+            steps.append(int(name[len("step-") :]))
+    return sorted(steps)
+
+
+def latest_step(run: RunDirectory) -> int | None:
+    """The newest complete checkpoint's step, or None when the run has none."""
+    if not run.exists(f"{ROOT}/LATEST"):
+        return None
+    text = run.read_text(f"{ROOT}/LATEST").strip()
+    if not text.isdigit() or not run.exists(f"{checkpoint_dir(int(text))}/MANIFEST.json"):
+        raise CheckpointError(
+            f"{run.path(ROOT + '/LATEST')} names no complete checkpoint ({text!r}); "
+            "delete it to resume from the newest complete one, or start a new run with another --output"
+        )
+    return int(text)
+
+
+def read_manifest(run: RunDirectory, step: int) -> dict[str, Any]:
+    try:
+        return json.loads(run.read_text(f"{checkpoint_dir(step)}/MANIFEST.json"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint manifest for step {step} in {run.uri} is unreadable: {exc}") from None
+
+
+def verify(run: RunDirectory, step: int) -> dict[str, Any]:
+    """Load every file of step's checkpoint once, so a corrupt one stops the run before any work starts.
+
+    Returns the manifest.
+    """
+    manifest = read_manifest(run, step)
+    load_state(run, coordinator_file(step))
+    for stage in range(manifest["stages"]):
+        load_state(run, stage_file(step, stage))
+    return manifest

@@ -1,0 +1,115 @@
+"""Checkpoints and resume with the in-process trainer: an interrupted run continues where it stopped."""
+
+import json
+
+import pytest
+
+from hsic_ray import checkpoint, experiment
+from hsic_ray.config import ConfigError, build_config
+from hsic_ray.data import ImageData, load_dataset
+from hsic_ray.experiment import run_hsic
+from hsic_ray.local import LocalPipeline
+from hsic_ray.run_dir import RunDirectory
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def digits():
+    full = load_dataset(build_config().data)
+    return ImageData("mnist-sample", full.x_train[:1280], full.y_train[:1280], full.x_test[:500], full.y_test[:500], 10)
+
+
+def config(out, **extra):
+    overrides = {
+        "model.depth": 1, "model.width": 32, "train.batch_size": 128, "train.epochs": 2, "head.epochs": 2,
+        "train.checkpoint_every": 4, "train.eval_samples": 128, "output": str(out),
+    }  # fmt: skip
+    return build_config("paper_mlp", overrides={**overrides, **extra})
+
+
+def crash_after(monkeypatch, steps):
+    class CrashingPipeline(LocalPipeline):
+        submitted = 0
+
+        def submit(self, x, targets):
+            if CrashingPipeline.submitted == steps:
+                raise Crash(f"killed after {steps} steps")
+            CrashingPipeline.submitted += 1
+            return super().submit(x, targets)
+
+    monkeypatch.setattr(experiment, "LocalPipeline", CrashingPipeline)
+
+
+def records(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, digits, monkeypatch):
+    straight = run_hsic(config(tmp_path / "straight"), digits)
+
+    crash_after(monkeypatch, 14)  # 10 steps per epoch: dies in epoch 2, after the checkpoint at step 12
+    with pytest.raises(Crash):
+        run_hsic(config(tmp_path / "resumed"), digits)
+    run = RunDirectory(str(tmp_path / "resumed"))
+    assert checkpoint.latest_step(run) == 12
+    assert not run.exists("metrics.json")
+    monkeypatch.undo()
+
+    resumed = run_hsic(config(tmp_path / "resumed"), digits)
+    assert resumed["steps"] == straight["steps"] == 20
+    assert resumed["per_layer"] == straight["per_layer"]
+    assert resumed["test_accuracy_formatted"] == straight["test_accuracy_formatted"]
+    log = records(tmp_path / "resumed")
+    resume = [r for r in log if r["kind"] == "resume"]
+    assert resume == [{"kind": "resume", "step": 12, "epoch": 2, "batch": 2}]
+    # Steps 13 and up ran once after the resume; steps 1-12 were not redone.
+    steps_logged = [r["step"] for r in log if r["kind"] == "step"]
+    assert steps_logged.count(10) == 1
+
+
+def test_old_checkpoints_are_pruned_and_incomplete_ones_ignored(tmp_path, digits):
+    run_hsic(config(tmp_path / "run"), digits)
+    run = RunDirectory(str(tmp_path / "run"))
+    assert checkpoint.complete_steps(run) == [16, 20]
+    # A directory without a manifest (a crash mid-write) is never taken as a checkpoint.
+    run.write_bytes(checkpoint.stage_file(24, 0), b"partial")
+    assert checkpoint.complete_steps(run) == [16, 20]
+
+
+def test_corrupt_checkpoint_stops_before_anything_is_written(tmp_path, digits, monkeypatch):
+    crash_after(monkeypatch, 6)
+    with pytest.raises(Crash):
+        run_hsic(config(tmp_path / "run"), digits)
+    monkeypatch.undo()
+    run = RunDirectory(str(tmp_path / "run"))
+    stage = tmp_path / "run" / checkpoint.stage_file(4, 0)
+    stage.write_bytes(stage.read_bytes()[:100])
+    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="stage-000.pt is corrupt"):
+        run_hsic(config(tmp_path / "run"), digits)
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
+    assert checkpoint.latest_step(run) == 4
+
+
+def test_resume_refuses_different_settings(tmp_path, digits, monkeypatch):
+    crash_after(monkeypatch, 5)
+    with pytest.raises(Crash):
+        run_hsic(config(tmp_path / "run"), digits)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match="different model settings"):
+        run_hsic(config(tmp_path / "run", **{"model.width": 64}), digits)
+
+
+def test_resume_flag_needs_a_checkpoint(tmp_path, digits):
+    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+        run_hsic(config(tmp_path / "run"), digits, resume=True)
+
+
+def test_latest_pointer_to_a_missing_checkpoint_is_reported(tmp_path):
+    run = RunDirectory(str(tmp_path / "run"))
+    run.write_text("checkpoints/LATEST", "40\n")
+    with pytest.raises(checkpoint.CheckpointError, match="names no complete checkpoint"):
+        checkpoint.latest_step(run)
