@@ -19,7 +19,8 @@ from hsic_ray.hsic import ESTIMATORS
 
 ARCHITECTURES = ("mlp", "resconv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
-TRAINERS = ("local",)
+TRAINERS = ("local", "ray")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
 
@@ -88,9 +89,24 @@ class TrainConfig:
 
 
 @dataclass
+class RayConfig:
+    """How `--trainer ray` lays the layers out as stage actors and feeds them."""
+
+    address: Optional[str] = None  # None: RAY_ADDRESS, else a running local cluster, else start one
+    stages: Optional[int] = None  # None: one per GPU when the cluster has GPUs, else one per free CPU
+    gpus_per_stage: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_stage: float = 1.0
+    coordinator_cpus: float = 1.0
+    strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (STRICT_SPREAD: one stage per node)
+    max_in_flight: Optional[int] = None  # batches submitted but not finished; None: stages + 1
+    max_recoveries: int = 10  # stage actors recreated after failures before the run gives up
+    placement_timeout_s: float = 120.0
+
+
+@dataclass
 class ExperimentConfig:
     preset: Optional[str] = None
-    trainer: str = "local"
+    trainer: str = "ray"  # ray: stage actors on a Ray cluster; local: every layer in this process
     output: Optional[str] = None  # run directory; None: runs/<preset or name>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -100,6 +116,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # The backprop baseline: the same network and head trained end to end with cross-entropy.
     backprop: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.05))
+    ray: RayConfig = field(default_factory=RayConfig)
 
     @property
     def num_hsic_layers(self) -> int:
@@ -226,6 +243,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
+    _check(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")
+    _check(cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers, "ray.stages", cfg.ray.stages,
+           f"at most the {cfg.num_hsic_layers} HSIC-trained layers (depth + 2)")  # fmt: skip
+    _check(cfg.ray.gpus_per_stage is None or cfg.ray.gpus_per_stage >= 0, "ray.gpus_per_stage",
+           cfg.ray.gpus_per_stage, "a number >= 0 (fractions share a GPU) or null (auto)")  # fmt: skip
+    _check(cfg.ray.cpus_per_stage > 0, "ray.cpus_per_stage", cfg.ray.cpus_per_stage, "a positive number")
+    _check(cfg.ray.coordinator_cpus > 0, "ray.coordinator_cpus", cfg.ray.coordinator_cpus, "a positive number")
+    _check_choice("ray.strategy", cfg.ray.strategy, STRATEGIES)
+    _check(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
+           cfg.ray.max_in_flight, "a number >= 1 or null (stages + 1)")  # fmt: skip
+    _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
     _check(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
     return cfg
 

@@ -5,7 +5,9 @@ Everything that can be checked cheaply (config, data, output directory) is check
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from typing import Any
 
@@ -16,7 +18,7 @@ from hsic_ray import checkpoint
 from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local import LocalPipeline
-from hsic_ray.models import LayerwiseNet, build_network
+from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.trainer import HSICTrainer
@@ -94,21 +96,55 @@ def _check_fits(cfg: ExperimentConfig, data: ImageData) -> None:
         )
 
 
+def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet) -> list:
+    """Connect to Ray and lay the layers out as stages; raises before any actor starts if they won't fit."""
+    from hsic_ray.distributed.connect import connect
+    from hsic_ray.distributed.placement import check_fits, cluster_totals, plan_stages
+
+    stages = cfg.ray.stages or os.cpu_count() or 1
+    connect(cfg.ray.address, local_cpus=stages * cfg.ray.cpus_per_stage + cfg.ray.coordinator_cpus)
+    specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
+    check_fits(specs, cfg.ray.coordinator_cpus, cfg.ray.strategy)
+    return specs
+
+
+@contextlib.contextmanager
+def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: list | None, device):
+    if specs is None:
+        yield LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device)
+        return
+    from hsic_ray.distributed.pipeline import RayPipeline
+
+    # The coordinator computes each batch's targets while the stages train: keep it to its own CPUs so it
+    # does not fight the stage actors for cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.ray.coordinator_cpus)))
+    pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes)
+    try:
+        yield pipeline
+    finally:
+        pipeline.shutdown()
+        torch.set_num_threads(threads)
+
+
 def run_hsic(cfg: ExperimentConfig, data: ImageData | None = None, resume: bool = False) -> dict[str, Any]:
     """Train with the HSIC bottleneck (then the format head); returns and saves metrics.json.
 
-    An interrupted run in the same output directory is continued from its latest checkpoint.
+    Everything that can fail cheaply (config, data, placement on the cluster, the output directory and its
+    checkpoints) is checked before any actor starts. An interrupted run in the same output directory is
+    continued from its latest checkpoint.
     """
     data = data or load_dataset(cfg.data)
     _check_fits(cfg, data)
     device = resolve_device(cfg.train.device)
-    run, resume_step = open_run(cfg, "hsic", resume)
-    log.info("run directory: %s  (%s, %d train / %d test samples, device %s)",
-             run.uri, data.name, len(data.y_train), len(data.y_test), device)  # fmt: skip
     net = build_seeded_network(cfg, data)
-    pipeline = LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device)
-    trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device)
-    return trainer.fit(resume_step)
+    specs = _plan_ray_stages(cfg, net) if cfg.trainer == "ray" else None
+    run, resume_step = open_run(cfg, "hsic", resume)
+    log.info("run directory: %s  (%s, %d train / %d test samples, %s trainer)",
+             run.uri, data.name, len(data.y_train), len(data.y_test), cfg.trainer)  # fmt: skip
+    with _pipeline(cfg, data, net, specs, device) as pipeline:
+        trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device)
+        return trainer.fit(resume_step)
 
 
 def run_backprop(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:

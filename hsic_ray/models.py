@@ -113,3 +113,44 @@ def build_network(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
 def build_head(in_features: int, num_classes: int) -> nn.Sequential:
     """The format head: one linear layer from the (flattened) network output to class logits."""
     return nn.Sequential(nn.Flatten(), nn.Linear(in_features, num_classes))
+
+
+def forward_macs(layer: nn.Module, input_shape: Shape) -> int:
+    """Multiply-accumulates of one sample's forward pass through `layer`'s Linear and Conv2d modules."""
+    total = 0
+
+    def count(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += module.in_features * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * math.prod(module.kernel_size)
+            total += per_output * math.prod(output.shape[1:])
+
+    hooks = [m.register_forward_hook(count) for m in layer.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    was_training = layer.training
+    try:
+        with torch.no_grad():
+            layer.eval()(torch.zeros(1, *input_shape))
+    finally:
+        layer.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def layer_step_costs(net: LayerwiseNet, batch_size: int) -> list[float]:
+    """Estimated FLOPs of one local HSIC step of each layer on a batch of m samples.
+
+    Forward and backward of the layer (about 3x the forward's 2 * MACs), plus the layer's kernel on its
+    m x d output (forward and backward) and the m x m Cholesky solve of its estimator factor.
+    """
+    m = batch_size
+    costs = []
+    for i, layer in enumerate(net.layers):
+        out_features = math.prod(net.shapes[i + 1])
+        dense = 6.0 * m * forward_macs(layer, net.shapes[i])
+        kernel = 6.0 * m * m * out_features
+        solve = 3.0 * m**3
+        costs.append(dense + kernel + solve)
+    return costs

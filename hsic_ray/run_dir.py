@@ -23,8 +23,9 @@ def _has_scheme(uri: str) -> bool:
 class RunDirectory:
     def __init__(self, uri: str):
         self.uri = uri
-        location = uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
-        self.fs, self.root = pafs.FileSystem.from_uri(location)
+        # Absolute, so that other processes (stage actors) with other working directories find it too.
+        self.location = uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
+        self.fs, self.root = pafs.FileSystem.from_uri(self.location)
         self.fs.create_dir(self.root, recursive=True)
         self._jsonl: dict[str, list[str]] = {}
 

@@ -14,8 +14,10 @@ import argparse
 import logging
 import sys
 
-from hsic_ray.config import ACTIVATIONS, NULL, PRESETS, TRAINERS, ConfigError, build_config
+from hsic_ray.checkpoint import CheckpointError
+from hsic_ray.config import ACTIVATIONS, NULL, PRESETS, STRATEGIES, TRAINERS, ConfigError, build_config
 from hsic_ray.data import DataError
+from hsic_ray.distributed.placement import PlacementError
 from hsic_ray.experiment import OutputExistsError, run_hsic
 from hsic_ray.hsic import ESTIMATORS
 
@@ -42,6 +44,13 @@ FLAG_TO_FIELD = {
     "format_epochs": "head.epochs",
     "format_lr": "head.lr",
     "concurrent_head": "head.concurrent",
+    "checkpoint_every": "train.checkpoint_every",
+    "ray_address": "ray.address",
+    "stages": "ray.stages",
+    "gpus_per_stage": "ray.gpus_per_stage",
+    "cpus_per_stage": "ray.cpus_per_stage",
+    "strategy": "ray.strategy",
+    "max_in_flight": "ray.max_in_flight",
 }
 
 
@@ -74,6 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--log-every", type=int, help="steps between progress lines")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
+    ray = p.add_argument_group("ray trainer")
+    ray.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
+    ray.add_argument("--stages", type=int, help="stage actors (default: one per GPU, else one per free CPU)")
+    ray.add_argument("--gpus-per-stage", type=float, help="GPUs per stage; fractions share a GPU")
+    ray.add_argument("--cpus-per-stage", type=float, help="CPUs (and torch threads) per stage")
+    ray.add_argument("--strategy", choices=STRATEGIES, help="placement group strategy (default PACK)")
+    ray.add_argument("--max-in-flight", type=int, help="batches in the pipeline at once (default stages + 1)")
     return p.parse_args(argv)
 
 
@@ -83,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {field: getattr(args, flag) for flag, field in FLAG_TO_FIELD.items()}
     try:
         cfg = build_config(args.preset, args.config, overrides)
-        metrics = run_hsic(cfg)
-    except (ConfigError, DataError, OutputExistsError) as exc:
+        metrics = run_hsic(cfg, resume=args.resume)
+    except (ConfigError, DataError, OutputExistsError, CheckpointError, PlacementError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"test accuracy: unformatted {metrics['test_accuracy_unformatted']}, formatted {metrics['test_accuracy_formatted']:.2f}")

@@ -21,7 +21,7 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
     cfg.write_text("model:\n  width: 64\ntrain:\n  log_every: 5\n")
     out = tmp_path / "run"
     proc = run_job(
-        "--preset", "paper_mlp", "--config", str(cfg), "--depth", "2", "--epochs", "1", "--max-steps", "12",
+        "--preset", "paper_mlp", "--trainer", "local", "--config", str(cfg), "--depth", "2", "--epochs", "1", "--max-steps", "12",
         "--format-epochs", "2", "--estimator", "cka", "--sigma", "median", "--output", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr

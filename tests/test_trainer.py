@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from hsic_ray.config import build_config
-from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.experiment import OutputExistsError, build_seeded_network, run_backprop, run_hsic
 from hsic_ray.head import FormatHeadTrainer
 from hsic_ray.local import LocalPipeline
@@ -15,18 +14,10 @@ from hsic_ray.objective import HSICObjective
 from hsic_ray.trainer import HSICTrainer
 
 
-@pytest.fixture(scope="module")
-def digits():
-    cfg = build_config("paper_mlp")
-    full = load_dataset(cfg.data)
-    # A quarter of the real digits keeps these tests quick; the split is the package's own.
-    return ImageData("mnist-sample", full.x_train[:2000], full.y_train[:2000], full.x_test[:1000], full.y_test[:1000], 10)
-
-
 def small_config(tmp_path, **extra):
     overrides = {
         "model.depth": 2, "model.width": 64, "train.batch_size": 128, "train.epochs": 2,
-        "head.epochs": 3, "train.eval_samples": 256, "train.log_every": 5, "output": str(tmp_path / "run"),
+        "head.epochs": 3, "train.eval_samples": 256, "train.log_every": 5, "output": str(tmp_path / "run"), "trainer": "local",
     }  # fmt: skip
     overrides.update(extra)
     return build_config("paper_mlp", overrides=overrides)

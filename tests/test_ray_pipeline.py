@@ -1,0 +1,98 @@
+"""The Ray pipeline on a real local Ray cluster: equivalence, accuracy, metrics, a killed stage."""
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import ray
+
+from hsic_ray.config import build_config
+from hsic_ray.experiment import run_hsic
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=5, num_gpus=0, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def config(out, trainer, **extra):
+    overrides = {
+        "trainer": trainer, "output": str(out), "model.depth": 2, "model.width": 64, "train.batch_size": 128,
+        "train.epochs": 1, "head.epochs": 2, "train.eval_samples": 256, "train.log_every": 5,
+        "ray.stages": 2,
+    }  # fmt: skip
+    return build_config("paper_mlp", overrides={**overrides, **extra})
+
+
+def records(out, kind):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_one_batch_in_flight_reproduces_the_in_process_trainer(tmp_path, digits):
+    local = run_hsic(config(tmp_path / "local", "local"), digits)
+    piped = run_hsic(config(tmp_path / "ray", "ray", **{"ray.max_in_flight": 1}), digits)
+    assert piped["stages"] == 2 and local["steps"] == piped["steps"] == 15
+    for a, b in zip(local["per_layer"], piped["per_layer"]):
+        assert b["nhsic_zx"] == pytest.approx(a["nhsic_zx"], rel=1e-3)
+        assert b["nhsic_zy"] == pytest.approx(a["nhsic_zy"], rel=1e-3)
+    local_steps, ray_steps = records(tmp_path / "local", "step"), records(tmp_path / "ray", "step")
+    assert [r["step"] for r in local_steps] == [r["step"] for r in ray_steps]
+    for a, b in zip(local_steps, ray_steps):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
+
+
+def test_pipeline_metrics_report_stage_times_and_in_flight_depth(tmp_path, digits):
+    metrics = run_hsic(config(tmp_path / "run", "ray", **{"ray.stages": 3}), digits)
+    assert metrics["stages"] == 3 and metrics["recoveries"] == 0
+    assert len(metrics["stage_busy_seconds"]) == 3 and all(t > 0 for t in metrics["stage_busy_seconds"])
+    assert len(metrics["stage_idle_seconds"]) == 3
+    steps = records(tmp_path / "run", "step")
+    assert max(r["in_flight"] for r in steps) == 4  # stages + 1 by default
+    assert all(len(r["stage_busy_seconds"]) == 3 for r in steps)
+
+
+@pytest.mark.slow
+def test_default_in_flight_depth_stays_within_a_point_of_the_in_process_trainer(tmp_path, all_digits):
+    common = {"train.epochs": 3, "model.width": 256, "train.batch_size": 256, "head.epochs": 3}
+    local = run_hsic(config(tmp_path / "local", "local", **common), all_digits)
+    piped = run_hsic(config(tmp_path / "ray", "ray", **common), all_digits)
+    assert abs(piped["test_accuracy_unformatted"] - local["test_accuracy_unformatted"]) <= 1.0
+    assert abs(piped["test_accuracy_formatted"] - local["test_accuracy_formatted"]) <= 1.0
+
+
+def stage_actor_processes():
+    return [p for p in psutil.process_iter(["cmdline"]) if "ray::StageActor" in " ".join(p.info["cmdline"] or [])]
+
+
+def kill_a_stage_after_checkpoint(run_dir, killed):
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "checkpoints" / "LATEST").exists():
+        time.sleep(0.05)
+    victims = stage_actor_processes()
+    if victims:
+        os.kill(victims[-1].pid, signal.SIGKILL)
+        killed.append(victims[-1].pid)
+
+
+@pytest.mark.slow
+def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path, all_digits):
+    common = {"train.epochs": 2, "model.width": 256, "train.batch_size": 256, "head.epochs": 3,
+              "train.checkpoint_every": 20}  # fmt: skip
+    undisturbed = run_hsic(config(tmp_path / "calm", "ray", **common), all_digits)
+    killed: list[int] = []
+    killer = threading.Thread(target=kill_a_stage_after_checkpoint, args=(tmp_path / "hit", killed))
+    killer.start()
+    disturbed = run_hsic(config(tmp_path / "hit", "ray", **common), all_digits)
+    killer.join()
+    assert killed, "no stage actor process was found to kill"
+    assert disturbed["recoveries"] >= 1 and disturbed["steps"] == undisturbed["steps"]
+    recovery = records(tmp_path / "hit", "recovery")[0]
+    assert recovery["restored_from_step"] == 20 and recovery["error"].endswith("Error")
+    assert abs(disturbed["test_accuracy_unformatted"] - undisturbed["test_accuracy_unformatted"]) <= 2.0
