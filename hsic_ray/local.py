@@ -24,6 +24,7 @@ class LocalPipeline:
 
     def __init__(self, net: LayerwiseNet, objective: HSICObjective, optim: OptimConfig, device: torch.device | str):
         self.stage = StageTrainer(list(net.layers), objective, optim, device)
+        self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
     def submit(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
         return self.stage.train_step(x, targets)

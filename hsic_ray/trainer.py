@@ -45,6 +45,7 @@ class Pipeline(Protocol):
 
     max_in_flight: int
     num_stages: int
+    placements: list[dict[str, Any]]  # per stage: layers, node, device (rewritten after recoveries)
 
     def submit(self, x: Tensor, targets: BatchTargets) -> Any:
         """Start one training step of every layer on this batch; returns a handle for `result`."""
@@ -125,6 +126,7 @@ class HSICTrainer:
 
         With `resume_step`, training continues from that checkpoint of the run directory.
         """
+        self._write("placements.json", self.pipeline.placements)
         if resume_step is None:
             position = _Position()
             self._record_information_plane(epoch=0)
@@ -182,6 +184,7 @@ class HSICTrainer:
         for event in self.pipeline.events():
             self.recoveries += event.get("kind") == "recovery"
             self._append({**event, "step": self.steps})
+            self._write("placements.json", self.pipeline.placements)
         clock.finished += 1
         done = item.batch.index + 1
         if done % self.cfg.train.log_every == 0 or done == self._batches_per_epoch:

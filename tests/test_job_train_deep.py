@@ -1,8 +1,11 @@
 """jobs/train_deep.py as a user runs it: a real subprocess on the bundled digits."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,59 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message)
 def test_unknown_estimator_is_refused_by_the_parser(tmp_path):
     proc = run_job("--estimator", "mine", "--output", str(tmp_path / "run"))
     assert proc.returncode == 2 and "invalid choice: 'mine'" in proc.stderr
+
+
+def test_impossible_resources_fail_before_any_actor_starts(tmp_path):
+    out = tmp_path / "run"
+    proc = run_job("--trainer", "ray", "--stages", "3", "--gpus-per-stage", "1", "--output", str(out))
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the run needs more than the cluster has") and "3 GPU" in last
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_missing_parquet_directory_is_named(tmp_path):
+    proc = run_job("--dataset", f"parquet:{tmp_path}/absent", "--output", str(tmp_path / "run"))
+    assert proc.returncode == 2 and f"{tmp_path}/absent" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = ["--trainer", "ray", "--preset", "paper_mlp", "--depth", "2", "--width", "256", "--epochs", "3",
+            "--checkpoint-every", "10", "--stages", "2", "--format-epochs", "2", "--output", str(out)]  # fmt: skip
+    first = subprocess.Popen([sys.executable, str(JOB), *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        latest = out / "checkpoints" / "LATEST"
+        while time.time() < deadline and not (latest.exists() and int(latest.read_text()) >= 20):
+            time.sleep(0.1)
+        assert latest.exists(), "the first run wrote no checkpoint"
+        first.send_signal(signal.SIGKILL)  # the driver dies; no clean shutdown, no metrics.json
+        first.wait(timeout=30)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the local Ray cluster the dead driver started
+    assert not (out / "metrics.json").exists()
+    killed_at = int(latest.read_text())
+
+    # A corrupt checkpoint stops the resume with one line, before any actor starts, and changes nothing.
+    stage = out / "checkpoints" / f"step-{killed_at:08d}" / "stage-001.pt"
+    intact = stage.read_bytes()
+    stage.write_bytes(intact[: len(intact) // 2])
+    log_before = (out / "metrics.jsonl").read_bytes()
+    proc = run_job(*args, "--resume")
+    assert proc.returncode == 2 and "stage-001.pt is corrupt" in proc.stderr.strip().splitlines()[-1]
+    assert (out / "metrics.jsonl").read_bytes() == log_before and stage.read_bytes() == intact[: len(intact) // 2]
+
+    stage.write_bytes(intact)
+    proc = run_job(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 * 31
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumes = [r for r in records if r["kind"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] == killed_at >= 20
+    # Steps before the checkpoint were not redone: each logged step number appears once after the resume.
+    after = records[records.index(resumes[0]) :]
+    assert all(r["step"] > killed_at for r in after if r["kind"] == "step")
