@@ -2,21 +2,25 @@
 
 In process, same data order and batch size as HSIC training, so the two compare on an equal budget.
 Per-layer gradient norms are logged: they show gradients vanishing in deep nets without skip connections.
+
+The pieces of a run (the model, one step, one epoch, test accuracy, the epoch record and the final metrics)
+are functions shared by `BackpropTrainer` (in process) and the Ray Train loop (`hsic_ray.train_backprop`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from hsic_ray import evaluation
-from hsic_ray.config import ExperimentConfig
-from hsic_ray.data import ImageData, iterate_batches, num_batches, to_tensor
+from hsic_ray.config import ExperimentConfig, TrainConfig
+from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.models import LayerwiseNet, build_head
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
@@ -33,48 +37,151 @@ def layer_grad_norms(net: LayerwiseNet) -> list[float]:
     return norms
 
 
+# --- shared pieces ---------------------------------------------------------------------------------------
+
+
+def build_model(net: LayerwiseNet, num_classes: int) -> nn.Sequential:
+    """The network followed by the format head: what backprop trains end to end (model[0] is `net`)."""
+    return nn.Sequential(net, build_head(net.output_features, num_classes))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model under a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                  weight: float = 1.0) -> float:  # fmt: skip
+    """One SGD step on the mean cross-entropy of (x, y), its gradient scaled by `weight`; returns the loss.
+
+    A data-parallel worker that holds n of a global batch of B samples passes weight = world_size * n / B:
+    once DDP averages the gradients over the workers, the step is the one of the whole batch's mean loss.
+    """
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    (loss if weight == 1.0 else loss * weight).backward()
+    optimizer.step()
+    return loss.item()
+
+
+@dataclass
+class EpochStats:
+    """What one (possibly partial) epoch of backprop did."""
+
+    epoch: int
+    steps: int  # total steps after this epoch
+    next_batch: int  # batch index to continue from; == total when the epoch ran to its end
+    total: int  # full batches in the epoch
+    seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[list[float]] = field(default_factory=list)  # per step, per layer
+
+    @property
+    def complete(self) -> bool:
+        return self.next_batch >= self.total
+
+    def mean_loss(self) -> float:
+        return sum(self.losses) / max(len(self.losses), 1)
+
+    def mean_grad_norms(self) -> list[float]:
+        return torch.tensor(self.grad_norms).mean(0).tolist() if self.grad_norms else []
+
+
+def whole_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The in-process shard of a batch: all of it, at weight 1."""
+    return batch.x, batch.y, 1.0
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    net: LayerwiseNet,
+    data: ImageData,
+    train: TrainConfig,
+    epoch: int,
+    steps: int,
+    device: torch.device,
+    start: int = 0,
+    shard: Callable[[Batch], tuple[torch.Tensor, torch.Tensor, float]] = whole_batch,
+    verbose: bool = True,
+) -> EpochStats:
+    """Backprop over the batches of `epoch` from batch `start`, stopping at train.max_steps total steps.
+
+    Batches come in the seeded order of `iterate_batches(seed, epoch)`; `shard` picks this process's rows of
+    each one (and the gradient weight, see `backprop_step`). Gradient norms are those of `net`'s layers.
+    """
+    total = num_batches(len(data.y_train), train.batch_size)
+    stats = EpochStats(epoch=epoch, steps=steps, next_batch=start, total=total)
+    started = time.perf_counter()
+    for batch in iterate_batches(data.x_train, data.y_train, train.batch_size, train.seed, epoch, start=start):
+        if train.max_steps is not None and stats.steps >= train.max_steps:
+            break
+        x, y, weight = shard(batch)
+        stats.losses.append(backprop_step(model, optimizer, x.to(device), y.to(device), weight))
+        stats.grad_norms.append(layer_grad_norms(net))
+        stats.steps += 1
+        stats.next_batch = batch.index + 1
+        if verbose and ((batch.index + 1) % train.log_every == 0 or batch.index + 1 == total):
+            log.info("backprop epoch %d/%d  batch %d/%d  loss %.4f", epoch, train.epochs, batch.index + 1, total, stats.losses[-1])
+    stats.seconds = time.perf_counter() - started
+    return stats
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, data: ImageData, device: torch.device) -> float:
+    """Accuracy (%) of `model`'s logits on the test split, in chunks; leaves the model in eval mode."""
+    model.eval()
+    x = data.x_test
+    logits = torch.cat([model(to_tensor(x[i : i + EVAL_CHUNK]).to(device)).cpu()
+                        for i in range(0, len(x), EVAL_CHUNK)])  # fmt: skip
+    return evaluation.accuracy(logits, data.y_test)
+
+
+def epoch_record(stats: EpochStats, accuracy: float) -> dict[str, Any]:
+    """The metrics.jsonl line of an epoch."""
+    return {"kind": "epoch", "epoch": stats.epoch, "step": stats.steps, "loss": stats.mean_loss(),
+            "grad_norms": stats.mean_grad_norms(), "test_accuracy": accuracy}  # fmt: skip
+
+
+def final_metrics(record: dict[str, Any], train_seconds: float, steps: int, batch_size: int) -> dict[str, Any]:
+    """metrics.json of a backprop run, from its last epoch record: the HSIC job's keys where they apply."""
+    return {
+        "test_accuracy_formatted": record["test_accuracy"],
+        "test_accuracy_unformatted": None,
+        "train_seconds": train_seconds,
+        "steps": steps,
+        "samples_per_second": steps * batch_size / max(train_seconds, 1e-9),
+        "epochs": record["epoch"],
+        "grad_norms": record["grad_norms"],
+    }
+
+
+# --- in process ------------------------------------------------------------------------------------------
+
+
 class BackpropTrainer:
     def __init__(self, cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, run: RunDirectory | None, device):
         self.cfg, self.data, self.net, self.run = cfg, data, net, run
         self.device = torch.device(device)
-        self.model = nn.Sequential(net, build_head(net.output_features, data.num_classes)).to(self.device)
+        self.model = build_model(net, data.num_classes).to(self.device)
         self.optimizer = make_sgd(self.model.parameters(), cfg.backprop)
         self.steps = 0
         self.train_seconds = 0.0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.model.train()
-        loss = F.cross_entropy(self.model(x.to(self.device)), y.to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        loss = backprop_step(self.model, self.optimizer, x.to(self.device), y.to(self.device))
         self.steps += 1
-        return loss.item()
+        return loss
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        train = self.cfg.train
-        total = num_batches(len(self.data.y_train), train.batch_size)
-        started = time.perf_counter()
-        losses, grad_norms = [], []
-        for batch in iterate_batches(self.data.x_train, self.data.y_train, train.batch_size, train.seed, epoch):
-            if train.max_steps is not None and self.steps >= train.max_steps:
-                break
-            losses.append(self.step(batch.x, batch.y))
-            grad_norms.append(layer_grad_norms(self.net))
-            if (batch.index + 1) % train.log_every == 0 or batch.index + 1 == total:
-                log.info("backprop epoch %d/%d  batch %d/%d  loss %.4f", epoch, train.epochs, batch.index + 1, total, losses[-1])
-        self.train_seconds += time.perf_counter() - started
-        mean_norms = torch.tensor(grad_norms).mean(0).tolist() if grad_norms else []
-        return {"kind": "epoch", "epoch": epoch, "step": self.steps, "loss": sum(losses) / max(len(losses), 1),
-                "grad_norms": mean_norms, "test_accuracy": self.test_accuracy()}  # fmt: skip
+        stats = train_epoch(self.model, self.optimizer, self.net, self.data, self.cfg.train, epoch, self.steps, self.device)
+        self.steps = stats.steps
+        self.train_seconds += stats.seconds
+        return epoch_record(stats, self.test_accuracy())
 
-    @torch.no_grad()
     def test_accuracy(self) -> float:
-        self.model.eval()
-        x = self.data.x_test
-        logits = torch.cat([self.model(to_tensor(x[i : i + EVAL_CHUNK]).to(self.device)).cpu()
-                            for i in range(0, len(x), EVAL_CHUNK)])  # fmt: skip
-        return evaluation.accuracy(logits, self.data.y_test)
+        return test_accuracy(self.model, self.data, self.device)
 
     def fit(self) -> dict[str, Any]:
         record: dict[str, Any] = {}
@@ -85,15 +192,7 @@ class BackpropTrainer:
             log.info("backprop epoch %d: loss %.4f, test accuracy %.2f%%", epoch, record["loss"], record["test_accuracy"])
             if self.cfg.train.max_steps is not None and self.steps >= self.cfg.train.max_steps:
                 break
-        metrics = {
-            "test_accuracy_formatted": record["test_accuracy"],
-            "test_accuracy_unformatted": None,
-            "train_seconds": self.train_seconds,
-            "steps": self.steps,
-            "samples_per_second": self.steps * self.cfg.train.batch_size / max(self.train_seconds, 1e-9),
-            "epochs": record["epoch"],
-            "grad_norms": record["grad_norms"],
-        }
+        metrics = final_metrics(record, self.train_seconds, self.steps, self.cfg.train.batch_size)
         if self.run is not None:
             self.run.write_json("metrics.json", metrics)
         return metrics

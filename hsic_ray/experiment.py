@@ -9,7 +9,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -53,8 +53,10 @@ def _setting(cfg: ExperimentConfig, dotted: str) -> Any:
     return value
 
 
-def _check_resumable(saved: ExperimentConfig, cfg: ExperimentConfig, uri: str) -> None:
-    for name in _RESUME_MUST_MATCH:
+def _check_resumable(
+    saved: ExperimentConfig, cfg: ExperimentConfig, uri: str, names: tuple[str, ...] = _RESUME_MUST_MATCH
+) -> None:
+    for name in names:
         if _setting(saved, name) != _setting(cfg, name):
             raise ConfigError(
                 f"{uri} holds a run with different {name} settings ({_setting(saved, name)} there, "
@@ -127,7 +129,12 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
         torch.set_num_threads(threads)
 
 
-def run_hsic(cfg: ExperimentConfig, data: ImageData | None = None, resume: bool = False) -> dict[str, Any]:
+def run_hsic(
+    cfg: ExperimentConfig,
+    data: ImageData | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Train with the HSIC bottleneck (then the format head); returns and saves metrics.json.
 
     Everything that can fail cheaply (config, data, placement on the cluster, the output directory and its
@@ -143,7 +150,7 @@ def run_hsic(cfg: ExperimentConfig, data: ImageData | None = None, resume: bool 
     log.info("run directory: %s  (%s, %d train / %d test samples, %s trainer)",
              run.uri, data.name, len(data.y_train), len(data.y_test), cfg.trainer)  # fmt: skip
     with _pipeline(cfg, data, net, specs, device) as pipeline:
-        trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device)
+        trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
         return trainer.fit(resume_step)
 
 

@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -104,8 +104,12 @@ class HSICTrainer:
         output_features: int,
         run: RunDirectory | None = None,
         device: torch.device | str = "cpu",
+        on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
     ):
+        """`on_epoch`, if given, receives after each HSIC epoch its information-plane record plus the
+        unformatted test accuracy at that point (e.g. to report to Ray Tune)."""
         self.cfg = cfg
+        self.on_epoch = on_epoch
         self.data = data
         self.pipeline = pipeline
         self.run = run
@@ -135,6 +139,8 @@ class HSICTrainer:
         while position.epoch <= self.cfg.train.epochs and not self._step_budget_spent():
             self._train_epoch(position)
             self._record_information_plane(position.epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(self._epoch_summary())
             position = _Position(position.epoch + 1, 0)
         if resume_step is None or self.steps > resume_step:
             self._checkpoint(position)
@@ -280,6 +286,22 @@ class HSICTrainer:
                 "information_plane.png", lambda path: plot_information_plane(self.info_plane, path, title)
             )
 
+    def _epoch_summary(self) -> dict[str, Any]:
+        summary = dict(self.info_plane[-1], train_seconds=self.train_seconds)
+        summary["test_accuracy_unformatted"] = self._unformatted_accuracy(
+            self._features(self.data.x_train), self._features(self.data.x_test)
+        )
+        return summary
+
+    def _unformatted_accuracy(self, train_features: Tensor, test_features: Tensor, method: str = "hungarian"):
+        """None when the last layer is narrower than the class count (it cannot be read without a head)."""
+        if train_features.shape[1] < self.data.num_classes:
+            return None
+        return evaluation.unformatted_accuracy(
+            train_features, self.data.y_train, test_features, self.data.y_test, self.data.num_classes,
+            method=method, balanced=method == "greedy",
+        )  # fmt: skip
+
     def _features(self, x: np.ndarray) -> Tensor:
         chunks = [self.pipeline.forward(to_tensor(x[i : i + EVAL_CHUNK])) for i in range(0, len(x), EVAL_CHUNK)]
         return torch.cat(chunks).flatten(1)
@@ -294,20 +316,13 @@ class HSICTrainer:
 
     def _evaluate(self, train_features: Tensor) -> dict[str, Any]:
         test_features = self._features(self.data.x_test)
-        classes = self.data.num_classes
         metrics: dict[str, Any] = {
             "test_accuracy_formatted": evaluation.accuracy(self.head.logits(test_features), self.data.y_test),
             "train_accuracy_formatted": evaluation.accuracy(self.head.logits(train_features), self.data.y_train),
         }
-        if train_features.shape[1] >= classes:
-            fit = (train_features, self.data.y_train, test_features, self.data.y_test, classes)
-            metrics["test_accuracy_unformatted"] = evaluation.unformatted_accuracy(*fit, method="hungarian")
-            # The authors' reading, for comparison: greedy assignment, mean of per-class accuracies.
-            metrics["test_accuracy_unformatted_greedy"] = evaluation.unformatted_accuracy(
-                *fit, method="greedy", balanced=True
-            )
-        else:  # a last layer narrower than the class count cannot be read without a head
-            metrics["test_accuracy_unformatted"] = metrics["test_accuracy_unformatted_greedy"] = None
+        metrics["test_accuracy_unformatted"] = self._unformatted_accuracy(train_features, test_features)
+        # The authors' reading, for comparison: greedy assignment, mean of per-class accuracies.
+        metrics["test_accuracy_unformatted_greedy"] = self._unformatted_accuracy(train_features, test_features, "greedy")
         metrics.update(
             train_seconds=self.train_seconds,
             steps=self.steps,

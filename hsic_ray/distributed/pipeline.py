@@ -88,7 +88,7 @@ class RayPipeline:
             handle.reports.append(report)
 
     def result(self, handle: _Handle, want_output: bool) -> StepResult:
-        while True:
+        for _ in range(self.cfg.ray.max_recoveries + 1):
             try:
                 reports = ray.get(handle.reports)
                 output = torch.from_numpy(np.array(ray.get(handle.outputs[-1]))) if want_output else None
@@ -98,6 +98,7 @@ class RayPipeline:
                 continue
             stats = torch.from_numpy(np.concatenate([r["stats"] for r in reports]))
             return StepResult(stats, output, [(r["busy"], r["idle"]) for r in reports])
+        raise PipelineFailed(f"a batch failed {self.cfg.ray.max_recoveries + 1} times in a row; see the Ray logs")
 
     def _first_failed_stage(self, handle: _Handle) -> int:
         for stage, report in enumerate(handle.reports):

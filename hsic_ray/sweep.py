@@ -1,0 +1,209 @@
+"""Ray Tune sweeps over depth (and other settings), comparing HSIC training with backprop.
+
+Each trial is one run of `run_hsic` (the Ray pipeline, its stage actors inside the trial's placement
+group, declared up front so trials never wait on each other for actors) or of the in-process backprop
+baseline, on the same network, data and budget. Trials report once per epoch with `tune.report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from hsic_ray.backprop import BackpropTrainer
+from hsic_ray.config import ExperimentConfig, build_config
+from hsic_ray.data import load_dataset
+from hsic_ray.distributed.connect import connect
+from hsic_ray.distributed.placement import PlacementError, bundles, cluster_totals
+from hsic_ray.experiment import build_seeded_network, open_run, resolve_device, run_hsic
+from hsic_ray.plots import plot_curves
+from hsic_ray.run_dir import RunDirectory
+
+log = logging.getLogger("hsic_ray")
+
+METHODS = ("hsic", "backprop")
+METRIC = "test_accuracy"
+
+
+@dataclass
+class SweepSpec:
+    """What to sweep: the grid, the settings every trial shares, and how trials are laid out."""
+
+    preset: str = "deep_mlp"
+    depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # extra dotted config keys -> values
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys every trial shares
+    stages_per_trial: int = 2
+    gpus_per_stage: float = 0.0
+    max_concurrent_trials: int = 1
+    asha: bool = False
+    output: str = "runs/sweep"
+
+
+# --- trials (run inside Ray Tune workers) ----------------------------------------------------------------
+
+
+def trial_config(params: dict[str, Any]) -> ExperimentConfig:
+    """The run config of one trial from its Tune parameters (validated like any run's)."""
+    overrides = dict(params["overrides"])
+    overrides["model.depth"] = params["depth"]
+    overrides.update({k: v for k, v in params.items() if "." in k})  # grid keys and per-trial ray layout
+    overrides["output"] = os.path.join(params["sweep_dir"], "trials", f"{params['method']}-{tune.get_context().get_trial_id()}")
+    return build_config(params["preset"], overrides=overrides)
+
+
+def hsic_trial(params: dict[str, Any]) -> None:
+    cfg = trial_config(params)
+    cfg.trainer = "ray"
+
+    def report(epoch: dict[str, Any]) -> None:
+        tune.report({METRIC: epoch["test_accuracy_unformatted"] or 0.0, "epoch": epoch["epoch"],
+                     "train_seconds": epoch["train_seconds"], "final": False})  # fmt: skip
+
+    metrics = run_hsic(cfg, on_epoch=report)
+    tune.report({METRIC: metrics["test_accuracy_formatted"], "epoch": metrics["epochs"],
+                 "train_seconds": metrics["train_seconds"], "final": True,
+                 "test_accuracy_unformatted": metrics["test_accuracy_unformatted"]})  # fmt: skip
+
+
+def backprop_trial(params: dict[str, Any]) -> None:
+    cfg = trial_config(params)
+    data = load_dataset(cfg.data)
+    run, _ = open_run(cfg, "backprop")
+    trainer = BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, resolve_device(cfg.train.device))
+    for epoch in range(1, cfg.train.epochs + 1):
+        record = trainer.train_epoch(epoch)
+        run.append_jsonl("metrics.jsonl", record)
+        done = epoch == cfg.train.epochs or (cfg.train.max_steps is not None and trainer.steps >= cfg.train.max_steps)
+        tune.report({METRIC: record["test_accuracy"], "epoch": epoch, "train_seconds": trainer.train_seconds,
+                     "final": done, "grad_norms": record["grad_norms"]})  # fmt: skip
+        if done:
+            break
+
+
+def run_trial(params: dict[str, Any]) -> None:
+    (hsic_trial if params["method"] == "hsic" else backprop_trial)(params)
+
+
+def trial_resources(spec: SweepSpec):
+    """Each trial's placement group, declared up front: the coordinator's bundle, then one per stage."""
+    from hsic_ray.distributed.placement import StageSpec
+
+    stages = [StageSpec(i, i, i + 1, 1.0, spec.gpus_per_stage) for i in range(spec.stages_per_trial)]
+    hsic = tune.PlacementGroupFactory(bundles(stages, 1.0), strategy="PACK")
+    backprop = tune.PlacementGroupFactory([{"CPU": 1.0}])
+    return lambda params: hsic if params["method"] == "hsic" else backprop
+
+
+# --- the sweep (run on the driver) -----------------------------------------------------------------------
+
+
+def _check_capacity(spec: SweepSpec) -> None:
+    need = {"CPU": 1.0 + spec.stages_per_trial, "GPU": spec.gpus_per_stage * spec.stages_per_trial}
+    have = cluster_totals()
+    if any(need[k] > have[k] for k in need):
+        raise PlacementError(
+            f"one HSIC trial needs {need['CPU']:g} CPU and {need['GPU']:g} GPU (coordinator + {spec.stages_per_trial} "
+            f"stages), the cluster has {have['CPU']:g} CPU and {have['GPU']:g} GPU; lower --stages-per-trial or "
+            "--gpus-per-stage, or add nodes"
+        )
+
+
+def _param_space(spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
+    space: dict[str, Any] = {
+        "preset": spec.preset,
+        "overrides": spec.overrides,
+        "sweep_dir": sweep_dir,
+        "depth": tune.grid_search(spec.depths),
+        "method": tune.grid_search(spec.methods),
+        "ray.stages": spec.stages_per_trial,
+        "ray.gpus_per_stage": spec.gpus_per_stage,
+    }
+    space.update({key: tune.grid_search(values) for key, values in spec.grid.items()})
+    return space
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None) -> list[dict[str, Any]]:
+    """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return rows."""
+    for depth in spec.depths:  # validate every trial's config before any trial starts
+        build_config(spec.preset, overrides={**spec.overrides, "model.depth": depth})
+    connect(address, local_cpus=(1 + spec.stages_per_trial) * spec.max_concurrent_trials)
+    _check_capacity(spec)
+    sweep_dir = os.path.abspath(spec.output)
+    trainable = tune.with_resources(run_trial, trial_resources(spec))
+    tune_path = os.path.join(sweep_dir, "tune")
+    if resume:
+        if not tune.Tuner.can_restore(tune_path):
+            raise FileNotFoundError(f"--resume: no sweep to restore at {tune_path}")
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(time_attr="epoch", grace_period=1) if spec.asha else None
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(spec, sweep_dir),
+            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
+                                        max_concurrent_trials=spec.max_concurrent_trials),  # fmt: skip
+            run_config=tune.RunConfig(storage_path=sweep_dir, name="tune", verbose=1),
+        )
+    started = time.perf_counter()
+    grid = tuner.fit()
+    rows = [_row(result) for result in grid]
+    write_results(RunDirectory(sweep_dir), rows)
+    log.info("sweep finished in %.0fs", time.perf_counter() - started)
+    return rows
+
+
+def _row(result) -> dict[str, Any]:
+    cfg, metrics = result.config, result.metrics or {}
+    return {
+        "depth": cfg["depth"],
+        "method": cfg["method"],
+        **{k: cfg[k] for k in cfg if "." in k and k not in ("ray.stages", "ray.gpus_per_stage")},
+        "test_accuracy": metrics.get(METRIC),
+        "test_accuracy_unformatted": metrics.get("test_accuracy_unformatted"),
+        "epochs": metrics.get("epoch"),
+        "train_seconds": metrics.get("train_seconds"),
+        "finished": bool(metrics.get("final")),
+        "error": None if result.error is None else type(result.error).__name__,
+    }
+
+
+def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
+    rows = sorted(rows, key=lambda r: (r["method"], r["depth"]))
+    columns = list(rows[0]) if rows else []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    run.write_text("results.csv", text.getvalue())
+    run.write_text("results.md", markdown_table(rows))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["test_accuracy"] is not None and r["finished"]:
+            series.setdefault(r["method"], []).append((r["depth"], r["test_accuracy"]))
+    if series:
+        run.write_with_local_file(
+            "accuracy_vs_depth.png",
+            lambda path: plot_curves(series, path, "depth (hidden blocks)", "test accuracy (%)", "HSIC vs backprop"),
+        )
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no trials)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in (r[c] for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

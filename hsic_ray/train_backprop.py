@@ -1,0 +1,281 @@
+"""The backprop baseline on Ray Train: the same network and format head trained end to end, data parallel.
+
+`train_backprop` runs `ray.train.torch.TorchTrainer` with `num_workers` workers. Every worker builds the
+network exactly as the in-process baseline does (`build_seeded_network`, then the head, from the same
+seed), walks the same seeded batch order (`iterate_batches(seed, epoch)`) and takes its own rows of each
+global batch by rank; gradients are averaged by DDP with each worker's loss weighted by its share of the
+batch, so a step is the step of the whole batch's mean loss and a run takes as many steps as the
+in-process baseline (`hsic_ray.backprop`, whose step, epoch loop and test accuracy it shares).
+
+Each epoch, rank 0 measures test accuracy and the per-layer gradient norms (mean over the epoch's steps),
+rewrites `metrics.jsonl` and reports the epoch to Ray Train with a checkpoint (model, optimizer, epoch,
+batch position, step count, training time and the epoch records so far). Ray Train keeps the latest two
+(`CheckpointConfig(num_to_keep=2)`) under `<output>/ray_train/backprop/`.
+
+Resume (Ray 2.60, Train V2): `TorchTrainer.restore` / `can_restore` are deprecated and raise. Instead, a
+trainer whose `RunConfig(storage_path, name)` points at an existing run loads that run's
+`checkpoint_manager_snapshot.json` and hands its latest checkpoint to the workers through
+`ray.train.get_checkpoint()`. So rerunning the same command on the same `--output` after an interruption
+continues from the last epoch checkpointed: the training loop loads the model and optimizer state and
+starts at the next batch, and the epochs and steps already done are not redone.
+
+Writes, like the HSIC job: `config.yaml`, `metrics.jsonl` (one line per epoch, plus one per resume),
+`metrics.json` (`test_accuracy_formatted`, `test_accuracy_unformatted: null`, `train_seconds`, `steps`,
+`samples_per_second`, `epochs`, `grad_norms` per layer at the last epoch, plus `workers`, `resumed_from`),
+and `grad_norms.png` (log10 of each layer's gradient norm by epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from typing import Any
+
+import ray
+import torch
+from torch import nn
+
+from hsic_ray import backprop
+from hsic_ray.checkpoint import CheckpointError
+from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
+from hsic_ray.data import Batch, ImageData, load_dataset
+from hsic_ray.distributed.connect import connect
+from hsic_ray.distributed.placement import PlacementError, cluster_totals
+from hsic_ray.experiment import OutputExistsError, _check_fits, _check_resumable, build_seeded_network, default_output
+from hsic_ray.plots import plot_curves
+from hsic_ray.run_dir import RunDirectory
+from hsic_ray.stage import make_sgd
+
+log = logging.getLogger("hsic_ray")
+
+RAY_TRAIN_DIR = "ray_train"  # under the run's output directory: Ray Train's storage_path
+RUN_NAME = "backprop"  # RunConfig(name): the experiment directory under storage_path
+STATE_FILE = "state.pt"  # inside each checkpoint directory
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 keeps per run, and resumes from
+PLOT_FILE = "grad_norms.png"
+# Settings a resumed backprop run must share with the run it continues (epochs, max_steps, logging may change).
+RESUME_MUST_MATCH = ("data", "model", "backprop", "train.batch_size", "train.seed")
+
+
+# --- the training loop on each worker --------------------------------------------------------------------
+
+
+def _shard_by_rank(rank: int, world: int, batch_size: int):
+    """This worker's rows of each global batch, and the weight that makes DDP's average the batch mean."""
+
+    def shard(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if world == 1:
+            return batch.x, batch.y, 1.0
+        x, y = torch.tensor_split(batch.x, world)[rank], torch.tensor_split(batch.y, world)[rank]
+        return x, y, world * len(y) / batch_size
+
+    return shard
+
+
+def _load_state(checkpoint) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def _write_history(run: RunDirectory, history: list[dict[str, Any]]) -> None:
+    """metrics.jsonl, rewritten whole from the records the latest checkpoint holds."""
+    run.write_text("metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+
+
+def _setup_worker_logging() -> None:
+    if not logging.getLogger().handlers and not log.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_yaml_text(config["config"])
+    data = config["data"]
+    data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    if rank == 0:
+        _setup_worker_logging()
+    device = ray.train.torch.get_device()
+    train = cfg.train
+
+    # Same seed, same builders, same order as the in-process baseline (every rank builds identical weights).
+    net = build_seeded_network(cfg, data)
+    model = backprop.build_model(net, data.num_classes)
+    state = _load_state(ray.train.get_checkpoint())
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_sgd(model.parameters(), cfg.backprop)
+    net = backprop.unwrap(model)[0]
+
+    history: list[dict[str, Any]] = []
+    epoch, start, steps, train_seconds = 1, 0, 0, 0.0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        history = list(state["history"])
+        epoch, start, steps, train_seconds = state["epoch"], state["next_batch"], state["steps"], state["train_seconds"]
+        if start >= state["total_batches"]:
+            epoch, start = epoch + 1, 0
+        history.append({"kind": "resume", "epoch": state["epoch"], "step": steps, "next_batch": state["next_batch"]})
+        if rank == 0:
+            log.info("resuming from the checkpoint of epoch %d (step %d): continuing at epoch %d, batch %d",
+                     state["epoch"], steps, epoch, start)  # fmt: skip
+
+    run = RunDirectory(config["run"]) if rank == 0 else None
+    shard = _shard_by_rank(rank, world, train.batch_size)
+    while epoch <= train.epochs and (train.max_steps is None or steps < train.max_steps):
+        stats = backprop.train_epoch(model, optimizer, net, data, train, epoch, steps, device, start=start,
+                                     shard=shard, verbose=rank == 0)  # fmt: skip
+        steps, train_seconds = stats.steps, train_seconds + stats.seconds
+        if rank != 0:
+            ray.train.report({"epoch": epoch, "step": steps}, checkpoint=None)
+        else:
+            record = backprop.epoch_record(stats, backprop.test_accuracy(backprop.unwrap(model), data, device))
+            record.update(train_seconds=train_seconds, workers=world)
+            history.append(record)
+            log.info("backprop epoch %d: loss %.4f, test accuracy %.2f%% (%d steps)", epoch, record["loss"],
+                     record["test_accuracy"], steps)  # fmt: skip
+            saved = {"model": backprop.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "next_batch": stats.next_batch, "total_batches": stats.total, "steps": steps,
+                     "train_seconds": train_seconds, "history": history}  # fmt: skip
+            with tempfile.TemporaryDirectory() as directory:
+                torch.save(saved, os.path.join(directory, STATE_FILE))
+                ray.train.report(
+                    {k: record[k] for k in ("epoch", "step", "loss", "test_accuracy", "grad_norms")},
+                    checkpoint=ray.train.Checkpoint.from_directory(directory),
+                    checkpoint_dir_name=f"checkpoint_epoch{epoch:05d}_step{steps:09d}",
+                )
+            _write_history(run, history)  # after the checkpoint is stored: never ahead of it
+        start = 0
+        if stats.complete:
+            epoch += 1
+
+
+# --- the driver ------------------------------------------------------------------------------------------
+
+
+def _open(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirectory, bool]:
+    """The run directory and whether it holds an interrupted run to continue; checks, writes nothing."""
+    run = RunDirectory(cfg.output or default_output(cfg, "backprop"))
+    if run.exists("metrics.json"):
+        raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
+    interrupted = run.exists(f"{RAY_TRAIN_DIR}/{RUN_NAME}/{SNAPSHOT_FILE}")
+    if not interrupted:
+        if resume:
+            raise CheckpointError(f"--resume: {run.uri} holds no Ray Train checkpoint to resume from")
+        return run, False
+    if not run.exists("config.yaml"):
+        raise ConfigError(f"{run.uri} holds Ray Train checkpoints but no config.yaml; choose another --output")
+    _check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri, RESUME_MUST_MATCH)
+    return run, True
+
+
+def _check_resources(workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
+    totals = cluster_totals()
+    need = {"CPU": workers * cpus_per_worker, "GPU": float(workers) if use_gpu else 0.0}
+    for kind, amount in need.items():
+        if amount > totals[kind]:
+            raise PlacementError(
+                f"{workers} Ray Train workers need {amount:g} {kind} but the cluster has {totals[kind]:g}; "
+                f"use fewer --workers{' or drop --use-gpu' if kind == 'GPU' else ''}, or a larger cluster"
+            )
+
+
+def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: str) -> None:
+    layers = len(records[-1]["grad_norms"])
+    series = {
+        f"layer {i + 1}": [(r["epoch"], torch.tensor(max(r["grad_norms"][i], 1e-30)).log10().item()) for r in records]
+        for i in range(layers)
+    }
+    run.write_with_local_file(PLOT_FILE, lambda path: plot_curves(
+        series, path, "epoch", "log10 gradient norm (mean over the epoch's steps)", title))  # fmt: skip
+
+
+def train_backprop(
+    cfg: ExperimentConfig,
+    data: ImageData | None = None,
+    resume: bool = False,
+    workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 0,
+) -> dict[str, Any]:
+    """Train the network and head end to end by backprop on Ray Train; returns and saves metrics.json.
+
+    Config, data, the output directory and the cluster's resources are checked before any worker starts.
+    An interrupted run in the same output directory (Ray Train checkpoints, no metrics.json) is continued
+    from its latest checkpoint; `resume=True` insists on one. `max_failures` worker-group failures are
+    retried by Ray Train from the latest checkpoint within this call.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    if workers < 1:
+        raise ConfigError(f"workers={workers!r} is invalid: expected a number >= 1")
+    if max_failures < 0:
+        raise ConfigError(f"max_failures={max_failures!r} is invalid: expected a number >= 0")
+    if cpus_per_worker <= 0:
+        raise ConfigError(f"cpus_per_worker={cpus_per_worker!r} is invalid: expected a positive number")
+    if cfg.train.batch_size < 2 * workers:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is invalid for {workers} workers: each worker's share of a "
+            f"batch needs at least 2 samples (BatchNorm), so use --batch-size >= {2 * workers} or fewer --workers"
+        )
+    data = data or load_dataset(cfg.data)
+    try:
+        _check_fits(cfg, data)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    run, interrupted = _open(cfg, resume)
+    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker)
+    _check_resources(workers, use_gpu, cpus_per_worker)
+    if interrupted:
+        log.info("continuing the interrupted run in %s from its latest Ray Train checkpoint", run.uri)
+    else:
+        run.write_text("config.yaml", save_config(cfg))
+    storage_path = f"{run.location.rstrip('/')}/{RAY_TRAIN_DIR}"
+    log.info("run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
+             run.uri, data.name, len(data.y_train), len(data.y_test), workers, "s" if workers > 1 else "",
+             " on GPUs" if use_gpu else "", storage_path, RUN_NAME)  # fmt: skip
+
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={"config": save_config(cfg), "data": ray.put(data), "run": run.location,
+                           "cpus_per_worker": cpus_per_worker},  # fmt: skip
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            storage_path=storage_path,
+            name=RUN_NAME,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise CheckpointError(f"Ray Train finished without a checkpoint in {storage_path}/{RUN_NAME}")
+    state = _load_state(result.checkpoint)
+    history = state["history"]
+    records = [r for r in history if r["kind"] == "epoch"]
+    _write_history(run, history)
+    metrics = backprop.final_metrics(records[-1], state["train_seconds"], state["steps"], cfg.train.batch_size)
+    metrics.update(
+        workers=workers,
+        resumed_from=[{"epoch": r["epoch"], "step": r["step"]} for r in history if r["kind"] == "resume"],
+        checkpoint=result.checkpoint.path,
+    )
+    _plot_grad_norms(run, records, f"backprop, {cfg.preset or cfg.model.arch}: {len(metrics['grad_norms'])} layers")
+    run.write_json("metrics.json", metrics)
+    log.info("backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
+             metrics["test_accuracy_formatted"], metrics["epochs"], metrics["steps"], metrics["train_seconds"])  # fmt: skip
+    return metrics

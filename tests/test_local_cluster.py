@@ -1,0 +1,79 @@
+"""`ray start --head` on one machine, then the job script and `ray job submit`, under Ray 2.60's token
+authentication (the default) and with it disabled."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_RUN = ["--trainer", "ray", "--preset", "paper_mlp", "--depth", "1", "--width", "64", "--epochs", "1",
+             "--max-steps", "8", "--format-epochs", "1"]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(params=["token", "disabled"])
+def head(request, tmp_path):
+    """A two-GPU (logical) head node started with `ray start --block`, stopped with its process group."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    if request.param == "disabled":
+        env["RAY_AUTH_MODE"] = "disabled"
+    port, dashboard = free_port(), free_port()
+    proc = subprocess.Popen(
+        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
+         "--num-cpus=4", "--num-gpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            status = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True)
+            if status.returncode == 0 and "2.0 GPU" in status.stdout:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"ray start did not come up: {status.stdout[-500:]} {status.stderr[-1500:]}")
+        yield {"env": env, "address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "mode": request.param}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)],
+                          env=head["env"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "connected to the Ray cluster running on this machine" in proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    placements = json.loads((out / "placements.json").read_text())
+    assert metrics["stages"] == 2 and sorted(g for p in placements for g in p["gpu_ids"]) == ["0", "1"]
+
+
+def test_ray_job_submit_runs_the_job_on_the_cluster(head, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
+         "python", "jobs/train_deep.py", *SMALL_RUN, "--output", str(out)],
+        env=head["env"], capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "succeeded" in proc.stdout
+    assert json.loads((out / "metrics.json").read_text())["stages"] == 2
