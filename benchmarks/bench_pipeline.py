@@ -126,7 +126,7 @@ def main(argv=None):
     local = drive(LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
                   objective, data, batch, args.steps, args.warmup)  # fmt: skip
     results = {"in_process": local, "pipeline": {}}
-    ray.init(num_cpus=max(args.stages) + 1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=max(args.stages) + 1, include_dashboard=False, logging_level="ERROR")
     torch.set_num_threads(1)  # the coordinator's share, as in a real run
     costs = layer_step_costs(build_seeded_network(cfg, data), batch)
     print("| trainer | stages | samples/s | vs in-process | slowest stage ms/batch | efficiency |")

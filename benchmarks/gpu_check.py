@@ -49,7 +49,7 @@ def main(argv=None):
     out["in_process_samples_per_second"] = local["samples_per_second"]
     print(f"in-process on cuda: {local['samples_per_second']:.0f} samples/s", flush=True)
 
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=8, num_gpus=1, include_dashboard=False, logging_level="ERROR")
     costs = layer_step_costs(build_seeded_network(cfg, data), 256)
     out["pipeline"] = {}
     for stages in (2, 4):

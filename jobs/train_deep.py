@@ -17,6 +17,7 @@ import sys
 from hsic_ray.checkpoint import CheckpointError
 from hsic_ray.config import ACTIVATIONS, NULL, PRESETS, STRATEGIES, TRAINERS, ConfigError, build_config
 from hsic_ray.data import DataError
+from hsic_ray.distributed.connect import ClusterConnectionError
 from hsic_ray.distributed.placement import PlacementError
 from hsic_ray.experiment import OutputExistsError, run_hsic
 from hsic_ray.hsic import ESTIMATORS
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(args.preset, args.config, overrides)
         metrics = run_hsic(cfg, resume=args.resume)
-    except (ConfigError, DataError, OutputExistsError, CheckpointError, PlacementError) as exc:
+    except (ConfigError, DataError, OutputExistsError, CheckpointError, PlacementError, ClusterConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"test accuracy: unformatted {metrics['test_accuracy_unformatted']}, formatted {metrics['test_accuracy_formatted']:.2f}")

@@ -60,7 +60,7 @@ def test_plan_on_cpus_leaves_the_coordinator_its_cpu_and_honours_fractions():
 
 @pytest.fixture(scope="module")
 def four_cpu_ray():
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
 

@@ -16,7 +16,7 @@ from hsic_ray.experiment import run_hsic
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
-    ray.init(num_cpus=5, num_gpus=0, include_dashboard=False)
+    ray.init(address="local", num_cpus=5, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
 

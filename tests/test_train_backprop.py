@@ -32,7 +32,7 @@ def ray_cluster():
     # worker's next report waits for that: poll faster so that epochs of a tiny net are not 2 s each.
     saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
     os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
-    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
     if saved is None:

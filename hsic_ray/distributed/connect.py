@@ -1,9 +1,9 @@
 """Finding the Ray cluster to run on: the one given, a running one, or a fresh local one.
 
-Ray 2.60 turns token authentication on by default for clusters started locally. The job, `ray status` and
-`ray job submit` must agree with the cluster on `RAY_AUTH_MODE`; leaving it unset everywhere (token mode,
-with the token file Ray writes in the home directory) or exporting `RAY_AUTH_MODE=disabled` before
-`ray start` and every later command both work. See the README.
+Ray 2.60 turns token authentication on by default when `ray start` or `ray.init()` starts a cluster, but
+its command-line clients (`ray status`, `ray job submit`) default to no authentication: with
+RAY_AUTH_MODE unset they cannot talk to a cluster that `ray start` started. Users set RAY_AUTH_MODE=token
+(or disabled) in every shell that runs `ray ...`; this module makes the job itself work either way.
 """
 
 from __future__ import annotations
@@ -16,24 +16,62 @@ import ray
 log = logging.getLogger("hsic_ray")
 
 
+class ClusterConnectionError(RuntimeError):
+    """A cluster was found but this process could not join it."""
+
+
+def default_auth_mode() -> None:
+    """With RAY_AUTH_MODE unset and a Ray token on this machine, use token mode to reach the cluster, as a
+    cluster started here by `ray start` expects. An explicit RAY_AUTH_MODE always wins."""
+    try:  # Ray's own rule for its CLI; it also refreshes Ray's cached config, which reads the mode once
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _join(address: str) -> None:
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError):
+        raise
+    except Exception as exc:  # Ray 2.60 reports a refused token as AssertionError or AuthenticationError
+        if "auth" not in str(exc).lower():
+            raise
+        raise ClusterConnectionError(
+            f"the Ray cluster at {address} refused this process's authentication; run `ray start`, `ray status`, "
+            "`ray job submit` and this job with the same RAY_AUTH_MODE (token or disabled)"
+        ) from None
+
+
+def _cluster_running_here() -> bool:
+    """Whether a Ray cluster's GCS process runs on this machine. Ray's own "auto" lookup also trusts the
+    address file of the last `ray start`, and hangs on it when that cluster died without `ray stop`."""
+    from ray._private.services import find_gcs_addresses
+
+    return bool(find_gcs_addresses())
+
+
 def connect(address: str | None, local_cpus: float) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else a cluster started on this machine
     with `ray start`, else a new local cluster with at least `local_cpus` logical CPUs."""
     if ray.is_initialized():
         return
+    default_auth_mode()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        _join(address)
         log.info("connected to the Ray cluster at %s", address)
         return
-    try:
-        ray.init(address="auto", logging_level=logging.WARNING)
+    if _cluster_running_here():
+        _join("auto")
         log.info("connected to the Ray cluster running on this machine")
         return
-    except ConnectionError:
-        pass
+    # address="local": always a new cluster, whatever address file an earlier one left behind.
     # Logical CPUs are scheduling tokens: the coordinator's and each stage's are reserved even where this
     # machine has fewer cores (each stage actor runs its math on as many threads as it reserved).
     cpus = max(float(os.cpu_count() or 1), local_cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
     log.info("started a local Ray cluster with %g logical CPUs", cpus)
