@@ -179,7 +179,7 @@ def deep_mlp(source: str = "mnist-sample") -> ExperimentConfig:
         data=DataConfig(source=source),
         model=ModelConfig(arch="mlp", depth=20, width=256, last_width=10, activation="relu"),
         hsic=HSICConfig(estimator="cca", sigma=6.0, beta=beta),
-        optim=OptimConfig(lr=1e-3),
+        optim=OptimConfig(lr=1e-4, momentum=0.9),  # the authors' 1e-3 without momentum; see paper_mlp
         head=HeadConfig(epochs=5, lr=0.005),
         train=TrainConfig(batch_size=256, epochs=5),
         backprop=OptimConfig(lr=0.01),

@@ -14,8 +14,8 @@ import logging
 import sys
 import time
 
-from hsic_ray.config import ESTIMATORS, PRESETS, ConfigError
-from hsic_ray.distributed.placement import PlacementError
+from hsic_ray.cli import USER_ERRORS
+from hsic_ray.config import ESTIMATORS, PRESETS
 from hsic_ray.sweep import METHODS, SweepSpec, markdown_table, run_sweep
 
 SMOKE = {"depths": [2, 4], "overrides": {"model.width": 64, "train.epochs": 2, "train.batch_size": 256,
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         rows = run_sweep(build_spec(args), resume=args.resume, address=args.ray_address)
-    except (ConfigError, PlacementError, FileNotFoundError) as exc:
+    except (*USER_ERRORS, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown_table(sorted(rows, key=lambda r: (r["method"], r["depth"]))))

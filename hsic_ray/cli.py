@@ -1,0 +1,59 @@
+"""Command-line pieces the job scripts share: the flags every run has, how flags become config overrides,
+and which errors are the user's to fix (one line, exit code 2) rather than bugs (a traceback)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hsic_ray.checkpoint import CheckpointError
+from hsic_ray.config import ACTIVATIONS, PRESETS, ConfigError
+from hsic_ray.data import DataError
+from hsic_ray.distributed.connect import ClusterConnectionError
+from hsic_ray.distributed.placement import PlacementError
+from hsic_ray.experiment import OutputExistsError
+
+# Errors that name a problem in the user's input or environment and how to fix it.
+USER_ERRORS = (ConfigError, DataError, OutputExistsError, CheckpointError, PlacementError, ClusterConnectionError)
+
+# flag dest -> config field, for the flags `add_run_arguments` defines.
+RUN_FLAGS = {
+    "output": "output",
+    "dataset": "data.source",
+    "data_root": "data.root",
+    "depth": "model.depth",
+    "width": "model.width",
+    "last_width": "model.last_width",
+    "activation": "model.activation",
+    "batch_size": "train.batch_size",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "seed": "train.seed",
+    "log_every": "train.log_every",
+    "ray_address": "ray.address",
+}
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """Preset, config file, output, data, network shape, budget, seed, resume and cluster address."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="deep_mlp", help="named starting config (default %(default)s)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config sections applied over the preset")
+    p.add_argument("--output", metavar="DIR", help="run directory (local path or pyarrow URI)")
+    p.add_argument("--dataset", metavar="SOURCE", help="mnist-sample (bundled), mnist, fashion-mnist, cifar10, npz:PATH, parquet:URI")
+    p.add_argument("--data-root", metavar="DIR", help="where torchvision datasets are stored / downloaded")
+    p.add_argument("--depth", type=int, help="hidden width x width blocks (depth 5 = 7 layers)")
+    p.add_argument("--width", type=int, help="hidden width (channels for paper_resconv)")
+    p.add_argument("--last-width", type=int, help="width of the network's last layer (before the format head)")
+    p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop training after this many steps")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--log-every", type=int, help="steps between progress lines")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
+    p.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
+
+
+def overrides(args: argparse.Namespace, *flag_maps: dict[str, str]) -> dict[str, Any]:
+    """Dotted config overrides from parsed flags; flags left unset (None) keep the preset / file value."""
+    return {field: getattr(args, flag) for flag_map in flag_maps for flag, field in flag_map.items()}
