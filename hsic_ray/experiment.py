@@ -53,7 +53,7 @@ def _setting(cfg: ExperimentConfig, dotted: str) -> Any:
     return value
 
 
-def _check_resumable(
+def check_resumable(
     saved: ExperimentConfig, cfg: ExperimentConfig, uri: str, names: tuple[str, ...] = _RESUME_MUST_MATCH
 ) -> None:
     for name in names:
@@ -79,7 +79,7 @@ def open_run(cfg: ExperimentConfig, method: str, resume: bool = False) -> tuple[
             raise checkpoint.CheckpointError(f"--resume: {run.uri} holds no complete checkpoint to resume from")
         run.write_text("config.yaml", save_config(cfg))
         return run, None
-    _check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri)
+    check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri)
     checkpoint.verify(run, step)
     return run, step
 
@@ -89,7 +89,7 @@ def build_seeded_network(cfg: ExperimentConfig, data: ImageData) -> LayerwiseNet
     return build_network(cfg.model, data.input_shape)
 
 
-def _check_fits(cfg: ExperimentConfig, data: ImageData) -> None:
+def check_batch_fits(cfg: ExperimentConfig, data: ImageData) -> None:
     n = len(data.y_train)
     if n < cfg.train.batch_size:
         raise ValueError(
@@ -142,7 +142,7 @@ def run_hsic(
     continued from its latest checkpoint.
     """
     data = data or load_dataset(cfg.data)
-    _check_fits(cfg, data)
+    check_batch_fits(cfg, data)
     device = resolve_device(cfg.train.device)
     net = build_seeded_network(cfg, data)
     specs = _plan_ray_stages(cfg, net) if cfg.trainer == "ray" else None
@@ -157,7 +157,7 @@ def run_hsic(
 def run_backprop(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:
     """The baseline: the same network and head trained end to end by backprop, in process."""
     data = data or load_dataset(cfg.data)
-    _check_fits(cfg, data)
+    check_batch_fits(cfg, data)
     device = resolve_device(cfg.train.device)
     run, _ = open_run(cfg, "backprop")
     return BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, device).fit()

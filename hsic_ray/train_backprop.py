@@ -43,7 +43,7 @@ from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text
 from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
-from hsic_ray.experiment import OutputExistsError, _check_fits, _check_resumable, build_seeded_network, default_output
+from hsic_ray.experiment import OutputExistsError, check_batch_fits, check_resumable, build_seeded_network, default_output
 from hsic_ray.plots import plot_curves
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
@@ -176,7 +176,7 @@ def _open(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirectory, bool]:
         return run, False
     if not run.exists("config.yaml"):
         raise ConfigError(f"{run.uri} holds Ray Train checkpoints but no config.yaml; choose another --output")
-    _check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri, RESUME_MUST_MATCH)
+    check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri, RESUME_MUST_MATCH)
     return run, True
 
 
@@ -233,7 +233,7 @@ def train_backprop(
         )
     data = data or load_dataset(cfg.data)
     try:
-        _check_fits(cfg, data)
+        check_batch_fits(cfg, data)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     run, interrupted = _open(cfg, resume)
