@@ -23,7 +23,7 @@ from hsic_ray.backprop import BackpropTrainer
 from hsic_ray.config import ExperimentConfig, build_config
 from hsic_ray.data import load_dataset
 from hsic_ray.distributed.connect import connect
-from hsic_ray.distributed.placement import PlacementError, bundles, cluster_totals
+from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
 from hsic_ray.experiment import build_seeded_network, open_run, resolve_device, run_hsic
 from hsic_ray.plots import plot_curves
 from hsic_ray.run_dir import RunDirectory
@@ -97,8 +97,6 @@ def run_trial(params: dict[str, Any]) -> None:
 
 def trial_resources(spec: SweepSpec):
     """Each trial's placement group, declared up front: the coordinator's bundle, then one per stage."""
-    from hsic_ray.distributed.placement import StageSpec
-
     stages = [StageSpec(i, i, i + 1, 1.0, spec.gpus_per_stage) for i in range(spec.stages_per_trial)]
     hsic = tune.PlacementGroupFactory(bundles(stages, 1.0), strategy="PACK")
     backprop = tune.PlacementGroupFactory([{"CPU": 1.0}])
