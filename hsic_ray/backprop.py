@@ -183,13 +183,16 @@ class BackpropTrainer:
     def test_accuracy(self) -> float:
         return test_accuracy(self.model, self.data, self.device)
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Train every epoch; `on_epoch`, if given, receives each epoch's record plus the training time so far."""
         record: dict[str, Any] = {}
         for epoch in range(1, self.cfg.train.epochs + 1):
             record = self.train_epoch(epoch)
             if self.run is not None:
                 self.run.append_jsonl("metrics.jsonl", record)
             log.info("backprop epoch %d: loss %.4f, test accuracy %.2f%%", epoch, record["loss"], record["test_accuracy"])
+            if on_epoch is not None:
+                on_epoch({**record, "train_seconds": self.train_seconds})
             if self.cfg.train.max_steps is not None and self.steps >= self.cfg.train.max_steps:
                 break
         metrics = final_metrics(record, self.train_seconds, self.steps, self.cfg.train.batch_size)

@@ -64,15 +64,21 @@ def check_resumable(
             )
 
 
+def unfinished_run_directory(cfg: ExperimentConfig, method: str) -> RunDirectory:
+    """The run's output directory; a finished run (metrics.json) there is never written over."""
+    run = RunDirectory(cfg.output or default_output(cfg, method))
+    if run.exists("metrics.json"):
+        raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
+    return run
+
+
 def open_run(cfg: ExperimentConfig, method: str, resume: bool = False) -> tuple[RunDirectory, int | None]:
     """The run directory, and the checkpoint step to resume from (None: a fresh run).
 
     A directory with a complete checkpoint and no metrics.json is an interrupted run: it is continued.
     A finished run is never written over. Checkpoint files are verified before anything is written.
     """
-    run = RunDirectory(cfg.output or default_output(cfg, method))
-    if run.exists("metrics.json"):
-        raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
+    run = unfinished_run_directory(cfg, method)
     step = checkpoint.latest_step(run)
     if step is None:
         if resume:
@@ -154,10 +160,14 @@ def run_hsic(
         return trainer.fit(resume_step)
 
 
-def run_backprop(cfg: ExperimentConfig, data: ImageData | None = None) -> dict[str, Any]:
+def run_backprop(
+    cfg: ExperimentConfig,
+    data: ImageData | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """The baseline: the same network and head trained end to end by backprop, in process."""
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
     device = resolve_device(cfg.train.device)
     run, _ = open_run(cfg, "backprop")
-    return BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, device).fit()
+    return BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, device).fit(on_epoch)

@@ -15,16 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from hsic_ray.backprop import BackpropTrainer
 from hsic_ray.config import ExperimentConfig, build_config
-from hsic_ray.data import load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
-from hsic_ray.experiment import build_seeded_network, open_run, resolve_device, run_hsic
+from hsic_ray.experiment import run_backprop, run_hsic
 from hsic_ray.plots import plot_curves
 from hsic_ray.run_dir import RunDirectory
 
@@ -77,18 +74,13 @@ def hsic_trial(params: dict[str, Any]) -> None:
 
 
 def backprop_trial(params: dict[str, Any]) -> None:
-    cfg = trial_config(params)
-    data = load_dataset(cfg.data)
-    run, _ = open_run(cfg, "backprop")
-    trainer = BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, resolve_device(cfg.train.device))
-    for epoch in range(1, cfg.train.epochs + 1):
-        record = trainer.train_epoch(epoch)
-        run.append_jsonl("metrics.jsonl", record)
-        done = epoch == cfg.train.epochs or (cfg.train.max_steps is not None and trainer.steps >= cfg.train.max_steps)
-        tune.report({METRIC: record["test_accuracy"], "epoch": epoch, "train_seconds": trainer.train_seconds,
-                     "final": done, "grad_norms": record["grad_norms"]})  # fmt: skip
-        if done:
-            break
+    def report(epoch: dict[str, Any]) -> None:
+        tune.report({METRIC: epoch["test_accuracy"], "epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"],
+                     "final": False, "grad_norms": epoch["grad_norms"]})  # fmt: skip
+
+    metrics = run_backprop(trial_config(params), on_epoch=report)
+    tune.report({METRIC: metrics["test_accuracy_formatted"], "epoch": metrics["epochs"],
+                 "train_seconds": metrics["train_seconds"], "final": True, "grad_norms": metrics["grad_norms"]})  # fmt: skip
 
 
 def run_trial(params: dict[str, Any]) -> None:

@@ -33,7 +33,6 @@ import os
 import tempfile
 from typing import Any
 
-import ray
 import torch
 from torch import nn
 
@@ -43,7 +42,7 @@ from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text
 from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
-from hsic_ray.experiment import OutputExistsError, check_batch_fits, check_resumable, build_seeded_network, default_output
+from hsic_ray.experiment import build_seeded_network, check_batch_fits, check_resumable, unfinished_run_directory
 from hsic_ray.plots import plot_curves
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
@@ -166,9 +165,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def _open(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirectory, bool]:
     """The run directory and whether it holds an interrupted run to continue; checks, writes nothing."""
-    run = RunDirectory(cfg.output or default_output(cfg, "backprop"))
-    if run.exists("metrics.json"):
-        raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
+    run = unfinished_run_directory(cfg, "backprop")
     interrupted = run.exists(f"{RAY_TRAIN_DIR}/{RUN_NAME}/{SNAPSHOT_FILE}")
     if not interrupted:
         if resume:
