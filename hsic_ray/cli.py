@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from hsic_ray.checkpoint import CheckpointError
-from hsic_ray.config import ACTIVATIONS, PRESETS, ConfigError
+from hsic_ray.config import ACTIVATIONS, INITS, PRESETS, ConfigError
 from hsic_ray.data import DataError
 from hsic_ray.distributed.connect import ClusterConnectionError
 from hsic_ray.distributed.placement import PlacementError
@@ -25,6 +25,7 @@ RUN_FLAGS = {
     "width": "model.width",
     "last_width": "model.last_width",
     "activation": "model.activation",
+    "init": "model.init",
     "batch_size": "train.batch_size",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
@@ -45,6 +46,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, help="hidden width (channels for paper_resconv)")
     p.add_argument("--last-width", type=int, help="width of the network's last layer (before the format head)")
     p.add_argument("--activation", choices=ACTIVATIONS)
+    p.add_argument("--init", choices=INITS, help="weight initialisation (orthogonal: no information lost at the start)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop training after this many steps")
@@ -52,6 +54,26 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help="steps between progress lines")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
     p.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
+
+
+def grid_axis(text: str) -> tuple[str, list[Any]]:
+    """argparse type of a sweep axis, KEY=V1,V2,...: a dotted config key and the values to try."""
+    key, sep, values = text.partition("=")
+    key = key.strip()
+    if not sep or "." not in key or not values.strip():
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=V1,V2,... with a dotted config key, e.g. model.activation=relu,elu"
+        )
+    return key, [_scalar(value.strip()) for value in values.split(",")]
+
+
+def _scalar(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"null": None, "true": True, "false": False}.get(text.lower(), text)
 
 
 def overrides(args: argparse.Namespace, *flag_maps: dict[str, str]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from hsic_ray.hsic import ESTIMATORS
 
 ARCHITECTURES = ("mlp", "resconv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
+INITS = ("default", "orthogonal")
 TRAINERS = ("local", "ray")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
@@ -45,6 +46,10 @@ class ModelConfig:
     width: int = 1024  # hidden width (mlp) or channels (resconv)
     last_width: int = 10  # output of the last HSIC-trained layer
     activation: str = "relu"
+    # "orthogonal": weights with orthonormal rows or columns and zero biases, so that with an invertible
+    # activation (tanh, elu) an untrained layer loses no information; deep nets then start from a
+    # representation as good as the input's instead of 50 random projections of it.
+    init: str = "default"  # "default": PyTorch's
 
 
 @dataclass
@@ -177,11 +182,14 @@ def deep_mlp(source: str = "mnist-sample") -> ExperimentConfig:
     return ExperimentConfig(
         preset="deep_mlp",
         data=DataConfig(source=source),
-        model=ModelConfig(arch="mlp", depth=20, width=256, last_width=10, activation="relu"),
+        # Depth-robust choices (README, "Depth sweeps"): an invertible activation with orthogonal weights
+        # loses no information in untrained layers, and batches of 512 steady the kernel estimates. With the
+        # authors' relu, default init and batch 256 a 50-deep net ends ~7 points below a 5-deep one.
+        model=ModelConfig(arch="mlp", depth=20, width=256, last_width=10, activation="elu", init="orthogonal"),
         hsic=HSICConfig(estimator="cca", sigma=6.0, beta=beta),
         optim=OptimConfig(lr=1e-4, momentum=0.9),  # the authors' 1e-3 without momentum; see paper_mlp
         head=HeadConfig(epochs=5, lr=0.005),
-        train=TrainConfig(batch_size=256, epochs=5),
+        train=TrainConfig(batch_size=512, epochs=5),
         backprop=OptimConfig(lr=0.01),
     )
 
@@ -221,6 +229,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)")
     _check_choice("model.arch", cfg.model.arch, ARCHITECTURES)
     _check_choice("model.activation", cfg.model.activation, ACTIVATIONS)
+    _check_choice("model.init", cfg.model.init, INITS)
     _check_positive("model.depth", cfg.model.depth)
     _check_positive("model.width", cfg.model.width)
     _check_positive("model.last_width", cfg.model.last_width)

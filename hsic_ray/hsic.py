@@ -80,7 +80,9 @@ def biased_factor(k: Tensor) -> Tensor:
 
 def cka_factor(k: Tensor) -> Tensor:
     kc = center(k)
-    return kc / torch.linalg.matrix_norm(kc)
+    # A constant variable (a layer whose units are all dead on this batch) has Kc = 0: its alignment with
+    # anything is 0, not 0/0.
+    return kc / torch.linalg.matrix_norm(kc).clamp_min(torch.finfo(kc.dtype).tiny)
 
 
 def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:

@@ -107,7 +107,19 @@ def build_resconv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
 
 def build_network(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
     builders = {"mlp": build_mlp, "resconv": build_resconv}
-    return builders[cfg.arch](cfg, tuple(input_shape))
+    net = builders[cfg.arch](cfg, tuple(input_shape))
+    if cfg.init == "orthogonal":
+        orthogonal_init_(net)
+    return net
+
+
+def orthogonal_init_(net: nn.Module) -> None:
+    """Orthonormal rows (or columns) for every Linear and Conv2d weight, zero biases."""
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.orthogonal_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def build_head(in_features: int, num_classes: int) -> nn.Sequential:

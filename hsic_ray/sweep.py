@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import logging
 import os
 import time
@@ -18,7 +19,7 @@ from typing import Any, Optional
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from hsic_ray.config import ExperimentConfig, build_config
+from hsic_ray.config import ConfigError, ExperimentConfig, build_config
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
 from hsic_ray.experiment import run_backprop, run_hsic
@@ -98,6 +99,19 @@ def trial_resources(spec: SweepSpec):
 # --- the sweep (run on the driver) -----------------------------------------------------------------------
 
 
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, as dotted overrides ([{}] for an empty grid)."""
+    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+
+
+def _validate_trials(spec: SweepSpec) -> None:
+    """Build every trial's config before any trial starts, so a bad setting fails in seconds."""
+    if "model.depth" in spec.grid:
+        raise ConfigError("the sweep grid has model.depth: give depths with --depths instead")
+    for depth, point in itertools.product(spec.depths, grid_points(spec.grid)):
+        build_config(spec.preset, overrides={**spec.overrides, **point, "model.depth": depth})
+
+
 def _check_capacity(spec: SweepSpec) -> None:
     need = {"CPU": 1.0 + spec.stages_per_trial, "GPU": spec.gpus_per_stage * spec.stages_per_trial}
     have = cluster_totals()
@@ -124,9 +138,9 @@ def _param_space(spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None) -> list[dict[str, Any]]:
-    """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return rows."""
-    for depth in spec.depths:  # validate every trial's config before any trial starts
-        build_config(spec.preset, overrides={**spec.overrides, "model.depth": depth})
+    """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return the rows
+    (by method and grid settings, then depth)."""
+    _validate_trials(spec)
     connect(address, local_cpus=(1 + spec.stages_per_trial) * spec.max_concurrent_trials)
     _check_capacity(spec)
     sweep_dir = os.path.abspath(spec.output)
@@ -147,7 +161,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
         )
     started = time.perf_counter()
     grid = tuner.fit()
-    rows = [_row(result) for result in grid]
+    rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
     write_results(RunDirectory(sweep_dir), rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
     return rows
@@ -168,8 +182,13 @@ def _row(result) -> dict[str, Any]:
     }
 
 
+def _series_label(row: dict[str, Any]) -> str:
+    """The method, plus the grid settings of the row's trial (`hsic activation=elu`)."""
+    settings = [f"{key.rsplit('.', 1)[-1]}={row[key]}" for key in row if "." in key]
+    return " ".join([row["method"], *settings])
+
+
 def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
-    rows = sorted(rows, key=lambda r: (r["method"], r["depth"]))
     columns = list(rows[0]) if rows else []
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
@@ -180,7 +199,7 @@ def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["test_accuracy"] is not None and r["finished"]:
-            series.setdefault(r["method"], []).append((r["depth"], r["test_accuracy"]))
+            series.setdefault(_series_label(r), []).append((r["depth"], r["test_accuracy"]))
     if series:
         run.write_with_local_file(
             "accuracy_vs_depth.png",

@@ -3,6 +3,7 @@
     python jobs/sweep_depth.py --smoke                         # two depths x two methods, a few minutes on 2 CPUs
     python jobs/sweep_depth.py --depths 5 10 20 50 --epochs 5  # the full depth sweep
     python jobs/sweep_depth.py --output runs/sweep --resume    # continue an interrupted sweep
+    python jobs/sweep_depth.py --depths 5 50 --methods hsic --grid model.activation=relu,elu --grid train.batch_size=256,512
 
 Writes results.csv, results.md and accuracy_vs_depth.png to --output, and prints the table.
 """
@@ -14,7 +15,7 @@ import logging
 import sys
 import time
 
-from hsic_ray.cli import USER_ERRORS
+from hsic_ray.cli import USER_ERRORS, grid_axis
 from hsic_ray.config import ESTIMATORS, PRESETS
 from hsic_ray.sweep import METHODS, SweepSpec, markdown_table, run_sweep
 
@@ -31,6 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigmas", type=float, nargs="+", help="grid over hsic.sigma")
     p.add_argument("--lrs", type=float, nargs="+", help="grid over optim.lr (HSIC layers)")
     p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, help="grid over hsic.estimator")
+    p.add_argument("--grid", type=grid_axis, action="append", default=[], metavar="KEY=V1,V2",
+                   help="grid over any config setting, e.g. model.activation=relu,elu (repeatable)")  # fmt: skip
     p.add_argument("--dataset", help="data source for every trial (default: the preset's)")
     p.add_argument("--width", type=int)
     p.add_argument("--epochs", type=int)
@@ -58,7 +61,7 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
         preset=args.preset,
         depths=SMOKE["depths"] if args.smoke else args.depths,
         methods=args.methods,
-        grid={k: v for k, v in grid_flags.items() if v},
+        grid={**{k: v for k, v in grid_flags.items() if v}, **dict(args.grid)},
         overrides=overrides,
         stages_per_trial=args.stages_per_trial,
         gpus_per_stage=args.gpus_per_stage,
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
     except (*USER_ERRORS, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(markdown_table(sorted(rows, key=lambda r: (r["method"], r["depth"]))))
+    print(markdown_table(rows))
     return 0
 
 

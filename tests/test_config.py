@@ -55,6 +55,7 @@ def test_null_override_sets_a_field_to_none():
         ({"train.batch_size": 1}, "train.batch_size=1 is invalid"),
         ({"optim.momentum": 1.0}, "optim.momentum=1.0 is invalid"),
         ({"model.activation": "gelu"}, "model.activation='gelu' is invalid: expected one of relu, tanh, sigmoid, elu"),
+        ({"model.init": "xavier"}, "model.init='xavier' is invalid: expected one of default, orthogonal"),
         ({"model.depth": "deep"}, "model.depth"),
         ({"model.size": 3}, "Key 'size' not in 'ModelConfig'"),
         ({"preset": "tiny"}, "preset='tiny' is invalid"),

@@ -272,6 +272,15 @@ def test_biased_and_cka_factors():
     close((f * f).sum(), torch.tensor(1.0, dtype=F64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_cka_of_a_constant_variable_is_zero_not_nan(dtype):
+    # A layer whose units are all dead on a batch maps every sample to one point: its kernel is constant.
+    constant = gaussian_kernel(torch.ones(M_REF, 4, dtype=dtype), 1.0)
+    other = gaussian_kernel(randn(M_REF, 4, seed=15).to(dtype), 1.0)
+    value = hsic_cka(constant, other)
+    assert torch.isfinite(value) and value.item() == 0.0
+
+
 @pytest.mark.parametrize("gamma", [2.0, 0.5, 0.0])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_plausible_loss_matches_reference(gamma, seed):

@@ -27,6 +27,37 @@ def test_mlp_activation_is_applied(activation):
     assert activation in names
 
 
+@pytest.mark.parametrize("arch, width", [("mlp", 32), ("resconv", 8)])
+def test_orthogonal_init_gives_orthonormal_weights_and_zero_biases(arch, width):
+    cfg = ModelConfig(arch=arch, depth=2, width=width, last_width=10, init="orthogonal")
+    weights = [m for m in build_network(cfg, (1, 28, 28)).modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    assert len(weights) == 4
+    for module in weights:
+        w = module.weight.detach().flatten(1)
+        gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w  # rows or columns, whichever are fewer
+        assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5)
+        assert torch.count_nonzero(module.bias) == 0
+    default = build_network(ModelConfig(arch=arch, depth=2, width=width, last_width=10), (1, 28, 28))
+    assert all(torch.count_nonzero(m.bias) > 0 for m in default.modules() if isinstance(m, nn.Linear))
+
+
+def test_orthogonal_elu_net_keeps_many_directions_of_its_input_at_depth_50():
+    # What the deep_mlp preset relies on: an untrained 50-block net does not squash its inputs onto a few
+    # directions (PyTorch's default init does, so deep layers start from a degraded representation).
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 28, 28)
+
+    def spread(init: str) -> float:
+        torch.manual_seed(1)
+        net = build_network(ModelConfig(depth=50, width=64, last_width=64, activation="elu", init=init), (1, 28, 28))
+        with torch.no_grad():
+            z = net(x)
+        s = torch.linalg.svdvals(z - z.mean(dim=0))
+        return (s[30] / s[0]).item()
+
+    assert spread("orthogonal") > 2 * spread("default")
+
+
 @pytest.mark.parametrize("input_shape, flat", [((1, 28, 28), 16 * 14 * 14), ((3, 32, 32), 16 * 16 * 16)])
 def test_resconv_shapes_follow_the_stride_two_stem(input_shape, flat):
     net = build_network(ModelConfig(arch="resconv", depth=2, width=16, last_width=24), input_shape)

@@ -1,11 +1,15 @@
-"""jobs/sweep_depth.py end to end: a smoke sweep on a real local Ray, resume, and a sweep too big to fit."""
+"""jobs/sweep_depth.py end to end: a smoke sweep on a real local Ray, resume, grids over any setting, and
+sweeps that must fail fast (too big for the cluster, bad settings)."""
 
+import argparse
 import csv
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from hsic_ray.cli import grid_axis
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sweep_depth.py"
 
@@ -47,3 +51,49 @@ def test_sweep_too_big_for_the_cluster_fails_fast(tmp_path):
 def test_resume_without_a_sweep_is_refused(tmp_path):
     proc = run_sweep("--smoke", "--resume", "--output", str(tmp_path / "none"))
     assert proc.returncode == 2 and "no sweep to restore" in proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_grid_over_any_setting_runs_one_trial_per_value(tmp_path):
+    out = tmp_path / "grid"
+    proc = run_sweep("--depths", "2", "--methods", "hsic", "--width", "64", "--epochs", "1",
+                     "--grid", "model.activation=relu,tanh", "--grid", "head.epochs=1", "--output", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["model.activation"] for r in rows) == ["relu", "tanh"]
+    assert all(r["finished"] == "True" and r["head.epochs"] == "1" for r in rows)
+    configs = [(t / "config.yaml").read_text() for t in (out / "trials").iterdir()]
+    assert sorted(line.split()[-1] for c in configs for line in c.splitlines() if "activation:" in line) == ["relu", "tanh"]
+    assert (out / "accuracy_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("model.init=default,ortho", "model.init='ortho' is invalid"),
+        ("model.depth=3,4", "give depths with --depths"),
+        ("model.widht=32", "Did you mean: 'width'"),
+    ],
+)
+def test_bad_grid_value_fails_before_ray_starts(tmp_path, grid, message):
+    proc = run_sweep("--smoke", "--grid", grid, "--output", str(tmp_path / "s"))
+    assert proc.returncode == 2
+    assert message in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "s").exists()
+
+
+def test_grid_flag_needs_a_dotted_key_and_values(tmp_path):
+    proc = run_sweep("--grid", "activation=relu", "--output", str(tmp_path / "s"))
+    assert proc.returncode == 2 and "is not KEY=V1,V2,..." in proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_grid_axis_parses_typed_values():
+    assert grid_axis("train.batch_size=256,512") == ("train.batch_size", [256, 512])
+    assert grid_axis("hsic.sigma=null, 6") == ("hsic.sigma", [None, 6])
+    assert grid_axis("optim.lr=1e-4,3e-4") == ("optim.lr", [1e-4, 3e-4])
+    assert grid_axis("model.activation=elu") == ("model.activation", ["elu"])
+    for bad in ("activation=relu", "model.activation", "model.activation="):
+        with pytest.raises(argparse.ArgumentTypeError, match="KEY=V1,V2"):
+            grid_axis(bad)
