@@ -203,7 +203,9 @@ def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
     if series:
         run.write_with_local_file(
             "accuracy_vs_depth.png",
-            lambda path: plot_curves(series, path, "depth (hidden blocks)", "test accuracy (%)", "HSIC vs backprop"),
+            lambda path: plot_curves(
+                series, path, "depth (hidden blocks)", "test accuracy (%)", "test accuracy against depth"
+            ),
         )
 
 
