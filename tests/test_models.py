@@ -42,7 +42,7 @@ def test_orthogonal_init_gives_orthonormal_weights_and_zero_biases(arch, width):
 
 
 def test_orthogonal_elu_net_keeps_many_directions_of_its_input_at_depth_50():
-    # What the deep_mlp preset relies on: an untrained 50-block net does not squash its inputs onto a few
+    # What --init orthogonal is for: an untrained 50-block net does not squash its inputs onto a few
     # directions (PyTorch's default init does, so deep layers start from a degraded representation).
     torch.manual_seed(0)
     x = torch.rand(64, 1, 28, 28)
