@@ -98,7 +98,7 @@ def build_seeded_network(cfg: ExperimentConfig, data: ImageData) -> LayerwiseNet
 def check_batch_fits(cfg: ExperimentConfig, data: ImageData) -> None:
     n = len(data.y_train)
     if n < cfg.train.batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} exceeds the {n} training samples of {data.name}; "
             "use a smaller --batch-size"
         )

@@ -63,10 +63,10 @@ RESUME_MUST_MATCH = ("data", "model", "backprop", "train.batch_size", "train.see
 
 def _shard_by_rank(rank: int, world: int, batch_size: int):
     """This worker's rows of each global batch, and the weight that makes DDP's average the batch mean."""
+    if world == 1:
+        return backprop.whole_batch
 
     def shard(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
-        if world == 1:
-            return batch.x, batch.y, 1.0
         x, y = torch.tensor_split(batch.x, world)[rank], torch.tensor_split(batch.y, world)[rank]
         return x, y, world * len(y) / batch_size
 
@@ -229,10 +229,7 @@ def train_backprop(
             f"batch needs at least 2 samples (BatchNorm), so use --batch-size >= {2 * workers} or fewer --workers"
         )
     data = data or load_dataset(cfg.data)
-    try:
-        check_batch_fits(cfg, data)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    check_batch_fits(cfg, data)
     run, interrupted = _open(cfg, resume)
     connect(cfg.ray.address, local_cpus=workers * cpus_per_worker)
     _check_resources(workers, use_gpu, cpus_per_worker)

@@ -48,6 +48,7 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
         (["--dataset", "imagenet"], "data.source='imagenet' is invalid"),
         (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz"),
         (["--config", "/nonexistent/run.yaml"], "does not exist"),
+        (["--trainer", "local", "--batch-size", "9000"], "train.batch_size=9000 exceeds the 8000 training samples"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message):
