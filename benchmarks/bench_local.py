@@ -1,13 +1,16 @@
-"""Speed of the in-process trainer and of the HSIC estimators.
+"""Speed of a stage's training step against its floor and against backprop, and of the HSIC estimators.
 
-    python benchmarks/bench_local.py                  # depths 5 10 20 50, m = 256 512 1024
+    python benchmarks/bench_local.py                  # depths 5 20 50, m = 256 512 1024
     python benchmarks/bench_local.py --reference      # also time the authors' schedule, re-created here
-    python benchmarks/bench_local.py --depths 5 10 --steps 5 --json out.json
+    python benchmarks/bench_local.py --depths 5 20 --steps 5 --json out.json
+    python benchmarks/bench_local.py --device cuda --cuda-graphs off
 
-Part 1 times one training step (every layer's local HSIC step on one batch) of the paper config
-(width 1024, batch 256, cca, sigma 6) on the bundled digits. Part 2 times each estimator on one batch of
-1024-wide activations against 10-class labels. The authors' figures were measured on a 2-core machine
-like this project's CI machine; see the README for the machine each of our figures came from.
+Part 1 times one training step of the paper MLP (width 1024, batch 256, cca, sigma 6) on the bundled
+digits, all layers in one stage, three ways: the HSIC step; its floor, the same layers and the same
+batched step with a trivial loss (z.square().mean()) in place of HSIC; and eager backprop of the same
+network plus its head (cross-entropy, SGD). Part 2 times each estimator on one batch of 1024-wide
+activations against 10-class labels. The authors' figures were measured on a 2-core machine like this
+project's CI machine; see the README for the machine each of our figures came from.
 """
 
 from __future__ import annotations
@@ -16,16 +19,19 @@ import argparse
 import json
 import platform
 import time
+from typing import Sequence
 
 import torch
+from torch import Tensor
 from torch.nn import functional as F
 
+from hsic_ray.backprop import build_model
 from hsic_ray.config import build_config
 from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import gaussian_kernel, hsic_biased, hsic_cca, hsic_cka, plausible_loss
-from hsic_ray.objective import HSICObjective
-from hsic_ray.stage import StageTrainer
+from hsic_ray.objective import BatchTargets, HSICObjective, StageLosses
+from hsic_ray.stage import StageTrainer, make_sgd
 
 # Seconds per step of the authors' code on a 2-core machine (issue #2), and their cca forward in ms.
 AUTHORS_STEP_SECONDS = {5: 0.36, 10: 1.05, 20: 3.2, 50: 18.5}
@@ -35,6 +41,8 @@ AUTHORS_CCA_MS = {256: 4.4, 512: 23.6}
 def _timed(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     started = time.perf_counter()
     for _ in range(repeats):
         fn()
@@ -43,7 +51,7 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def _setup(depth: int, device: str):
+def _setup(depth: int):
     cfg = build_config("paper_mlp", overrides={"model.depth": depth})
     data = load_dataset(cfg.data)
     net = build_seeded_network(cfg, data)
@@ -52,23 +60,60 @@ def _setup(depth: int, device: str):
     return cfg, net, objective, batch
 
 
-def step_seconds(depth: int, steps: int, device: str) -> float:
-    """Our schedule: targets once per batch, one forward and one local step per layer."""
-    cfg, net, objective, batch = _setup(depth, device)
-    stage = StageTrainer(list(net.layers), objective, cfg.optim, device)
+class TrivialObjective:
+    """The floor: each layer's loss is z.square().mean(), through the same batched step as HSIC."""
+
+    def stage_losses(self, zs: Sequence[Tensor], targets: BatchTargets, dtype=None) -> StageLosses:
+        loss = torch.stack([z.square().mean() for z in zs])
+        zeros = torch.zeros_like(loss)
+        return StageLosses(loss, zeros, zeros, torch.zeros(len(zs), dtype=torch.bool, device=loss.device))
+
+
+def step_seconds(depth: int, steps: int, device: str, cuda_graphs: str = "auto", trivial: bool = False) -> float:
+    """One stage holding every layer: targets once per batch, the batched step of all layers."""
+    cfg, net, objective, batch = _setup(depth)
+    stage = StageTrainer(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
     x = batch.x.to(device)
+    targets = objective.targets(x, batch.y.to(device))
 
     def step():
-        stage.train_step(x, objective.targets(x, batch.y.to(device)))
+        stage.train_step(x, targets)
+
+    seconds = _timed(step, steps, warmup=2 + 3 * (stage._graph is not None))
+    stage.check_solves()
+    return seconds
+
+
+def backprop_step_seconds(depth: int, steps: int, device: str) -> float:
+    """Eager backprop of the same network and its head: forward, cross-entropy, backward, SGD step."""
+    cfg, net, _, batch = _setup(depth)
+    model = build_model(net, 10).to(device)
+    optimizer = make_sgd(model.parameters(), cfg.backprop)
+    x, y = batch.x.to(device), batch.y.to(device)
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
     return _timed(step, steps)
+
+
+def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "auto") -> dict:
+    hsic = step_seconds(depth, steps, device, cuda_graphs)
+    floor = step_seconds(depth, steps, device, cuda_graphs, trivial=True)
+    backprop = backprop_step_seconds(depth, steps, device)
+    return {"depth": depth, "layers": depth + 2, "hsic_ms": 1e3 * hsic, "floor_ms": 1e3 * floor,
+            "backprop_ms": 1e3 * backprop, "hsic_over_floor": hsic / floor, "hsic_over_backprop": hsic / backprop}  # fmt: skip
 
 
 def reference_step_seconds(depth: int, steps: int, device: str) -> float:
     """The authors' schedule as the reference doc describes it, re-created for a like-for-like timing:
     for each layer i, a forward pass from the input up to layer i, the X and Y kernels rebuilt, the cca
     estimate by explicit inverses with one-sided centring, and an SGD optimizer rebuilt for the step."""
-    cfg, net, _, batch = _setup(depth, device)
+    cfg, net, _, batch = _setup(depth)
+    net = net.to(device)
     x, y = batch.x.to(device), F.one_hot(batch.y, 10).float().to(device)
     m, sigma, beta, eps = x.shape[0], cfg.hsic.sigma, cfg.hsic.beta, cfg.hsic.eps
     h = torch.eye(m, device=device) - 1.0 / m
@@ -124,32 +169,30 @@ def estimator_ms(m: int, repeats: int, device: str) -> dict[str, dict[str, float
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 50])
+    p.add_argument("--depths", type=int, nargs="+", default=[5, 20, 50])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per depth (after 2 warm-up steps)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per depth (after the warm-up steps)")
     p.add_argument("--reference", action="store_true", help="also time the authors' schedule (slow at depth 50)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}"
     if args.device.startswith("cuda"):
-        machine += f" ({torch.cuda.get_device_name()})"
+        machine += f" ({torch.cuda.get_device_name()}, cuda graphs {args.cuda_graphs})"
     print(f"# hsic-ray in-process benchmark ({machine}, torch {torch.__version__})\n")
-    print("## Seconds per training step: paper config (width 1024, batch 256, cca)\n")
-    header = "| depth | layers | ours s/step | ms per layer | authors s/step (their machine) | speed-up |"
+    print("## ms per training step: paper MLP (width 1024, batch 256, cca), every layer in one stage\n")
+    header = "| depth | layers | HSIC ms | floor ms | HSIC / floor | backprop ms | HSIC / backprop | authors s/step (their machine) |"
     if args.reference:
         header += " reference schedule here s/step |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     results: dict = {"machine": machine, "steps": [], "estimators": {}}
     for depth in args.depths:
-        ours = step_seconds(depth, args.steps, args.device)
-        layers = depth + 2
-        row = {"depth": depth, "layers": layers, "seconds_per_step": ours}
-        authors = AUTHORS_STEP_SECONDS.get(depth)
-        line = f"| {depth} | {layers} | {ours:.3f} | {1e3 * ours / layers:.1f} | {authors or '-'} | "
-        line += f"{authors / ours:.1f}x |" if authors else "- |"
+        row = step_comparison(depth, args.steps, args.device, args.cuda_graphs)
+        line = (f"| {depth} | {row['layers']} | {row['hsic_ms']:.1f} | {row['floor_ms']:.1f} | {row['hsic_over_floor']:.2f}x "
+                f"| {row['backprop_ms']:.1f} | {row['hsic_over_backprop']:.2f}x | {AUTHORS_STEP_SECONDS.get(depth, '-')} |")  # fmt: skip
         if args.reference:
             row["reference_seconds_per_step"] = ref = reference_step_seconds(depth, max(1, args.steps // 2), args.device)
             line += f" {ref:.3f} |"

@@ -21,6 +21,7 @@ ARCHITECTURES = ("mlp", "resconv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
 INITS = ("default", "orthogonal")
 TRAINERS = ("local", "ray")
+CUDA_GRAPHS = ("auto", "on", "off")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
@@ -90,6 +91,8 @@ class TrainConfig:
     eval_samples: int = 512  # size of the fixed batch the information plane is measured on
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of HSIC training)
+    # Each stage's training step as one CUDA graph, replayed per batch. auto: on CUDA devices; on: required.
+    cuda_graphs: str = "auto"
 
 
 @dataclass
@@ -251,6 +254,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_positive("train.log_every", cfg.train.log_every)
     _check_positive("train.eval_samples", cfg.train.eval_samples, minimum=2)
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
+    _check_choice("train.cuda_graphs", cfg.train.cuda_graphs, CUDA_GRAPHS)
+    _check(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
+           cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
     _check(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")

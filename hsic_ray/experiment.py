@@ -119,7 +119,7 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet) -> list:
 @contextlib.contextmanager
 def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: list | None, device):
     if specs is None:
-        yield LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device)
+        yield LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device, cfg.train.cuda_graphs)
         return
     from hsic_ray.distributed.pipeline import RayPipeline
 

@@ -8,6 +8,9 @@ Every estimator here is an inner product of two per-variable "factors" of the ke
 
 so a factor that depends only on the batch (the input X, the labels Y) can be computed once and reused by
 every layer (see `Estimator` and `hsic_ray.objective`). No m x m matrix product is ever formed for centring.
+
+Everything from the kernel on also accepts a batch of kernels, [..., m, m] (one per layer of a stage), and
+`regularised_inner` gives the training step the cca estimator in closed form without a host round trip.
 """
 
 from __future__ import annotations
@@ -25,25 +28,49 @@ def _flatten(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
+class _SquaredDistances(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        # Distances are translation invariant; removing the sample mean first keeps |a|^2 + |b|^2 - 2ab from
+        # cancelling catastrophically when the features share a large offset (in float32, features of
+        # 10 +- 0.1 otherwise lose ~0.5% of every distance, and duplicates get a kernel value below 1).
+        xc = x - x.mean(dim=0, keepdim=True)
+        gram = xc @ xc.T
+        sq = gram.diagonal()
+        d = sq[:, None] + sq[None, :] - 2.0 * gram
+        # Rounding can leave tiny negatives (and a non-zero diagonal) where the true distance is 0.
+        kept = (d >= 0).fill_diagonal_(False)
+        ctx.save_for_backward(xc, kept)
+        return d.clamp_min(0.0).fill_diagonal_(0.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        # d_ij = |c_i|^2 + |c_j|^2 - 2 c_i.c_j with c = x - mean(x): with S = G + G^T, dL/dc = 2 (diag(S 1) - S) c,
+        # one m x m by m x d product (autograd's would take two, and m x d elementwise passes). Its rows sum
+        # to zero, so the mean's backward leaves it unchanged.
+        xc, kept = ctx.saved_tensors
+        g = grad * kept
+        s = g + g.T
+        laplacian = torch.diag_embed(s.sum(dim=1)) - s
+        return (2.0 * laplacian) @ xc
+
+
 def squared_distances(x: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances between the rows of `x` (flattened per sample)."""
-    x = _flatten(x)
-    # Distances are translation invariant; removing the sample mean first keeps |a|^2 + |b|^2 - 2ab from
-    # cancelling catastrophically when the features share a large offset (in float32, features of
-    # 10 +- 0.1 otherwise lose ~0.5% of every distance, and duplicates get a kernel value below 1).
-    x = x - x.mean(dim=0, keepdim=True)
-    sq = (x * x).sum(dim=1)
-    d = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
-    # Rounding can leave tiny negatives (and a non-zero diagonal) where the true distance is 0.
-    return d.clamp_min(0.0).fill_diagonal_(0.0)
+    return _SquaredDistances.apply(_flatten(x))
+
+
+def median_bandwidth(x: Tensor) -> Tensor:
+    """The median heuristic as a 0-d tensor on x's device (no host round trip): the median pairwise distance
+    between distinct samples, floored at 1e-2."""
+    d = squared_distances(x.detach())
+    rows, cols = torch.triu_indices(d.shape[0], d.shape[0], offset=1, device=d.device)
+    return d[rows, cols].sqrt().median().clamp_min(MEDIAN_SIGMA_FLOOR)
 
 
 def median_sigma(x: Tensor) -> float:
-    """The median heuristic: median pairwise distance between distinct samples, floored at 1e-2."""
-    d = squared_distances(x.detach())
-    m = d.shape[0]
-    off_diagonal = d[~torch.eye(m, dtype=torch.bool, device=d.device)]
-    return max(off_diagonal.sqrt().median().item(), MEDIAN_SIGMA_FLOOR)
+    """`median_bandwidth` as a Python float."""
+    return float(median_bandwidth(x))
 
 
 def gaussian_kernel(x: Tensor, sigma: float | None) -> Tensor:
@@ -54,7 +81,7 @@ def gaussian_kernel(x: Tensor, sigma: float | None) -> Tensor:
     x = _flatten(x)
     d = squared_distances(x)
     if sigma is None:
-        return torch.exp(-d / (2.0 * median_sigma(x) ** 2))
+        return torch.exp(-d / (2.0 * median_bandwidth(x) ** 2))
     if sigma <= 0:
         raise ValueError(f"sigma must be positive or None (median heuristic), got {sigma}")
     return torch.exp(-d / (2.0 * sigma**2 * x.shape[1]))
@@ -62,27 +89,87 @@ def gaussian_kernel(x: Tensor, sigma: float | None) -> Tensor:
 
 def center(k: Tensor) -> Tensor:
     """H K H with H = I - 11^T/m, by subtracting row and column means and adding the grand mean: O(m^2)."""
-    row = k.mean(dim=1, keepdim=True)
-    col = k.mean(dim=0, keepdim=True)
-    return k - row - col + k.mean()
+    row = k.mean(dim=-1, keepdim=True)
+    col = k.mean(dim=-2, keepdim=True)
+    return k - row - col + k.mean(dim=(-2, -1), keepdim=True)
 
 
 def _inner(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum()
+    return (a * b).sum(dim=(-2, -1))
+
+
+def trace(a: Tensor) -> Tensor:
+    return a.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _regularised_system(kc: Tensor, eps: float) -> Tensor:
+    """Kc + eps m I (Cholesky reads its lower triangle only)."""
+    m = kc.shape[-1]
+    return kc + (eps * m) * torch.eye(m, dtype=kc.dtype, device=kc.device)
+
+
+def _inverse_from_cholesky(chol: Tensor) -> Tensor:
+    if chol.device.type == "cpu":
+        return torch.cholesky_inverse(chol)  # LAPACK potri: a third of the work of the route below
+    # On CUDA, cholesky_inverse checks its status on the host, which would stall the step (and is not
+    # allowed inside a CUDA graph): two triangular products instead.
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    chol_inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+    return chol_inverse.mT @ chol_inverse
+
+
+class _RegularisedInner(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kc: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        chol, info = torch.linalg.cholesky_ex(_regularised_system(kc, eps))
+        failed = info != 0
+        # A failed factorisation leaves inf/NaN behind: a zero inverse gives that kernel no gradient instead.
+        inverse = _inverse_from_cholesky(chol).masked_fill_(failed[..., None, None], 0.0)
+        inner = inverse.flatten(-2) @ targets.flatten(-2).mT  # [kernels, targets]: one product for all pairs
+        ctx.save_for_backward(inverse, targets)
+        ctx.mark_non_differentiable(failed)
+        return inner, failed
+
+    @staticmethod
+    def backward(ctx, grad_inner: Tensor, _grad_failed: Tensor) -> tuple[Tensor, None, None]:
+        inverse, targets = ctx.saved_tensors
+        # d<A^-1, T> = -<A^-1 T A^-1, dA> for symmetric A and T; per kernel, the targets weighted by their
+        # gradients first, so each kernel costs two m x m products whatever the number of targets.
+        weighted = (-grad_inner @ targets.flatten(-2)).view_as(inverse)
+        return inverse @ weighted @ inverse, None, None
+
+
+def regularised_inner(kc: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """<(Kc + eps m I)^-1, T_t> for each centred kernel Kc in [n, m, m] and each symmetric target T_t in
+    [t, m, m], as [n, t]; and a bool [n] marking systems that were not positive definite (their inverse
+    counts as zero, so they get no gradient).
+
+    Since R_K = Kc (Kc + eps m I)^-1 = I - eps m (Kc + eps m I)^-1, nHSIC(K, T) = tr(T) - eps m <A^-1, R_T>:
+    this is the cca estimator in closed form, with one Cholesky and one inverse per kernel. Nothing is
+    checked on the host: read `failed` where the caller synchronises anyway. The gradient is with respect
+    to Kc as a symmetric matrix (only its symmetric part is meaningful, as Kc is symmetric).
+    """
+    return _RegularisedInner.apply(kc, targets, eps)
+
+
+def not_positive_definite(where: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"{where}: kernel system is not positive definite; increase eps or compute the kernels in float64"
+    )
 
 
 # --- factors: one per variable, reusable across every estimate that involves that variable -------------
 
 
 def biased_factor(k: Tensor) -> Tensor:
-    return center(k) / (k.shape[0] - 1)
+    return center(k) / (k.shape[-1] - 1)
 
 
 def cka_factor(k: Tensor) -> Tensor:
     kc = center(k)
     # A constant variable (a layer whose units are all dead on this batch) has Kc = 0: its alignment with
     # anything is 0, not 0/0.
-    return kc / torch.linalg.matrix_norm(kc).clamp_min(torch.finfo(kc.dtype).tiny)
+    return kc / torch.linalg.matrix_norm(kc, keepdim=True).clamp_min(torch.finfo(kc.dtype).tiny)
 
 
 def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
@@ -90,17 +177,12 @@ def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
 
     Kc and (Kc + eps m I) commute, so R_K is symmetric and equals (Kc + eps m I)^-1 Kc.
     """
+    # Symmetrise: rounding in the centring can leave Kc a hair off symmetric, and R_K should not be.
     kc = center(k)
-    m = kc.shape[0]
-    # Symmetrise: rounding in the centring can leave Kc a hair off symmetric, which Cholesky dislikes.
-    kc = 0.5 * (kc + kc.T)
-    system = kc + (eps * m) * torch.eye(m, dtype=kc.dtype, device=kc.device)
-    chol, info = torch.linalg.cholesky_ex(system)
-    if int(info) != 0:
-        raise FloatingPointError(
-            f"hsic_cca: kernel system is not positive definite (order {int(info)}); "
-            "increase eps or compute the kernels in float64"
-        )
+    kc = 0.5 * (kc + kc.mT)
+    chol, info = torch.linalg.cholesky_ex(_regularised_system(kc, eps))
+    if bool((info != 0).any()):
+        raise not_positive_definite("hsic_cca")
     return torch.cholesky_solve(kc, chol)
 
 

@@ -22,15 +22,25 @@ class LocalPipeline:
     max_in_flight = 1
     num_stages = 1
 
-    def __init__(self, net: LayerwiseNet, objective: HSICObjective, optim: OptimConfig, device: torch.device | str):
-        self.stage = StageTrainer(list(net.layers), objective, optim, device)
+    def __init__(
+        self,
+        net: LayerwiseNet,
+        objective: HSICObjective,
+        optim: OptimConfig,
+        device: torch.device | str,
+        cuda_graphs: str = "auto",
+    ):
+        self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs)
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
     def submit(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
         return self.stage.train_step(x, targets)
 
-    def result(self, handle: tuple[Tensor, Tensor], want_output: bool) -> StepResult:
+    def result(self, handle: tuple[Tensor, Tensor], want_output: bool, read_back: bool = True) -> StepResult:
         out, stats = handle
+        if not read_back:  # leave the step running on the device: no host sync
+            return StepResult(stats, out.cpu() if want_output else None)
+        self.stage.check_solves()
         return StepResult(stats.cpu(), out.cpu() if want_output else None)
 
     def forward(self, x: Tensor) -> Tensor:

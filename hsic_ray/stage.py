@@ -1,19 +1,31 @@
-"""The training step of a stage: a contiguous run of layers, each with its own persistent optimizer.
+"""The training step of a stage: a contiguous run of layers trained on their local losses in one batched step.
 
-For each batch, every layer takes the previous layer's detached output, computes its own HSIC loss and
-steps its own optimizer: one forward per layer, no gradient ever crossing a layer boundary. The same
-class serves the in-process trainer (one stage holding every layer) and each Ray stage actor.
+Every layer's forward takes the detached output of the layer below *before* that layer's update, so a
+step can run all the stage's forwards first, then every layer's loss as one batched [layers, m, m]
+computation (`HSICObjective.stage_losses`), one backward of the summed losses (the inputs are detached,
+so no gradient crosses a layer boundary) and one SGD update over the stage's parameters (each keeps its
+own momentum buffer, as per-layer optimizers would). The result equals stepping the layers one by one.
+
+The step never reads back to the host: a kernel system that is not positive definite is recorded on the
+device and checked by `check_solves`, where the caller synchronises anyway (log steps, checkpoints). On
+CUDA the step is captured as one graph (`hsic_ray.step_graph`). The same class serves the in-process
+trainer (one stage holding every layer) and each Ray stage actor.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from hsic_ray.config import OptimConfig
+from hsic_ray.hsic import not_positive_definite
 from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.step_graph import CapturedStep
+
+log = logging.getLogger("hsic_ray")
 
 # Columns of the per-layer statistics a step returns.
 STAT_NAMES = ("loss", "nhsic_zx", "nhsic_zy")
@@ -23,6 +35,13 @@ def make_sgd(params, cfg: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def use_cuda_graphs(setting: str, device: torch.device) -> bool:
+    """auto: on CUDA devices; on: required (an error elsewhere); off: never."""
+    if setting == "on" and device.type != "cuda":
+        raise ValueError(f"train.cuda_graphs=on needs a CUDA device, but this stage runs on {device}; use auto or off")
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 class StageTrainer:
     def __init__(
         self,
@@ -30,35 +49,64 @@ class StageTrainer:
         objective: HSICObjective,
         optim_cfg: OptimConfig,
         device: torch.device | str = "cpu",
+        cuda_graphs: str = "auto",
     ):
         self.device = torch.device(device)
         self.layers = [layer.to(self.device) for layer in layers]
         self.objective = objective
-        self.optimizers = [make_sgd(layer.parameters(), optim_cfg) for layer in self.layers]
+        self.optimizer = make_sgd([p for layer in self.layers for p in layer.parameters()], optim_cfg)
+        self.kernel_dtype: Optional[torch.dtype] = None  # None: the activations' own; float64 after a failure
         self.steps = 0
+        # Steps since the last check in which each layer's kernel system was not positive definite.
+        self._failures = torch.zeros(len(self.layers), dtype=torch.int32, device=self.device)
+        self._graph: Optional[CapturedStep] = None
+        if use_cuda_graphs(cuda_graphs, self.device):
+            self._graph = CapturedStep(self._step, self.layers, self.optimizer, extra=[self._failures])
 
     def __len__(self) -> int:
         return len(self.layers)
 
     def train_step(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
-        """One local HSIC step of every layer in order.
+        """One local HSIC step of every layer.
 
-        Returns the stage's detached output and a [layers, 3] tensor of (loss, nhsic_zx, nhsic_zy).
+        Returns the stage's detached output and a [layers, 3] tensor of (loss, nhsic_zx, nhsic_zy), both on
+        the stage's device and possibly still being computed.
         """
         x = x.to(self.device, non_blocking=True)
         targets = targets.to(self.device)
-        stats = []
-        for layer, optimizer in zip(self.layers, self.optimizers):
-            layer.train()
-            z = layer(x.detach())
-            terms = self.objective.layer_loss(z, targets)
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            optimizer.step()
-            stats.append(torch.stack([terms.loss.detach(), terms.nhsic_zx, terms.nhsic_zy]))
-            x = z.detach()
+        step = self._graph if self._graph is not None and self._graph.fits(x) else self._step
+        out, stats = step(x, targets)
         self.steps += 1
-        return x, torch.stack(stats)
+        return out, stats
+
+    def _step(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
+        outputs = []
+        for layer in self.layers:
+            z = layer.train()(x)
+            outputs.append(z)
+            x = z.detach()
+        terms = self.objective.stage_losses(outputs, targets, self.kernel_dtype)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms.loss.sum().backward()
+        self.optimizer.step()
+        self._failures += terms.failed
+        stats = torch.stack([terms.loss.detach(), terms.nhsic_zx, terms.nhsic_zy], dim=1).to(x.dtype)
+        return x, stats
+
+    def check_solves(self) -> None:
+        """Read the failure record (a host sync). After float32 failures, continue in float64 (the failing
+        layers skipped their HSIC gradient on those steps); after float64 failures, raise."""
+        failed = self._failures.nonzero().flatten().tolist()
+        if not failed:
+            return
+        self._failures.zero_()
+        if self.kernel_dtype == torch.float64:
+            raise not_positive_definite(f"hsic_cca (layers {failed} of this stage, in float64)")
+        log.warning("kernel systems of layers %s of this stage lost positive definiteness in float32; "
+                    "computing kernels in float64 from now on", failed)  # fmt: skip
+        self.kernel_dtype = torch.float64
+        if self._graph is not None:
+            self._graph.reset()
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -72,26 +120,31 @@ class StageTrainer:
     def measure(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
         """Eval-mode output and each layer's (nhsic_zx, nhsic_zy): the information plane on a fixed batch."""
         x = x.to(self.device, non_blocking=True)
-        targets = targets.to(self.device)
-        stats = []
+        outputs = []
         for layer in self.layers:
             x = layer.eval()(x)
-            terms = self.objective.layer_loss(x, targets)
-            stats.append(torch.stack([terms.nhsic_zx, terms.nhsic_zy]))
-        return x, torch.stack(stats)
+            outputs.append(x)
+        return x, self.objective.dependence(outputs, targets.to(self.device))
 
     def state_dict(self) -> dict[str, Any]:
+        self.check_solves()  # a checkpoint never holds weights trained past an unreported failure
         return {
             "layers": [layer.state_dict() for layer in self.layers],
-            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "optimizer": self.optimizer.state_dict(),
+            "kernel_dtype": None if self.kernel_dtype is None else str(self.kernel_dtype),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["layers"]) != len(self.layers):
             raise ValueError(f"checkpoint holds {len(state['layers'])} layers, this stage has {len(self.layers)}")
+        if "optimizer" not in state:
+            raise ValueError("checkpoint holds one optimizer per layer, written by an older hsic-ray; "
+                             "finish that run with the version that started it")  # fmt: skip
         for layer, layer_state in zip(self.layers, state["layers"]):
             layer.load_state_dict(layer_state)
-        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kernel_dtype = torch.float64 if state.get("kernel_dtype") == "torch.float64" else None
         self.steps = state["steps"]
+        if self._graph is not None:
+            self._graph.reset()  # the optimizer's momentum buffers are new tensors: capture again

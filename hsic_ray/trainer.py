@@ -50,8 +50,10 @@ class Pipeline(Protocol):
     def submit(self, x: Tensor, targets: BatchTargets) -> Any:
         """Start one training step of every layer on this batch; returns a handle for `result`."""
 
-    def result(self, handle: Any, want_output: bool) -> StepResult:
-        """Wait for a submitted step."""
+    def result(self, handle: Any, want_output: bool, read_back: bool = True) -> StepResult:
+        """Wait for a submitted step. With read_back False the loop will not read `layer_stats`, so a
+        pipeline may leave the step running on its device (no host sync); True at log steps, where the
+        pipeline also checks its stages' health."""
 
     def forward(self, x: Tensor) -> Tensor:
         """Eval-mode output of the whole network (CPU)."""
@@ -180,7 +182,9 @@ class HSICTrainer:
         self.train_seconds += clock.seconds
 
     def _finish(self, item: _InFlight, in_flight: int, clock: _Clock) -> None:
-        result = self.pipeline.result(item.handle, want_output=self.cfg.head.concurrent)
+        done = item.batch.index + 1
+        log_now = done % self.cfg.train.log_every == 0 or done == self._batches_per_epoch
+        result = self.pipeline.result(item.handle, want_output=self.cfg.head.concurrent, read_back=log_now)
         if result.output is not None:
             self.head.step(result.output, item.batch.y)
         if result.stage_seconds:
@@ -192,8 +196,7 @@ class HSICTrainer:
             self._append({**event, "step": self.steps})
             self._write("placements.json", self.pipeline.placements)
         clock.finished += 1
-        done = item.batch.index + 1
-        if done % self.cfg.train.log_every == 0 or done == self._batches_per_epoch:
+        if log_now:
             rate = clock.finished * self.cfg.train.batch_size / max(clock.seconds, 1e-9)
             self._log_step(item.batch, result.layer_stats, in_flight + 1, rate)
 

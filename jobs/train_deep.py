@@ -15,7 +15,7 @@ import logging
 import sys
 
 from hsic_ray.cli import RUN_FLAGS, USER_ERRORS, add_run_arguments, overrides
-from hsic_ray.config import NULL, STRATEGIES, TRAINERS, build_config
+from hsic_ray.config import CUDA_GRAPHS, NULL, STRATEGIES, TRAINERS, build_config
 from hsic_ray.experiment import run_hsic
 from hsic_ray.hsic import ESTIMATORS
 
@@ -27,6 +27,7 @@ HSIC_FLAGS = {
     "beta": "hsic.beta",
     "lr": "optim.lr",
     "device": "train.device",
+    "cuda_graphs": "train.cuda_graphs",
     "format_epochs": "head.epochs",
     "format_lr": "head.lr",
     "concurrent_head": "head.concurrent",
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--format-lr", type=float, help="SGD learning rate of the format head")
     p.add_argument("--concurrent-head", action="store_true", default=None, help="also train the head during HSIC training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, help="each stage's step as one CUDA graph (default auto: on CUDA)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
     ray = p.add_argument_group("ray trainer")
     ray.add_argument("--stages", type=int, help="stage actors (default: one per GPU, else one per free CPU)")

@@ -27,17 +27,19 @@ def _net(depth=2, width=16, last=4, seed=0):
 
 
 @pytest.mark.parametrize("estimator, direct", [("cca", hsic_cca), ("biased", hsic_biased), ("cka", hsic_cka)])
-def test_layer_loss_with_shared_targets_equals_direct_estimates(estimator, direct):
+def test_stage_losses_with_shared_targets_equal_direct_estimates(estimator, direct):
     x, y = _batch()
-    z = torch.randn(32, 8)
+    zs = [torch.randn(32, 8), torch.randn(32, 3), torch.randn(32, 1, 2, 2)]  # layers of different widths
     cfg = HSICConfig(estimator=estimator, sigma=2.0, beta=7.0)
     objective = HSICObjective(cfg, num_classes=4)
-    terms = objective.layer_loss(z, objective.targets(x, y))
-    kz, kx = gaussian_kernel(z, 2.0), gaussian_kernel(x, 2.0)
-    ky = gaussian_kernel(F.one_hot(y, 4).float(), 2.0)
-    assert terms.nhsic_zx.item() == pytest.approx(direct(kz, kx).item(), rel=1e-4)
-    assert terms.nhsic_zy.item() == pytest.approx(direct(kz, ky).item(), rel=1e-4)
-    assert terms.loss.item() == pytest.approx((direct(kz, kx) - 7.0 * direct(kz, ky)).item(), rel=1e-4)
+    terms = objective.stage_losses(zs, objective.targets(x, y))
+    kx, ky = gaussian_kernel(x, 2.0), gaussian_kernel(F.one_hot(y, 4).float(), 2.0)
+    assert not terms.failed.any()
+    for i, z in enumerate(zs):
+        kz = gaussian_kernel(z, 2.0)
+        assert terms.nhsic_zx[i].item() == pytest.approx(direct(kz, kx).item(), rel=1e-4)
+        assert terms.nhsic_zy[i].item() == pytest.approx(direct(kz, ky).item(), rel=1e-4)
+        assert terms.loss[i].item() == pytest.approx((direct(kz, kx) - 7.0 * direct(kz, ky)).item(), rel=1e-4)
 
 
 def test_plausible_compresses_against_the_layer_itself():
@@ -46,12 +48,28 @@ def test_plausible_compresses_against_the_layer_itself():
     objective = HSICObjective(HSICConfig(estimator="plausible", sigma=None, beta=2.0), num_classes=4)
     targets = objective.targets(x, y)
     assert targets.x_factor is None
-    terms = objective.layer_loss(z, targets)
+    terms = objective.stage_losses([z], targets)
     kz = gaussian_kernel(z, None)
     ky = gaussian_kernel(F.one_hot(y, 4).float(), None)
     assert terms.nhsic_zx.item() == pytest.approx(hsic_biased(kz, kz).item(), rel=1e-5)
     expected = (biased_factor(kz) ** 2).sum() - 2.0 * (biased_factor(kz) * biased_factor(ky)).sum()
     assert terms.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_closed_form_cca_loss_has_the_gradient_of_the_factor_form():
+    """tr(M) - eps m <A^-1, M> is <R_Z, R_X> - beta <R_Z, R_Y>: same value and same gradient in Z (float64)."""
+    x, y = _batch(m=24)
+    x, z = x.double(), torch.randn(24, 5, dtype=torch.float64, requires_grad=True)
+    objective = HSICObjective(HSICConfig(sigma=1.5, beta=3.0, eps=1e-3), num_classes=4)
+    targets = objective.targets(x, y)
+    closed = objective.stage_losses([z], targets).loss[0]
+    (g_closed,) = torch.autograd.grad(closed, z)
+    factor = objective.estimator.factor(gaussian_kernel(z, 1.5))
+    direct = (factor * targets.x_factor).sum() - 3.0 * (factor * targets.y_factor).sum()
+    (g_direct,) = torch.autograd.grad(direct, z)
+    torch.testing.assert_close(closed, direct, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(g_closed, g_direct, rtol=1e-8, atol=1e-10)
+    assert g_closed.abs().max() > 1e-6
 
 
 def test_each_layer_steps_on_its_own_loss_only():
@@ -69,7 +87,7 @@ def test_each_layer_steps_on_its_own_loss_only():
     for before, after in zip(reference.layers, net.layers):
         z = before(inp)
         params = list(before.parameters())
-        grads = torch.autograd.grad(objective.layer_loss(z, targets).loss, params)
+        grads = torch.autograd.grad(objective.stage_losses([z], targets).loss[0], params)
         for p0, g, p1 in zip(params, grads, after.parameters()):
             assert torch.allclose(p1, p0 - 0.1 * (g + 1e-3 * p0), atol=1e-6)
         inp = z.detach()
@@ -94,9 +112,9 @@ def test_momentum_persists_across_steps():
     stage = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01, momentum=0.9))
     x, y = _batch()
     stage.train_step(x, objective.targets(x, y))
-    first = stage.optimizers[0].state[next(net.layers[0].parameters())]["momentum_buffer"].clone()
+    first = stage.optimizer.state[next(net.layers[0].parameters())]["momentum_buffer"].clone()
     stage.train_step(x, objective.targets(x, y))
-    second = stage.optimizers[0].state[next(net.layers[0].parameters())]["momentum_buffer"]
+    second = stage.optimizer.state[next(net.layers[0].parameters())]["momentum_buffer"]
     assert not torch.equal(first, second)
     assert second.abs().sum() > first.abs().sum() * 0.5  # accumulated, not rebuilt from zero
 
@@ -141,7 +159,7 @@ def test_badly_scaled_float32_activations_fall_back_to_float64():
     targets = objective.targets(x, y)
     with pytest.raises(FloatingPointError):
         hsic_cca(gaussian_kernel(z, 6.0), gaussian_kernel(z, 6.0))
-    terms = objective.layer_loss(z, targets)
-    exact = objective.layer_loss(z.double(), HSICObjective(HSICConfig(sigma=6.0), 4).targets(x.double(), y))
-    assert terms.nhsic_zy.dtype == torch.float32
-    assert terms.nhsic_zy.item() == pytest.approx(exact.nhsic_zy.item(), rel=1e-3)
+    (zx, zy), = objective.dependence([z], targets).tolist()
+    exact = HSICObjective(HSICConfig(sigma=6.0), 4).dependence([z.double()], objective.targets(x.double(), y))
+    assert objective.dependence([z], targets).dtype == torch.float32
+    assert zy == pytest.approx(exact[0, 1].item(), rel=1e-3)

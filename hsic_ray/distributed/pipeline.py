@@ -87,7 +87,8 @@ class RayPipeline:
             handle.outputs.append(inputs)
             handle.reports.append(report)
 
-    def result(self, handle: _Handle, want_output: bool) -> StepResult:
+    def result(self, handle: _Handle, want_output: bool, read_back: bool = True) -> StepResult:
+        # Stage reports are host data already (each actor checks its own health every step): read_back is moot.
         for _ in range(self.cfg.ray.max_recoveries + 1):
             try:
                 reports = ray.get(handle.reports)

@@ -57,7 +57,8 @@ class StageActor:
         torch.manual_seed(cfg.train.seed)
         net = build_network(cfg.model, input_shape)
         layers = list(net.layers)[spec.start : spec.stop]
-        self.trainer = StageTrainer(layers, HSICObjective(cfg.hsic, num_classes), cfg.optim, self.device)
+        objective = HSICObjective(cfg.hsic, num_classes)
+        self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs)
         self._last_end: Optional[float] = None
         if restore is not None:
             self.load(*restore)
@@ -69,6 +70,7 @@ class StageActor:
         out, stats = self.trainer.train_step(_tensor(x), targets_from_numpy(targets))
         out_np = out.cpu().numpy()
         stats_np = stats.cpu().numpy()
+        self.trainer.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
         return out_np, {"stats": stats_np, "busy": self._last_end - started, "idle": idle}
 

@@ -1,0 +1,197 @@
+"""The batched stage step against the sequential step it replaces, its closed-form gradient, its deferred
+positive-definiteness checks, and the CUDA graph around it (the capture itself only where CUDA is)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hsic_ray.config import ConfigError, HSICConfig, OptimConfig, build_config
+from hsic_ray.data import iterate_batches
+from hsic_ray.experiment import build_seeded_network
+from hsic_ray.hsic import ESTIMATORS, center, gaussian_kernel, regularised_inner
+from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.stage import StageTrainer, use_cuda_graphs
+from hsic_ray.step_graph import rolled_back
+
+CUDA = torch.cuda.is_available()
+
+
+def _net_and_batches(digits, depth=3, width=48, batch=64, activation="elu"):
+    cfg = build_config("paper_mlp", overrides={"model.depth": depth, "model.width": width, "model.activation": activation})
+    net = build_seeded_network(cfg, digits)
+    batches = list(iterate_batches(digits.x_train, digits.y_train, batch, seed=0, epoch=1))
+    return net, batches
+
+
+def _sequential_step(layers, optimizers, objective, x, targets):
+    """The step as it was: each layer in turn, its own factor-form loss, backward and optimizer step."""
+    est, beta, sigma = objective.estimator, objective.cfg.beta, objective.cfg.sigma
+    stats = []
+    for layer, optimizer in zip(layers, optimizers):
+        z = layer.train()(x.detach())
+        fz = est.factor(gaussian_kernel(z, sigma))
+        zx = est.dependence(fz, fz if targets.x_factor is None else targets.x_factor)
+        zy = est.dependence(fz, targets.y_factor)
+        loss = zx - beta * zy
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        stats.append(torch.stack([loss.detach(), zx.detach(), zy.detach()]))
+        x = z.detach()
+    return x, torch.stack(stats)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_batched_step_equals_the_sequential_step(digits, estimator):
+    """In float64, so that the comparison pins the algebra: in float32 the two orders of rounding drift
+    apart by ~1e-4 per step at this learning rate, as any two float32 implementations would."""
+    net, batches = _net_and_batches(digits)
+    net = net.double()
+    reference = copy.deepcopy(net)
+    beta = 2.0 if estimator == "plausible" else 50.0
+    objective = HSICObjective(HSICConfig(estimator=estimator, sigma=6.0, beta=beta), num_classes=10)
+    optim = OptimConfig(lr=0.01, momentum=0.9, weight_decay=1e-3)
+    stage = StageTrainer(list(net.layers), objective, optim)
+    optimizers = [torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3) for layer in reference.layers]
+    for batch in batches[:4]:
+        x = batch.x.double()
+        targets = objective.targets(x, batch.y)
+        out, stats = stage.train_step(x, targets)
+        ref_out, ref_stats = _sequential_step(list(reference.layers), optimizers, objective, x, targets)
+        torch.testing.assert_close(stats, ref_stats, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-9)
+    for (name, value), ref in zip(net.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(value, ref, rtol=1e-9, atol=1e-12, msg=name)  # weights and BatchNorm statistics
+    assert any("running_var" in name for name in net.state_dict())
+
+
+def _symmetric_targets(m, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(count, m, m, generator=g, dtype=torch.float64)
+    return t + t.mT
+
+
+def test_regularised_inner_matches_explicit_inverse_and_passes_gradcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    kc = torch.stack([center(gaussian_kernel(v, 1.0)) for v in z])
+    targets = _symmetric_targets(7, 2, seed=1)
+    inner, failed = regularised_inner(kc, targets, 1e-2)
+    inverse = torch.linalg.inv(kc + 1e-2 * 7 * torch.eye(7, dtype=torch.float64))
+    torch.testing.assert_close(inner, torch.einsum("kij,tij->kt", inverse, targets))
+    assert failed.tolist() == [False, False, False]
+    # Kc is symmetric, so the gradient is checked along symmetric perturbations.
+    kc = kc.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda k: regularised_inner(0.5 * (k + k.mT), targets, 1e-2)[0], (kc,))
+
+
+def test_a_failed_solve_is_recorded_not_raised_and_never_yields_nan():
+    kc = center(gaussian_kernel(torch.randn(6, 3, dtype=torch.float64), 1.0))
+    kernels = torch.stack([kc, -kc - torch.eye(6, dtype=torch.float64)]).requires_grad_()
+    inner, failed = regularised_inner(kernels, _symmetric_targets(6, 1, seed=2), 1e-3)
+    assert failed.tolist() == [False, True]
+    assert torch.isfinite(inner).all() and inner[1].abs().max() == 0
+    (grad,) = torch.autograd.grad(inner.sum(), kernels)
+    assert torch.isfinite(grad).all() and grad[1].abs().max() == 0 and grad[0].abs().max() > 0
+
+
+class _Scale(nn.Module):
+    """A layer whose output is its input times a constant: lets a test choose a layer's activations."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(factor))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def _near_duplicates(m=256, seed=3):
+    """Activations whose float32 kernel is not positive definite but whose float64 kernel is (see
+    test_objective_and_stage.test_badly_scaled_float32_activations_fall_back_to_float64)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(m, 10, generator=g)
+    z[: m // 2] = z[0] + torch.randn(m // 2, 10, generator=g) / 3e4
+    return z
+
+
+def test_float32_failure_switches_the_stage_to_float64_at_the_next_check():
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
+    stage = StageTrainer([_Scale(3e4)], objective, OptimConfig(lr=1e-12))
+    x, y = _near_duplicates(), torch.arange(256) % 4
+    targets = objective.targets(torch.rand(256, 5), y)
+    for _ in range(2):
+        out, stats = stage.train_step(x, targets)  # no exception inside the step
+    assert torch.isfinite(stats).all() and torch.isfinite(stage.layers[0].weight).all()
+    assert stage.kernel_dtype is None
+    stage.check_solves()
+    assert stage.kernel_dtype == torch.float64
+    stage.train_step(x, targets)
+    stage.check_solves()  # float64 keeps the system positive definite: nothing to report
+    assert stage.state_dict()["kernel_dtype"] == "torch.float64"
+
+
+def test_failure_in_float64_raises_at_the_check_and_before_a_checkpoint():
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0, eps=-1.0), num_classes=4)  # never positive definite
+    stage = StageTrainer([nn.Linear(5, 5)], objective, OptimConfig(lr=0.1))
+    x = torch.rand(32, 5)
+    targets = BatchTargets(torch.eye(32) * 0.5, torch.eye(32) * 0.25)  # objective.targets would refuse eps < 0
+    stage.train_step(x, targets)
+    stage.check_solves()  # float32 failure: switch to float64
+    stage.train_step(x, targets)
+    assert torch.isfinite(stage.layers[0].weight).all()
+    with pytest.raises(FloatingPointError, match="not positive definite.*eps"):
+        stage.state_dict()
+
+
+def test_rolled_back_warm_up_leaves_the_next_step_as_if_it_never_ran(digits):
+    """What CUDA graph capture relies on, checked where it can run: warm-up steps inside `rolled_back`
+    leave weights, BatchNorm statistics and momentum exactly as they were (none yet, and then some)."""
+    net, batches = _net_and_batches(digits)
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0), num_classes=10)
+    stage = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01))
+    twin = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01))
+    targets = [objective.targets(b.x, b.y) for b in batches[:3]]
+    for i, batch in enumerate(batches[:3]):
+        with rolled_back(stage.layers, stage.optimizer):
+            for _ in range(3):
+                stage._step(batch.x, targets[i])
+        out, stats = stage.train_step(batch.x, targets[i])
+        twin_out, twin_stats = twin.train_step(batch.x, targets[i])
+        assert torch.equal(out, twin_out) and torch.equal(stats, twin_stats)
+    for a, b in zip(stage.optimizer.state.values(), twin.optimizer.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_cuda_graph_setting_is_checked():
+    assert use_cuda_graphs("auto", torch.device("cpu")) is False
+    assert use_cuda_graphs("off", torch.device("cuda")) is False
+    assert use_cuda_graphs("auto", torch.device("cuda")) is True
+    with pytest.raises(ValueError, match="cuda_graphs=on needs a CUDA device"):
+        use_cuda_graphs("on", torch.device("cpu"))
+    with pytest.raises(ConfigError, match="train.cuda_graphs"):
+        build_config(overrides={"train.cuda_graphs": "sometimes"})
+    with pytest.raises(ConfigError, match="CUDA graphs need a CUDA device"):
+        build_config(overrides={"train.cuda_graphs": "on", "train.device": "cpu"})
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (their logic is tested above on CPU)")
+def test_cuda_graph_step_equals_the_eager_step(digits):
+    net, batches = _net_and_batches(digits)
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0), num_classes=10)
+    graphed = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="on")
+    eager = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="off")
+    for batch in batches[:4] + [batches[-1]]:  # the last batch is partial: it runs eagerly
+        targets = objective.targets(batch.x, batch.y)
+        out, stats = graphed.train_step(batch.x, targets)
+        ref_out, ref_stats = eager.train_step(batch.x, targets)
+        torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    graphed.load_state_dict(eager.state_dict())  # recapture after a load
+    out, _ = graphed.train_step(batches[0].x, objective.targets(batches[0].x, batches[0].y))
+    ref_out, _ = eager.train_step(batches[0].x, objective.targets(batches[0].x, batches[0].y))
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
