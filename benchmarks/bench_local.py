@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from typing import Sequence
 
@@ -69,22 +70,16 @@ class TrivialObjective:
         return StageLosses(loss, zeros, zeros, torch.zeros(len(zs), dtype=torch.bool, device=loss.device))
 
 
-def step_seconds(depth: int, steps: int, device: str, cuda_graphs: str = "auto", trivial: bool = False) -> float:
+def hsic_step_fn(depth: int, device: str, cuda_graphs: str = "auto", trivial: bool = False):
     """One stage holding every layer: targets once per batch, the batched step of all layers."""
     cfg, net, objective, batch = _setup(depth)
     stage = StageTrainer(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
     x = batch.x.to(device)
     targets = objective.targets(x, batch.y.to(device))
-
-    def step():
-        stage.train_step(x, targets)
-
-    seconds = _timed(step, steps, warmup=2 + 3 * (stage._graph is not None))
-    stage.check_solves()
-    return seconds
+    return lambda: stage.train_step(x, targets)
 
 
-def backprop_step_seconds(depth: int, steps: int, device: str) -> float:
+def backprop_step_fn(depth: int, device: str):
     """Eager backprop of the same network and its head: forward, cross-entropy, backward, SGD step."""
     cfg, net, _, batch = _setup(depth)
     model = build_model(net, 10).to(device)
@@ -97,15 +92,27 @@ def backprop_step_seconds(depth: int, steps: int, device: str) -> float:
         loss.backward()
         optimizer.step()
 
-    return _timed(step, steps)
+    return step
 
 
-def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "auto") -> dict:
-    hsic = step_seconds(depth, steps, device, cuda_graphs)
-    floor = step_seconds(depth, steps, device, cuda_graphs, trivial=True)
-    backprop = backprop_step_seconds(depth, steps, device)
-    return {"depth": depth, "layers": depth + 2, "hsic_ms": 1e3 * hsic, "floor_ms": 1e3 * floor,
-            "backprop_ms": 1e3 * backprop, "hsic_over_floor": hsic / floor, "hsic_over_backprop": hsic / backprop}  # fmt: skip
+def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "auto", rounds: int = 5) -> dict:
+    """ms per step of HSIC, its floor and backprop, timed in alternating rounds (median of rounds), so that
+    a machine whose speed drifts (a shared VM) affects all three alike."""
+    fns = {
+        "hsic": hsic_step_fn(depth, device, cuda_graphs),
+        "floor": hsic_step_fn(depth, device, cuda_graphs, trivial=True),
+        "backprop": backprop_step_fn(depth, device),
+    }
+    for fn in fns.values():
+        _timed(fn, 1, warmup=4)  # graph capture, allocator, momentum buffers
+    per_round = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per_round[name].append(_timed(fn, steps, warmup=0))
+    ms = {name: 1e3 * statistics.median(times) for name, times in per_round.items()}
+    return {"depth": depth, "layers": depth + 2, "hsic_ms": ms["hsic"], "floor_ms": ms["floor"],
+            "backprop_ms": ms["backprop"], "hsic_over_floor": ms["hsic"] / ms["floor"],
+            "hsic_over_backprop": ms["hsic"] / ms["backprop"]}  # fmt: skip
 
 
 def reference_step_seconds(depth: int, steps: int, device: str) -> float:
@@ -171,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[5, 20, 50])
     p.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per depth (after the warm-up steps)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round (5 alternating rounds per depth)")
     p.add_argument("--reference", action="store_true", help="also time the authors' schedule (slow at depth 50)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto")

@@ -28,44 +28,33 @@ def _flatten(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-class _SquaredDistances(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        # Distances are translation invariant; removing the sample mean first keeps |a|^2 + |b|^2 - 2ab from
-        # cancelling catastrophically when the features share a large offset (in float32, features of
-        # 10 +- 0.1 otherwise lose ~0.5% of every distance, and duplicates get a kernel value below 1).
-        xc = x - x.mean(dim=0, keepdim=True)
-        gram = xc @ xc.T
-        sq = gram.diagonal()
-        d = sq[:, None] + sq[None, :] - 2.0 * gram
-        # Rounding can leave tiny negatives (and a non-zero diagonal) where the true distance is 0.
-        kept = (d >= 0).fill_diagonal_(False)
-        ctx.save_for_backward(xc, kept)
-        return d.clamp_min(0.0).fill_diagonal_(0.0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        # d_ij = |c_i|^2 + |c_j|^2 - 2 c_i.c_j with c = x - mean(x): with S = G + G^T, dL/dc = 2 (diag(S 1) - S) c,
-        # one m x m by m x d product (autograd's would take two, and m x d elementwise passes). Its rows sum
-        # to zero, so the mean's backward leaves it unchanged.
-        xc, kept = ctx.saved_tensors
-        g = grad * kept
-        s = g + g.T
-        laplacian = torch.diag_embed(s.sum(dim=1)) - s
-        return (2.0 * laplacian) @ xc
+def _centred_distances(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(x - mean(x), raw squared distances), the latter possibly with tiny negatives from rounding."""
+    # Distances are translation invariant; removing the sample mean first keeps |a|^2 + |b|^2 - 2ab from
+    # cancelling catastrophically when the features share a large offset (in float32, features of
+    # 10 +- 0.1 otherwise lose ~0.5% of every distance, and duplicates get a kernel value below 1).
+    xc = x - x.mean(dim=0, keepdim=True)
+    gram = xc @ xc.T
+    sq = gram.diagonal()
+    return xc, (sq[:, None] + sq[None, :]).sub_(gram, alpha=2.0)
 
 
 def squared_distances(x: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances between the rows of `x` (flattened per sample)."""
-    return _SquaredDistances.apply(_flatten(x))
+    _, d = _centred_distances(_flatten(x))
+    # Rounding can leave tiny negatives (and a non-zero diagonal) where the true distance is 0.
+    return d.clamp_min(0.0).fill_diagonal_(0.0)
+
+
+def _median_distance(d: Tensor) -> Tensor:
+    rows, cols = torch.triu_indices(d.shape[0], d.shape[0], offset=1, device=d.device)
+    return d[rows, cols].sqrt().median().clamp_min(MEDIAN_SIGMA_FLOOR)
 
 
 def median_bandwidth(x: Tensor) -> Tensor:
     """The median heuristic as a 0-d tensor on x's device (no host round trip): the median pairwise distance
     between distinct samples, floored at 1e-2."""
-    d = squared_distances(x.detach())
-    rows, cols = torch.triu_indices(d.shape[0], d.shape[0], offset=1, device=d.device)
-    return d[rows, cols].sqrt().median().clamp_min(MEDIAN_SIGMA_FLOOR)
+    return _median_distance(squared_distances(x.detach()))
 
 
 def median_sigma(x: Tensor) -> float:
@@ -73,18 +62,43 @@ def median_sigma(x: Tensor) -> float:
     return float(median_bandwidth(x))
 
 
+class _GaussianKernel(torch.autograd.Function):
+    """The kernel with a hand-written backward: the training step's largest cost after the layers."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sigma: float | None) -> Tensor:
+        xc, d = _centred_distances(x)
+        clamped = d < 0
+        d.clamp_min_(0.0).fill_diagonal_(0.0)
+        # The median bandwidth is a constant of the batch: no gradient flows through it.
+        scale = 1.0 / (2.0 * sigma**2 * x.shape[1]) if sigma is not None else 0.5 / _median_distance(d) ** 2
+        kernel = d.mul_(-scale).exp_()
+        ctx.save_for_backward(xc, kernel, clamped)
+        ctx.scale = scale
+        return kernel
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        xc, kernel, clamped = ctx.saved_tensors
+        g = (grad * kernel).mul_(-ctx.scale).masked_fill_(clamped, 0.0)  # gradient of the distances
+        # d_ij = |c_i|^2 + |c_j|^2 - 2 c_i.c_j with c = x - mean(x), so with S = G + G^T,
+        # dL/dc = 2 (diag(S 1) - S) c: one m x m by m x d product, where autograd's Gram backward takes two
+        # plus m x d elementwise passes. The diagonal cancels (d_ii = 0 identically), and the rows sum to
+        # zero, so the mean's backward leaves the result unchanged.
+        s = g + g.T
+        laplacian = torch.diag_embed(s.sum(dim=1)).sub_(s).mul_(2.0)
+        return laplacian @ xc, None
+
+
 def gaussian_kernel(x: Tensor, sigma: float | None) -> Tensor:
     """Gaussian kernel exp(-|a-b|^2 / (2 sigma^2 d)) with the bandwidth scaled by the dimension d of x.
 
     sigma=None uses the median heuristic without dimension scaling, as the authors' code falls back to.
     """
-    x = _flatten(x)
-    d = squared_distances(x)
-    if sigma is None:
-        return torch.exp(-d / (2.0 * median_bandwidth(x) ** 2))
-    if sigma <= 0:
+    if sigma is not None and sigma <= 0:
         raise ValueError(f"sigma must be positive or None (median heuristic), got {sigma}")
-    return torch.exp(-d / (2.0 * sigma**2 * x.shape[1]))
+    x = _flatten(x)
+    return _GaussianKernel.apply(x, sigma).view(x.shape[0], x.shape[0])
 
 
 def center(k: Tensor) -> Tensor:
@@ -108,11 +122,12 @@ def _regularised_system(kc: Tensor, eps: float) -> Tensor:
     return kc + (eps * m) * torch.eye(m, dtype=kc.dtype, device=kc.device)
 
 
-def _inverse_from_cholesky(chol: Tensor) -> Tensor:
-    if chol.device.type == "cpu":
-        return torch.cholesky_inverse(chol)  # LAPACK potri: a third of the work of the route below
-    # On CUDA, cholesky_inverse checks its status on the host, which would stall the step (and is not
-    # allowed inside a CUDA graph): two triangular products instead.
+def inverse_from_cholesky(chol: Tensor, host_free: bool | None = None) -> Tensor:
+    """A^-1 from A's lower Cholesky factor(s). `host_free` (default: on CUDA) takes a triangular solve and a
+    product, because on CUDA cholesky_inverse checks its status on the host, which would stall the step
+    (and is not allowed inside a CUDA graph); elsewhere LAPACK's potri does a third of that work."""
+    if not (chol.is_cuda if host_free is None else host_free):
+        return torch.cholesky_inverse(chol)
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
     chol_inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
     return chol_inverse.mT @ chol_inverse
@@ -124,7 +139,7 @@ class _RegularisedInner(torch.autograd.Function):
         chol, info = torch.linalg.cholesky_ex(_regularised_system(kc, eps))
         failed = info != 0
         # A failed factorisation leaves inf/NaN behind: a zero inverse gives that kernel no gradient instead.
-        inverse = _inverse_from_cholesky(chol).masked_fill_(failed[..., None, None], 0.0)
+        inverse = inverse_from_cholesky(chol).masked_fill_(failed[..., None, None], 0.0)
         inner = inverse.flatten(-2) @ targets.flatten(-2).mT  # [kernels, targets]: one product for all pairs
         ctx.save_for_backward(inverse, targets)
         ctx.mark_non_differentiable(failed)

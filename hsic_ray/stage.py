@@ -60,6 +60,9 @@ class StageTrainer:
         # Steps since the last check in which each layer's kernel system was not positive definite.
         self._failures = torch.zeros(len(self.layers), dtype=torch.int32, device=self.device)
         self._graph: Optional[CapturedStep] = None
+        if self.device.type == "cuda":
+            # cuSOLVER's batched Cholesky leaves its status on the device; MAGMA's reads it back to the host.
+            torch.backends.cuda.preferred_linalg_library("cusolver")
         if use_cuda_graphs(cuda_graphs, self.device):
             self._graph = CapturedStep(self._step, self.layers, self.optimizer, extra=[self._failures])
 

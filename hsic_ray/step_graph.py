@@ -88,8 +88,6 @@ class CapturedStep:
         return self._out.clone(), self._stats.clone()
 
     def _capture(self, x: Tensor, targets: BatchTargets) -> None:
-        # cuSOLVER's batched Cholesky reports failures on the device; MAGMA's reads them back to the host.
-        torch.backends.cuda.preferred_linalg_library("cusolver")
         self._x, self._targets = x.clone(), _clone_targets(targets)
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))

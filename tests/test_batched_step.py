@@ -12,7 +12,7 @@ from torch import nn
 from hsic_ray.config import ConfigError, HSICConfig, OptimConfig, build_config
 from hsic_ray.data import iterate_batches
 from hsic_ray.experiment import build_seeded_network
-from hsic_ray.hsic import ESTIMATORS, center, gaussian_kernel, regularised_inner
+from hsic_ray.hsic import ESTIMATORS, center, gaussian_kernel, inverse_from_cholesky, regularised_inner
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.stage import StageTrainer, use_cuda_graphs
 from hsic_ray.step_graph import rolled_back
@@ -87,6 +87,15 @@ def test_regularised_inner_matches_explicit_inverse_and_passes_gradcheck_float64
     # Kc is symmetric, so the gradient is checked along symmetric perturbations.
     kc = kc.clone().requires_grad_()
     assert torch.autograd.gradcheck(lambda k: regularised_inner(0.5 * (k + k.mT), targets, 1e-2)[0], (kc,))
+
+
+def test_both_routes_to_the_inverse_agree():
+    """The CUDA route (triangular solve and product, no host check) against LAPACK's, both run here."""
+    kc = torch.stack([center(gaussian_kernel(torch.randn(9, 4, dtype=torch.float64), 1.0)) for _ in range(3)])
+    chol = torch.linalg.cholesky(kc + 1e-2 * 9 * torch.eye(9, dtype=torch.float64))
+    host_free = inverse_from_cholesky(chol, host_free=True)
+    torch.testing.assert_close(host_free, inverse_from_cholesky(chol, host_free=False))
+    torch.testing.assert_close(host_free, torch.linalg.inv(chol @ chol.mT))
 
 
 def test_a_failed_solve_is_recorded_not_raised_and_never_yields_nan():

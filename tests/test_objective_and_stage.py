@@ -39,7 +39,9 @@ def test_stage_losses_with_shared_targets_equal_direct_estimates(estimator, dire
         kz = gaussian_kernel(z, 2.0)
         assert terms.nhsic_zx[i].item() == pytest.approx(direct(kz, kx).item(), rel=1e-4)
         assert terms.nhsic_zy[i].item() == pytest.approx(direct(kz, ky).item(), rel=1e-4)
-        assert terms.loss[i].item() == pytest.approx((direct(kz, kx) - 7.0 * direct(kz, ky)).item(), rel=1e-4)
+        zx, zy = direct(kz, kx).item(), direct(kz, ky).item()
+        # float32: the loss is good to the precision of its terms, not of their (smaller) difference
+        assert terms.loss[i].item() == pytest.approx(zx - 7.0 * zy, abs=1e-4 * (abs(zx) + 7.0 * abs(zy)))
 
 
 def test_plausible_compresses_against_the_layer_itself():
