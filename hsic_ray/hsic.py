@@ -10,7 +10,7 @@ so a factor that depends only on the batch (the input X, the labels Y) can be co
 every layer (see `Estimator` and `hsic_ray.objective`). No m x m matrix product is ever formed for centring.
 
 Everything from the kernel on also accepts a batch of kernels, [..., m, m] (one per layer of a stage), and
-`regularised_inner` gives the training step the cca estimator in closed form without a host round trip.
+`cca_inner` gives the training step the cca estimator in closed form without a host round trip.
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ class _GaussianKernel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         xc, kernel, clamped = ctx.saved_tensors
-        g = (grad * kernel).mul_(-ctx.scale).masked_fill_(clamped, 0.0)  # gradient of the distances
-        # d_ij = |c_i|^2 + |c_j|^2 - 2 c_i.c_j with c = x - mean(x), so with S = G + G^T,
-        # dL/dc = 2 (diag(S 1) - S) c: one m x m by m x d product, where autograd's Gram backward takes two
-        # plus m x d elementwise passes. The diagonal cancels (d_ii = 0 identically), and the rows sum to
-        # zero, so the mean's backward leaves the result unchanged.
-        s = g + g.T
-        laplacian = torch.diag_embed(s.sum(dim=1)).sub_(s).mul_(2.0)
+        # d_ij = |c_i|^2 + |c_j|^2 - 2 c_i.c_j with c = x - mean(x), so with G the gradient of the distances
+        # and S = G + G^T, dL/dc = 2 (diag(S 1) - S) c: one m x m by m x d product, where autograd's Gram
+        # backward takes two plus m x d elementwise passes. The diagonal cancels (d_ii = 0 identically), and
+        # the rows sum to zero, so the mean's backward leaves the result unchanged.
+        g = (grad * kernel).mul_(-2.0 * ctx.scale).masked_fill_(clamped, 0.0)  # 2 G
+        laplacian = (g + g.T).neg_()
+        laplacian.diagonal().sub_(laplacian.sum(dim=1))
         return laplacian @ xc, None
 
 
@@ -116,30 +116,36 @@ def trace(a: Tensor) -> Tensor:
     return a.diagonal(dim1=-2, dim2=-1).sum(-1)
 
 
-def _regularised_system(kc: Tensor, eps: float) -> Tensor:
-    """Kc + eps m I (Cholesky reads its lower triangle only)."""
-    m = kc.shape[-1]
-    return kc + (eps * m) * torch.eye(m, dtype=kc.dtype, device=kc.device)
+def _regularise_(kc: Tensor, eps: float) -> Tensor:
+    """Kc + eps m I, in place (Cholesky reads its lower triangle only)."""
+    kc.diagonal(dim1=-2, dim2=-1).add_(eps * kc.shape[-1])
+    return kc
 
 
-def inverse_from_cholesky(chol: Tensor, host_free: bool | None = None) -> Tensor:
-    """A^-1 from A's lower Cholesky factor(s). `host_free` (default: on CUDA) takes a triangular solve and a
-    product, because on CUDA cholesky_inverse checks its status on the host, which would stall the step
-    (and is not allowed inside a CUDA graph); elsewhere LAPACK's potri does a third of that work."""
-    if not (chol.is_cuda if host_free is None else host_free):
-        return torch.cholesky_inverse(chol)
-    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
-    chol_inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
-    return chol_inverse.mT @ chol_inverse
+def spd_inverse(systems: Tensor, host_free: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The inverses of symmetric positive definite matrices [n, m, m] by Cholesky, and a bool [n] marking
+    those that were not positive definite (their inverse is returned as zeros, so they get no gradient).
+
+    `host_free` (default: on CUDA) inverts through a triangular solve and a product: cholesky_inverse checks
+    its status on the host, which would stall the step and is not allowed inside a CUDA graph. Elsewhere
+    LAPACK's potri does a third of that arithmetic.
+    """
+    chol, info = torch.linalg.cholesky_ex(systems)
+    if systems.is_cuda if host_free is None else host_free:
+        eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+        chol_inverse = torch.linalg.solve_triangular(chol, eye, upper=False)
+        inverse = chol_inverse.mT @ chol_inverse
+    else:
+        inverse = torch.cholesky_inverse(chol)
+    failed = info != 0
+    # A failed factorisation leaves inf/NaN behind: zeros instead.
+    return inverse.masked_fill_(failed[..., None, None], 0.0), failed
 
 
-class _RegularisedInner(torch.autograd.Function):
+class _CCAInner(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kc: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-        chol, info = torch.linalg.cholesky_ex(_regularised_system(kc, eps))
-        failed = info != 0
-        # A failed factorisation leaves inf/NaN behind: a zero inverse gives that kernel no gradient instead.
-        inverse = inverse_from_cholesky(chol).masked_fill_(failed[..., None, None], 0.0)
+    def forward(ctx, kernels: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        inverse, failed = spd_inverse(_regularise_(center(kernels), eps))
         inner = inverse.flatten(-2) @ targets.flatten(-2).mT  # [kernels, targets]: one product for all pairs
         ctx.save_for_backward(inverse, targets)
         ctx.mark_non_differentiable(failed)
@@ -149,22 +155,23 @@ class _RegularisedInner(torch.autograd.Function):
     def backward(ctx, grad_inner: Tensor, _grad_failed: Tensor) -> tuple[Tensor, None, None]:
         inverse, targets = ctx.saved_tensors
         # d<A^-1, T> = -<A^-1 T A^-1, dA> for symmetric A and T; per kernel, the targets weighted by their
-        # gradients first, so each kernel costs two m x m products whatever the number of targets.
+        # gradients first, so each kernel costs two m x m products whatever the number of targets. The
+        # centring H K H is linear and self-adjoint: its backward is the centring of the gradient.
         weighted = (-grad_inner @ targets.flatten(-2)).view_as(inverse)
-        return inverse @ weighted @ inverse, None, None
+        return center(inverse @ weighted @ inverse), None, None
 
 
-def regularised_inner(kc: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """<(Kc + eps m I)^-1, T_t> for each centred kernel Kc in [n, m, m] and each symmetric target T_t in
+def cca_inner(kernels: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """<(Kc + eps m I)^-1, T_t>, Kc = H K H, for each kernel K in [n, m, m] and each symmetric target T_t in
     [t, m, m], as [n, t]; and a bool [n] marking systems that were not positive definite (their inverse
     counts as zero, so they get no gradient).
 
     Since R_K = Kc (Kc + eps m I)^-1 = I - eps m (Kc + eps m I)^-1, nHSIC(K, T) = tr(T) - eps m <A^-1, R_T>:
     this is the cca estimator in closed form, with one Cholesky and one inverse per kernel. Nothing is
     checked on the host: read `failed` where the caller synchronises anyway. The gradient is with respect
-    to Kc as a symmetric matrix (only its symmetric part is meaningful, as Kc is symmetric).
+    to K as a symmetric matrix (only its symmetric part is meaningful, as K is symmetric).
     """
-    return _RegularisedInner.apply(kc, targets, eps)
+    return _CCAInner.apply(kernels, targets, eps)
 
 
 def not_positive_definite(where: str) -> FloatingPointError:
@@ -195,7 +202,7 @@ def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
     # Symmetrise: rounding in the centring can leave Kc a hair off symmetric, and R_K should not be.
     kc = center(k)
     kc = 0.5 * (kc + kc.mT)
-    chol, info = torch.linalg.cholesky_ex(_regularised_system(kc, eps))
+    chol, info = torch.linalg.cholesky_ex(_regularise_(kc.clone(), eps))
     if bool((info != 0).any()):
         raise not_positive_definite("hsic_cca")
     return torch.cholesky_solve(kc, chol)

@@ -13,7 +13,7 @@ For cca the loss is taken in closed form. With A = Kc + eps m I, R_Z = Kc A^-1 =
     <R_Z, R_X> - beta <R_Z, R_Y> = tr(M) - eps m <A^-1, M>,    M = R_X - beta R_Y,
 
 where M depends only on the batch: per layer one Cholesky, one inverse and an inner product, and a
-backward of two m x m products (`hsic_ray.hsic.regularised_inner`).
+backward of two m x m products (`hsic_ray.hsic.cca_inner`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hsic_ray.config import HSICConfig
-from hsic_ray.hsic import Estimator, center, gaussian_kernel, make_estimator, not_positive_definite, regularised_inner, trace
+from hsic_ray.hsic import Estimator, cca_inner, gaussian_kernel, make_estimator, not_positive_definite, trace
 
 
 @dataclass
@@ -94,7 +94,7 @@ class HSICObjective:
     def _cca_losses(self, kernels: Tensor, x_factor: Tensor, y_factor: Tensor) -> StageLosses:
         # <R_Z, T> = tr(T) - eps m <A^-1, T> for each of T = M, R_X, R_Y; only M's carries a gradient.
         factors = torch.stack([x_factor - self.cfg.beta * y_factor, x_factor, y_factor])
-        inner, failed = regularised_inner(center(kernels), factors, self.cfg.eps)
+        inner, failed = cca_inner(kernels, factors, self.cfg.eps)
         terms = trace(factors) - (self.cfg.eps * kernels.shape[-1]) * inner
         return StageLosses(terms[:, 0], terms[:, 1].detach(), terms[:, 2].detach(), failed)
 

@@ -12,7 +12,7 @@ from torch import nn
 from hsic_ray.config import ConfigError, HSICConfig, OptimConfig, build_config
 from hsic_ray.data import iterate_batches
 from hsic_ray.experiment import build_seeded_network
-from hsic_ray.hsic import ESTIMATORS, center, gaussian_kernel, inverse_from_cholesky, regularised_inner
+from hsic_ray.hsic import ESTIMATORS, cca_inner, center, gaussian_kernel, spd_inverse
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.stage import StageTrainer, use_cuda_graphs
 from hsic_ray.step_graph import rolled_back
@@ -75,33 +75,38 @@ def _symmetric_targets(m, count, seed):
     return t + t.mT
 
 
-def test_regularised_inner_matches_explicit_inverse_and_passes_gradcheck_float64():
+def test_cca_inner_matches_explicit_inverse_and_passes_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
-    kc = torch.stack([center(gaussian_kernel(v, 1.0)) for v in z])
+    kernels = torch.stack([gaussian_kernel(v, 1.0) for v in z])
     targets = _symmetric_targets(7, 2, seed=1)
-    inner, failed = regularised_inner(kc, targets, 1e-2)
-    inverse = torch.linalg.inv(kc + 1e-2 * 7 * torch.eye(7, dtype=torch.float64))
+    inner, failed = cca_inner(kernels, targets, 1e-2)
+    inverse = torch.linalg.inv(center(kernels) + 1e-2 * 7 * torch.eye(7, dtype=torch.float64))
     torch.testing.assert_close(inner, torch.einsum("kij,tij->kt", inverse, targets))
     assert failed.tolist() == [False, False, False]
-    # Kc is symmetric, so the gradient is checked along symmetric perturbations.
-    kc = kc.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda k: regularised_inner(0.5 * (k + k.mT), targets, 1e-2)[0], (kc,))
+    # Kernels are symmetric, so the gradient is checked along symmetric perturbations.
+    kernels = kernels.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda k: cca_inner(0.5 * (k + k.mT), targets, 1e-2)[0], (kernels,))
 
 
 def test_both_routes_to_the_inverse_agree():
-    """The CUDA route (triangular solve and product, no host check) against LAPACK's, both run here."""
+    """The CUDA route (triangular solve and product: no host check) against the CPU's (LAPACK's potri), both
+    run here, on positive definite matrices and on one that is not."""
     kc = torch.stack([center(gaussian_kernel(torch.randn(9, 4, dtype=torch.float64), 1.0)) for _ in range(3)])
-    chol = torch.linalg.cholesky(kc + 1e-2 * 9 * torch.eye(9, dtype=torch.float64))
-    host_free = inverse_from_cholesky(chol, host_free=True)
-    torch.testing.assert_close(host_free, inverse_from_cholesky(chol, host_free=False))
-    torch.testing.assert_close(host_free, torch.linalg.inv(chol @ chol.mT))
+    systems = kc + 1e-2 * 9 * torch.eye(9, dtype=torch.float64)
+    systems[1] = -systems[1]
+    host_free, failed = spd_inverse(systems, host_free=True)
+    lapack_route, lapack_failed = spd_inverse(systems, host_free=False)
+    assert failed.tolist() == lapack_failed.tolist() == [False, True, False]
+    torch.testing.assert_close(host_free, lapack_route)
+    torch.testing.assert_close(host_free[[0, 2]], torch.linalg.inv(systems[[0, 2]]))
+    assert host_free[1].abs().max() == 0
 
 
 def test_a_failed_solve_is_recorded_not_raised_and_never_yields_nan():
-    kc = center(gaussian_kernel(torch.randn(6, 3, dtype=torch.float64), 1.0))
-    kernels = torch.stack([kc, -kc - torch.eye(6, dtype=torch.float64)]).requires_grad_()
-    inner, failed = regularised_inner(kernels, _symmetric_targets(6, 1, seed=2), 1e-3)
+    k = gaussian_kernel(torch.randn(6, 3, dtype=torch.float64), 1.0)
+    kernels = torch.stack([k, -k - torch.eye(6, dtype=torch.float64)]).requires_grad_()  # the second: not PD
+    inner, failed = cca_inner(kernels, _symmetric_targets(6, 1, seed=2), 1e-3)
     assert failed.tolist() == [False, True]
     assert torch.isfinite(inner).all() and inner[1].abs().max() == 0
     (grad,) = torch.autograd.grad(inner.sum(), kernels)
