@@ -97,8 +97,7 @@ def gaussian_kernel(x: Tensor, sigma: float | None) -> Tensor:
     """
     if sigma is not None and sigma <= 0:
         raise ValueError(f"sigma must be positive or None (median heuristic), got {sigma}")
-    x = _flatten(x)
-    return _GaussianKernel.apply(x, sigma).view(x.shape[0], x.shape[0])
+    return _GaussianKernel.apply(_flatten(x), sigma)
 
 
 def center(k: Tensor) -> Tensor:
@@ -142,11 +141,17 @@ def spd_inverse(systems: Tensor, host_free: bool | None = None) -> tuple[Tensor,
     return inverse.masked_fill_(failed[..., None, None], 0.0), failed
 
 
+def _per_kernel(shared: Tensor, kernels: Tensor) -> Tensor:
+    return shared.expand(kernels.shape[0], *shared.shape)
+
+
 class _CCAInner(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         inverse, failed = spd_inverse(_regularise_(center(kernels), eps))
-        inner = inverse.flatten(-2) @ targets.flatten(-2).mT  # [kernels, targets]: one product for all pairs
+        # One product per kernel, [1, m^2] x [m^2, t]: a kernel's figures do not depend on how many kernels
+        # share the call (a stage's size), as they would through one [n, m^2] x [m^2, t] product.
+        inner = torch.bmm(inverse.flatten(-2).unsqueeze(-2), _per_kernel(targets.flatten(-2).mT, inverse)).squeeze(-2)
         ctx.save_for_backward(inverse, targets)
         ctx.mark_non_differentiable(failed)
         return inner, failed
@@ -157,7 +162,7 @@ class _CCAInner(torch.autograd.Function):
         # d<A^-1, T> = -<A^-1 T A^-1, dA> for symmetric A and T; per kernel, the targets weighted by their
         # gradients first, so each kernel costs two m x m products whatever the number of targets. The
         # centring H K H is linear and self-adjoint: its backward is the centring of the gradient.
-        weighted = (-grad_inner @ targets.flatten(-2)).view_as(inverse)
+        weighted = torch.bmm(-grad_inner.unsqueeze(-2), _per_kernel(targets.flatten(-2), inverse)).view_as(inverse)
         return center(inverse @ weighted @ inverse), None, None
 
 

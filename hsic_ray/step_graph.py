@@ -30,10 +30,16 @@ def rolled_back(modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, 
     """Run the body, then restore in place every parameter and buffer of `modules`, the `extra` tensors and
     the optimizer's momentum buffers. A momentum buffer the body created is zeroed, which for SGD without
     dampening makes the next step the same as a first step."""
-    tensors = [t for t in chain(*(chain(m.parameters(), m.buffers()) for m in modules), extra)]
+    tensors = list(chain(*(chain(m.parameters(), m.buffers()) for m in modules), extra))
     saved = [t.detach().clone() for t in tensors]
     momenta = {p: s["momentum_buffer"].clone() for p, s in optimizer.state.items() if s.get("momentum_buffer") is not None}
-    yield
+    try:
+        yield
+    finally:
+        _restore(tensors, saved, optimizer, momenta)
+
+
+def _restore(tensors: list[Tensor], saved: list[Tensor], optimizer: torch.optim.Optimizer, momenta: dict) -> None:
     with torch.no_grad():
         for tensor, value in zip(tensors, saved):
             tensor.copy_(value)

@@ -13,6 +13,8 @@ from hsic_ray.config import ConfigError, HSICConfig, OptimConfig, build_config
 from hsic_ray.data import iterate_batches
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import ESTIMATORS, cca_inner, center, gaussian_kernel, spd_inverse
+from hsic_ray.local import LocalPipeline
+from hsic_ray.models import LayerwiseNet
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.stage import StageTrainer, use_cuda_graphs
 from hsic_ray.step_graph import rolled_back
@@ -209,3 +211,14 @@ def test_cuda_graph_step_equals_the_eager_step(digits):
     out, _ = graphed.train_step(batches[0].x, objective.targets(batches[0].x, batches[0].y))
     ref_out, _ = eager.train_step(batches[0].x, objective.targets(batches[0].x, batches[0].y))
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+
+
+def test_the_in_process_pipeline_checks_solves_only_where_the_loop_reads_back():
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
+    pipeline = LocalPipeline(LayerwiseNet([_Scale(3e4)], [(10,), (10,)]), objective, OptimConfig(lr=1e-12), "cpu")
+    x, targets = _near_duplicates(), objective.targets(torch.rand(256, 5), torch.arange(256) % 4)
+    handle = pipeline.submit(x, targets)
+    pipeline.result(handle, want_output=False, read_back=False)
+    assert pipeline.stage.kernel_dtype is None  # the failure is recorded, not yet read
+    result = pipeline.result(handle, want_output=False, read_back=True)
+    assert pipeline.stage.kernel_dtype == torch.float64 and result.layer_stats.device.type == "cpu"

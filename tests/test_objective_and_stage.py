@@ -29,7 +29,8 @@ def _net(depth=2, width=16, last=4, seed=0):
 @pytest.mark.parametrize("estimator, direct", [("cca", hsic_cca), ("biased", hsic_biased), ("cka", hsic_cka)])
 def test_stage_losses_with_shared_targets_equal_direct_estimates(estimator, direct):
     x, y = _batch()
-    zs = [torch.randn(32, 8), torch.randn(32, 3), torch.randn(32, 1, 2, 2)]  # layers of different widths
+    g = torch.Generator().manual_seed(5)
+    zs = [torch.randn(32, 8, generator=g), torch.randn(32, 3, generator=g), torch.randn(32, 1, 2, 2, generator=g)]
     cfg = HSICConfig(estimator=estimator, sigma=2.0, beta=7.0)
     objective = HSICObjective(cfg, num_classes=4)
     terms = objective.stage_losses(zs, objective.targets(x, y))
@@ -37,11 +38,12 @@ def test_stage_losses_with_shared_targets_equal_direct_estimates(estimator, dire
     assert not terms.failed.any()
     for i, z in enumerate(zs):
         kz = gaussian_kernel(z, 2.0)
-        assert terms.nhsic_zx[i].item() == pytest.approx(direct(kz, kx).item(), rel=1e-4)
-        assert terms.nhsic_zy[i].item() == pytest.approx(direct(kz, ky).item(), rel=1e-4)
+        # Two float32 computations, each within ~1e-4 of float64 (the closed form subtracts from tr(T), the
+        # factor form solves): compared at 3e-4, the loss at the precision of its terms.
         zx, zy = direct(kz, kx).item(), direct(kz, ky).item()
-        # float32: the loss is good to the precision of its terms, not of their (smaller) difference
-        assert terms.loss[i].item() == pytest.approx(zx - 7.0 * zy, abs=1e-4 * (abs(zx) + 7.0 * abs(zy)))
+        assert terms.nhsic_zx[i].item() == pytest.approx(zx, rel=3e-4)
+        assert terms.nhsic_zy[i].item() == pytest.approx(zy, rel=3e-4)
+        assert terms.loss[i].item() == pytest.approx(zx - 7.0 * zy, abs=3e-4 * (abs(zx) + 7.0 * abs(zy)))
 
 
 def test_plausible_compresses_against_the_layer_itself():
