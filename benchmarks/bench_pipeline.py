@@ -3,9 +3,12 @@
     python benchmarks/bench_pipeline.py                       # 2, 4, 8 stages, width 1024, 8 layers
     python benchmarks/bench_pipeline.py --stages 2 --steps 60 --width 256
     python benchmarks/bench_pipeline.py --long 600            # object-store use over a long run
+    python benchmarks/bench_pipeline.py --stages 2 4 8 16 --threads-per-stage   # stages x threads = cores
 
-Prints samples/s of each, the pipeline efficiency (measured throughput over 1 / slowest stage's busy time
-per batch), the actor-to-actor hop cost of one batch of activations for each way of sending it, and the
+Prints samples/s of each against the in-process trainer at its best thread count on this machine, the
+pipeline efficiency (measured throughput over 1 / slowest stage's busy time per batch), where a batch's
+time goes (the coordinator's targets, submission and waiting; the slowest stage's compute, transfers and
+idle time), the actor-to-actor hop cost of one batch of activations for each way of sending it, and the
 object store's use sampled through the run (it must stay flat: in-flight batches are bounded).
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import platform
@@ -32,6 +36,7 @@ from hsic_ray.experiment import build_seeded_network
 from hsic_ray.local import LocalPipeline
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
+from hsic_ray.prefetch import prefetched
 
 
 def object_store_mib() -> float:
@@ -50,34 +55,73 @@ def batches(data, batch_size, steps):
         epoch += 1
 
 
-def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0):
-    """The trainer's loop without its logging: submit with bounded in-flight batches, collect results."""
-    pending = collections.deque()
-    busy = np.zeros(getattr(pipeline, "num_stages", 1))
-    memory = []
-    started, timed = None, 0
-    for i, batch in enumerate(batches(data, batch_size, steps + warmup)):
-        if i == warmup:
+class _Stopwatch:
+    """Seconds spent per named part of the loop."""
+
+    def __init__(self):
+        self.seconds = collections.Counter()
+
+    def timed(self, part, fn):
+        def run(*args):
             started = time.perf_counter()
-        pending.append((i, pipeline.submit(batch.x, objective.targets(batch.x, batch.y))))
+            try:
+                return fn(*args)
+            finally:
+                self.seconds[part] += time.perf_counter() - started
+
+        return run
+
+
+def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0):
+    """The trainer's loop without its logging: targets computed ahead (in a thread where the trainer does),
+    submission with bounded in-flight batches, results collected in order; timed part by part."""
+    watch = _Stopwatch()
+    with_targets = watch.timed("targets", lambda b: (b, objective.targets(b.x, b.y)))
+    source = batches(data, batch_size, steps + warmup)
+    items = prefetched(source, with_targets, pipeline.max_in_flight) if pipeline.prefetch_targets else map(with_targets, source)
+    next_item = watch.timed("waiting for targets", lambda: next(items, None))
+    submit = watch.timed("submit", pipeline.submit)
+    result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))
+    pending, memory, timed = collections.deque(), [], 0
+    stage_before = None
+
+    def finish():
+        nonlocal timed
+        j, handle = pending.popleft()
+        result(handle)
+        timed += j >= warmup
+
+    for i in itertools.count():
+        if i == warmup:
+            started, watch.seconds = time.perf_counter(), collections.Counter()
+            stage_before = _stage_totals(pipeline)
+        item = next_item()
+        if item is None:
+            break
+        pending.append((i, submit(item[0].x, item[1])))
         while len(pending) >= pipeline.max_in_flight:
-            j, handle = pending.popleft()
-            result = pipeline.result(handle, want_output=False)
-            if j >= warmup:
-                timed += 1
-                if result.stage_seconds:
-                    busy += [b for b, _ in result.stage_seconds]
+            finish()
         if sample_memory_every and i % sample_memory_every == 0:
             memory.append((i, object_store_mib()))
     while pending:
-        j, handle = pending.popleft()
-        result = pipeline.result(handle, want_output=False)
-        timed += 1
-        if result.stage_seconds:
-            busy += [b for b, _ in result.stage_seconds]
+        finish()
     seconds = time.perf_counter() - started
-    return {"samples_per_second": timed * batch_size / seconds, "stage_busy_per_batch": (busy / timed).tolist(),
-            "memory_mib": memory}  # fmt: skip
+    stage = (_stage_totals(pipeline) - stage_before) / timed
+    return {
+        "samples_per_second": timed * batch_size / seconds,
+        "stage_busy_per_batch": stage[:, 0].tolist(),
+        "stage_idle_per_batch": stage[:, 1].tolist(),
+        "stage_transfer_per_batch": stage[:, 2].tolist(),
+        "coordinator_per_batch": {part: s / timed for part, s in watch.seconds.items()},
+        "batches_per_call": getattr(pipeline, "batches_per_call", 1),
+        "max_in_flight": pipeline.max_in_flight,
+        "memory_mib": memory,
+    }
+
+
+def _stage_totals(pipeline) -> np.ndarray:
+    """Per stage: seconds busy, idle and transferring so far (zeros for the in-process trainer)."""
+    return np.array(getattr(pipeline, "stage_seconds", np.zeros((1, 3))), dtype=float)
 
 
 @ray.remote(num_cpus=0)
@@ -110,6 +154,9 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=6, help="hidden blocks (6: 8 layers, enough for 8 stages)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--batches-per-call", type=int, help="default: chosen by the pipeline from the step time")
+    p.add_argument("--max-in-flight", type=int, help="default: the pipeline's, 2 x stages x batches per call")
+    p.add_argument("--threads-per-stage", action="store_true", help="give each stage cores / stages threads (default 1)")
     p.add_argument("--long", type=int, default=0, metavar="STEPS", help="also sample object-store use over a run this long")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
@@ -123,28 +170,44 @@ def main(argv=None):
           f"ray {ray.__version__}; width {args.width}, {cfg.num_hsic_layers} layers, batch {batch})\n")  # fmt: skip
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    local = drive(LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
-                  objective, data, batch, args.steps, args.warmup)  # fmt: skip
-    results = {"in_process": local, "pipeline": {}}
-    ray.init(address="local", num_cpus=max(args.stages) + 1, include_dashboard=False, logging_level="ERROR")
+    results = {"in_process": {}, "pipeline": {}}
+    for threads in sorted({1, 2, cores // 2, cores} - {0}):
+        torch.set_num_threads(threads)
+        local = drive(LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
+                      objective, data, batch, args.steps, args.warmup)  # fmt: skip
+        results["in_process"][threads] = local["samples_per_second"]
+    best_threads = max(results["in_process"], key=results["in_process"].get)
+    best = results["in_process"][best_threads]
+    ray.init(address="local", num_cpus=max(max(args.stages), cores) + 1, include_dashboard=False, logging_level="ERROR")
     torch.set_num_threads(1)  # the coordinator's share, as in a real run
     costs = layer_step_costs(build_seeded_network(cfg, data), batch)
-    print("| trainer | stages | samples/s | vs in-process | slowest stage ms/batch | efficiency |")
-    print("|---|---|---|---|---|---|")
-    print(f"| in-process ({torch.get_num_interop_threads()} interop, all threads) | 1 | "
-          f"{local['samples_per_second']:.0f} | 1.00x | - | - |", flush=True)  # fmt: skip
+    print("| trainer | stages | batches per call | in flight | samples/s | vs in-process | slowest stage ms/batch | efficiency |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| in-process (best of {sorted(results['in_process'])} threads: {best_threads}) | 1 | - | 1 | {best:.0f} | 1.00x | - | - |",
+          flush=True)  # fmt: skip
     for stages in args.stages:
-        cfg.ray.stages = stages
-        totals = {"CPU": float(stages + 1), "GPU": float(torch.cuda.device_count())}
+        cfg.ray.stages, cfg.ray.cpus_per_stage = stages, max(1, cores // stages) if args.threads_per_stage else 1
+        cfg.ray.batches_per_call, cfg.ray.max_in_flight = args.batches_per_call, args.max_in_flight
+        totals = {"CPU": float(stages * cfg.ray.cpus_per_stage + 1), "GPU": float(torch.cuda.device_count())}
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, totals), data.input_shape, data.num_classes)
         run = drive(pipeline, objective, data, batch, args.steps, args.warmup)
         pipeline.shutdown()
         slowest = max(run["stage_busy_per_batch"])
         run["efficiency"] = run["samples_per_second"] / (batch / slowest)
         results["pipeline"][stages] = run
-        ratio = run["samples_per_second"] / local["samples_per_second"]
-        print(f"| ray pipeline | {stages} | {run['samples_per_second']:.0f} | {ratio:.2f}x | {1e3 * slowest:.1f} | "
-              f"{run['efficiency']:.2f} |", flush=True)  # fmt: skip
+        print(f"| ray pipeline | {stages} | {run['batches_per_call']} | {run['max_in_flight']} | {run['samples_per_second']:.0f} "
+              f"| {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} | {run['efficiency']:.2f} |", flush=True)  # fmt: skip
+
+    print("\n## Where a batch's time goes (ms per batch)\n")
+    print("| stages | coordinator: targets (thread) | waiting for targets | submit | waiting for results "
+          "| slowest stage: busy | of which transfer | idle |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for stages, run in results["pipeline"].items():
+        c = {k: 1e3 * v for k, v in run["coordinator_per_batch"].items()}
+        s_ = int(np.argmax(run["stage_busy_per_batch"]))
+        print(f"| {stages} | {c.get('targets', 0):.1f} | {c.get('waiting for targets', 0):.1f} | {c.get('submit', 0):.1f} "
+              f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
+              f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} |")  # fmt: skip
 
     print("\n| activations sent as | ms per actor-to-actor hop (1 MiB batch) |")
     print("|---|---|")
@@ -154,7 +217,7 @@ def main(argv=None):
         print(f"| {kind} | {results['hop_ms'][kind]:.2f} |", flush=True)
 
     if args.long:
-        cfg.ray.stages = min(args.stages)
+        cfg.ray.stages, cfg.ray.cpus_per_stage = min(args.stages), 1
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, {"CPU": cfg.ray.stages + 1.0, "GPU": 0.0}),
                                data.input_shape, data.num_classes)  # fmt: skip
         run = drive(pipeline, objective, data, batch, args.long, args.warmup, sample_memory_every=max(1, args.long // 10))

@@ -105,7 +105,10 @@ class RayConfig:
     cpus_per_stage: float = 1.0
     coordinator_cpus: float = 1.0
     strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (STRICT_SPREAD: one stage per node)
-    max_in_flight: Optional[int] = None  # batches submitted but not finished; None: stages + 1
+    max_in_flight: Optional[int] = None  # batches submitted but not finished; None: 2 x stages x batches_per_call
+    # Consecutive batches a stage takes per actor call (results equal one call per batch); None: chosen from
+    # the measured step time, so that Ray's cost per call stays under a tenth of the call's compute.
+    batches_per_call: Optional[int] = None
     max_recoveries: int = 10  # stage actors recreated after failures before the run gives up
     placement_timeout_s: float = 120.0
 
@@ -268,7 +271,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.ray.coordinator_cpus > 0, "ray.coordinator_cpus", cfg.ray.coordinator_cpus, "a positive number")
     _check_choice("ray.strategy", cfg.ray.strategy, STRATEGIES)
     _check(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
-           cfg.ray.max_in_flight, "a number >= 1 or null (stages + 1)")  # fmt: skip
+           cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
+    _check(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
+           cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
     _check(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
     return cfg

@@ -31,6 +31,9 @@ class LocalPipeline:
         cuda_graphs: str = "auto",
     ):
         self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs)
+        # On a GPU the loop's thread waits on the device, and targets computed meanwhile cost nothing; on
+        # the CPU a second thread would only compete with the step for the same cores.
+        self.prefetch_targets = self.stage.device.type == "cuda"
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
     def submit(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_ten
 from hsic_ray.head import FormatHeadTrainer
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.plots import plot_information_plane
+from hsic_ray.prefetch import prefetched
 from hsic_ray.run_dir import RunDirectory
 
 log = logging.getLogger("hsic_ray")
@@ -45,6 +46,7 @@ class Pipeline(Protocol):
 
     max_in_flight: int
     num_stages: int
+    prefetch_targets: bool  # compute the next batches' targets in a thread while the pipeline works
     placements: list[dict[str, Any]]  # per stage: layers, node, device (rewritten after recoveries)
 
     def submit(self, x: Tensor, targets: BatchTargets) -> Any:
@@ -160,13 +162,9 @@ class HSICTrainer:
         train = self.cfg.train
         pending: collections.deque[_InFlight] = collections.deque()
         clock = _Clock(time.perf_counter())
-        batches = iterate_batches(
-            self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
-        )
-        for batch in batches:
+        for batch, targets in self._batches_with_targets(position):
             if self._step_budget_spent():
                 break
-            targets = self.objective.targets(batch.x, batch.y)
             pending.append(_InFlight(batch, self.pipeline.submit(batch.x, targets)))
             self.steps += 1  # counted when submitted, so max_steps bounds what is started
             while len(pending) >= self.pipeline.max_in_flight:
@@ -180,6 +178,19 @@ class HSICTrainer:
         while pending:
             self._finish(pending.popleft(), len(pending), clock)
         self.train_seconds += clock.seconds
+
+    def _batches_with_targets(self, position: _Position) -> Iterator[tuple[Batch, BatchTargets]]:
+        train = self.cfg.train
+        batches = iterate_batches(
+            self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
+        )
+
+        def with_targets(batch: Batch) -> tuple[Batch, BatchTargets]:
+            return batch, self.objective.targets(batch.x, batch.y)
+
+        if self.pipeline.prefetch_targets:
+            return prefetched(batches, with_targets, depth=self.pipeline.max_in_flight)
+        return map(with_targets, batches)
 
     def _finish(self, item: _InFlight, in_flight: int, clock: _Clock) -> None:
         done = item.batch.index + 1
@@ -207,7 +218,7 @@ class HSICTrainer:
         record = {
             "kind": "step",
             "epoch": batch.epoch,
-            "step": self.steps,
+            "step": (batch.epoch - 1) * total + done,  # the step these statistics are from (others may be in flight)
             "loss": float(stats[:, 0].sum()),
             "nhsic_zx": stats[:, 1].tolist(),
             "nhsic_zy": stats[:, 2].tolist(),
@@ -222,7 +233,7 @@ class HSICTrainer:
         log.info(
             "epoch %d/%d  batch %d/%d  step %d  loss %.4g  nHSIC(Z,X) %.3g  nHSIC(Z,Y) %.3g (last layer)  "
             "%.0f samples/s  epoch eta %.0fs",
-            batch.epoch, self.cfg.train.epochs, done, total, self.steps, record["loss"],
+            batch.epoch, self.cfg.train.epochs, done, total, record["step"], record["loss"],
             stats[-1, 1], stats[-1, 2], rate, eta,
         )  # fmt: skip
 

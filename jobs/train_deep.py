@@ -37,6 +37,7 @@ HSIC_FLAGS = {
     "cpus_per_stage": "ray.cpus_per_stage",
     "strategy": "ray.strategy",
     "max_in_flight": "ray.max_in_flight",
+    "batches_per_call": "ray.batches_per_call",
 }
 
 
@@ -63,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ray.add_argument("--gpus-per-stage", type=float, help="GPUs per stage; fractions share a GPU")
     ray.add_argument("--cpus-per-stage", type=float, help="CPUs (and torch threads) per stage")
     ray.add_argument("--strategy", choices=STRATEGIES, help="placement group strategy (default PACK)")
-    ray.add_argument("--max-in-flight", type=int, help="batches in the pipeline at once (default stages + 1)")
+    ray.add_argument("--max-in-flight", type=int, help="batches in the pipeline at once (default 2 x stages x batches per call)")
+    ray.add_argument("--batches-per-call", type=int, help="batches a stage takes per actor call (default: from the step time)")
     return p.parse_args(argv)
 
 

@@ -35,7 +35,12 @@ def records(out, kind):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
-def test_one_batch_in_flight_reproduces_the_in_process_trainer(tmp_path, digits):
+@pytest.mark.parametrize("grouping", [
+    {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
+    {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
+    {"ray.batches_per_call": 2},  # groups of two, 2 x 2 x 2 batches in flight
+])
+def test_the_pipeline_reproduces_the_in_process_trainer(tmp_path, digits, grouping):
     # With the stage actors' one torch thread: BLAS rounds differently with another thread count, and the
     # float32 differences (1e-5 at the first step) grow over training.
     threads = torch.get_num_threads()
@@ -44,7 +49,7 @@ def test_one_batch_in_flight_reproduces_the_in_process_trainer(tmp_path, digits)
         local = run_hsic(config(tmp_path / "local", "local"), digits)
     finally:
         torch.set_num_threads(threads)
-    piped = run_hsic(config(tmp_path / "ray", "ray", **{"ray.max_in_flight": 1}), digits)
+    piped = run_hsic(config(tmp_path / "ray", "ray", **grouping), digits)
     assert piped["stages"] == 2 and local["steps"] == piped["steps"] == 15
     for a, b in zip(local["per_layer"], piped["per_layer"]):
         assert b["nhsic_zx"] == pytest.approx(a["nhsic_zx"], rel=1e-3)
@@ -62,7 +67,7 @@ def test_pipeline_metrics_report_stage_times_and_in_flight_depth(tmp_path, digit
     assert len(metrics["stage_busy_seconds"]) == 3 and all(t > 0 for t in metrics["stage_busy_seconds"])
     assert len(metrics["stage_idle_seconds"]) == 3
     steps = records(tmp_path / "run", "step")
-    assert max(r["in_flight"] for r in steps) == 4  # stages + 1 by default
+    assert max(r["in_flight"] for r in steps) == 6  # 2 x stages by default (one batch per call on CPUs)
     assert all(len(r["stage_busy_seconds"]) == 3 for r in steps)
 
 

@@ -1,16 +1,22 @@
 """The Ray pipeline: stage actors chained by object refs, with failed stages recreated from checkpoints.
 
-`submit` puts a batch and its targets into the object store once and chains `stage[s].step` calls, each
-taking the previous stage's output ref: Ray's ordered actor queues then run stage s on batch b while stage
-s + 1 runs on batch b - 1, and activations move from actor to actor without passing through the driver.
+`submit` gathers consecutive batches into groups of `ray.batches_per_call`; a full group goes into the
+object store once (inputs and targets) and a chain of `stage[s].step` calls, each taking the previous
+stage's `Hop` ref: Ray's ordered actor queues then run stage s on group g while stage s + 1 runs on group
+g - 1, and activations move from actor to actor without passing through the driver. Since no stage feeds
+back to an earlier one, every stage sees the same inputs in the same order as in the in-process trainer,
+whatever the number of batches in flight or per call: the results are the same. `result` fetches one
+small object per group, the reports the last stage returns.
 
 When a stage actor dies (its process killed, its node lost), `result` recreates it in its placement
-bundle from the latest checkpoint and resends the batches it lost, from the first stage that failed.
+bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -24,7 +30,7 @@ from torch import Tensor
 
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed.placement import StageSpec, describe_plan, reserve
-from hsic_ray.distributed.stage_actor import StageActor, targets_to_numpy
+from hsic_ray.distributed.stage_actor import Hop, StageActor, targets_to_numpy
 from hsic_ray.models import Shape
 from hsic_ray.objective import BatchTargets
 from hsic_ray.run_dir import RunDirectory
@@ -35,19 +41,45 @@ log = logging.getLogger("hsic_ray")
 # Failures after which a stage is recreated and its lost batches resent.
 _LOST = (RayActorError, ObjectLostError, OwnerDiedError)
 
+# Ray's cost per stage call (the call and one hop of a batch's activations), measured on the 2-core machine
+# (README, "Ray pipeline"); `choose_batches_per_call` keeps it to this share of a call's compute.
+CALL_SECONDS = 2e-3
+CALL_SHARE = 0.1
+MAX_BATCHES_PER_CALL = 16
+GROUPS_BEFORE_CHOOSING = 5
+
+
+def choose_batches_per_call(busy_seconds_per_batch: float) -> int:
+    """Batches per call that keep Ray's fixed cost per call under CALL_SHARE of the call's compute."""
+    wanted = CALL_SECONDS / (CALL_SHARE * max(busy_seconds_per_batch, 1e-6))
+    return max(1, min(MAX_BATCHES_PER_CALL, math.ceil(wanted)))
+
 
 class PipelineFailed(RuntimeError):
     """Stages kept failing after `ray.max_recoveries` recoveries."""
 
 
 @dataclass
-class _Handle:
-    """One batch in flight: its inputs in the object store and each stage's output and report refs."""
+class _Group:
+    """Consecutive batches sent through the stages in one call each: inputs, each stage's hop, the reports."""
 
-    x: ray.ObjectRef
-    targets: ray.ObjectRef
-    outputs: list = field(default_factory=list)
-    reports: list = field(default_factory=list)
+    batches: list[tuple[np.ndarray, tuple]] = field(default_factory=list)  # (x, targets) until launched
+    inputs: Optional[ray.ObjectRef] = None
+    targets: Optional[ray.ObjectRef] = None
+    hops: list = field(default_factory=list)  # per stage: its Hop (the last stage's: its outputs)
+    reports_ref: Optional[ray.ObjectRef] = None
+    reports: Optional[list[dict[str, Any]]] = None
+    outputs: Optional[list[np.ndarray]] = None
+
+    @property
+    def launched(self) -> bool:
+        return self.inputs is not None
+
+
+@dataclass
+class _Handle:
+    group: _Group
+    slot: int
 
 
 class RayPipeline:
@@ -55,16 +87,28 @@ class RayPipeline:
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
-        self.max_in_flight = cfg.ray.max_in_flight or self.num_stages + 1
+        self.prefetch_targets = True  # the coordinator mostly waits: targets computed meanwhile cost nothing
+        self.batches_per_call = cfg.ray.batches_per_call or 1
+        self.max_in_flight = self._in_flight_bound()
         self._actor_args = (cfg, tuple(input_shape), num_classes)
         self._group, self._owns_group = reserve(specs, cfg.ray)
         self._restore_point: Optional[tuple[str, int]] = None
         self._events: list[dict[str, Any]] = []
         self._recoveries = 0
+        self._filling = _Group()
+        self._busy_per_batch: list[float] = []  # the slowest stage's, per group, until batches_per_call is chosen
+        self.stage_seconds = np.zeros((self.num_stages, 3))  # per stage: busy, idle, transferring
         self.actors = [self._start(spec) for spec in specs]
         self.placements = ray.get([a.where.remote() for a in self.actors])
         log.info("pipeline plan (%d stages, %d in flight):\n%s", self.num_stages, self.max_in_flight,
                  describe_plan(specs, self.placements))  # fmt: skip
+
+    def _in_flight_bound(self) -> int:
+        # Two groups per stage: one being computed and one waiting, so a stage that finishes a group finds
+        # the next one there even when the stage before it is running late. Measured on 2 cores with 8
+        # stages (benchmarks/bench_pipeline.py): efficiency 0.70 at stages + 1 in flight, 0.81 at 2 x stages,
+        # 0.79 at 3 x stages.
+        return self.cfg.ray.max_in_flight or 2 * self.num_stages * self.batches_per_call
 
     def _start(self, spec: StageSpec) -> ray.actor.ActorHandle:
         strategy = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=spec.index + 1)
@@ -75,40 +119,76 @@ class RayPipeline:
     # --- training -------------------------------------------------------------------------------------
 
     def submit(self, x: Tensor, targets: BatchTargets) -> _Handle:
-        handle = _Handle(ray.put(x.numpy()), ray.put(targets_to_numpy(targets)))
-        self._chain(handle, first_stage=0)
+        handle = _Handle(self._filling, len(self._filling.batches))
+        self._filling.batches.append((x.numpy(), targets_to_numpy(targets)))
+        if len(self._filling.batches) >= self.batches_per_call:
+            self._launch()
         return handle
 
-    def _chain(self, handle: _Handle, first_stage: int) -> None:
-        del handle.outputs[first_stage:], handle.reports[first_stage:]
-        inputs = handle.x if first_stage == 0 else handle.outputs[first_stage - 1]
-        for actor in self.actors[first_stage:]:
-            inputs, report = actor.step.options(num_returns=2).remote(inputs, handle.targets)
-            handle.outputs.append(inputs)
-            handle.reports.append(report)
+    def _launch(self) -> None:
+        group, self._filling = self._filling, _Group()
+        xs, targets = zip(*group.batches)
+        group.inputs, group.targets = ray.put(Hop(list(xs), [])), ray.put(list(targets))
+        group.batches = []
+        self._chain(group, first_stage=0)
+
+    def _chain(self, group: _Group, first_stage: int) -> None:
+        del group.hops[first_stage:]
+        hop = group.inputs if first_stage == 0 else group.hops[first_stage - 1]
+        for actor in self.actors[first_stage:-1]:
+            hop = actor.step.remote(hop, group.targets)
+            group.hops.append(hop)
+        outputs, group.reports_ref = self.actors[-1].step_last.options(num_returns=2).remote(hop, group.targets)
+        group.hops.append(outputs)
 
     def result(self, handle: _Handle, want_output: bool, read_back: bool = True) -> StepResult:
-        # Stage reports are host data already (each actor checks its own health every step): read_back is moot.
+        # Stage reports are host data already (each actor checks its own health every call): read_back is moot.
+        group = handle.group
+        if not group.launched:
+            self._launch()  # the loop needs a batch of a group still filling: send what there is
+        if group.reports is None:
+            self._fetch(group)
+        if want_output and group.outputs is None:
+            group.outputs = ray.get(group.hops[-1])
+        stats = torch.from_numpy(np.concatenate([r["stats"][handle.slot] for r in group.reports]))
+        output = torch.from_numpy(np.array(group.outputs[handle.slot])) if want_output else None
+        size = len(group.reports[0]["stats"])
+        return StepResult(stats, output, [(r["busy"] / size, r["idle"] / size) for r in group.reports])
+
+    def _fetch(self, group: _Group) -> None:
         for _ in range(self.cfg.ray.max_recoveries + 1):
             try:
-                reports = ray.get(handle.reports)
-                output = torch.from_numpy(np.array(ray.get(handle.outputs[-1]))) if want_output else None
+                group.reports = ray.get(group.reports_ref)
+                break
             except _LOST as err:
-                self._recover(err)
-                self._chain(handle, self._first_failed_stage(handle))
-                continue
-            stats = torch.from_numpy(np.concatenate([r["stats"] for r in reports]))
-            return StepResult(stats, output, [(r["busy"], r["idle"]) for r in reports])
-        raise PipelineFailed(f"a batch failed {self.cfg.ray.max_recoveries + 1} times in a row; see the Ray logs")
+                # A stage's death reaches the coordinator through the last stage's task, wrapped in its
+                # RayTaskError: recover from what happened, not from the wrapper.
+                self._recover(getattr(err, "cause", None) or err)
+                self._chain(group, self._first_failed_stage(group))
+        else:
+            raise PipelineFailed(f"a batch failed {self.cfg.ray.max_recoveries + 1} times in a row; see the Ray logs")
+        self.stage_seconds += [[r["busy"], r["idle"], r["transfer"]] for r in group.reports]
+        self._choose_batches_per_call(group.reports)
 
-    def _first_failed_stage(self, handle: _Handle) -> int:
-        for stage, report in enumerate(handle.reports):
+    def _choose_batches_per_call(self, reports: list[dict[str, Any]]) -> None:
+        if self.cfg.ray.batches_per_call is not None or len(self._busy_per_batch) >= GROUPS_BEFORE_CHOOSING:
+            return
+        self._busy_per_batch.append(max(r["busy"] for r in reports) / len(reports[0]["stats"]))
+        if len(self._busy_per_batch) == GROUPS_BEFORE_CHOOSING:
+            busy = statistics.median(self._busy_per_batch)
+            self.batches_per_call = choose_batches_per_call(busy)
+            self.max_in_flight = self._in_flight_bound()
+            log.info("%.1f ms per batch on the slowest stage: %d batches per call, %d in flight",
+                     1e3 * busy, self.batches_per_call, self.max_in_flight)  # fmt: skip
+
+    def _first_failed_stage(self, group: _Group) -> int:
+        for stage, hop in enumerate(group.hops):
             try:
-                ray.get(report)
+                ray.get(hop)
             except RayActorError:
                 return stage
             except (ObjectLostError, OwnerDiedError):
-                return 0  # an input the stage needed is gone with its node: resend the batch from the start
+                return 0  # an input the stage needed is gone with its node: resend the group from the start
         return self.num_stages - 1
 
     # --- recovery -------------------------------------------------------------------------------------

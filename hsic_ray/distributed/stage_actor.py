@@ -1,15 +1,17 @@
-"""A Ray actor that owns one stage: a contiguous run of layers, their optimizers and its device.
+"""A Ray actor that owns one stage: a contiguous run of layers, their optimizer and its device.
 
-Activations travel between stages as CPU numpy arrays: Ray reads them zero-copy from shared memory on the
-same node, and a stage moves them to its device on arrival (a CUDA tensor in the object store would be
-rebuilt on the sender's device, which the receiver may not have).
+A call carries a group of consecutive batches (`ray.batches_per_call`), so Ray's fixed cost per call is
+paid once per group: the stage runs its ordinary step on each batch in turn, which gives the same
+weights as one call per batch. What travels from stage to stage is a `Hop`: the group's activations and
+the reports of the stages before, so the coordinator collects one small object per group from the last
+stage instead of one report per stage. Arrays cross devices in `hsic_ray.distributed.transport`.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import ray
@@ -18,25 +20,25 @@ import torch
 from hsic_ray import checkpoint
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed.placement import StageSpec
+from hsic_ray.distributed.transport import Transport
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import StageTrainer
 
+WireTargets = tuple[Optional[np.ndarray], np.ndarray]
 
-def targets_to_numpy(targets: BatchTargets) -> tuple[Optional[np.ndarray], np.ndarray]:
+
+class Hop(NamedTuple):
+    """What a stage passes on: a group's activations, and one report per stage so far."""
+
+    activations: list[np.ndarray]
+    reports: list[dict[str, Any]]
+
+
+def targets_to_numpy(targets: BatchTargets) -> WireTargets:
     x = None if targets.x_factor is None else targets.x_factor.cpu().numpy()
     return x, targets.y_factor.cpu().numpy()
-
-
-def targets_from_numpy(arrays: tuple[Optional[np.ndarray], np.ndarray]) -> BatchTargets:
-    x, y = arrays
-    return BatchTargets(None if x is None else torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)))
-
-
-def _tensor(x: np.ndarray) -> torch.Tensor:
-    # Object-store arrays are read-only views of shared memory; torch needs memory it may own.
-    return torch.from_numpy(np.array(x, copy=True))
 
 
 @ray.remote
@@ -52,6 +54,7 @@ class StageActor:
         torch.set_num_threads(max(1, int(spec.num_cpus)))
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.transport = Transport(self.device)
         # Every stage builds the whole network from the run's seed and keeps its slice, so the initial
         # weights equal the in-process trainer's without shipping them through the driver.
         torch.manual_seed(cfg.train.seed)
@@ -63,25 +66,43 @@ class StageActor:
         if restore is not None:
             self.load(*restore)
 
-    def step(self, x: np.ndarray, targets: tuple) -> tuple[np.ndarray, dict[str, Any]]:
-        """One local HSIC step of this stage's layers; returns (output, report) as two objects."""
+    def step(self, hop: Hop, targets: list[WireTargets]) -> Hop:
+        """One local HSIC step of this stage's layers on each batch of the group, in order."""
         started = time.perf_counter()
         idle = 0.0 if self._last_end is None else started - self._last_end
-        out, stats = self.trainer.train_step(_tensor(x), targets_from_numpy(targets))
-        out_np = out.cpu().numpy()
-        stats_np = stats.cpu().numpy()
+        outputs, stats, transfer = [], [], 0.0
+        for slot, (x, wire_targets) in enumerate(zip(hop.activations, targets)):
+            moved = time.perf_counter()
+            x, batch_targets = self.transport.receive(x), self._receive_targets(wire_targets)
+            transfer += time.perf_counter() - moved
+            out, layer_stats = self.trainer.train_step(x, batch_targets)
+            moved = time.perf_counter()
+            outputs.append(self.transport.send(out, slot))  # waits for the step: the stage's busy time ends
+            stats.append(layer_stats.cpu().numpy())
+            transfer += time.perf_counter() - moved
         self.trainer.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
-        return out_np, {"stats": stats_np, "busy": self._last_end - started, "idle": idle}
+        report = {"stage": self.spec.index, "stats": np.stack(stats), "busy": self._last_end - started,
+                  "idle": idle, "transfer": transfer}  # fmt: skip
+        return Hop(outputs, hop.reports + [report])
+
+    def step_last(self, hop: Hop, targets: list[WireTargets]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+        """`step` for the last stage: output and reports as two objects, so the coordinator can fetch the
+        small one alone."""
+        return tuple(self.step(hop, targets))
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
-        return self.trainer.forward(_tensor(x)).cpu().numpy()
+        return self.trainer.forward(self.transport.receive(x)).cpu().numpy()
 
-    def measure(self, x: np.ndarray, targets: tuple) -> tuple[np.ndarray, np.ndarray]:
+    def measure(self, x: np.ndarray, targets: WireTargets) -> tuple[np.ndarray, np.ndarray]:
         self._last_end = None
-        out, stats = self.trainer.measure(_tensor(x), targets_from_numpy(targets))
+        out, stats = self.trainer.measure(self.transport.receive(x), self._receive_targets(targets))
         return out.cpu().numpy(), stats.cpu().numpy()
+
+    def _receive_targets(self, wire: WireTargets) -> BatchTargets:
+        x_factor, y_factor = wire
+        return BatchTargets(None if x_factor is None else self.transport.receive(x_factor), self.transport.receive(y_factor))
 
     def save(self, run_location: str, step: int) -> None:
         run = RunDirectory(run_location)
