@@ -27,7 +27,8 @@ class RunDirectory:
         self.location = uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
         self.fs, self.root = pafs.FileSystem.from_uri(self.location)
         self.fs.create_dir(self.root, recursive=True)
-        self._jsonl: dict[str, list[str]] = {}
+        self._jsonl: dict[str, list[str]] = {}  # on object stores: each JSON-lines file's lines, to rewrite it
+        self._appending: set[str] = set()  # on a local disk: the JSON-lines files this process appends to
 
     def path(self, name: str) -> str:
         return f"{self.root}/{name}"
@@ -70,16 +71,38 @@ class RunDirectory:
         return self.read_bytes(name).decode()
 
     def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        """The records of a JSON-lines file; a line torn by a crash mid-append is skipped."""
         if not self.exists(name):
             return []
-        return [json.loads(line) for line in self.read_text(name).splitlines() if line.strip()]
+        records = []
+        for line in self.read_text(name).splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
 
     def append_jsonl(self, name: str, record: dict[str, Any]) -> None:
-        """Add one record; the whole file is rewritten atomically (object stores cannot append)."""
-        if name not in self._jsonl:
-            self._jsonl[name] = [json.dumps(r) for r in self.read_jsonl(name)]
-        self._jsonl[name].append(json.dumps(record))
-        self.write_text(name, "\n".join(self._jsonl[name]) + "\n")
+        """Add one record. On a local disk the line is appended (a crash can tear only that line, which
+        `read_jsonl` skips); object stores cannot append, so there the file is rewritten atomically."""
+        line = json.dumps(record) + "\n"
+        local = self.local_path(name)
+        if local is None:
+            if name not in self._jsonl:
+                self._jsonl[name] = [json.dumps(r) + "\n" for r in self.read_jsonl(name)]
+            self._jsonl[name].append(line)
+            self.write_text(name, "".join(self._jsonl[name]))
+            return
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with open(local, "a+b") as f:
+            if name not in self._appending:  # first append here: do not glue onto a line a crash left torn
+                self._appending.add(name)
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        line = "\n" + line
+            f.write(line.encode())
 
     def write_with_local_file(self, name: str, writer: Callable[[str], None]) -> None:
         """For writers that need a local file path (matplotlib): write there, then store the bytes."""
