@@ -35,6 +35,14 @@ RUN_FLAGS = {
 }
 
 
+# What --smoke-test sets (flags given beside it still win): a tiny network for a few steps, to check in
+# seconds that data, cluster and output work before a long run.
+SMOKE_TEST = {
+    "model.depth": 1, "model.width": 32, "train.epochs": 1, "train.max_steps": 4, "head.epochs": 1,
+    "train.eval_samples": 64, "train.log_every": 2,
+}  # fmt: skip
+
+
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Preset, config file, output, data, network shape, budget, seed, resume and cluster address."""
     p.add_argument("--preset", choices=sorted(PRESETS), default="deep_mlp", help="named starting config (default %(default)s)")
@@ -53,6 +61,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--log-every", type=int, help="steps between progress lines")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
+    p.add_argument("--smoke-test", action="store_true", help="a tiny network for a few steps: checks the setup in seconds")
     p.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
 
 
@@ -77,5 +86,8 @@ def _scalar(text: str) -> Any:
 
 
 def overrides(args: argparse.Namespace, *flag_maps: dict[str, str]) -> dict[str, Any]:
-    """Dotted config overrides from parsed flags; flags left unset (None) keep the preset / file value."""
-    return {field: getattr(args, flag) for flag_map in flag_maps for flag, field in flag_map.items()}
+    """Dotted config overrides from parsed flags (over SMOKE_TEST with --smoke-test); flags left unset
+    (None) keep the preset / file value."""
+    flags = {field: getattr(args, flag) for flag_map in flag_maps for flag, field in flag_map.items()}
+    smoke = SMOKE_TEST if getattr(args, "smoke_test", False) else {}
+    return {**smoke, **{field: value for field, value in flags.items() if value is not None}}

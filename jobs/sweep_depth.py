@@ -1,6 +1,6 @@
 """Sweep depth (and optionally beta, sigma, lr, estimator) with Ray Tune, comparing HSIC with backprop.
 
-    python jobs/sweep_depth.py --smoke                         # two depths x two methods, a few minutes on 2 CPUs
+    python jobs/sweep_depth.py --smoke-test                    # two depths x two methods, a few minutes on 2 CPUs
     python jobs/sweep_depth.py --depths 5 10 20 50 --epochs 5  # the full depth sweep
     python jobs/sweep_depth.py --output runs/sweep --resume    # continue an interrupted sweep
     python jobs/sweep_depth.py --depths 5 50 --methods hsic --grid model.activation=relu,elu --grid train.batch_size=256,512
@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-stage", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA, by epoch)")
-    p.add_argument("--smoke", action="store_true", help="two small depths, tiny nets: a check that runs in minutes")
+    p.add_argument("--smoke-test", "--smoke", dest="smoke", action="store_true",
+                   help="two small depths, tiny nets: a check that runs in minutes")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="restore the interrupted sweep in --output")
     p.add_argument("--ray-address")
     p.add_argument("--output", default=f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -120,3 +120,16 @@ def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
     # Steps before the checkpoint were not redone: each logged step number appears once after the resume.
     after = records[records.index(resumes[0]) :]
     assert all(r["step"] > killed_at for r in after if r["kind"] == "step")
+
+
+@pytest.mark.slow
+def test_smoke_test_is_a_tiny_run_and_flags_beside_it_win(tmp_path):
+    out = tmp_path / "run"
+    started = time.perf_counter()
+    proc = run_job("--smoke-test", "--trainer", "local", "--width", "48", "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - started < 120  # seconds of work; most of it is importing torch
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and len(metrics["per_layer"]) == 3  # depth 1: three HSIC-trained layers
+    saved = (out / "config.yaml").read_text()
+    assert "width: 48" in saved and "depth: 1" in saved

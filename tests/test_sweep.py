@@ -21,7 +21,7 @@ def run_sweep(*args, timeout=600):
 @pytest.mark.slow
 def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "sweep"
-    proc = run_sweep("--smoke", "--output", str(out))
+    proc = run_sweep("--smoke-test", "--output", str(out))  # Ray's name for it; --smoke stays an alias
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

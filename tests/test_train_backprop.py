@@ -185,3 +185,14 @@ def test_job_bad_input_is_one_clear_line(tmp_path, args, message):
     assert lines[-1].startswith("error: ") and message in lines[-1]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_job_smoke_test_runs_a_tiny_baseline(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(JOB), "--smoke-test", "--output", str(out)], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["epochs"] == 1
+    assert "depth: 1" in (out / "config.yaml").read_text()
