@@ -7,7 +7,7 @@ import argparse
 from typing import Any
 
 from hsic_ray.checkpoint import CheckpointError
-from hsic_ray.config import ACTIVATIONS, INITS, PRESETS, ConfigError
+from hsic_ray.config import ACTIVATIONS, INITS, NULL, PRESETS, ConfigError
 from hsic_ray.data import DataError
 from hsic_ray.distributed.connect import ClusterConnectionError
 from hsic_ray.distributed.placement import PlacementError
@@ -62,7 +62,19 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help="steps between progress lines")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
     p.add_argument("--smoke-test", action="store_true", help="a tiny network for a few steps: checks the setup in seconds")
+    p.add_argument("settings", nargs="*", type=setting, metavar="KEY=VALUE",
+                   help="any config field, applied after the flags, e.g. hsic.eps=1e-4 train.cuda_graphs=off")  # fmt: skip
     p.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
+
+
+def setting(text: str) -> tuple[str, Any]:
+    """argparse type of a KEY=VALUE config override: a dotted key and one value (null sets a field to null)."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with a dotted config key, e.g. hsic.eps=1e-4")
+    parsed = _scalar(value.strip())
+    return key, NULL if parsed is None else parsed
 
 
 def grid_axis(text: str) -> tuple[str, list[Any]]:
@@ -86,8 +98,9 @@ def _scalar(text: str) -> Any:
 
 
 def overrides(args: argparse.Namespace, *flag_maps: dict[str, str]) -> dict[str, Any]:
-    """Dotted config overrides from parsed flags (over SMOKE_TEST with --smoke-test); flags left unset
-    (None) keep the preset / file value."""
+    """Dotted config overrides: SMOKE_TEST with --smoke-test, then the flags, then KEY=VALUE settings;
+    flags left unset (None) keep the preset / file value."""
     flags = {field: getattr(args, flag) for flag_map in flag_maps for flag, field in flag_map.items()}
     smoke = SMOKE_TEST if getattr(args, "smoke_test", False) else {}
-    return {**smoke, **{field: value for field, value in flags.items() if value is not None}}
+    given = {field: value for field, value in flags.items() if value is not None}
+    return {**smoke, **given, **dict(getattr(args, "settings", None) or [])}

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default %(default)s)")
     ray.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train retries from the latest checkpoint")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE settings may stand between flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ray.add_argument("--strategy", choices=STRATEGIES, help="placement group strategy (default PACK)")
     ray.add_argument("--max-in-flight", type=int, help="batches in the pipeline at once (default 2 x stages x batches per call)")
     ray.add_argument("--batches-per-call", type=int, help="batches a stage takes per actor call (default: from the step time)")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # KEY=VALUE settings may stand between flags
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,6 +49,9 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
         (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz"),
         (["--config", "/nonexistent/run.yaml"], "does not exist"),
         (["--trainer", "local", "--batch-size", "9000"], "train.batch_size=9000 exceeds the 8000 training samples"),
+        (["hsic.nope=1"], "Key 'nope' not in 'HSICConfig'"),
+        (["model.depth=abc"], "could not be converted to Integer (key: model.depth)"),
+        (["hsic.eps=-1"], "hsic.eps=-1.0 is invalid"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message):
@@ -64,6 +67,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message)
 def test_unknown_estimator_is_refused_by_the_parser(tmp_path):
     proc = run_job("--estimator", "mine", "--output", str(tmp_path / "run"))
     assert proc.returncode == 2 and "invalid choice: 'mine'" in proc.stderr
+
+
+def test_a_setting_without_a_dotted_key_is_refused_by_the_parser(tmp_path):
+    proc = run_job("depth=3", "--output", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "'depth=3' is not KEY=VALUE with a dotted config key" in proc.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def test_impossible_resources_fail_before_any_actor_starts(tmp_path):
@@ -123,13 +132,14 @@ def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_smoke_test_is_a_tiny_run_and_flags_beside_it_win(tmp_path):
+def test_smoke_test_is_a_tiny_run_and_flags_and_settings_beside_it_win(tmp_path):
     out = tmp_path / "run"
     started = time.perf_counter()
-    proc = run_job("--smoke-test", "--trainer", "local", "--width", "48", "--output", str(out))
+    proc = run_job("--smoke-test", "--trainer", "local", "hsic.eps=1e-4", "--width", "48", "--output", str(out),
+                   "train.cuda_graphs=off")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert time.perf_counter() - started < 120  # seconds of work; most of it is importing torch
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and len(metrics["per_layer"]) == 3  # depth 1: three HSIC-trained layers
     saved = (out / "config.yaml").read_text()
-    assert "width: 48" in saved and "depth: 1" in saved
+    assert "width: 48" in saved and "depth: 1" in saved and "eps: 0.0001" in saved and "cuda_graphs: 'off'" in saved
