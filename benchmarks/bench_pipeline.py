@@ -83,18 +83,22 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     submit = watch.timed("submit", pipeline.submit)
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))
     pending, memory, timed = collections.deque(), [], 0
-    stage_before = None
+    stage = np.zeros((pipeline.num_stages, 3))  # per stage: seconds busy, idle, transferring
 
     def finish():
         nonlocal timed
         j, handle = pending.popleft()
-        result(handle)
-        timed += j >= warmup
+        step = result(handle)
+        if j < warmup:
+            return
+        timed += 1
+        if step.stage_seconds:  # the in-process trainer reports none
+            stage[:, :2] += step.stage_seconds
+            stage[:, 2] += step.stage_transfer_seconds
 
     for i in itertools.count():
         if i == warmup:
             started, watch.seconds = time.perf_counter(), collections.Counter()
-            stage_before = _stage_totals(pipeline)
         item = next_item()
         if item is None:
             break
@@ -106,7 +110,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     while pending:
         finish()
     seconds = time.perf_counter() - started
-    stage = (_stage_totals(pipeline) - stage_before) / timed
+    stage /= timed
     return {
         "samples_per_second": timed * batch_size / seconds,
         "stage_busy_per_batch": stage[:, 0].tolist(),
@@ -117,11 +121,6 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
         "max_in_flight": pipeline.max_in_flight,
         "memory_mib": memory,
     }
-
-
-def _stage_totals(pipeline) -> np.ndarray:
-    """Per stage: seconds busy, idle and transferring so far (zeros for the in-process trainer)."""
-    return np.array(getattr(pipeline, "stage_seconds", np.zeros((1, 3))), dtype=float)
 
 
 @ray.remote(num_cpus=0)

@@ -41,10 +41,10 @@ class LocalPipeline:
 
     def result(self, handle: tuple[Tensor, Tensor], want_output: bool, read_back: bool = True) -> StepResult:
         out, stats = handle
-        if not read_back:  # leave the step running on the device: no host sync
-            return StepResult(stats, out.cpu() if want_output else None)
-        self.stage.check_solves()
-        return StepResult(stats.cpu(), out.cpu() if want_output else None)
+        if read_back:  # otherwise the step is left running on the device: no host sync
+            self.stage.check_solves()
+            stats = stats.cpu()
+        return StepResult(stats, out.cpu() if want_output else None)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.stage.forward(x).cpu()

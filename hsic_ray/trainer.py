@@ -39,6 +39,7 @@ class StepResult:
     layer_stats: Tensor  # [layers, 3]: (loss, nhsic_zx, nhsic_zy)
     output: Optional[Tensor] = None  # the last layer's output (CPU), when asked for
     stage_seconds: Optional[list[tuple[float, float]]] = None  # per stage (busy, idle) for this step
+    stage_transfer_seconds: Optional[list[float]] = None  # per stage, the part of busy spent moving arrays
 
 
 class Pipeline(Protocol):

@@ -97,7 +97,6 @@ class RayPipeline:
         self._recoveries = 0
         self._filling = _Group()
         self._busy_per_batch: list[float] = []  # the slowest stage's, per group, until batches_per_call is chosen
-        self.stage_seconds = np.zeros((self.num_stages, 3))  # per stage: busy, idle, transferring
         self.actors = [self._start(spec) for spec in specs]
         self.placements = ray.get([a.where.remote() for a in self.actors])
         log.info("pipeline plan (%d stages, %d in flight):\n%s", self.num_stages, self.max_in_flight,
@@ -152,8 +151,9 @@ class RayPipeline:
             group.outputs = ray.get(group.hops[-1])
         stats = torch.from_numpy(np.concatenate([r["stats"][handle.slot] for r in group.reports]))
         output = torch.from_numpy(np.array(group.outputs[handle.slot])) if want_output else None
-        size = len(group.reports[0]["stats"])
-        return StepResult(stats, output, [(r["busy"] / size, r["idle"] / size) for r in group.reports])
+        size = len(group.reports[0]["stats"])  # a call's times are shared by the batches of its group
+        seconds = [(r["busy"] / size, r["idle"] / size) for r in group.reports]
+        return StepResult(stats, output, seconds, [r["transfer"] / size for r in group.reports])
 
     def _fetch(self, group: _Group) -> None:
         for _ in range(self.cfg.ray.max_recoveries + 1):
@@ -167,7 +167,6 @@ class RayPipeline:
                 self._chain(group, self._first_failed_stage(group))
         else:
             raise PipelineFailed(f"a batch failed {self.cfg.ray.max_recoveries + 1} times in a row; see the Ray logs")
-        self.stage_seconds += [[r["busy"], r["idle"], r["transfer"]] for r in group.reports]
         self._choose_batches_per_call(group.reports)
 
     def _choose_batches_per_call(self, reports: list[dict[str, Any]]) -> None:
