@@ -4,9 +4,12 @@
     checkpoints/step-00000100/coordinator.pt     head, data position, counters, RNG state, metrics so far
     checkpoints/step-00000100/MANIFEST.json      written after every other file: its presence marks the
                                                  checkpoint complete
-    checkpoints/LATEST                           the newest complete step, replaced atomically
+    checkpoints/LATEST                           the newest complete step, replaced atomically (for people:
+                                                 runs resume from the complete checkpoints on disk)
 
-A crash mid-write leaves at worst an incomplete directory without a manifest, which is never loaded.
+A crash mid-write leaves at worst an incomplete directory without a manifest, which is never loaded. A
+complete checkpoint whose files no longer load is set aside (renamed `unreadable-step-...`, never deleted)
+and the run resumes from the newest one that loads.
 """
 
 from __future__ import annotations
@@ -53,10 +56,7 @@ def load_state(run: RunDirectory, name: str) -> dict[str, Any]:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(
-            f"checkpoint file {run.path(name)} is corrupt ({type(exc).__name__}); delete its directory to "
-            "fall back to the previous checkpoint, or start a new run with another --output"
-        ) from None
+        raise CheckpointError(f"checkpoint file {run.path(name)} is corrupt ({type(exc).__name__})") from None
 
 
 def commit(run: RunDirectory, step: int, num_stages: int) -> None:
@@ -77,15 +77,33 @@ def complete_steps(run: RunDirectory) -> list[int]:
 
 def latest_step(run: RunDirectory) -> int | None:
     """The newest complete checkpoint's step, or None when the run has none."""
-    if not run.exists(f"{ROOT}/LATEST"):
-        return None
-    text = run.read_text(f"{ROOT}/LATEST").strip()
-    if not text.isdigit() or not run.exists(f"{checkpoint_dir(int(text))}/MANIFEST.json"):
+    steps = complete_steps(run)
+    return steps[-1] if steps else None
+
+
+def resume_point(run: RunDirectory) -> tuple[int | None, dict[int, str]]:
+    """The newest complete checkpoint whose every file loads (None: there is none), and why each newer
+    complete checkpoint cannot be loaded ({step: reason}). Reads only."""
+    unreadable: dict[int, str] = {}
+    for step in reversed(complete_steps(run)):
+        try:
+            verify(run, step)
+            return step, unreadable
+        except CheckpointError as exc:
+            unreadable[step] = str(exc)
+    if unreadable:
+        reasons = "; ".join(f"step {step}: {why}" for step, why in unreadable.items())
         raise CheckpointError(
-            f"{run.path(ROOT + '/LATEST')} names no complete checkpoint ({text!r}); "
-            "delete it to resume from the newest complete one, or start a new run with another --output"
+            f"no checkpoint in {run.uri} can be loaded ({reasons}); start a new run with another --output"
         )
-    return int(text)
+    return None, unreadable
+
+
+def set_aside(run: RunDirectory, step: int) -> str:
+    """Rename step's checkpoint so that it is never loaded nor overwritten; returns its new name."""
+    name = f"{ROOT}/unreadable-step-{step:08d}"
+    run.move(checkpoint_dir(step), name)
+    return name
 
 
 def read_manifest(run: RunDirectory, step: int) -> dict[str, Any]:

@@ -4,17 +4,45 @@ and which errors are the user's to fix (one line, exit code 2) rather than bugs 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import Any, Callable, NoReturn
 
 from hsic_ray.checkpoint import CheckpointError
-from hsic_ray.config import ACTIVATIONS, INITS, NULL, PRESETS, ConfigError
+from hsic_ray.config import ACTIVATIONS, INITS, NULL, PRESETS, ConfigError, ExperimentConfig, build_config
 from hsic_ray.data import DataError
 from hsic_ray.distributed.connect import ClusterConnectionError
 from hsic_ray.distributed.placement import PlacementError
-from hsic_ray.experiment import OutputExistsError
+from hsic_ray.resources import ResourceError
+from hsic_ray.run_claim import NothingToResumeError, OutputExistsError
+from hsic_ray.run_dir import OutputLocationError
 
 # Errors that name a problem in the user's input or environment and how to fix it.
-USER_ERRORS = (ConfigError, DataError, OutputExistsError, CheckpointError, PlacementError, ClusterConnectionError)
+USER_ERRORS = (
+    ConfigError, DataError, OutputExistsError, OutputLocationError, NothingToResumeError, CheckpointError,
+    PlacementError, ClusterConnectionError, ResourceError,
+)  # fmt: skip
+DEFAULT_PRESET = "deep_mlp"
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other input error of the jobs."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def run_job(body: Callable[[], int]) -> int:
+    """A job script's body; a user error ends it with one line on stderr and exit code 2."""
+    try:
+        return body()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def build_run_config(args: argparse.Namespace, *flag_maps: dict[str, str]) -> ExperimentConfig:
+    """The run's config from --preset, --config, --smoke-test, the flags and KEY=VALUE settings."""
+    return build_config(args.preset, args.config, overrides(args, *flag_maps), default_preset=DEFAULT_PRESET)
 
 # flag dest -> config field, for the flags `add_run_arguments` defines.
 RUN_FLAGS = {
@@ -45,7 +73,7 @@ SMOKE_TEST = {
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Preset, config file, output, data, network shape, budget, seed, resume and cluster address."""
-    p.add_argument("--preset", choices=sorted(PRESETS), default="deep_mlp", help="named starting config (default %(default)s)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help=f"named starting config (default: the --config file's preset:, else {DEFAULT_PRESET})")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config sections applied over the preset")
     p.add_argument("--output", metavar="DIR", help="run directory (local path or pyarrow URI)")
     p.add_argument("--dataset", metavar="SOURCE", help="mnist-sample (bundled), mnist, fashion-mnist, cifar10, npz:PATH, parquet:URI")

@@ -8,6 +8,7 @@ with every run and checkpoint and rebuilt from that file (`load_saved_config`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -224,8 +225,23 @@ def _check_positive(name: str, value: Any, minimum: float = 1) -> None:
     _check(value is not None and value >= minimum, name, value, f"a number >= {minimum}")
 
 
+MAX_EVAL_SAMPLES = 4096  # the information plane's batch: each layer builds an N x N kernel of it
+MAX_SEED = 2**32 - 1  # numpy's seeds
+
+
+def _check_numbers(obj: Any, prefix: str = "") -> None:
+    """Every number of every section is finite; a value of inf or nan is never a setting."""
+    for f in dataclasses.fields(obj):
+        value, name = getattr(obj, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, f"{name}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), name, value, "a finite number")
+
+
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every field once; raise ConfigError naming the first bad one and what it accepts."""
+    _check_numbers(cfg)
     source = cfg.data.source
     _check(
         source in DATASET_NAMES or (source.startswith(DATASET_PREFIXES) and len(source) > 4),
@@ -233,6 +249,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         source,
         f"one of {', '.join(DATASET_NAMES)}, npz:PATH or parquet:URI",
     )
+    _check(0 <= cfg.data.split_seed <= MAX_SEED, "data.split_seed", cfg.data.split_seed, f"an integer in [0, {MAX_SEED}]")
     _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)")
     _check_choice("model.arch", cfg.model.arch, ARCHITECTURES)
     _check_choice("model.activation", cfg.model.activation, ACTIVATIONS)
@@ -255,7 +272,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_positive("train.epochs", cfg.train.epochs)
     _check(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "a number >= 1 or null")
     _check_positive("train.log_every", cfg.train.log_every)
-    _check_positive("train.eval_samples", cfg.train.eval_samples, minimum=2)
+    _check(2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES, "train.eval_samples", cfg.train.eval_samples,
+           f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)")  # fmt: skip
+    _check(0 <= cfg.train.seed <= MAX_SEED, "train.seed", cfg.train.seed, f"an integer in [0, {MAX_SEED}]")
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _check_choice("train.cuda_graphs", cfg.train.cuda_graphs, CUDA_GRAPHS)
     _check(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
@@ -275,6 +294,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
            cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
+    _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a positive number of seconds")
+    _check(cfg.output is None or bool(cfg.output.strip()), "output", cfg.output, "a directory path or URI (or null: runs/<preset>-<time>)")
     _check(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
     return cfg
 
@@ -297,7 +318,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-    loaded = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:  # yaml's parser errors, UnicodeDecodeError for binary files, ...
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ConfigError(
+            f"config file {str(path)!r} is not valid YAML ({type(exc).__name__}: {detail}); fix it or pass another --config"
+        ) from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -327,14 +354,16 @@ def build_config(
     preset: str | None = None,
     yaml_path: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
+    default_preset: str | None = None,
 ) -> ExperimentConfig:
     """preset -> YAML file -> overrides (dotted keys), then validate once.
 
-    The preset is built for the dataset the file or overrides ask for, since its beta depends on it.
+    The preset is the overrides' `preset`, else `preset`, else the file's `preset:`, else `default_preset`.
+    It is built for the dataset the file or overrides ask for, since its beta depends on it.
     """
     file_tree = read_yaml(yaml_path) if yaml_path else {}
     override_tree = overrides_to_tree(overrides or {})
-    preset = override_tree.pop("preset", None) or preset or file_tree.pop("preset", None)
+    preset = override_tree.pop("preset", None) or preset or file_tree.pop("preset", None) or default_preset
     file_tree.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset={preset!r} is invalid: expected one of {', '.join(PRESETS)}")

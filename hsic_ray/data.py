@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from hsic_ray.config import DATASET_NAMES, DataConfig
+from hsic_ray.run_dir import OutputLocationError, check_location
 
 PARQUET_FORMAT_VERSION = 1
 _METADATA_KEY = b"hsic_ray"
@@ -167,7 +168,8 @@ def check_arrays(
             "store both splits as uint8 or both as floats in [0, 1]"
         )
     top = max(int(ys["train"].max()), int(ys["test"].max()))
-    if num_classes is None:
+    inferred = num_classes is None
+    if inferred:
         num_classes = top + 1
     elif isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
         raise DataError(f"dataset {name!r}: num_classes={num_classes!r} is invalid: expected an integer >= 1")
@@ -181,6 +183,7 @@ def check_arrays(
                 f"dataset {name!r}: y_{split} has label {hi} but num_classes is {num_classes}: expected class "
                 f"indices in [0, {num_classes}) (labels must be 0-based)"
             )
+    _check_classes(name, ys["train"], ys["test"], num_classes, inferred)
     return ImageData(
         name=name,
         x_train=xs["train"],
@@ -189,6 +192,25 @@ def check_arrays(
         y_test=ys["test"],
         num_classes=num_classes,
     )
+
+
+def _check_classes(name: str, y_train: np.ndarray, y_test: np.ndarray, num_classes: int, inferred: bool) -> None:
+    """At least two classes, none seen only in testing (it could never be predicted), and, where the class
+    count comes from the largest label, no gaps (sparse labels 0, 1000, ... would make empty classes)."""
+    present = np.unique(y_train)
+    if len(present) < 2:
+        raise DataError(f"dataset {name!r}: y_train holds only class {present[0]}: a classifier needs at least 2 classes")
+    unseen = np.setdiff1d(np.unique(y_test), present)
+    if len(unseen):
+        raise DataError(
+            f"dataset {name!r}: y_test has classes that y_train never shows ({', '.join(map(str, unseen[:5]))}); "
+            "every test class needs training samples"
+        )
+    if inferred and len(present) < num_classes:
+        raise DataError(
+            f"dataset {name!r}: labels run up to {num_classes - 1} but y_train has only {len(present)} distinct classes; "
+            "labels must be class indices 0..K-1 without gaps (renumber them with np.unique(y, return_inverse=True))"
+        )
 
 
 # --- sources ---------------------------------------------------------------------------------------------
@@ -577,9 +599,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         split_seed=args.split_seed,
     )
     try:
+        check_location(args.output)
         data = load_dataset(cfg)
         write_parquet(data, args.output, shard_size=args.shard_size)
-    except DataError as exc:
+    except (DataError, OutputLocationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     c, h, w = data.input_shape

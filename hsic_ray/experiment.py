@@ -6,9 +6,11 @@ Everything that can be checked cheaply (config, data, output directory) is check
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -20,21 +22,20 @@ from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
+from hsic_ray import run_claim
+from hsic_ray.resources import check_memory, threads_for
+from hsic_ray.run_claim import Claim
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.trainer import HSICTrainer
 
 log = logging.getLogger("hsic_ray")
 
 
-class OutputExistsError(FileExistsError):
-    """The output directory already holds a finished run, which a new run would overwrite."""
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda, but torch sees no CUDA device; use --device auto or cpu")
+        raise ConfigError("train.device=cuda, but torch sees no CUDA device here; use --device auto or cpu")
     return torch.device(name)
 
 
@@ -53,6 +54,18 @@ def _setting(cfg: ExperimentConfig, dotted: str) -> Any:
     return value
 
 
+def saved_config(claim: Claim) -> ExperimentConfig:
+    """The config of the interrupted run in the claimed directory."""
+    where = claim.run.path("config.yaml")
+    text = claim.saved_config_text()
+    if text is None:
+        raise ConfigError(f"{claim.run.uri} holds an interrupted run without its config.yaml; choose another --output")
+    try:
+        return config_from_yaml_text(text)
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"{where} is broken ({str(exc).splitlines()[0]}); choose another --output") from None
+
+
 def check_resumable(
     saved: ExperimentConfig, cfg: ExperimentConfig, uri: str, names: tuple[str, ...] = _RESUME_MUST_MATCH
 ) -> None:
@@ -64,30 +77,45 @@ def check_resumable(
             )
 
 
-def unfinished_run_directory(cfg: ExperimentConfig, method: str) -> RunDirectory:
-    """The run's output directory; a finished run (metrics.json) there is never written over."""
-    run = RunDirectory(cfg.output or default_output(cfg, method))
-    if run.exists("metrics.json"):
-        raise OutputExistsError(f"{run.uri} already holds a finished run (metrics.json); choose another --output")
-    return run
+@dataclass
+class RunStart:
+    """Where a run starts: its claimed directory, and the checkpoint it continues from (None: step 0)."""
+
+    claim: Claim
+    step: int | None = None
+    stages: int | None = None  # the checkpoint's stage count
+    unreadable: dict[int, str] = field(default_factory=dict)  # newer checkpoints that do not load
+
+    @property
+    def run(self) -> RunDirectory:
+        return self.claim.run
+
+    def commit(self, cfg: ExperimentConfig) -> None:
+        """Every check passed: write the run's first files, and set aside checkpoints that do not load."""
+        self.claim.commit(save_config(cfg))
+        for step, why in self.unreadable.items():
+            name = checkpoint.set_aside(self.run, step)
+            log.warning("checkpoint at step %d cannot be loaded (%s): kept as %s, resuming from step %s",
+                        step, why, name, self.step)  # fmt: skip
+        if self.claim.interrupted and self.step is None:
+            self.run.append_jsonl("metrics.jsonl", {"kind": "restart", "reason": "no complete checkpoint"})
 
 
-def open_run(cfg: ExperimentConfig, method: str, resume: bool = False) -> tuple[RunDirectory, int | None]:
-    """The run directory, and the checkpoint step to resume from (None: a fresh run).
+def plan_start(cfg: ExperimentConfig, method: str, resume: bool = False) -> RunStart:
+    """Claim the output directory and find the checkpoint to continue from; reads only.
 
-    A directory with a complete checkpoint and no metrics.json is an interrupted run: it is continued.
-    A finished run is never written over. Checkpoint files are verified before anything is written.
+    A directory with an unfinished run of the same kind is continued (from its newest checkpoint that
+    loads, or from step 0 when it has none), if its settings match. See `hsic_ray.run_claim`.
     """
-    run = unfinished_run_directory(cfg, method)
-    step = checkpoint.latest_step(run)
-    if step is None:
-        if resume:
-            raise checkpoint.CheckpointError(f"--resume: {run.uri} holds no complete checkpoint to resume from")
-        run.write_text("config.yaml", save_config(cfg))
-        return run, None
-    check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri)
-    checkpoint.verify(run, step)
-    return run, step
+    claim = run_claim.claim(cfg.output or default_output(cfg, method), method, resume)
+    if not claim.interrupted:
+        return RunStart(claim)
+    check_resumable(saved_config(claim), cfg, claim.run.uri)
+    step, unreadable = checkpoint.resume_point(claim.run)
+    if step is None and resume:
+        raise checkpoint.CheckpointError(f"--resume: {claim.run.uri} holds no complete checkpoint to resume from")
+    stages = None if step is None else checkpoint.read_manifest(claim.run, step)["stages"]
+    return RunStart(claim, step, stages, unreadable)
 
 
 def build_seeded_network(cfg: ExperimentConfig, data: ImageData) -> LayerwiseNet:
@@ -104,15 +132,26 @@ def check_batch_fits(cfg: ExperimentConfig, data: ImageData) -> None:
         )
 
 
-def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet) -> list:
-    """Connect to Ray and lay the layers out as stages; raises before any actor starts if they won't fit."""
+def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages: int | None) -> list:
+    """Connect to Ray and lay the layers out as stages; raises before any actor starts if they won't fit.
+
+    A resumed run keeps its checkpoint's stage count (each stage's file holds its own layers)."""
     from hsic_ray.distributed.connect import connect
     from hsic_ray.distributed.placement import check_fits, cluster_totals, plan_stages
 
-    stages = cfg.ray.stages or os.cpu_count() or 1
-    connect(cfg.ray.address, local_cpus=stages * cfg.ray.cpus_per_stage + cfg.ray.coordinator_cpus)
-    specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
-    check_fits(specs, cfg.ray.coordinator_cpus, cfg.ray.strategy)
+    ray_cfg = cfg.ray
+    if checkpoint_stages is not None:
+        if ray_cfg.stages not in (None, checkpoint_stages):
+            raise ConfigError(
+                f"ray.stages={ray_cfg.stages}, but the checkpoint to resume was written by {checkpoint_stages} "
+                f"stages; resume with --stages {checkpoint_stages} (or without --stages)"
+            )
+        ray_cfg = dataclasses.replace(ray_cfg, stages=checkpoint_stages)
+    stages = ray_cfg.stages or os.cpu_count() or 1
+    connect(ray_cfg.address, local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
+            processes=stages + 1, cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus))  # fmt: skip
+    specs = plan_stages(ray_cfg, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
+    check_fits(specs, ray_cfg.coordinator_cpus, ray_cfg.strategy)
     return specs
 
 
@@ -126,7 +165,7 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
     # The coordinator computes each batch's targets while the stages train: keep it to its own CPUs so it
     # does not fight the stage actors for cores.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.ray.coordinator_cpus)))
+    torch.set_num_threads(threads_for(cfg.ray.coordinator_cpus))
     pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes)
     try:
         yield pipeline
@@ -147,17 +186,20 @@ def run_hsic(
     checkpoints) is checked before any actor starts. An interrupted run in the same output directory is
     continued from its latest checkpoint.
     """
+    start = plan_start(cfg, "hsic", resume)
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
+    check_memory(cfg, data.input_shape)
     device = resolve_device(cfg.train.device)
     net = build_seeded_network(cfg, data)
-    specs = _plan_ray_stages(cfg, net) if cfg.trainer == "ray" else None
-    run, resume_step = open_run(cfg, "hsic", resume)
+    specs = _plan_ray_stages(cfg, net, start.stages) if cfg.trainer == "ray" else None
+    start.commit(cfg)
+    run = start.run
     log.info("run directory: %s  (%s, %d train / %d test samples, %s trainer)",
              run.uri, data.name, len(data.y_train), len(data.y_test), cfg.trainer)  # fmt: skip
     with _pipeline(cfg, data, net, specs, device) as pipeline:
         trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
-        return trainer.fit(resume_step)
+        return trainer.fit(start.step)
 
 
 def run_backprop(
@@ -166,8 +208,11 @@ def run_backprop(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The baseline: the same network and head trained end to end by backprop, in process."""
+    start = plan_start(cfg, "backprop")
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
+    check_memory(cfg, data.input_shape)
     device = resolve_device(cfg.train.device)
-    run, _ = open_run(cfg, "backprop")
-    return BackpropTrainer(cfg, data, build_seeded_network(cfg, data), run, device).fit(on_epoch)
+    net = build_seeded_network(cfg, data)
+    start.commit(cfg)
+    return BackpropTrainer(cfg, data, net, start.run, device).fit(on_epoch)

@@ -1,7 +1,8 @@
 """A run's output directory, on a local path or any pyarrow filesystem URI (shared storage on a cluster).
 
 Every file is written whole to a temporary name and then moved into place, so a crash mid-write leaves
-either the previous version or the new one, never a torn file.
+either the previous version or the new one, never a torn file. Nothing is created until the first write,
+and `check_location` says before then whether a location can hold a run at all.
 """
 
 from __future__ import annotations
@@ -16,8 +17,58 @@ from typing import Any, Callable
 import pyarrow.fs as pafs
 
 
+class OutputLocationError(ValueError):
+    """An output location that cannot hold a run (a file, unwritable, an unknown or unreachable URI)."""
+
+
 def _has_scheme(uri: str) -> bool:
     return "://" in uri
+
+
+def _in_ray_job_working_dir() -> bool:
+    """Whether this process is a `ray job submit` entrypoint running in Ray's temporary copy of its
+    working dir (deleted with the Ray session)."""
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
+    return bool((config.get("runtime_env") or {}).get("working_dir"))
+
+
+def check_location(uri: str) -> str:
+    """The absolute location of `uri` if a run can be written there; writes nothing.
+
+    Raises OutputLocationError naming the problem and the fix.
+    """
+    if not uri or not uri.strip():
+        raise OutputLocationError("--output is empty: give a directory path or a URI such as s3://bucket/runs/a")
+    if _has_scheme(uri):
+        try:
+            fs, root = pafs.FileSystem.from_uri(uri)
+        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for unknown or unreachable URIs
+            raise OutputLocationError(
+                f"--output {uri} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "give a local path or a reachable URI of a scheme pyarrow knows (s3://, gs://, hdfs://, file://)"
+            ) from None
+        if isinstance(fs, pafs.LocalFileSystem):
+            _check_local_directory(root, uri)
+        return uri
+    if not os.path.isabs(os.path.expanduser(uri)) and _in_ray_job_working_dir():
+        raise OutputLocationError(
+            f"--output {uri} is relative, and this Ray job runs in Ray's temporary copy of its working dir, "
+            "which is deleted with the Ray session; give an absolute path (e.g. --output \"$PWD/runs/a\") or a URI"
+        )
+    path = os.path.abspath(os.path.expanduser(uri))
+    _check_local_directory(path, uri)
+    return path
+
+
+def _check_local_directory(path: str, uri: str) -> None:
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"is under {existing}, which is a file"
+        raise OutputLocationError(f"--output {uri} {where}; give a directory path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputLocationError(f"--output {uri} cannot be written ({existing} is not writable); choose another --output")
 
 
 class RunDirectory:
@@ -26,7 +77,6 @@ class RunDirectory:
         # Absolute, so that other processes (stage actors) with other working directories find it too.
         self.location = uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
         self.fs, self.root = pafs.FileSystem.from_uri(self.location)
-        self.fs.create_dir(self.root, recursive=True)
         self._jsonl: dict[str, list[str]] = {}  # on object stores: each JSON-lines file's lines, to rewrite it
         self._appending: set[str] = set()  # on a local disk: the JSON-lines files this process appends to
 
@@ -40,13 +90,16 @@ class RunDirectory:
     def exists(self, name: str) -> bool:
         return self.fs.get_file_info(self.path(name)).type != pafs.FileType.NotFound
 
-    def list_dir(self, name: str) -> list[str]:
-        """Names directly under `name` (empty when it does not exist)."""
-        selector = pafs.FileSelector(self.path(name), allow_not_found=True)
+    def list_dir(self, name: str = "") -> list[str]:
+        """Names directly under `name` (the run directory itself by default; empty when it does not exist)."""
+        selector = pafs.FileSelector(self.path(name) if name else self.root, allow_not_found=True)
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
 
     def delete_dir(self, name: str) -> None:
         self.fs.delete_dir(self.path(name))
+
+    def move(self, name: str, new_name: str) -> None:
+        self.fs.move(self.path(name), self.path(new_name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         final = self.path(name)
@@ -69,6 +122,9 @@ class RunDirectory:
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode()
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_text(name))
 
     def read_jsonl(self, name: str) -> list[dict[str, Any]]:
         """The records of a JSON-lines file; a line torn by a crash mid-append is skipped."""

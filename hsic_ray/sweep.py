@@ -11,7 +11,7 @@ import csv
 import io
 import itertools
 import logging
-import os
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -19,11 +19,15 @@ from typing import Any, Optional
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from hsic_ray import run_claim
 from hsic_ray.config import ConfigError, ExperimentConfig, build_config
+from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
-from hsic_ray.experiment import run_backprop, run_hsic
+from hsic_ray.experiment import check_batch_fits, run_backprop, run_hsic
 from hsic_ray.plots import plot_curves
+from hsic_ray.resources import check_memory
+from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.run_dir import RunDirectory
 
 log = logging.getLogger("hsic_ray")
@@ -56,7 +60,7 @@ def trial_config(params: dict[str, Any]) -> ExperimentConfig:
     overrides = dict(params["overrides"])
     overrides["model.depth"] = params["depth"]
     overrides.update({k: v for k, v in params.items() if "." in k})  # grid keys and per-trial ray layout
-    overrides["output"] = os.path.join(params["sweep_dir"], "trials", f"{params['method']}-{tune.get_context().get_trial_id()}")
+    overrides["output"] = f"{params['sweep_dir']}/trials/{params['method']}-{tune.get_context().get_trial_id()}"
     return build_config(params["preset"], overrides=overrides)
 
 
@@ -104,12 +108,43 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
 
 
+def _check_spec(spec: SweepSpec) -> None:
+    """The sweep's own settings, each named by its flag."""
+    checks = [
+        (spec.depths and all(d >= 1 for d in spec.depths), "--depths", spec.depths, "one or more depths >= 1"),
+        (spec.methods and set(spec.methods) <= set(METHODS), "--methods", spec.methods, f"some of {', '.join(METHODS)}"),
+        (spec.stages_per_trial >= 1, "--stages-per-trial", spec.stages_per_trial, "a number >= 1"),
+        (math.isfinite(spec.gpus_per_stage) and spec.gpus_per_stage >= 0, "--gpus-per-stage", spec.gpus_per_stage,
+         "a number >= 0 (fractions share a GPU)"),
+        (spec.max_concurrent_trials >= 1, "--max-concurrent", spec.max_concurrent_trials, "a number >= 1"),
+        ("model.depth" not in spec.grid, "--grid", "model.depth", "other keys: give depths with --depths"),
+    ]  # fmt: skip
+    for ok, flag, value, expected in checks:
+        if not ok:
+            raise ConfigError(f"{flag} {value} is invalid: expected {expected}")
+
+
+def trial_configs(spec: SweepSpec) -> list[ExperimentConfig]:
+    """Every trial's run config, with its stage layout, checked like any run's."""
+    layout = {"ray.stages": spec.stages_per_trial, "ray.gpus_per_stage": spec.gpus_per_stage}
+    return [
+        build_config(spec.preset, overrides={**spec.overrides, **point, **layout, "model.depth": depth})
+        for depth, point in itertools.product(spec.depths, grid_points(spec.grid))
+    ]
+
+
 def _validate_trials(spec: SweepSpec) -> None:
-    """Build every trial's config before any trial starts, so a bad setting fails in seconds."""
-    if "model.depth" in spec.grid:
-        raise ConfigError("the sweep grid has model.depth: give depths with --depths instead")
-    for depth, point in itertools.product(spec.depths, grid_points(spec.grid)):
-        build_config(spec.preset, overrides={**spec.overrides, **point, "model.depth": depth})
+    """Build and check every trial before Ray starts, data included, so a bad setting fails in seconds
+    instead of in every trial."""
+    _check_spec(spec)
+    configs = trial_configs(spec)
+    datasets: dict[str, ImageData] = {}
+    for cfg in configs:
+        key = f"{cfg.data.source} {cfg.data.root} {cfg.data.test_fraction} {cfg.data.split_seed}"
+        if key not in datasets:
+            datasets[key] = load_dataset(cfg.data)
+        check_batch_fits(cfg, datasets[key])
+        check_memory(cfg, datasets[key].input_shape)
 
 
 def _check_capacity(spec: SweepSpec) -> None:
@@ -140,17 +175,24 @@ def _param_space(spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
 def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return the rows
     (by method and grid settings, then depth)."""
+    claim = run_claim.claim(spec.output, "sweep", resume)
+    if claim.interrupted and not resume and claim.run.exists("tune"):
+        raise OutputExistsError(
+            f"{claim.run.uri} holds an interrupted sweep; add --resume to continue it, or choose another --output"
+        )
     _validate_trials(spec)
-    connect(address, local_cpus=(1 + spec.stages_per_trial) * spec.max_concurrent_trials)
+    processes = (1 + spec.stages_per_trial) * spec.max_concurrent_trials
+    connect(address, local_cpus=processes, processes=processes)
     _check_capacity(spec)
-    sweep_dir = os.path.abspath(spec.output)
+    sweep_dir = claim.run.location
     trainable = tune.with_resources(run_trial, trial_resources(spec))
-    tune_path = os.path.join(sweep_dir, "tune")
+    tune_path = f"{sweep_dir}/tune"
     if resume:
         if not tune.Tuner.can_restore(tune_path):
             raise FileNotFoundError(f"--resume: no sweep to restore at {tune_path}")
         tuner = tune.Tuner.restore(tune_path, trainable, resume_errored=True)
     else:
+        claim.commit()
         scheduler = ASHAScheduler(time_attr="epoch", grace_period=1) if spec.asha else None
         tuner = tune.Tuner(
             trainable,
@@ -162,7 +204,7 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     started = time.perf_counter()
     grid = tuner.fit()
     rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
-    write_results(RunDirectory(sweep_dir), rows)
+    write_results(claim.run, rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
     return rows
 
@@ -180,6 +222,15 @@ def _row(result) -> dict[str, Any]:
         "finished": bool(metrics.get("final")),
         "error": None if result.error is None else type(result.error).__name__,
     }
+
+
+def failed_trials(rows: list[dict[str, Any]]) -> str | None:
+    """A line naming the trials that did not finish, or None when all did."""
+    failed = [r for r in rows if r["error"] or not r["finished"]]
+    if not failed:
+        return None
+    names = ", ".join(f"{_series_label(r)} depth {r['depth']} ({r['error'] or 'unfinished'})" for r in failed)
+    return f"{len(failed)} of {len(rows)} trials did not finish: {names}"
 
 
 def _series_label(row: dict[str, Any]) -> str:

@@ -31,18 +31,21 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from hsic_ray import backprop
+from hsic_ray import backprop, checkpoint, run_claim
 from hsic_ray.checkpoint import CheckpointError
 from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
-from hsic_ray.experiment import build_seeded_network, check_batch_fits, check_resumable, unfinished_run_directory
+from hsic_ray.experiment import build_seeded_network, check_batch_fits, check_resumable, default_output, saved_config
+from hsic_ray.resources import check_memory, threads_for
+from hsic_ray.run_claim import Claim
 from hsic_ray.plots import plot_curves
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
@@ -73,10 +76,13 @@ def _shard_by_rank(rank: int, world: int, batch_size: int):
     return shard
 
 
-def _load_state(checkpoint) -> dict[str, Any] | None:
-    if checkpoint is None:
+def _load_state(train_checkpoint, unreadable: tuple[str, ...] = (), fallback: str | None = None) -> dict[str, Any] | None:
+    """The state in Ray Train's checkpoint, or in `fallback` when that checkpoint is one of `unreadable`."""
+    if train_checkpoint is None:
         return None
-    with checkpoint.as_directory() as directory:
+    if os.path.basename(train_checkpoint.path.rstrip("/")) in unreadable:
+        return checkpoint.load_state(RunDirectory(fallback), STATE_FILE)
+    with train_checkpoint.as_directory() as directory:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
@@ -99,7 +105,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    torch.set_num_threads(threads_for(config["cpus_per_worker"]))
     if rank == 0:
         _setup_worker_logging()
     device = ray.train.torch.get_device()
@@ -108,7 +114,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     # Same seed, same builders, same order as the in-process baseline (every rank builds identical weights).
     net = build_seeded_network(cfg, data)
     model = backprop.build_model(net, data.num_classes)
-    state = _load_state(ray.train.get_checkpoint())
+    state = _load_state(ray.train.get_checkpoint(), tuple(config["unreadable"]), config["fallback"])
     if state is not None:
         model.load_state_dict(state["model"])
     if world > 1 and device.type == "cuda":
@@ -163,18 +169,54 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 # --- the driver ------------------------------------------------------------------------------------------
 
 
-def _open(cfg: ExperimentConfig, resume: bool) -> tuple[RunDirectory, bool]:
-    """The run directory and whether it holds an interrupted run to continue; checks, writes nothing."""
-    run = unfinished_run_directory(cfg, "backprop")
-    interrupted = run.exists(f"{RAY_TRAIN_DIR}/{RUN_NAME}/{SNAPSHOT_FILE}")
-    if not interrupted:
-        if resume:
-            raise CheckpointError(f"--resume: {run.uri} holds no Ray Train checkpoint to resume from")
-        return run, False
-    if not run.exists("config.yaml"):
-        raise ConfigError(f"{run.uri} holds Ray Train checkpoints but no config.yaml; choose another --output")
-    check_resumable(config_from_yaml_text(run.read_text("config.yaml")), cfg, run.uri, RESUME_MUST_MATCH)
-    return run, True
+def _open(cfg: ExperimentConfig, resume: bool) -> tuple[Claim, _ResumePoint | None]:
+    """The claimed run directory and the checkpoint an interrupted run continues from (None: a fresh
+    start); checks, writes nothing."""
+    claim = run_claim.claim(cfg.output or default_output(cfg, "backprop"), "backprop", resume)
+    run = claim.run
+    interrupted = claim.interrupted and run.exists(f"{RAY_TRAIN_DIR}/{RUN_NAME}/{SNAPSHOT_FILE}")
+    if claim.interrupted:
+        check_resumable(saved_config(claim), cfg, run.uri, RESUME_MUST_MATCH)
+    if resume and not interrupted:
+        raise CheckpointError(f"--resume: {run.uri} holds no Ray Train checkpoint to resume from")
+    return claim, _resume_point(run) if interrupted else None
+
+
+@dataclass
+class _ResumePoint:
+    """The Ray Train checkpoint an interrupted run continues from: the newest whose state loads. Ray Train
+    hands workers its latest one; when that one does not load, they take `fallback` instead."""
+
+    fallback: str | None = None  # location of the checkpoint directory to load instead
+    unreadable: dict[str, str] = field(default_factory=dict)  # checkpoint dir name -> why it does not load
+
+
+def _resume_point(run: RunDirectory) -> _ResumePoint:
+    """Load Ray Train's checkpoints newest first, before any worker starts (a corrupt one would otherwise
+    fail every worker, and again on every rerun)."""
+    experiment = f"{RAY_TRAIN_DIR}/{RUN_NAME}"
+    try:
+        snapshot = run.read_json(f"{experiment}/{SNAPSHOT_FILE}")
+        names = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{run.path(experiment + '/' + SNAPSHOT_FILE)} is unreadable ({type(exc).__name__}); "
+            "start a new run with another --output"
+        ) from None
+    point = _ResumePoint()
+    for name in reversed(names):
+        try:
+            checkpoint.load_state(run, f"{experiment}/{name}/{STATE_FILE}")
+        except CheckpointError as exc:
+            point.unreadable[name] = str(exc)
+            continue
+        if point.unreadable:
+            point.fallback = f"{run.location.rstrip('/')}/{experiment}/{name}"
+        return point
+    raise CheckpointError(
+        f"no Ray Train checkpoint in {run.path(experiment)} can be loaded "
+        f"({'; '.join(point.unreadable.values()) or 'none listed'}); start a new run with another --output"
+    )
 
 
 def _check_resources(workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
@@ -186,6 +228,16 @@ def _check_resources(workers: int, use_gpu: bool, cpus_per_worker: float) -> Non
                 f"{workers} Ray Train workers need {amount:g} {kind} but the cluster has {totals[kind]:g}; "
                 f"use fewer --workers{' or drop --use-gpu' if kind == 'GPU' else ''}, or a larger cluster"
             )
+
+
+def training_failure(exc: Exception) -> str:
+    """One line for a Ray Train failure (its message holds every worker's traceback): the cause and the fix."""
+    text = str(exc)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    if "OutOfMemoryError" in text or "memory" in text.lower():
+        return f"Ray Train's workers ran out of memory ({first}); use fewer --workers or a smaller network"
+    return (f"training failed ({first}); its checkpoints are kept: rerun the same command to continue from the "
+            "latest one (--max-failures N lets Ray Train retry by itself)")  # fmt: skip
 
 
 def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: str) -> None:
@@ -230,13 +282,16 @@ def train_backprop(
         )
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
-    run, interrupted = _open(cfg, resume)
-    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker)
+    check_memory(cfg, data.input_shape)
+    claim, point = _open(cfg, resume)
+    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker, processes=workers + 1, cpus_per_process=cpus_per_worker)
     _check_resources(workers, use_gpu, cpus_per_worker)
-    if interrupted:
-        log.info("continuing the interrupted run in %s from its latest Ray Train checkpoint", run.uri)
-    else:
-        run.write_text("config.yaml", save_config(cfg))
+    claim.commit(save_config(cfg))
+    run = claim.run
+    if point is not None:
+        log.info("continuing the interrupted run in %s from its newest loadable Ray Train checkpoint", run.uri)
+        for name, why in point.unreadable.items():
+            log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, point.fallback)
     storage_path = f"{run.location.rstrip('/')}/{RAY_TRAIN_DIR}"
     log.info("run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
              run.uri, data.name, len(data.y_train), len(data.y_test), workers, "s" if workers > 1 else "",
@@ -246,7 +301,8 @@ def train_backprop(
     trainer = TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={"config": save_config(cfg), "data": ray.put(data), "run": run.location,
-                           "cpus_per_worker": cpus_per_worker},  # fmt: skip
+                           "cpus_per_worker": cpus_per_worker, "unreadable": list(point.unreadable) if point else [],
+                           "fallback": point.fallback if point else None},  # fmt: skip
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             storage_path=storage_path,

@@ -15,16 +15,16 @@ import logging
 import sys
 import time
 
-from hsic_ray.cli import USER_ERRORS, grid_axis
+from hsic_ray.cli import JobArgumentParser, grid_axis, run_job
 from hsic_ray.config import ESTIMATORS, PRESETS
-from hsic_ray.sweep import METHODS, SweepSpec, markdown_table, run_sweep
+from hsic_ray.sweep import METHODS, SweepSpec, failed_trials, markdown_table, run_sweep
 
 SMOKE = {"depths": [2, 4], "overrides": {"model.width": 64, "train.epochs": 2, "train.batch_size": 256,
                                          "head.epochs": 2, "train.log_every": 50}}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="deep_mlp")
     p.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -75,13 +75,17 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    try:
+
+    def sweep() -> int:
         rows = run_sweep(build_spec(args), resume=args.resume, address=args.ray_address)
-    except (*USER_ERRORS, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown_table(rows))
-    return 0
+        print(markdown_table(rows))
+        failed = failed_trials(rows)
+        if failed:
+            print(f"error: {failed}; Tune's logs of each trial are under {args.output}/tune", file=sys.stderr)
+            return 1
+        return 0
+
+    return run_job(sweep)
 
 
 if __name__ == "__main__":

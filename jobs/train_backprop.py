@@ -16,15 +16,16 @@ import argparse
 import logging
 import sys
 
-from hsic_ray.cli import RUN_FLAGS, USER_ERRORS, add_run_arguments, overrides
-from hsic_ray.config import build_config
-from hsic_ray.train_backprop import train_backprop
+from ray.train import TrainingFailedError
+
+from hsic_ray.cli import RUN_FLAGS, JobArgumentParser, add_run_arguments, build_run_config, run_job
+from hsic_ray.train_backprop import train_backprop, training_failure
 
 BACKPROP_FLAGS = {"lr": "backprop.lr"}  # the shared flags are in hsic_ray.cli.RUN_FLAGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.add_argument("--lr", type=float, help="SGD learning rate of the end-to-end training (backprop.lr)")
     ray = p.add_argument_group("ray train")
@@ -38,30 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    try:
-        cfg = build_config(args.preset, args.config, overrides(args, RUN_FLAGS, BACKPROP_FLAGS))
-        metrics = train_backprop(
-            cfg,
-            resume=args.resume,
-            workers=args.workers,
-            use_gpu=args.use_gpu,
-            cpus_per_worker=args.cpus_per_worker,
-            max_failures=args.max_failures,
-        )
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:
-        from ray.train import TrainingFailedError
 
-        if not isinstance(exc, TrainingFailedError):
-            raise
-        print(f"error: training failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]}); "
-              "rerun the same command to continue from the latest checkpoint", file=sys.stderr)  # fmt: skip
-        return 1
-    print(f"test accuracy: formatted {metrics['test_accuracy_formatted']:.2f} after {metrics['epochs']} epochs "
-          f"({metrics['steps']} steps, {metrics['samples_per_second']:.0f} samples/s)")  # fmt: skip
-    return 0
+    def train() -> int:
+        cfg = build_run_config(args, RUN_FLAGS, BACKPROP_FLAGS)
+        try:
+            metrics = train_backprop(cfg, resume=args.resume, workers=args.workers, use_gpu=args.use_gpu,
+                                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)  # fmt: skip
+        except TrainingFailedError as exc:
+            print(f"error: {training_failure(exc)}", file=sys.stderr)
+            return 1
+        print(f"test accuracy: formatted {metrics['test_accuracy_formatted']:.2f} after {metrics['epochs']} epochs "
+              f"({metrics['steps']} steps, {metrics['samples_per_second']:.0f} samples/s)")  # fmt: skip
+        return 0
+
+    return run_job(train)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from hsic_ray.cli import RUN_FLAGS, USER_ERRORS, add_run_arguments, overrides
-from hsic_ray.config import CUDA_GRAPHS, NULL, STRATEGIES, TRAINERS, build_config
+from hsic_ray.cli import RUN_FLAGS, JobArgumentParser, add_run_arguments, build_run_config, run_job
+from hsic_ray.config import CUDA_GRAPHS, NULL, STRATEGIES, TRAINERS
 from hsic_ray.experiment import run_hsic
 from hsic_ray.hsic import ESTIMATORS
 
@@ -46,7 +46,7 @@ def _sigma(text: str) -> float | str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.add_argument("--trainer", choices=TRAINERS, help="where the layers train (default ray)")
     p.add_argument("--estimator", choices=ESTIMATORS, help="plausible: HSIC(Z,Z) replaces HSIC(Z,X); beta is its gamma (2 in the paper)")
@@ -72,14 +72,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     args = parse_args(argv)
-    try:
-        cfg = build_config(args.preset, args.config, overrides(args, RUN_FLAGS, HSIC_FLAGS))
-        metrics = run_hsic(cfg, resume=args.resume)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"test accuracy: unformatted {metrics['test_accuracy_unformatted']}, formatted {metrics['test_accuracy_formatted']:.2f}")
-    return 0
+
+    def train() -> int:
+        metrics = run_hsic(build_run_config(args, RUN_FLAGS, HSIC_FLAGS), resume=args.resume)
+        unformatted, formatted = metrics["test_accuracy_unformatted"], metrics["test_accuracy_formatted"]
+        print(f"test accuracy: unformatted {unformatted}, formatted {formatted:.2f}")
+        return 0
+
+    return run_job(train)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from hsic_ray.config import ConfigError, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.experiment import run_hsic
 from hsic_ray.local import LocalPipeline
+from hsic_ray.run_claim import NothingToResumeError
 from hsic_ray.run_dir import RunDirectory
 
 
@@ -79,19 +80,54 @@ def test_old_checkpoints_are_pruned_and_incomplete_ones_ignored(tmp_path, digits
     assert checkpoint.complete_steps(run) == [16, 20]
 
 
-def test_corrupt_checkpoint_stops_before_anything_is_written(tmp_path, digits, monkeypatch):
+def tree(root):
+    """Every file under root with its bytes: to show that a failed start changed nothing."""
+    return {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_unloadable_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, digits, monkeypatch):
+    """A damaged newest checkpoint is set aside (kept, renamed) and the run continues from the one before,
+    ending where an uninterrupted run ends."""
+    straight = run_hsic(config(tmp_path / "straight", **{"train.checkpoint_every": 2}), digits)
+    crash_after(monkeypatch, 7)
+    with pytest.raises(Crash):
+        run_hsic(config(tmp_path / "run", **{"train.checkpoint_every": 2}), digits)
+    monkeypatch.undo()
+    run = RunDirectory(str(tmp_path / "run"))
+    assert checkpoint.complete_steps(run) == [4, 6]
+    stage = tmp_path / "run" / checkpoint.stage_file(6, 0)
+    damaged = stage.read_bytes()[:100]
+    stage.write_bytes(damaged)
+    resumed = run_hsic(config(tmp_path / "run", **{"train.checkpoint_every": 2}), digits)
+    assert [r for r in records(tmp_path / "run") if r["kind"] == "resume"][0]["step"] == 4
+    assert (tmp_path / "run" / "checkpoints" / "unreadable-step-00000006" / "stage-000.pt").read_bytes() == damaged
+    assert resumed["steps"] == straight["steps"] and resumed["per_layer"] == straight["per_layer"]
+
+
+def test_no_loadable_checkpoint_stops_before_anything_is_written(tmp_path, digits, monkeypatch):
     crash_after(monkeypatch, 6)
     with pytest.raises(Crash):
         run_hsic(config(tmp_path / "run"), digits)
     monkeypatch.undo()
-    run = RunDirectory(str(tmp_path / "run"))
     stage = tmp_path / "run" / checkpoint.stage_file(4, 0)
     stage.write_bytes(stage.read_bytes()[:100])
-    before = (tmp_path / "run" / "metrics.jsonl").read_bytes()
-    with pytest.raises(checkpoint.CheckpointError, match="stage-000.pt is corrupt"):
+    before = tree(tmp_path / "run")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* can be loaded .*stage-000.pt is corrupt"):
         run_hsic(config(tmp_path / "run"), digits)
-    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == before
-    assert checkpoint.latest_step(run) == 4
+    assert tree(tmp_path / "run") == before
+
+
+def test_rerun_of_a_run_that_crashed_before_its_first_checkpoint_says_so(tmp_path, digits, monkeypatch):
+    crash_after(monkeypatch, 2)
+    with pytest.raises(Crash):
+        run_hsic(config(tmp_path / "run"), digits)
+    monkeypatch.undo()
+    crashed = records(tmp_path / "run")
+    with pytest.raises(ConfigError, match="different optim settings"):
+        run_hsic(config(tmp_path / "run", **{"optim.lr": 0.5}), digits)
+    run_hsic(config(tmp_path / "run"), digits)
+    log = records(tmp_path / "run")
+    assert log[: len(crashed)] == crashed and log[len(crashed)] == {"kind": "restart", "reason": "no complete checkpoint"}
 
 
 def test_resume_refuses_different_settings(tmp_path, digits, monkeypatch):
@@ -103,13 +139,14 @@ def test_resume_refuses_different_settings(tmp_path, digits, monkeypatch):
         run_hsic(config(tmp_path / "run", **{"model.width": 64}), digits)
 
 
-def test_resume_flag_needs_a_checkpoint(tmp_path, digits):
-    with pytest.raises(checkpoint.CheckpointError, match="no complete checkpoint"):
+def test_resume_flag_needs_a_run_and_creates_nothing(tmp_path, digits):
+    with pytest.raises(NothingToResumeError, match="holds no run to continue"):
         run_hsic(config(tmp_path / "run"), digits, resume=True)
+    assert not (tmp_path / "run").exists()
 
 
-def test_latest_pointer_to_a_missing_checkpoint_is_reported(tmp_path):
+def test_resume_follows_complete_checkpoints_not_the_latest_pointer(tmp_path, digits):
+    run_hsic(config(tmp_path / "run"), digits)
     run = RunDirectory(str(tmp_path / "run"))
     run.write_text("checkpoints/LATEST", "40\n")
-    with pytest.raises(checkpoint.CheckpointError, match="names no complete checkpoint"):
-        checkpoint.latest_step(run)
+    assert checkpoint.resume_point(run) == (20, {})

@@ -262,20 +262,20 @@ def test_npz_channels_last_is_converted(tmp_path):
     x_train = rng.integers(0, 256, (10, 8, 6, 3), dtype=np.uint8)  # N x H x W x C
     x_test = rng.integers(0, 256, (4, 8, 6, 3), dtype=np.uint8)
     path = tmp_path / "rgb.npz"
-    np.savez(path, x_train=x_train, y_train=np.arange(10) % 4, x_test=x_test, y_test=np.array([0, 1, 2, 7]))
+    np.savez(path, x_train=x_train, y_train=np.arange(10) % 4, x_test=x_test, y_test=np.array([0, 1, 2, 3]))
     data = load_dataset(DataConfig(source=f"npz:{path}"))
-    assert data.name == "rgb" and data.input_shape == (3, 8, 6) and data.num_classes == 8
+    assert data.name == "rgb" and data.input_shape == (3, 8, 6) and data.num_classes == 4
     assert np.array_equal(data.x_train, x_train.transpose(0, 3, 1, 2)) and data.x_train.flags.c_contiguous
     assert np.array_equal(data.x_test[2, 1], x_test[2, :, :, 1])
 
 
 def test_npz_grey_and_float_images(tmp_path):
     grey = tmp_path / "grey.npz"
-    np.savez(grey, x_train=np.zeros((5, 7, 7), np.uint8), y_train=np.zeros(5, np.int32),
+    np.savez(grey, x_train=np.zeros((5, 7, 7), np.uint8), y_train=np.arange(5, dtype=np.int32) % 2,
              x_test=np.ones((2, 7, 7), np.uint8), y_test=np.ones(2, np.int32))
     assert load_dataset(DataConfig(source=f"npz:{grey}")).input_shape == (1, 7, 7)
     floats = tmp_path / "floats.npz"
-    np.savez(floats, x_train=np.full((5, 7, 7, 1), 0.25), y_train=np.zeros(5, np.int64),
+    np.savez(floats, x_train=np.full((5, 7, 7, 1), 0.25), y_train=np.arange(5) % 2,
              x_test=np.full((2, 7, 7, 1), 1.0), y_test=np.ones(2, np.int64))
     data = load_dataset(DataConfig(source=f"npz:{floats}"))
     assert data.x_train.dtype == np.float32 and data.input_shape == (1, 7, 7) and data.x_test.max() == 1.0

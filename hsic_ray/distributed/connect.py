@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import ray
 
+from hsic_ray.resources import check_local_cluster
+
 log = logging.getLogger("hsic_ray")
+
+CONNECT_TIMEOUT_S = 10.0  # for the head's port to answer; Ray itself retries a dead address for minutes
 
 
 class ClusterConnectionError(RuntimeError):
@@ -46,6 +51,31 @@ def _join(address: str) -> None:
         ) from None
 
 
+def check_address(address: str) -> None:
+    """Fail in seconds, naming the fix, when `address` is malformed or nothing listens there."""
+    if address == "auto":
+        if not _cluster_running_here():
+            raise ClusterConnectionError(
+                "--ray-address auto: no Ray cluster runs on this machine; start one with `ray start --head`, "
+                "or leave out --ray-address to start a local cluster"
+            )
+        return
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if "://" in target or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterConnectionError(
+            f"--ray-address {address!r} is not a Ray cluster address: give HOST:PORT of the head "
+            "(what `ray start --head` prints, port 6379 by default), ray://HOST:10001, or auto"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterConnectionError(
+            f"nothing answers at {address} ({exc.strerror or type(exc).__name__}); start the cluster there "
+            "(`ray start --head`) or fix --ray-address"
+        ) from None
+
+
 def _cluster_running_here() -> bool:
     """Whether a Ray cluster's GCS process runs on this machine. Ray's own "auto" lookup also trusts the
     address file of the last `ray start`, and hangs on it when that cluster died without `ray stop`."""
@@ -54,14 +84,16 @@ def _cluster_running_here() -> bool:
     return bool(find_gcs_addresses())
 
 
-def connect(address: str | None, local_cpus: float) -> None:
+def connect(address: str | None, local_cpus: float, processes: int = 1, cpus_per_process: float = 1.0) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else a cluster started on this machine
-    with `ray start`, else a new local cluster with at least `local_cpus` logical CPUs."""
+    with `ray start`, else a new local cluster with at least `local_cpus` logical CPUs, if this machine can
+    hold `processes` workers of `cpus_per_process` CPUs each."""
     if ray.is_initialized():
         return
     default_auth_mode()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        check_address(address)
         _join(address)
         log.info("connected to the Ray cluster at %s", address)
         return
@@ -69,6 +101,7 @@ def connect(address: str | None, local_cpus: float) -> None:
         _join("auto")
         log.info("connected to the Ray cluster running on this machine")
         return
+    check_local_cluster(processes, cpus_per_process)
     # address="local": always a new cluster, whatever address file an earlier one left behind.
     # Logical CPUs are scheduling tokens: the coordinator's and each stage's are reserved even where this
     # machine has fewer cores (each stage actor runs its math on as many threads as it reserved).

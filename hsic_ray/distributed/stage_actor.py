@@ -23,6 +23,7 @@ from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.resources import threads_for
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import StageTrainer
 
@@ -51,7 +52,7 @@ class StageActor:
         num_classes: int,
         restore: Optional[tuple[str, int]] = None,
     ):
-        torch.set_num_threads(max(1, int(spec.num_cpus)))
+        torch.set_num_threads(threads_for(spec.num_cpus))
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transport = Transport(self.device)

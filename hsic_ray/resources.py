@@ -1,0 +1,73 @@
+"""What a run asks of the machine it starts on: memory for the network and its kernels, threads and
+processes, checked against the real machine before anything is built or started."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import psutil
+import torch
+
+from hsic_ray.config import ConfigError, ExperimentConfig
+from hsic_ray.models import Shape, build_network
+
+GIB = 1024**3
+# A Ray worker that imports (CUDA-built) torch holds about this much memory of its own.
+PROCESS_BYTES = int(0.7 * GIB)
+# Copies of every parameter a run keeps: weights, gradients, momentum, and one in flight to a checkpoint.
+PARAMETER_COPIES = 4
+# m x m float32 matrices a layer's kernel and its solve hold at once (kernel, centred kernel, inverse,
+# gradients), on the training batch and on the information plane's batch.
+KERNEL_MATRICES = 6
+
+
+class ResourceError(RuntimeError):
+    """A run asks for more than the machine it would run on has; the message names both and the fix."""
+
+
+def machine_cores() -> int:
+    return os.cpu_count() or 1
+
+
+def threads_for(cpus: float) -> int:
+    """Torch threads for a process that reserved `cpus`: at least one, never more than the machine's cores."""
+    return max(1, min(int(cpus), machine_cores()))
+
+
+def estimated_bytes(cfg: ExperimentConfig, input_shape: Shape) -> int:
+    """Memory an HSIC run of `cfg` needs at least, for its parameters and its per-layer kernels."""
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        net = build_network(dataclasses.replace(cfg.model, init="default"), input_shape)
+    parameters = sum(p.numel() for p in net.parameters())
+    samples = cfg.train.batch_size**2 + cfg.train.eval_samples**2
+    return 4 * (PARAMETER_COPIES * parameters + KERNEL_MATRICES * len(net) * samples)
+
+
+def check_memory(cfg: ExperimentConfig, input_shape: Shape) -> None:
+    """Refuse a network (or kernel batch) that cannot fit this machine, with the estimate, before building it."""
+    need, have = estimated_bytes(cfg, input_shape), psutil.virtual_memory().total
+    if need > have:
+        raise ConfigError(
+            f"this run needs about {need / GIB:,.1f} GiB (model.depth={cfg.model.depth}, model.width={cfg.model.width}, "
+            f"train.batch_size={cfg.train.batch_size}, train.eval_samples={cfg.train.eval_samples}) and this machine "
+            f"has {have / GIB:.1f} GiB; lower --width, --depth, --batch-size or train.eval_samples"
+        )
+
+
+def check_local_cluster(processes: int, cpus_per_process: float) -> None:
+    """A local cluster is this machine: refuse more processes than its memory holds, or a process that asks
+    for more CPUs than it has cores (Ray would grant the logical CPUs and the process would oversubscribe)."""
+    cores = machine_cores()
+    if cpus_per_process > cores:
+        raise ResourceError(
+            f"a process asks for {cpus_per_process:g} CPUs and this machine has {cores} cores; ask for at most "
+            f"{cores} per stage or worker, or join a larger cluster with --ray-address"
+        )
+    need, have = processes * PROCESS_BYTES, psutil.virtual_memory().available
+    if need > have:
+        raise ResourceError(
+            f"{processes} Ray worker processes need about {need / GIB:.1f} GiB and this machine has "
+            f"{have / GIB:.1f} GiB free; use at most {max(1, have // PROCESS_BYTES)} stages or workers here, or "
+            "join a larger cluster with --ray-address"
+        )
