@@ -4,6 +4,7 @@ and which errors are the user's to fix (one line, exit code 2) rather than bugs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any, Callable, NoReturn
 
@@ -22,6 +23,8 @@ USER_ERRORS = (
     PlacementError, ClusterConnectionError, ResourceError,
 )  # fmt: skip
 DEFAULT_PRESET = "deep_mlp"
+# Config fields outside the sections, which KEY=VALUE may set too (preset=paper_mlp).
+TOP_LEVEL_FIELDS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.type in ("str", "Optional[str]"))
 
 
 class JobArgumentParser(argparse.ArgumentParser):
@@ -99,7 +102,7 @@ def setting(text: str) -> tuple[str, Any]:
     """argparse type of a KEY=VALUE config override: a dotted key and one value (null sets a field to null)."""
     key, sep, value = text.partition("=")
     key = key.strip()
-    if not sep or "." not in key:
+    if not sep or ("." not in key and key not in TOP_LEVEL_FIELDS):
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with a dotted config key, e.g. hsic.eps=1e-4")
     parsed = _scalar(value.strip())
     return key, NULL if parsed is None else parsed

@@ -229,6 +229,15 @@ MAX_EVAL_SAMPLES = 4096  # the information plane's batch: each layer builds an N
 MAX_SEED = 2**32 - 1  # numpy's seeds
 
 
+def is_ray_address(address: str) -> bool:
+    """auto, HOST:PORT or ray://HOST:PORT (what `ray start --head` prints, or Ray Client's address)."""
+    if address == "auto":
+        return True
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    return "://" not in target and bool(sep and host) and port.isdigit() and 0 < int(port) < 65536
+
+
 def _check_numbers(obj: Any, prefix: str = "") -> None:
     """Every number of every section is finite; a value of inf or nan is never a setting."""
     for f in dataclasses.fields(obj):
@@ -294,6 +303,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
            cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
+    _check(cfg.ray.address is None or is_ray_address(cfg.ray.address), "ray.address", cfg.ray.address,
+           "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null")  # fmt: skip
     _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a positive number of seconds")
     _check(cfg.output is None or bool(cfg.output.strip()), "output", cfg.output, "a directory path or URI (or null: runs/<preset>-<time>)")
     _check(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
@@ -303,10 +314,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 # --- building, saving, loading ---------------------------------------------------------------------------
 
 
+def _check_switches(obj: Any, layer: Mapping[str, Any], prefix: str = "") -> None:
+    """A yes/no field takes true or false: OmegaConf would also read 2 or "maybe"-like numbers as a bool."""
+    for f in dataclasses.fields(obj):
+        if f.name not in layer:
+            continue
+        value, name = layer[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(getattr(obj, f.name)) and isinstance(value, Mapping):
+            _check_switches(getattr(obj, f.name), value, f"{name}.")
+        elif f.type == "bool" and not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
+            raise ConfigError(f"{name}={value!r} is invalid: expected true or false")
+
+
 def _merge(base: ExperimentConfig, *layers: Mapping[str, Any]) -> ExperimentConfig:
     merged = OmegaConf.structured(base)
     try:
         for layer in layers:
+            _check_switches(base, layer)
             merged = OmegaConf.merge(merged, OmegaConf.create(dict(layer)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:

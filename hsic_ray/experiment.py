@@ -62,7 +62,7 @@ def saved_config(claim: Claim) -> ExperimentConfig:
         raise ConfigError(f"{claim.run.uri} holds an interrupted run without its config.yaml; choose another --output")
     try:
         return config_from_yaml_text(text)
-    except (ConfigError, ValueError) as exc:
+    except Exception as exc:  # ConfigError, or YAML's own parser errors
         raise ConfigError(f"{where} is broken ({str(exc).splitlines()[0]}); choose another --output") from None
 
 

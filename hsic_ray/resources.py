@@ -20,6 +20,8 @@ PARAMETER_COPIES = 4
 # m x m float32 matrices a layer's kernel and its solve hold at once (kernel, centred kernel, inverse,
 # gradients), on the training batch and on the information plane's batch.
 KERNEL_MATRICES = 6
+# Python objects per layer (modules, optimizer state, checkpoint entries), whatever its size.
+LAYER_OVERHEAD_BYTES = 64 * 1024
 
 
 class ResourceError(RuntimeError):
@@ -35,13 +37,20 @@ def threads_for(cpus: float) -> int:
     return max(1, min(int(cpus), machine_cores()))
 
 
+def _parameter_count(cfg: ExperimentConfig, input_shape: Shape, depth: int) -> int:
+    model = dataclasses.replace(cfg.model, depth=depth, init="default")
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return sum(p.numel() for p in build_network(model, input_shape).parameters())
+
+
 def estimated_bytes(cfg: ExperimentConfig, input_shape: Shape) -> int:
     """Memory an HSIC run of `cfg` needs at least, for its parameters and its per-layer kernels."""
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        net = build_network(dataclasses.replace(cfg.model, init="default"), input_shape)
-    parameters = sum(p.numel() for p in net.parameters())
+    # Parameters grow linearly with depth (every hidden block is alike): two small builds give the line.
+    one, two = _parameter_count(cfg, input_shape, 1), _parameter_count(cfg, input_shape, 2)
+    parameters = one + (cfg.model.depth - 1) * (two - one)
     samples = cfg.train.batch_size**2 + cfg.train.eval_samples**2
-    return 4 * (PARAMETER_COPIES * parameters + KERNEL_MATRICES * len(net) * samples)
+    layers = cfg.num_hsic_layers
+    return 4 * (PARAMETER_COPIES * parameters + KERNEL_MATRICES * layers * samples) + LAYER_OVERHEAD_BYTES * layers
 
 
 def check_memory(cfg: ExperimentConfig, input_shape: Shape) -> None:

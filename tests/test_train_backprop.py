@@ -16,7 +16,8 @@ import torch
 
 from hsic_ray.checkpoint import CheckpointError
 from hsic_ray.config import ConfigError, build_config, save_config
-from hsic_ray.experiment import OutputExistsError, run_backprop
+from hsic_ray.experiment import run_backprop
+from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
 
 ROOT = Path(__file__).resolve().parents[1]

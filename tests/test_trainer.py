@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from hsic_ray.config import build_config
-from hsic_ray.experiment import OutputExistsError, build_seeded_network, run_backprop, run_hsic
+from hsic_ray.experiment import build_seeded_network, run_backprop, run_hsic
+from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.head import FormatHeadTrainer
 from hsic_ray.local import LocalPipeline
 from hsic_ray.objective import HSICObjective

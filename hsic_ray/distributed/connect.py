@@ -14,6 +14,7 @@ import socket
 
 import ray
 
+from hsic_ray.config import is_ray_address
 from hsic_ray.resources import check_local_cluster
 
 log = logging.getLogger("hsic_ray")
@@ -60,13 +61,12 @@ def check_address(address: str) -> None:
                 "or leave out --ray-address to start a local cluster"
             )
         return
-    target = address.removeprefix("ray://")
-    host, sep, port = target.rpartition(":")
-    if "://" in target or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not is_ray_address(address):
         raise ClusterConnectionError(
             f"--ray-address {address!r} is not a Ray cluster address: give HOST:PORT of the head "
             "(what `ray start --head` prints, port 6379 by default), ray://HOST:10001, or auto"
         )
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
