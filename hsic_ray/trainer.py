@@ -22,6 +22,7 @@ from hsic_ray import checkpoint, evaluation
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHeadTrainer
+from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.plots import plot_information_plane
 from hsic_ray.prefetch import prefetched
@@ -153,7 +154,8 @@ class HSICTrainer:
         head_losses = self._train_head(train_features)
         metrics = self._evaluate(train_features)
         metrics["format_losses"] = head_losses
-        self._write("metrics.json", metrics)
+        self._save_model()
+        self._write("metrics.json", metrics)  # last: it marks the run finished, model.pt included
         return metrics
 
     def _step_budget_spent(self) -> bool:
@@ -356,6 +358,15 @@ class HSICTrainer:
             self.steps, self.train_seconds, metrics["samples_per_second"],
         )  # fmt: skip
         return metrics
+
+    def _save_model(self) -> None:
+        """model.pt: the layers as the final checkpoint holds them (written at the end of HSIC training,
+        wherever the stages live), then the head trained since."""
+        if self.run is None:
+            return
+        network = checkpoint.network_state(self.run, checkpoint.latest_step(self.run))
+        self.run.write_bytes(MODEL_FILE, model_bytes(self.cfg, "hsic", self.data.input_shape, self.data.num_classes,
+                                                     network, self.head.head.state_dict()))  # fmt: skip
 
     # --- output ---------------------------------------------------------------------------------------
 
