@@ -93,6 +93,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of HSIC training)
     # Each stage's training step as one CUDA graph, replayed per batch. auto: on CUDA devices; on: required.
     cuda_graphs: str = "auto"
+    tensorboard: bool = False  # HSIC runs: TensorBoard event files in <output>/tensorboard/ (needs the tensorboard package)
 
 
 @dataclass

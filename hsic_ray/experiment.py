@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 
 from hsic_ray.backprop import BackpropTrainer
-from hsic_ray import checkpoint
+from hsic_ray import checkpoint, tensorboard_log
 from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local import LocalPipeline
@@ -147,6 +147,8 @@ def run_hsic(
     checkpoints) is checked before any actor starts. An interrupted run in the same output directory is
     continued from its latest checkpoint.
     """
+    if cfg.train.tensorboard:
+        tensorboard_log.require()  # before any file is written
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
     device = resolve_device(cfg.train.device)

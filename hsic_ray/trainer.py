@@ -27,6 +27,7 @@ from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.plots import plot_information_plane
 from hsic_ray.prefetch import prefetched
 from hsic_ray.run_dir import RunDirectory
+from hsic_ray.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("hsic_ray")
 
@@ -129,6 +130,7 @@ class HSICTrainer:
         self._batches_per_epoch = num_batches(len(data.y_train), cfg.train.batch_size)
         self._eval_batch = self._fixed_eval_batch()
         self._stage_seconds = [[0.0, 0.0] for _ in range(pipeline.num_stages)]
+        self._tensorboard = TensorBoardLog(run) if cfg.train.tensorboard and run is not None else None
 
     # --- the run ---------------------------------------------------------------------------------------
 
@@ -137,6 +139,13 @@ class HSICTrainer:
 
         With `resume_step`, training continues from that checkpoint of the run directory.
         """
+        try:
+            return self._fit(resume_step)
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+
+    def _fit(self, resume_step: int | None) -> dict[str, Any]:
         self._write("placements.json", self.pipeline.placements)
         if resume_step is None:
             position = _Position()
@@ -156,6 +165,8 @@ class HSICTrainer:
         metrics = self._evaluate(train_features)
         metrics["format_losses"] = head_losses
         self._save_model()
+        if self._tensorboard is not None:
+            self._tensorboard.final(metrics)
         self._write("metrics.json", metrics)  # last: it marks the run finished, model.pt included
         return metrics
 
@@ -377,6 +388,8 @@ class HSICTrainer:
     def _append(self, record: dict[str, Any]) -> None:
         if self.run is not None:
             self.run.append_jsonl("metrics.jsonl", record)
+        if self._tensorboard is not None:
+            self._tensorboard.record(record)
 
     def _write(self, name: str, obj: Any) -> None:
         if self.run is not None:

@@ -112,7 +112,7 @@ def test_grid_axis_parses_typed_values():
 def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial_holds_its_model(tmp_path):
     out = tmp_path / "asha"
     proc = run_sweep("--depths", "2", "--width", "32", "--epochs", "2", "--batch-size", "256",
-                     "--grid", "head.epochs=2", "--asha", "--output", str(out))  # fmt: skip
+                     "--grid", "head.epochs=5", "--asha", "--output", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = {}  # method -> every report of its trial, in order
     for result in (out / "tune").glob("*/result.json"):
@@ -130,7 +130,8 @@ def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial
     # The closed-form readout tracks the format head trained at the end, not the unformatted readout.
     final = hsic[-1]
     assert final["final"] and final["readout"] == "format_head"
-    assert abs(hsic[-2][METRIC] - final[METRIC]) < 10
+    readout = hsic[-2][METRIC]
+    assert abs(readout - final[METRIC]) < min(10, abs(readout - final["test_accuracy_unformatted"]))
 
     with open(out / "results.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
