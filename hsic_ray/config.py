@@ -112,6 +112,9 @@ class RayConfig:
     batches_per_call: Optional[int] = None
     max_recoveries: int = 10  # stage actors recreated after failures before the run gives up
     placement_timeout_s: float = 120.0
+    # Joining an existing cluster: ship this hsic_ray package to the workers (Ray runtime_env py_modules), so
+    # nodes need not have it installed. False: the nodes' own installation is used.
+    ship_package: bool = True
 
 
 @dataclass

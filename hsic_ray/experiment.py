@@ -110,7 +110,8 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet) -> list:
     from hsic_ray.distributed.placement import check_fits, cluster_totals, plan_stages
 
     stages = cfg.ray.stages or os.cpu_count() or 1
-    connect(cfg.ray.address, local_cpus=stages * cfg.ray.cpus_per_stage + cfg.ray.coordinator_cpus)
+    connect(cfg.ray.address, local_cpus=stages * cfg.ray.cpus_per_stage + cfg.ray.coordinator_cpus,
+            ship_package=cfg.ray.ship_package)
     specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
     check_fits(specs, cfg.ray.coordinator_cpus, cfg.ray.strategy)
     return specs

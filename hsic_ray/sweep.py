@@ -165,7 +165,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
     """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return the rows
     (by method and grid settings, then depth)."""
     _validate_trials(spec)
-    connect(address, local_cpus=(1 + spec.stages_per_trial) * spec.max_concurrent_trials)
+    ship_package = build_config(spec.preset, overrides=spec.overrides).ray.ship_package
+    connect(address, local_cpus=(1 + spec.stages_per_trial) * spec.max_concurrent_trials, ship_package=ship_package)
     _check_capacity(spec)
     sweep_dir = os.path.abspath(spec.output)
     trainable = tune.with_resources(run_trial, trial_resources(spec))

@@ -232,7 +232,7 @@ def train_backprop(
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
     run, interrupted = _open(cfg, resume)
-    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker)
+    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker, ship_package=cfg.ray.ship_package)
     _check_resources(workers, use_gpu, cpus_per_worker)
     if interrupted:
         log.info("continuing the interrupted run in %s from its latest Ray Train checkpoint", run.uri)
