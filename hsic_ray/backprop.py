@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from hsic_ray import evaluation
 from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
+from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.models import LayerwiseNet, build_head
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
@@ -157,6 +158,12 @@ def final_metrics(record: dict[str, Any], train_seconds: float, steps: int, batc
     }
 
 
+def model_file(cfg: ExperimentConfig, data: ImageData, model_state: dict[str, Any]) -> bytes:
+    """model.pt of a backprop run, from the state dict of `build_model`'s Sequential (network "0.", head "1.")."""
+    part = lambda prefix: {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}  # noqa: E731
+    return model_bytes(cfg, "backprop", data.input_shape, data.num_classes, part("0."), part("1."))
+
+
 # --- in process ------------------------------------------------------------------------------------------
 
 
@@ -197,5 +204,6 @@ class BackpropTrainer:
                 break
         metrics = final_metrics(record, self.train_seconds, self.steps, self.cfg.train.batch_size)
         if self.run is not None:
-            self.run.write_json("metrics.json", metrics)
+            self.run.write_bytes(MODEL_FILE, model_file(self.cfg, self.data, self.model.state_dict()))
+            self.run.write_json("metrics.json", metrics)  # last: it marks the run finished
         return metrics

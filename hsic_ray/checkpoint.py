@@ -113,6 +113,13 @@ def read_manifest(run: RunDirectory, step: int) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint manifest for step {step} in {run.uri} is unreadable: {exc}") from None
 
 
+def network_state(run: RunDirectory, step: int) -> dict[str, Any]:
+    """The whole network's state dict (`LayerwiseNet` keys) from step's stage files, stages in order."""
+    layers = [layer for stage in range(read_manifest(run, step)["stages"])
+              for layer in load_state(run, stage_file(step, stage))["layers"]]  # fmt: skip
+    return {f"layers.{i}.{key}": value for i, layer in enumerate(layers) for key, value in layer.items()}
+
+
 def verify(run: RunDirectory, step: int) -> dict[str, Any]:
     """Load every file of step's checkpoint once, so a corrupt one stops the run before any work starts.
 

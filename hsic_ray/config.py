@@ -94,6 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of HSIC training)
     # Each stage's training step as one CUDA graph, replayed per batch. auto: on CUDA devices; on: required.
     cuda_graphs: str = "auto"
+    tensorboard: bool = False  # HSIC runs: TensorBoard event files in <output>/tensorboard/ (needs the tensorboard package)
 
 
 @dataclass
@@ -112,6 +113,9 @@ class RayConfig:
     batches_per_call: Optional[int] = None
     max_recoveries: int = 10  # stage actors recreated after failures before the run gives up
     placement_timeout_s: float = 120.0
+    # Joining an existing cluster: ship this hsic_ray package to the workers (Ray runtime_env py_modules), so
+    # nodes need not have it installed. False: the nodes' own installation is used.
+    ship_package: bool = True
 
 
 @dataclass

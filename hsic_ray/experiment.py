@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from hsic_ray.backprop import BackpropTrainer
-from hsic_ray import checkpoint
+from hsic_ray import checkpoint, tensorboard_log
 from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local import LocalPipeline
@@ -149,7 +149,7 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
         ray_cfg = dataclasses.replace(ray_cfg, stages=checkpoint_stages)
     stages = ray_cfg.stages or os.cpu_count() or 1
     connect(ray_cfg.address, local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
-            processes=stages + 1, cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus))  # fmt: skip
+            processes=stages + 1, cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus), ship_package=ray_cfg.ship_package)  # fmt: skip
     specs = plan_stages(ray_cfg, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
     check_fits(specs, ray_cfg.coordinator_cpus, ray_cfg.strategy)
     return specs
@@ -186,6 +186,8 @@ def run_hsic(
     checkpoints) is checked before any actor starts. An interrupted run in the same output directory is
     continued from its latest checkpoint.
     """
+    if cfg.train.tensorboard:
+        tensorboard_log.require()  # before any file is written
     start = plan_start(cfg, "hsic", resume)
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)

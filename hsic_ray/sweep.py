@@ -12,6 +12,8 @@ import io
 import itertools
 import logging
 import math
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -25,6 +27,7 @@ from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
 from hsic_ray.experiment import check_batch_fits, run_backprop, run_hsic
+from hsic_ray.model_io import MODEL_FILE
 from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory
 from hsic_ray.run_claim import OutputExistsError
@@ -33,7 +36,11 @@ from hsic_ray.run_dir import RunDirectory
 log = logging.getLogger("hsic_ray")
 
 METHODS = ("hsic", "backprop")
-METRIC = "test_accuracy"
+# What ASHA and the Tuner rank trials by: test accuracy of a linear readout of the network's output. Per
+# epoch, HSIC trials fit one in closed form (their format head trains only at the end); backprop trials
+# train theirs with the network. Final reports give the trained format head's accuracy.
+METRIC = "test_accuracy_formatted"
+CHECKPOINT_FILES = (MODEL_FILE, "config.yaml", "metrics.json")  # what a trial's Tune checkpoint holds
 
 
 @dataclass
@@ -64,28 +71,46 @@ def trial_config(params: dict[str, Any]) -> ExperimentConfig:
     return build_config(params["preset"], overrides=overrides)
 
 
+def _report(metrics: dict[str, Any], formatted: float | None, unformatted: float | None, readout: str,
+            run_dir: str | None = None) -> None:  # fmt: skip
+    """One Tune report. Every report of either method carries both accuracy keys (None where a method has
+    none), so METRIC means the same thing, a linear readout's accuracy, in every trial at every epoch;
+    `readout` says which. The final report hands Tune the run's model.pt as the trial's checkpoint."""
+    metrics = {**metrics, METRIC: formatted, "test_accuracy_unformatted": unformatted, "readout": readout}
+    if run_dir is None:
+        tune.report(metrics)
+        return
+    run = RunDirectory(run_dir)
+    with tempfile.TemporaryDirectory() as directory:  # Tune copies it into the trial's storage
+        for name in CHECKPOINT_FILES:
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(run.read_bytes(name))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+
 def hsic_trial(params: dict[str, Any]) -> None:
     cfg = trial_config(params)
     cfg.trainer = "ray"
 
     def report(epoch: dict[str, Any]) -> None:
-        tune.report({METRIC: epoch["test_accuracy_unformatted"] or 0.0, "epoch": epoch["epoch"],
-                     "train_seconds": epoch["train_seconds"], "final": False})  # fmt: skip
+        _report({"epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"], "final": False},
+                epoch["test_accuracy_least_squares"], epoch["test_accuracy_unformatted"], "least_squares")  # fmt: skip
 
     metrics = run_hsic(cfg, on_epoch=report)
-    tune.report({METRIC: metrics["test_accuracy_formatted"], "epoch": metrics["epochs"],
-                 "train_seconds": metrics["train_seconds"], "final": True,
-                 "test_accuracy_unformatted": metrics["test_accuracy_unformatted"]})  # fmt: skip
+    _report({"epoch": metrics["epochs"], "train_seconds": metrics["train_seconds"], "final": True},
+            metrics["test_accuracy_formatted"], metrics["test_accuracy_unformatted"], "format_head", cfg.output)  # fmt: skip
 
 
 def backprop_trial(params: dict[str, Any]) -> None:
-    def report(epoch: dict[str, Any]) -> None:
-        tune.report({METRIC: epoch["test_accuracy"], "epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"],
-                     "final": False, "grad_norms": epoch["grad_norms"]})  # fmt: skip
+    cfg = trial_config(params)
 
-    metrics = run_backprop(trial_config(params), on_epoch=report)
-    tune.report({METRIC: metrics["test_accuracy_formatted"], "epoch": metrics["epochs"],
-                 "train_seconds": metrics["train_seconds"], "final": True, "grad_norms": metrics["grad_norms"]})  # fmt: skip
+    def report(epoch: dict[str, Any]) -> None:
+        _report({"epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"], "final": False,
+                 "grad_norms": epoch["grad_norms"]}, epoch["test_accuracy"], None, "format_head")  # fmt: skip
+
+    metrics = run_backprop(cfg, on_epoch=report)
+    _report({"epoch": metrics["epochs"], "train_seconds": metrics["train_seconds"], "final": True,
+             "grad_norms": metrics["grad_norms"]}, metrics["test_accuracy_formatted"], None, "format_head", cfg.output)  # fmt: skip
 
 
 def run_trial(params: dict[str, Any]) -> None:
@@ -182,7 +207,8 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
         )
     _validate_trials(spec)
     processes = (1 + spec.stages_per_trial) * spec.max_concurrent_trials
-    connect(address, local_cpus=processes, processes=processes)
+    ship_package = build_config(spec.preset, overrides=spec.overrides).ray.ship_package
+    connect(address, local_cpus=processes, processes=processes, ship_package=ship_package)
     _check_capacity(spec)
     sweep_dir = claim.run.location
     trainable = tune.with_resources(run_trial, trial_resources(spec))
@@ -215,7 +241,7 @@ def _row(result) -> dict[str, Any]:
         "depth": cfg["depth"],
         "method": cfg["method"],
         **{k: cfg[k] for k in cfg if "." in k and k not in ("ray.stages", "ray.gpus_per_stage")},
-        "test_accuracy": metrics.get(METRIC),
+        "test_accuracy": metrics.get(METRIC),  # the format head's, once the trial finished
         "test_accuracy_unformatted": metrics.get("test_accuracy_unformatted"),
         "epochs": metrics.get("epoch"),
         "train_seconds": metrics.get("train_seconds"),

@@ -44,9 +44,10 @@ from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
 from hsic_ray.experiment import build_seeded_network, check_batch_fits, check_resumable, default_output, saved_config
+from hsic_ray.model_io import MODEL_FILE
+from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_claim import Claim
-from hsic_ray.plots import plot_curves
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
 
@@ -284,7 +285,8 @@ def train_backprop(
     check_batch_fits(cfg, data)
     check_memory(cfg, data.input_shape)
     claim, point = _open(cfg, resume)
-    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker, processes=workers + 1, cpus_per_process=cpus_per_worker)
+    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker, processes=workers + 1, cpus_per_process=cpus_per_worker,
+            ship_package=cfg.ray.ship_package)
     _check_resources(workers, use_gpu, cpus_per_worker)
     claim.commit(save_config(cfg))
     run = claim.run
@@ -325,7 +327,8 @@ def train_backprop(
         checkpoint=result.checkpoint.path,
     )
     _plot_grad_norms(run, records, f"backprop, {cfg.preset or cfg.model.arch}: {len(metrics['grad_norms'])} layers")
-    run.write_json("metrics.json", metrics)
+    run.write_bytes(MODEL_FILE, backprop.model_file(cfg, data, state["model"]))
+    run.write_json("metrics.json", metrics)  # last: it marks the run finished
     log.info("backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
              metrics["test_accuracy_formatted"], metrics["epochs"], metrics["steps"], metrics["train_seconds"])  # fmt: skip
     return metrics

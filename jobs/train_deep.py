@@ -5,7 +5,8 @@
     python jobs/train_deep.py --config my_run.yaml --depth 50
 
 Settings apply in order: --preset, then --config FILE.yaml, then the flags below.
-Writes config.yaml, metrics.jsonl, metrics.json and information_plane.png to --output.
+Writes config.yaml, metrics.jsonl, metrics.json, model.pt and information_plane.png to --output (and
+TensorBoard event files to --output/tensorboard with --tensorboard).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ HSIC_FLAGS = {
     "format_lr": "head.lr",
     "concurrent_head": "head.concurrent",
     "checkpoint_every": "train.checkpoint_every",
+    "tensorboard": "train.tensorboard",
     "stages": "ray.stages",
     "gpus_per_stage": "ray.gpus_per_stage",
     "cpus_per_stage": "ray.cpus_per_stage",
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, help="each stage's step as one CUDA graph (default auto: on CUDA)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="TensorBoard event files in OUTPUT/tensorboard/ (pip install 'hsic-ray[tensorboard]')")  # fmt: skip
     ray = p.add_argument_group("ray trainer")
     ray.add_argument("--stages", type=int, help="stage actors (default: one per GPU, else one per free CPU)")
     ray.add_argument("--gpus-per-stage", type=float, help="GPUs per stage; fractions share a GPU")

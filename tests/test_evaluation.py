@@ -8,6 +8,7 @@ from hsic_ray.evaluation import (
     class_means,
     greedy_assignment,
     hungarian_assignment,
+    least_squares_accuracy,
     unformatted_accuracy,
 )
 
@@ -235,3 +236,14 @@ def test_bad_class_to_unit_raises():
         assignment_accuracy(out, lab, np.array([0, 2]))
     with pytest.raises(ValueError, match="num_classes"):
         assignment_accuracy(out, lab, np.array([0]))  # label 1 has no unit
+
+
+def test_least_squares_readout_reads_linearly_coded_classes_and_not_noise():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 3000)
+    # Classes coded along random directions in 32 dimensions, plus noise: a linear readout separates them,
+    # though no single unit matches a class (the unformatted readout could not).
+    features = np.eye(10)[labels] @ rng.normal(size=(10, 32)) + 0.3 * rng.normal(size=(3000, 32))
+    assert least_squares_accuracy(features[:2000], labels[:2000], features[2000:], labels[2000:], 10) > 95
+    noise = rng.normal(size=(3000, 32))
+    assert least_squares_accuracy(noise[:2000], labels[:2000], noise[2000:], labels[2000:], 10) < 20

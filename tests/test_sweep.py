@@ -3,13 +3,22 @@ sweeps that must fail fast (too big for the cluster, bad settings)."""
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import ray
+import torch
+from ray import tune
 
+import hsic_ray
 from hsic_ray.cli import grid_axis
+from hsic_ray.config import build_config
+from hsic_ray.data import load_dataset, to_tensor
+from hsic_ray.evaluation import accuracy
+from hsic_ray.sweep import METRIC, run_trial
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sweep_depth.py"
 
@@ -97,3 +106,50 @@ def test_grid_axis_parses_typed_values():
     for bad in ("activation=relu", "model.activation", "model.activation="):
         with pytest.raises(argparse.ArgumentTypeError, match="KEY=V1,V2"):
             grid_axis(bad)
+
+
+@pytest.mark.slow
+def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial_holds_its_model(tmp_path):
+    out = tmp_path / "asha"
+    proc = run_sweep("--depths", "2", "--width", "32", "--epochs", "2", "--batch-size", "256",
+                     "--grid", "head.epochs=5", "--asha", "--output", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = {}  # method -> every report of its trial, in order
+    for result in (out / "tune").glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines()]
+        reports[lines[0]["config"]["method"]] = lines
+    assert sorted(reports) == ["backprop", "hsic"]
+    for method, lines in reports.items():
+        epochs = [r for r in lines if not r["final"]]
+        assert [r["epoch"] for r in epochs][:1] == [1]  # ASHA's first rung (grace period 1) saw every trial
+        # The key ASHA and the Tuner rank by is in every report of both methods, a real accuracy each time.
+        assert all(10 < r[METRIC] <= 100 and "test_accuracy_unformatted" in r for r in lines)
+    hsic = reports["hsic"]
+    assert all(r["readout"] == "least_squares" for r in hsic if not r["final"])
+    assert all(r["test_accuracy_unformatted"] is None for r in reports["backprop"])
+    # The closed-form readout tracks the format head trained at the end, not the unformatted readout.
+    final = hsic[-1]
+    assert final["final"] and final["readout"] == "format_head"
+    readout = hsic[-2][METRIC]
+    assert abs(readout - final[METRIC]) < min(10, abs(readout - final["test_accuracy_unformatted"]))
+
+    with open(out / "results.csv") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert float(rows["hsic"]["test_accuracy"]) == pytest.approx(final[METRIC])
+    assert float(rows["hsic"]["test_accuracy_unformatted"]) == pytest.approx(final["test_accuracy_unformatted"])
+
+    # The best trial's Tune checkpoint is its model: load_model reproduces the trial's accuracy.
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        grid = tune.Tuner.restore(str(out / "tune"), trainable=run_trial).get_results()
+    finally:
+        ray.shutdown()
+    best = grid.get_best_result(metric=METRIC, mode="max")
+    assert best.metrics["final"] and best.checkpoint is not None
+    with best.checkpoint.as_directory() as directory:
+        model = hsic_ray.load_model(directory)
+    data = load_dataset(build_config("deep_mlp").data)
+    with torch.no_grad():
+        got = accuracy(model(to_tensor(data.x_test)), data.y_test)
+    assert got == pytest.approx(best.metrics[METRIC], abs=100 / len(data.y_test))
+    assert model.method == best.config["method"] and model.config.model.depth == 2

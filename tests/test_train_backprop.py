@@ -14,8 +14,11 @@ import pytest
 import ray
 import torch
 
+import hsic_ray
 from hsic_ray.checkpoint import CheckpointError
 from hsic_ray.config import ConfigError, build_config, save_config
+from hsic_ray.data import to_tensor
+from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop
 from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
@@ -68,6 +71,10 @@ def test_two_workers_train_write_metrics_and_checkpoint_every_epoch(tmp_path, di
     assert saved["train_seconds"] > 0 and saved["samples_per_second"] > 0
     assert len(saved["grad_norms"]) == 4 and all(g > 0 for g in saved["grad_norms"])  # depth 2 + 2 layers
     assert saved["resumed_from"] == []
+    # model.pt, from the last Ray Train checkpoint, reproduces the reported accuracy from raw images.
+    model = hsic_ray.load_model(out)
+    with torch.no_grad():
+        assert accuracy(model(to_tensor(digits.x_test)), digits.y_test) == saved["test_accuracy_formatted"]
 
     records, resumes = epoch_records(out)
     assert [r["epoch"] for r in records] == [1, 2, 3] and not resumes

@@ -8,9 +8,11 @@ RAY_AUTH_MODE unset they cannot talk to a cluster that `ray start` started. User
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+from typing import Any
 
 import ray
 
@@ -38,9 +40,28 @@ def default_auth_mode() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def _join(address: str) -> None:
+# The hsic_ray package directory this process imported: what stage actors and trial workers must import too.
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` (ray._private.runtime_env.constants)
+
+
+def package_runtime_env() -> dict[str, Any] | None:
+    """A runtime_env that ships this process's hsic_ray package to every worker of the job, so a cluster
+    whose nodes lack it (or hold another version) runs the driver's code: Ray zips the directory once,
+    uploads it to the cluster and puts it first on each worker's path. Ray merges it with the runtime_env
+    of a submitted job (`ray job submit --working-dir ...`); a job that already ships py_modules of its own
+    is left as it is (Ray refuses to merge two py_modules lists)."""
+    submitted = json.loads(os.environ.get(_SUBMITTED_JOB_CONFIG) or "{}").get("runtime_env") or {}
+    if submitted.get("py_modules"):
+        log.info("the submitted job ships py_modules of its own: hsic_ray is not shipped again")
+        return None
+    return {"py_modules": [PACKAGE_DIR]}
+
+
+def _join(address: str, ship_package: bool) -> None:
+    runtime_env = package_runtime_env() if ship_package else None
     try:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
     except (ConnectionError, ValueError):
         raise
     except Exception as exc:  # Ray 2.60 reports a refused token as AssertionError or AuthenticationError
@@ -84,21 +105,31 @@ def _cluster_running_here() -> bool:
     return bool(find_gcs_addresses())
 
 
-def connect(address: str | None, local_cpus: float, processes: int = 1, cpus_per_process: float = 1.0) -> None:
+def connect(
+    address: str | None,
+    local_cpus: float,
+    processes: int = 1,
+    cpus_per_process: float = 1.0,
+    ship_package: bool = True,
+) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else a cluster started on this machine
     with `ray start`, else a new local cluster with at least `local_cpus` logical CPUs, if this machine can
-    hold `processes` workers of `cpus_per_process` CPUs each."""
+    hold `processes` workers of `cpus_per_process` CPUs each.
+
+    Joining an existing cluster, `ship_package` (config `ray.ship_package`) ships this hsic_ray package to
+    the job's workers (`package_runtime_env`); a new local cluster's workers import it as this process does.
+    """
     if ray.is_initialized():
         return
     default_auth_mode()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         check_address(address)
-        _join(address)
+        _join(address, ship_package)
         log.info("connected to the Ray cluster at %s", address)
         return
     if _cluster_running_here():
-        _join("auto")
+        _join("auto", ship_package)
         log.info("connected to the Ray cluster running on this machine")
         return
     check_local_cluster(processes, cpus_per_process)

@@ -1,0 +1,96 @@
+"""`model.pt`: a finished run's trained network and format head, and `load_model` to get them back.
+
+The file holds state dicts plus the config that builds the modules, so loading needs neither Ray nor the
+run's checkpoints:
+
+    {"format": 1, "method": "hsic" | "backprop", "config": <config.yaml text>, "input_shape": [C, H, W],
+     "num_classes": K, "network": LayerwiseNet state dict, "head": format head state dict}
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any, Sequence
+
+import pyarrow.fs as pafs
+import torch
+from torch import nn
+
+from hsic_ray.config import ExperimentConfig, config_from_yaml_text, save_config
+from hsic_ray.models import build_head, build_network
+
+MODEL_FILE = "model.pt"
+FORMAT = 1
+
+
+class ModelFileError(RuntimeError):
+    """model.pt is missing, unreadable or not one this version writes."""
+
+
+class Classifier(nn.Module):
+    """Images -> class logits: the HSIC-trained (or backprop-trained) network, then the format head.
+
+    Takes what the datasets give before training: N x C x H x W floats in [0, 1], or uint8 pixels, which are
+    divided by 255 exactly as the training data pipeline does (`hsic_ray.data.to_tensor`; no other
+    normalisation is applied in training, the first layer flattens).
+    """
+
+    def __init__(self, network: nn.Module, head: nn.Module, method: str, config: ExperimentConfig):
+        super().__init__()
+        self.network, self.head = network, head
+        self.method, self.config = method, config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div(255.0)
+        return self.head(self.network(x))
+
+
+def model_bytes(cfg: ExperimentConfig, method: str, input_shape: Sequence[int], num_classes: int,
+                network: dict[str, Any], head: dict[str, Any]) -> bytes:  # fmt: skip
+    """model.pt's content (state dicts moved to the CPU, so it loads on a machine without a GPU)."""
+    cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
+    payload = {"format": FORMAT, "method": method, "config": save_config(cfg), "input_shape": list(input_shape),
+               "num_classes": int(num_classes), "network": cpu(network), "head": cpu(head)}  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def _read(path: str) -> tuple[str, bytes]:
+    """model.pt's location and bytes; `path` is a run directory or the file itself, local or a URI."""
+    path = os.fspath(path)
+    location = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    fs, root = pafs.FileSystem.from_uri(location)
+    if fs.get_file_info(root).type == pafs.FileType.Directory:
+        root = f"{root.rstrip('/')}/{MODEL_FILE}"
+    shown = location if "://" in path else root
+    try:
+        with fs.open_input_stream(root) as src:
+            return shown, src.read()
+    except (FileNotFoundError, OSError):
+        raise ModelFileError(
+            f"{shown} does not exist: model.pt is written when a run finishes; pass the directory of a "
+            "finished run (one with metrics.json), or rerun the job to finish this one"
+        ) from None
+
+
+def load_model(run_dir: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier:
+    """The trained network and format head of a finished run, in eval mode, mapping images to logits."""
+    where, data = _read(run_dir)
+    try:
+        saved = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        if saved.get("format") != FORMAT:
+            raise ValueError(f"format {saved.get('format')!r}")
+        cfg = config_from_yaml_text(saved["config"])
+        network = build_network(cfg.model, tuple(saved["input_shape"]))
+        network.load_state_dict(saved["network"])
+        head = build_head(network.output_features, saved["num_classes"])
+        head.load_state_dict(saved["head"])
+    except Exception as exc:  # torch raises several types for truncated or foreign files
+        raise ModelFileError(
+            f"{where} is corrupt or not an hsic-ray model ({type(exc).__name__}); rerun the job into a new "
+            "--output to write it again"
+        ) from None
+    return Classifier(network, head, saved["method"], cfg).to(device).eval()

@@ -1,0 +1,76 @@
+"""model.pt and `hsic_ray.load_model`: after real runs of each kind, the loaded module reproduces the run's
+reported test accuracy from raw images; a missing or corrupt file is one clear line."""
+
+import pytest
+import ray
+import torch
+
+import hsic_ray
+from hsic_ray.config import build_config
+from hsic_ray.data import to_tensor
+from hsic_ray.evaluation import accuracy
+from hsic_ray.experiment import run_backprop, run_hsic
+from hsic_ray.model_io import ModelFileError
+
+
+def tiny(out, preset="paper_mlp", **extra):
+    overrides = {"output": str(out), "model.depth": 1, "model.width": 32, "train.batch_size": 128,
+                 "train.epochs": 1, "train.max_steps": 6, "head.epochs": 2, "train.eval_samples": 128,
+                 "train.log_every": 3, **extra}  # fmt: skip
+    return build_config(preset, overrides=overrides)
+
+
+def loaded_accuracy(out, data) -> float:
+    model = hsic_ray.load_model(out)
+    assert not model.training
+    with torch.no_grad():
+        logits = model(to_tensor(data.x_test))  # raw [0, 1] images: the module does the rest
+        # uint8 pixels are scaled as the data pipeline scales them
+        assert torch.equal(model(torch.from_numpy(data.x_test[:64])), logits[:64])
+    return accuracy(logits, data.y_test)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_hsic_run_on_the_ray_pipeline_loads_and_reproduces_its_accuracy(tmp_path, digits, local_ray):
+    out = tmp_path / "run"
+    metrics = run_hsic(tiny(out, trainer="ray", **{"ray.stages": 2}), digits)
+    assert metrics["stages"] == 2
+    # The layers come from two stage actors' checkpoint files; float rounding may move at most one sample.
+    assert loaded_accuracy(out, digits) == pytest.approx(metrics["test_accuracy_formatted"], abs=100 / len(digits.y_test))
+    assert hsic_ray.load_model(out).method == "hsic"
+
+
+def test_hsic_resconv_in_process_loads_and_reproduces_its_accuracy(tmp_path, digits):
+    out = tmp_path / "run"
+    metrics = run_hsic(tiny(out, "paper_resconv", trainer="local", **{"model.width": 4, "model.last_width": 16}), digits)
+    assert loaded_accuracy(out, digits) == metrics["test_accuracy_formatted"]
+
+
+def test_backprop_run_loads_and_reproduces_its_accuracy(tmp_path, digits):
+    out = tmp_path / "run"
+    metrics = run_backprop(tiny(out), digits)
+    assert loaded_accuracy(out, digits) == metrics["test_accuracy_formatted"]
+    assert hsic_ray.load_model(str(out / "model.pt")).method == "backprop"  # the file itself works too
+
+
+def test_missing_or_corrupt_model_file_is_one_clear_line(tmp_path):
+    with pytest.raises(ModelFileError) as missing:
+        hsic_ray.load_model(tmp_path)
+    message = str(missing.value)
+    assert str(tmp_path / "model.pt") in message and "finished run" in message and "\n" not in message
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(ModelFileError, match="does not exist"):
+        hsic_ray.load_model(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()  # loading creates nothing
+
+    (tmp_path / "model.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ModelFileError) as corrupt:
+        hsic_ray.load_model(tmp_path)
+    message = str(corrupt.value)
+    assert str(tmp_path / "model.pt") in message and "corrupt" in message and "\n" not in message
