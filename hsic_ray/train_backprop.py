@@ -87,6 +87,10 @@ def _load_state(train_checkpoint, unreadable: tuple[str, ...] = (), fallback: st
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
 
 
+def _attempt(history: list[dict[str, Any]]) -> int:
+    return sum(record["kind"] == "resume" for record in history)
+
+
 def _write_history(run: RunDirectory, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl, rewritten whole from the records the latest checkpoint holds."""
     run.write_text("metrics.jsonl", "".join(json.dumps(record) + "\n" for record in history))
@@ -159,7 +163,9 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
                 ray.train.report(
                     {k: record[k] for k in ("epoch", "step", "loss", "test_accuracy", "grad_norms")},
                     checkpoint=ray.train.Checkpoint.from_directory(directory),
-                    checkpoint_dir_name=f"checkpoint_epoch{epoch:05d}_step{steps:09d}",
+                    # The attempt in the name: an attempt that resumed from an older checkpoint (the newest did
+                    # not load) writes its own, never into a directory Ray Train still lists.
+                    checkpoint_dir_name=f"checkpoint_epoch{epoch:05d}_step{steps:09d}_attempt{_attempt(history)}",
                 )
             _write_history(run, history)  # after the checkpoint is stored: never ahead of it
         start = 0

@@ -308,3 +308,26 @@ def test_user_errors_cover_every_error_the_checks_raise():
     for error in (OutputLocationError, OutputExistsError, NothingToResumeError, ResourceError, ClusterConnectionError,
                   config_module.ConfigError):  # fmt: skip
         assert issubclass(error, USER_ERRORS)
+
+
+@pytest.mark.slow
+def test_resume_with_another_stage_count_is_refused_before_any_actor_starts(tmp_path):
+    from hsic_ray.config import ConfigError, build_config
+    from hsic_ray.experiment import run_hsic
+
+    def config(stages):
+        overrides = {"model.depth": 2, "model.width": 16, "train.max_steps": 4, "train.eval_samples": 64,
+                     "head.epochs": 1, "ray.stages": stages, "output": str(tmp_path / "run")}  # fmt: skip
+        return build_config("paper_mlp", overrides=overrides)
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    try:
+        run_hsic(config(2))
+        (tmp_path / "run" / "metrics.json").unlink()  # interrupted after its last checkpoint
+        before = tree(tmp_path / "run")
+        with pytest.raises(ConfigError, match="written by 2 stages; resume with --stages 2"):
+            run_hsic(config(3))
+        assert tree(tmp_path / "run") == before  # placements.json and metrics.jsonl untouched
+        assert run_hsic(config(None))["stages"] == 2  # without --stages it keeps the checkpoint's count
+    finally:
+        ray.shutdown()

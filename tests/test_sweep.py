@@ -48,6 +48,12 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     assert sorted(p.name for p in (out / "trials").iterdir()) == trials  # finished trials are not rerun
     assert (out / "results.md").read_text() == table
 
+    # A new sweep into the finished one is refused, and leaves every file as it was.
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = run_sweep("--smoke", "--depths", "3", "--output", str(out))
+    assert again.returncode == 2 and "already holds a finished run (sweep: results.csv)" in again.stderr
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
 
 def test_sweep_too_big_for_the_cluster_fails_fast(tmp_path):
     proc = run_sweep("--smoke", "--stages-per-trial", "3", "--gpus-per-stage", "1", "--output", str(tmp_path / "s"))

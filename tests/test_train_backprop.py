@@ -15,12 +15,12 @@ import ray
 import torch
 
 import hsic_ray
-from hsic_ray.checkpoint import CheckpointError
 from hsic_ray.config import ConfigError, build_config, save_config
 from hsic_ray.data import to_tensor
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop
 from hsic_ray.run_claim import OutputExistsError
+from hsic_ray.run_claim import NothingToResumeError
 from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,10 +163,24 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
         assert ours["grad_norms"] == pytest.approx(theirs["grad_norms"], rel=1e-3)
 
 
+@pytest.mark.slow
+def test_unloadable_latest_checkpoint_falls_back_to_the_one_before(tmp_path, digits, ray_cluster):
+    out = tmp_path / "run"
+    train_backprop(small_config(out), digits)  # 3 epochs: Ray Train keeps the checkpoints of epochs 2 and 3
+    (out / "metrics.json").unlink()  # as if the driver had died after the last checkpoint
+    latest = sorted((out / RAY_TRAIN_DIR / RUN_NAME).glob("checkpoint_epoch*"))[-1]
+    (latest / "state.pt").write_bytes(b"torn")
+    metrics = train_backprop(small_config(out, **{"train.epochs": 4}), digits)
+    records, resumes = epoch_records(out)
+    assert [r["epoch"] for r in resumes] == [2]
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4] and metrics["steps"] == 4 * STEPS_PER_EPOCH
+
+
 def test_resume_refuses_a_run_with_other_settings_or_no_checkpoint(tmp_path, digits):
     out = tmp_path / "run"
-    with pytest.raises(CheckpointError, match="no Ray Train checkpoint"):
+    with pytest.raises(NothingToResumeError, match="holds no run to continue"):
         train_backprop(small_config(out), digits, resume=True)
+    assert not out.exists()
     (out / RAY_TRAIN_DIR / RUN_NAME).mkdir(parents=True)
     (out / RAY_TRAIN_DIR / RUN_NAME / SNAPSHOT_FILE).write_text("{}")
     (out / "config.yaml").write_text(save_config(small_config(out, **{"model.depth": 3})))

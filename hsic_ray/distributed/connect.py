@@ -62,7 +62,12 @@ def _join(address: str, ship_package: bool) -> None:
     runtime_env = package_runtime_env() if ship_package else None
     try:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
-    except (ConnectionError, ValueError):
+    except ConnectionError as exc:  # found, but not joined: another network, a dead head, another Ray version
+        raise ClusterConnectionError(
+            f"could not join the Ray cluster at {address} ({str(exc).strip().splitlines()[-1]}); check that it runs "
+            "and is reachable from here (`ray status`), or pass --ray-address"
+        ) from None
+    except ValueError:
         raise
     except Exception as exc:  # Ray 2.60 reports a refused token as AssertionError or AuthenticationError
         if "auth" not in str(exc).lower():
