@@ -18,6 +18,7 @@ import ray
 from hsic_ray import config as config_module
 from hsic_ray.cli import USER_ERRORS
 from hsic_ray.config import ExperimentConfig
+from hsic_ray.distributed import connect as connect_module
 from hsic_ray.distributed.connect import ClusterConnectionError, check_address
 from hsic_ray.run_claim import OutputExistsError, claim
 from hsic_ray.run_dir import OutputLocationError, check_location
@@ -255,6 +256,16 @@ def test_addresses_that_lead_nowhere_fail_in_seconds():
     for bad in ("notanaddress", "http://127.0.0.1:8265", "host:99999"):
         with pytest.raises(ClusterConnectionError, match="is not a Ray cluster address"):
             check_address(bad)
+
+
+def test_a_port_held_by_something_else_than_ray_fails_in_seconds(monkeypatch):
+    monkeypatch.setattr(connect_module, "GCS_TIMEOUT_S", 2.0)
+    with socket.socket() as server:  # accepts connections, never speaks Ray's protocol
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with pytest.raises(ClusterConnectionError, match="accepts connections but gives no Ray head's answer"):
+            check_address(f"127.0.0.1:{port}")
 
 
 @pytest.mark.slow

@@ -159,3 +159,14 @@ def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial
         got = accuracy(model(to_tensor(data.x_test)), data.y_test)
     assert got == pytest.approx(best.metrics[METRIC], abs=100 / len(data.y_test))
     assert model.method == best.config["method"] and model.config.model.depth == 2
+
+
+def test_trials_that_did_not_finish_are_named():
+    from hsic_ray.sweep import failed_trials
+
+    rows = [{"depth": 2, "method": "hsic", "model.activation": "elu", "finished": True, "error": None},
+            {"depth": 4, "method": "hsic", "model.activation": "elu", "finished": False, "error": "RayTaskError"},
+            {"depth": 4, "method": "backprop", "model.activation": "elu", "finished": False, "error": None}]  # fmt: skip
+    assert failed_trials(rows[:1]) is None
+    assert failed_trials(rows) == ("2 of 3 trials did not finish: hsic activation=elu depth 4 (RayTaskError), "
+                                   "backprop activation=elu depth 4 (unfinished)")  # fmt: skip

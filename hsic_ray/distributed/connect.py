@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from typing import Any
 
 import ray
@@ -21,7 +22,8 @@ from hsic_ray.resources import check_local_cluster
 
 log = logging.getLogger("hsic_ray")
 
-CONNECT_TIMEOUT_S = 10.0  # for the head's port to answer; Ray itself retries a dead address for minutes
+CONNECT_TIMEOUT_S = 10.0  # for the head's port to accept; Ray itself retries a dead address for minutes
+GCS_TIMEOUT_S = 20.0  # for the head's GCS to answer once the port accepts
 
 
 class ClusterConnectionError(RuntimeError):
@@ -100,6 +102,29 @@ def check_address(address: str) -> None:
             f"nothing answers at {address} ({exc.strerror or type(exc).__name__}); start the cluster there "
             "(`ray start --head`) or fix --ray-address"
         ) from None
+    if not address.startswith("ray://") and not _answers_as_ray_head(address):
+        raise ClusterConnectionError(
+            f"{address} accepts connections but gives no Ray head's answer within {GCS_TIMEOUT_S:g}s; give the "
+            "address `ray start --head` printed (port 6379 by default), or ray://HOST:10001 for Ray Client"
+        )
+
+
+def _answers_as_ray_head(address: str) -> bool:
+    """Whether the head's GCS answers within GCS_TIMEOUT_S. ray.init would wait minutes on a port that
+    some other server holds; a refusal (e.g. of authentication) counts as an answer, for ray.init to report."""
+    from ray._raylet import GcsClient
+
+    answered = threading.Event()
+
+    def ask() -> None:
+        try:
+            GcsClient(address=address).cluster_id
+        except Exception:
+            pass
+        answered.set()
+
+    threading.Thread(target=ask, daemon=True).start()  # left behind, blocked, when nothing answers
+    return answered.wait(GCS_TIMEOUT_S)
 
 
 def _cluster_running_here() -> bool:
