@@ -43,11 +43,12 @@ from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text
 from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
-from hsic_ray.experiment import build_seeded_network, check_batch_fits, check_resumable, default_output, saved_config
+from hsic_ray.experiment import build_seeded_network, check_batch_fits
 from hsic_ray.model_io import MODEL_FILE
 from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_claim import Claim
+from hsic_ray.run_start import check_resumable, default_output, saved_config
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
 

@@ -30,7 +30,8 @@ def run_sweep(*args, timeout=600):
 @pytest.mark.slow
 def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "sweep"
-    proc = run_sweep("--smoke-test", "--output", str(out))  # Ray's name for it; --smoke stays an alias
+    uri = f"file://{out}"  # a URI passes through to Tune and every trial unchanged (s3://... works alike)
+    proc = run_sweep("--smoke-test", "--output", uri)  # Ray's name for it; --smoke stays an alias
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -43,7 +44,8 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     trials = sorted(p.name for p in (out / "trials").iterdir())
     assert len(trials) == 4 and all((out / "trials" / t / "metrics.json").exists() or t.startswith("backprop") for t in trials)
 
-    resumed = run_sweep("--smoke", "--output", str(out), "--resume")
+    assert not (Path.cwd() / "file:").exists()
+    resumed = run_sweep("--smoke", "--output", uri, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in (out / "trials").iterdir()) == trials  # finished trials are not rerun
     assert (out / "results.md").read_text() == table
