@@ -92,6 +92,9 @@ class TrainConfig:
     eval_samples: int = 512  # size of the fixed batch the information plane is measured on
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of HSIC training)
+    # Training batches that BatchNorm statistics are recomputed on after each epoch, with the epoch's final
+    # weights (0: keep the moving averages that training left, which lag behind the weights).
+    bn_calibration_batches: int = 20
     # Each stage's training step as one CUDA graph, replayed per batch. auto: on CUDA devices; on: required.
     cuda_graphs: str = "auto"
     tensorboard: bool = False  # HSIC runs: TensorBoard event files in <output>/tensorboard/ (needs the tensorboard package)
@@ -293,6 +296,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
            cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
+    _check_positive("train.bn_calibration_batches", cfg.train.bn_calibration_batches, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
     _check(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")
     _check(cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers, "ray.stages", cfg.ray.stages,

@@ -49,6 +49,9 @@ class LocalPipeline:
     def forward(self, x: Tensor) -> Tensor:
         return self.stage.forward(x).cpu()
 
+    def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
+        self.stage.calibrate_batchnorm(batches)
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         return self.stage.measure(x, targets)[1]
 

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from hsic_ray.config import OptimConfig
 from hsic_ray.hsic import not_positive_definite
@@ -118,6 +119,30 @@ class StageTrainer:
         for layer in self.layers:
             x = layer.eval()(x)
         return x
+
+    @torch.no_grad()
+    def calibrate_batchnorm(self, batches: list[Tensor]) -> list[Tensor]:
+        """Recompute every BatchNorm's running statistics as the plain average over `batches`, with the
+        weights as they are now; returns the train-mode outputs, the next stage's batches.
+
+        During training the running statistics are moving averages over batches seen by older weights:
+        after an epoch they describe a network that no longer exists, and eval-mode outputs (evaluation,
+        the format head, the information plane) pay for it. Steps use batch statistics and are unaffected.
+        """
+        norms = [m for layer in self.layers for m in layer.modules() if isinstance(m, _BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()  # in place: a captured CUDA graph keeps its buffers
+            norm.momentum = None  # a cumulative average over the batches that follow
+        outputs = []
+        for x in batches:
+            x = x.to(self.device, non_blocking=True)
+            for layer in self.layers:
+                x = layer.train()(x)
+            outputs.append(x)
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        return outputs
 
     @torch.no_grad()
     def measure(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:

@@ -63,6 +63,9 @@ class Pipeline(Protocol):
     def forward(self, x: Tensor) -> Tensor:
         """Eval-mode output of the whole network (CPU)."""
 
+    def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
+        """Recompute every layer's BatchNorm running statistics from `batches`, through the whole network."""
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         """Eval-mode per-layer [layers, 2] (nhsic_zx, nhsic_zy) on one batch."""
 
@@ -154,6 +157,7 @@ class HSICTrainer:
             position = self._restore(resume_step)
         while position.epoch <= self.cfg.train.epochs and not self._step_budget_spent():
             self._train_epoch(position)
+            self._calibrate_batchnorm()
             self._record_information_plane(position.epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self._epoch_summary())
@@ -301,6 +305,17 @@ class HSICTrainer:
         idx = np.sort(np.random.default_rng(self.cfg.train.seed).choice(n, size, replace=False))
         x, y = to_tensor(self.data.x_train[idx]), torch.from_numpy(self.data.y_train[idx])
         return x, self.objective.targets(x, y)
+
+    def _calibrate_batchnorm(self) -> None:
+        """BatchNorm statistics of the weights as they are now, from a fixed seeded set of training batches,
+        before anything reads the network in eval mode (see StageTrainer.calibrate_batchnorm)."""
+        count, size = self.cfg.train.bn_calibration_batches, self.cfg.train.batch_size
+        n = len(self.data.y_train)
+        if count == 0:
+            return
+        order = np.random.default_rng(self.cfg.train.seed + 1).permutation(n)[: min(n, count * size)]
+        self.pipeline.calibrate_batchnorm([to_tensor(self.data.x_train[np.sort(chunk)])
+                                           for chunk in np.array_split(order, max(1, len(order) // size))])  # fmt: skip
 
     def _record_information_plane(self, epoch: int) -> None:
         x, targets = self._eval_batch

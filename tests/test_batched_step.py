@@ -9,12 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from hsic_ray.config import ConfigError, HSICConfig, OptimConfig, build_config
+from hsic_ray.config import ConfigError, HSICConfig, ModelConfig, OptimConfig, build_config
 from hsic_ray.data import iterate_batches
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import ESTIMATORS, cca_inner, center, gaussian_kernel, spd_inverse
 from hsic_ray.local import LocalPipeline
-from hsic_ray.models import LayerwiseNet
+from hsic_ray.models import LayerwiseNet, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.stage import StageTrainer, use_cuda_graphs
 from hsic_ray.step_graph import rolled_back
@@ -222,3 +222,21 @@ def test_the_in_process_pipeline_checks_solves_only_where_the_loop_reads_back():
     assert pipeline.stage.kernel_dtype is None  # the failure is recorded, not yet read
     result = pipeline.result(handle, want_output=False, read_back=True)
     assert pipeline.stage.kernel_dtype == torch.float64 and result.layer_stats.device.type == "cpu"
+
+
+def test_batchnorm_calibration_averages_the_batches_statistics_with_the_current_weights():
+    torch.manual_seed(0)
+    net = build_network(ModelConfig(depth=1, width=16, last_width=4), (1, 4, 4))
+    stage = StageTrainer(list(net.layers), HSICObjective(HSICConfig(sigma=6.0), num_classes=4), OptimConfig(), "cpu")
+    batches = [torch.rand(32, 1, 4, 4) for _ in range(3)]
+    first = net.layers[0]
+    linear, norm = first[1], first[2]
+    norm.running_mean.fill_(5.0)  # stale statistics of older weights
+    outputs = stage.calibrate_batchnorm(batches)
+    with torch.no_grad():
+        pre = [linear(b.flatten(1)) for b in batches]
+    assert torch.allclose(norm.running_mean, torch.stack([p.mean(0) for p in pre]).mean(0), atol=1e-6)
+    assert torch.allclose(norm.running_var, torch.stack([p.var(0) for p in pre]).mean(0), atol=1e-5)
+    assert norm.momentum == 0.1 and len(outputs) == 3
+    with torch.no_grad():  # what the next stage receives: this stage's train-mode output of each batch
+        assert torch.allclose(outputs[2], net.train()(batches[2]), atol=1e-6)

@@ -241,6 +241,12 @@ class RayPipeline:
             ref = actor.forward.remote(ref)
         return torch.from_numpy(np.array(ray.get(ref)))
 
+    def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
+        ref = ray.put([x.numpy() for x in batches])
+        for actor in self.actors:
+            ref = actor.calibrate_batchnorm.remote(ref)
+        ray.wait([ref], fetch_local=False)
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
         stats = []

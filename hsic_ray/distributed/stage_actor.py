@@ -98,6 +98,11 @@ class StageActor:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
         return self.trainer.forward(self.transport.receive(x)).cpu().numpy()
 
+    def calibrate_batchnorm(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+        self._last_end = None
+        outputs = self.trainer.calibrate_batchnorm([self.transport.receive(x) for x in batches])
+        return [out.cpu().numpy() for out in outputs]
+
     def measure(self, x: np.ndarray, targets: WireTargets) -> tuple[np.ndarray, np.ndarray]:
         self._last_end = None
         out, stats = self.trainer.measure(self.transport.receive(x), self._receive_targets(targets))
