@@ -214,8 +214,7 @@ class RayPipeline:
                 ) from err
             started = time.perf_counter()
             ray.kill(self.actors[stage], no_restart=True)
-            self.actors[stage] = self._start(self.specs[stage])
-            self.placements[stage] = ray.get(self.actors[stage].where.remote())
+            self.placements[stage] = self._restart(stage)
             restored = None if self._restore_point is None else self._restore_point[1]
             event = {
                 "kind": "recovery",
@@ -228,6 +227,26 @@ class RayPipeline:
             self._events.append(event)
             log.warning("stage %d died (%s); recreated from checkpoint step %s on %s in %.1fs",
                         stage, event["error"], restored, event["node_ip"], event["seconds"])  # fmt: skip
+
+    def _restart(self, stage: int) -> dict[str, Any]:
+        """A new actor for `stage` in its bundle; returns where it runs. When the stage's node has just died,
+        Ray can place the new actor there before it declares the node dead (seconds later); the actor then
+        dies unstarted, and Ray moves the bundle to a live node: start it again until it runs."""
+        deadline = time.monotonic() + self.cfg.ray.placement_timeout_s
+        while True:
+            self.actors[stage] = self._start(self.specs[stage])
+            try:
+                return ray.get(self.actors[stage].where.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                ray.kill(self.actors[stage], no_restart=True)
+                time.sleep(1.0)
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineFailed(
+                    f"stage {stage} could not be recreated within {self.cfg.ray.placement_timeout_s:g}s: no live "
+                    f"node has room for its bundle {self.specs[stage].bundle()} ({ray.available_resources()} free)"
+                ) from None
 
     def events(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []
