@@ -9,7 +9,8 @@ whatever the number of batches in flight or per call: the results are the same. 
 small object per group, the reports the last stage returns.
 
 When a stage actor dies (its process killed, its node lost), `result` recreates it in its placement
-bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed.
+bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed;
+evaluation and checkpoint requests recover the same way and run again.
 """
 
 from __future__ import annotations
@@ -254,22 +255,39 @@ class RayPipeline:
 
     # --- evaluation and checkpoints -------------------------------------------------------------------
 
+    def _recovering(self, call):
+        """`call()`, a request to every stage (evaluation, checkpoint), run again after recovering a stage
+        that died meanwhile, as `_fetch` does for training."""
+        for _ in range(self.cfg.ray.max_recoveries + 1):
+            try:
+                return call()
+            except _LOST as err:
+                self._recover(getattr(err, "cause", None) or err)
+        raise PipelineFailed(f"a request to the stages failed {self.cfg.ray.max_recoveries + 1} times in a row")
+
     def forward(self, x: Tensor) -> Tensor:
-        ref = ray.put(x.numpy())
-        for actor in self.actors:
-            ref = actor.forward.remote(ref)
-        return torch.from_numpy(np.array(ray.get(ref)))
+        def call():
+            ref = ray.put(x.numpy())
+            for actor in self.actors:
+                ref = actor.forward.remote(ref)
+            return torch.from_numpy(np.array(ray.get(ref)))
+
+        return self._recovering(call)
 
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
-        ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
-        stats = []
-        for actor in self.actors:
-            ref, stage_stats = actor.measure.options(num_returns=2).remote(ref, target_ref)
-            stats.append(stage_stats)
-        return torch.from_numpy(np.concatenate(ray.get(stats)))
+        def call():
+            ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
+            stats = []
+            for actor in self.actors:
+                ref, stage_stats = actor.measure.options(num_returns=2).remote(ref, target_ref)
+                stats.append(stage_stats)
+            return torch.from_numpy(np.concatenate(ray.get(stats)))
+
+        return self._recovering(call)
 
     def save(self, run: RunDirectory, step: int) -> None:
-        ray.get([actor.save.remote(run.location, step) for actor in self.actors])
+        # A stage recreated meanwhile saves the state it was restored to, as it trains on from it.
+        self._recovering(lambda: ray.get([actor.save.remote(run.location, step) for actor in self.actors]))
         self._restore_point = (run.location, step)
 
     def load(self, run: RunDirectory, step: int) -> None:
