@@ -454,7 +454,7 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
     launcher = [ray_cli]
 
     out_dir = tmp_path / "run"
-    dashboard = job = None
+    dashboard = job = job_log = None
     started = time.monotonic()
     try:
         _, up = run(h.client(launcher + ["up", "-y", *common, "--no-config-cache", config_file]), cwd=project,
@@ -531,7 +531,6 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
         run(h.ssh(victim, "ray stop --force"), timeout=60, log=logs / "kill.log")  # SIGKILL: as if the node died
         t_kill = time.monotonic() - started
         rc = job.wait(timeout=400)
-        job_log.close()
         submitted = (logs / "submit.log").read_text()
         assert rc == 0, f"ray submit -> {rc}\n{submitted[-6000:]}"
 
@@ -552,6 +551,8 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout=30)
+        if job_log is not None:
+            job_log.close()
         caches = set(Path(tempfile.gettempdir()).glob("ray-config-*"))
         _, down = run(h.client(launcher + ["down", "-y", *common, config_file]), cwd=project, env=env, timeout=120,
                       log=logs / "down.log", check=False)
