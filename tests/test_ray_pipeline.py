@@ -109,3 +109,32 @@ def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path
     recovery = records(tmp_path / "hit", "recovery")[0]
     assert recovery["restored_from_step"] == 20 and recovery["error"].endswith("Error")
     assert abs(disturbed["test_accuracy_unformatted"] - undisturbed["test_accuracy_unformatted"]) <= 2.0
+
+
+def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoints(tmp_path, digits):
+    # A stage can die while the coordinator evaluates or checkpoints (a node lost at the end of an epoch):
+    # those requests recover it from the checkpoint and run again, as training steps do.
+    from hsic_ray.distributed.pipeline import RayPipeline
+    from hsic_ray.distributed.placement import cluster_totals, plan_stages
+    from hsic_ray.models import build_network, layer_step_costs
+    from hsic_ray.run_dir import RunDirectory
+
+    cfg = config(tmp_path / "run", "ray")
+    net = build_network(cfg.model, digits.input_shape)
+    specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
+    pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
+    try:
+        run = RunDirectory(str(tmp_path / "run"))
+        pipeline.save(run, 0)
+        x = torch.rand(64, *digits.input_shape)
+        before = pipeline.forward(x)
+        ray.kill(pipeline.actors[1], no_restart=True)
+        assert torch.equal(pipeline.forward(x), before)  # stage 1 recreated from the checkpoint
+        ray.kill(pipeline.actors[0], no_restart=True)
+        pipeline.save(run, 1)
+        assert [(e["kind"], e["stage"], e["restored_from_step"]) for e in pipeline.events()] == [
+            ("recovery", 1, 0), ("recovery", 0, 0)]
+        assert len(list((tmp_path / "run" / "checkpoints").rglob("*"))) > 0
+        assert torch.equal(pipeline.forward(x), before)
+    finally:
+        pipeline.shutdown()

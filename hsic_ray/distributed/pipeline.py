@@ -9,7 +9,8 @@ whatever the number of batches in flight or per call: the results are the same. 
 small object per group, the reports the last stage returns.
 
 When a stage actor dies (its process killed, its node lost), `result` recreates it in its placement
-bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed.
+bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed;
+evaluation and checkpoint requests recover the same way and run again.
 """
 
 from __future__ import annotations
@@ -214,8 +215,7 @@ class RayPipeline:
                 ) from err
             started = time.perf_counter()
             ray.kill(self.actors[stage], no_restart=True)
-            self.actors[stage] = self._start(self.specs[stage])
-            self.placements[stage] = ray.get(self.actors[stage].where.remote())
+            self.placements[stage] = self._restart(stage)
             restored = None if self._restore_point is None else self._restore_point[1]
             event = {
                 "kind": "recovery",
@@ -229,34 +229,74 @@ class RayPipeline:
             log.warning("stage %d died (%s); recreated from checkpoint step %s on %s in %.1fs",
                         stage, event["error"], restored, event["node_ip"], event["seconds"])  # fmt: skip
 
+    def _restart(self, stage: int) -> dict[str, Any]:
+        """A new actor for `stage` in its bundle; returns where it runs. When the stage's node has just died,
+        Ray can place the new actor there before it declares the node dead (seconds later); the actor then
+        dies unstarted, and Ray moves the bundle to a live node: start it again until it runs."""
+        deadline = time.monotonic() + self.cfg.ray.placement_timeout_s
+        while True:
+            self.actors[stage] = self._start(self.specs[stage])
+            try:
+                return ray.get(self.actors[stage].where.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            except RayActorError:
+                if time.monotonic() > deadline:
+                    raise
+                ray.kill(self.actors[stage], no_restart=True)
+                time.sleep(1.0)
+            except ray.exceptions.GetTimeoutError:
+                raise PipelineFailed(
+                    f"stage {stage} could not be recreated within {self.cfg.ray.placement_timeout_s:g}s: no live "
+                    f"node has room for its bundle {self.specs[stage].bundle()} ({ray.available_resources()} free)"
+                ) from None
+
     def events(self) -> list[dict[str, Any]]:
         events, self._events = self._events, []
         return events
 
     # --- evaluation and checkpoints -------------------------------------------------------------------
 
+    def _recovering(self, call):
+        """`call()`, a request to every stage (evaluation, checkpoint), run again after recovering a stage
+        that died meanwhile, as `_fetch` does for training."""
+        for _ in range(self.cfg.ray.max_recoveries + 1):
+            try:
+                return call()
+            except _LOST as err:
+                self._recover(getattr(err, "cause", None) or err)
+        raise PipelineFailed(f"a request to the stages failed {self.cfg.ray.max_recoveries + 1} times in a row")
+
     def forward(self, x: Tensor) -> Tensor:
-        ref = ray.put(x.numpy())
-        for actor in self.actors:
-            ref = actor.forward.remote(ref)
-        return torch.from_numpy(np.array(ray.get(ref)))
+        def call():
+            ref = ray.put(x.numpy())
+            for actor in self.actors:
+                ref = actor.forward.remote(ref)
+            return torch.from_numpy(np.array(ray.get(ref)))
+
+        return self._recovering(call)
 
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
-        ref = ray.put([x.numpy() for x in batches])
-        for actor in self.actors:
-            ref = actor.calibrate_batchnorm.remote(ref)
-        ray.wait([ref], fetch_local=False)
+        def call():
+            ref = ray.put([x.numpy() for x in batches])
+            for actor in self.actors:
+                ref = actor.calibrate_batchnorm.remote(ref)
+            ray.get(ref)
+
+        self._recovering(call)
 
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
-        ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
-        stats = []
-        for actor in self.actors:
-            ref, stage_stats = actor.measure.options(num_returns=2).remote(ref, target_ref)
-            stats.append(stage_stats)
-        return torch.from_numpy(np.concatenate(ray.get(stats)))
+        def call():
+            ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
+            stats = []
+            for actor in self.actors:
+                ref, stage_stats = actor.measure.options(num_returns=2).remote(ref, target_ref)
+                stats.append(stage_stats)
+            return torch.from_numpy(np.concatenate(ray.get(stats)))
+
+        return self._recovering(call)
 
     def save(self, run: RunDirectory, step: int) -> None:
-        ray.get([actor.save.remote(run.location, step) for actor in self.actors])
+        # A stage recreated meanwhile saves the state it was restored to, as it trains on from it.
+        self._recovering(lambda: ray.get([actor.save.remote(run.location, step) for actor in self.actors]))
         self._restore_point = (run.location, step)
 
     def load(self, run: RunDirectory, step: int) -> None:
