@@ -49,6 +49,9 @@ class LocalPipeline:
     def forward(self, x: Tensor) -> Tensor:
         return self.stage.forward(x).cpu()
 
+    def layer_outputs(self, x: Tensor) -> list[Tensor]:
+        return [view.cpu() for view in self.stage.layer_outputs(x)[1]]
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         return self.stage.measure(x, targets)[1]
 

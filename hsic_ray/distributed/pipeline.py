@@ -241,6 +241,13 @@ class RayPipeline:
             ref = actor.forward.remote(ref)
         return torch.from_numpy(np.array(ray.get(ref)))
 
+    def layer_outputs(self, x: Tensor) -> list[Tensor]:
+        ref, views = ray.put(x.numpy()), []
+        for actor in self.actors:
+            ref, stage_views = actor.layer_outputs.options(num_returns=2).remote(ref)
+            views.append(stage_views)
+        return [torch.from_numpy(np.array(view)) for stage in ray.get(views) for view in stage]
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
         stats = []

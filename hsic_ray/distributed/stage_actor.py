@@ -98,6 +98,12 @@ class StageActor:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
         return self.trainer.forward(self.transport.receive(x)).cpu().numpy()
 
+    def layer_outputs(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The stage's eval-mode output (for the next stage) and its layers' probe views (for the driver)."""
+        self._last_end = None
+        out, views = self.trainer.layer_outputs(self.transport.receive(x))
+        return out.cpu().numpy(), [view.cpu().numpy() for view in views]
+
     def measure(self, x: np.ndarray, targets: WireTargets) -> tuple[np.ndarray, np.ndarray]:
         self._last_end = None
         out, stats = self.trainer.measure(self.transport.receive(x), self._receive_targets(targets))
