@@ -17,8 +17,9 @@ which keeps distances and so linear separability about intact (Johnson-Lindenstr
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,9 +52,17 @@ def _projection(width: int, features: int, device: torch.device, dtype: torch.dt
     return (torch.randn(width, features, generator=generator) / math.sqrt(features)).to(device, dtype)
 
 
-def _chunks(x: np.ndarray, y: np.ndarray, size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    for i in range(0, len(y), size):
-        yield to_tensor(x[i : i + size]), torch.as_tensor(y[i : i + size]).long()
+# Training-split views kept between the fit and its scoring, so that only what does not fit goes through the
+# network a second time (the forward pass, not the fit, is most of a probe's cost: resconv's on a CPU).
+KEEP_BYTES = 256 * 2**20
+
+Views = tuple[list[Tensor], Tensor]  # every layer's probe view of a chunk of images, and their labels
+
+
+def _views(layer_outputs: LayerOutputs, split: tuple[np.ndarray, np.ndarray], chunk: int, start: int = 0) -> Iterator[Views]:
+    x, y = split
+    for i in range(start, len(y), chunk):
+        yield layer_outputs(to_tensor(x[i : i + chunk])), torch.as_tensor(y[i : i + chunk]).long()
 
 
 def probe_layers(
@@ -65,26 +74,33 @@ def probe_layers(
 ) -> dict[str, Any]:
     """Every layer's probe fitted on `train` (images, labels) and scored on both splits: train_accuracy
     and test_accuracy per layer (%), and the sample counts. The readouts keep only sums, so the images go
-    through the network `chunk` at a time: twice for the training split (sums, then scores), once for test."""
+    through the network `chunk` at a time; the training views are kept for scoring up to KEEP_BYTES, and
+    the rest go through a second time."""
     readouts: list[RidgeReadout] = []
-    for x, y in _chunks(*train, chunk):
-        outputs = layer_outputs(x)
+    kept: list[Views] = []
+    kept_bytes, keeping = 0, True
+    for outputs, y in _views(layer_outputs, train, chunk):
         readouts = readouts or [RidgeReadout(num_classes) for _ in outputs]
         for readout, features in zip(readouts, outputs):
             readout.add(features, y)
+        kept_bytes += sum(features.numel() * features.element_size() for features in outputs)
+        keeping = keeping and kept_bytes <= KEEP_BYTES  # a prefix of the chunks, so the rest resume in order
+        if keeping:
+            kept.append((outputs, y))
     for readout in readouts:
         readout.fit()
+    train_views = itertools.chain(kept, _views(layer_outputs, train, chunk, start=len(kept) * chunk))
     return {
-        "train_accuracy": _accuracies(layer_outputs, readouts, train, chunk),
-        "test_accuracy": _accuracies(layer_outputs, readouts, test, chunk),
+        "train_accuracy": _accuracies(readouts, train_views, len(train[1])),
+        "test_accuracy": _accuracies(readouts, _views(layer_outputs, test, chunk), len(test[1])),
         "train_samples": len(train[1]),
         "test_samples": len(test[1]),
     }
 
 
-def _accuracies(layer_outputs: LayerOutputs, readouts: list[RidgeReadout], split, chunk: int) -> list[float]:
+def _accuracies(readouts: list[RidgeReadout], views: Iterable[Views], samples: int) -> list[float]:
     correct = torch.zeros(len(readouts), dtype=torch.int64)
-    for x, y in _chunks(*split, chunk):
-        for i, (readout, features) in enumerate(zip(readouts, layer_outputs(x))):
+    for outputs, y in views:
+        for i, (readout, features) in enumerate(zip(readouts, outputs)):
             correct[i] += int((readout.predict(features).argmax(1) == y).sum())
-    return (100.0 * correct.double() / len(split[1])).tolist()
+    return (100.0 * correct.double() / samples).tolist()

@@ -9,6 +9,7 @@ import torch
 from hsic_ray.config import build_config
 from hsic_ray.evaluation import RidgeReadout
 from hsic_ray.experiment import run_hsic
+from hsic_ray import probes
 from hsic_ray.plots import plot_probes
 from hsic_ray.probes import MAX_PROBE_FEATURES, probe_layers, probe_view
 
@@ -19,23 +20,33 @@ def _coded_classes(rng, n, dims=32):
     return np.eye(10)[labels] @ rng.normal(size=(10, dims)) + 0.3 * rng.normal(size=(n, dims)) + 50, labels
 
 
-def test_probe_fit_reads_separable_features_and_not_noise():
+def test_probe_fit_reads_separable_features_and_not_noise(monkeypatch):
     rng = np.random.default_rng(0)
     features, labels = _coded_classes(rng, 3000)
     noise = rng.normal(size=(3000, 32))
     images = np.arange(3000, dtype=np.float32)  # stand-ins for images: the "network" looks its layers up by index
+    calls = []
 
     def layer_outputs(x):
+        calls.append(len(x))
         idx = x.long().numpy()
         return [torch.from_numpy(features[idx]).float(), torch.from_numpy(noise[idx]).float()]
 
-    result = probe_layers(layer_outputs, (images[:2000], labels[:2000]), (images[2000:], labels[2000:]), 10, chunk=300)
+    def probe():
+        calls.clear()
+        return probe_layers(layer_outputs, (images[:2000], labels[:2000]), (images[2000:], labels[2000:]), 10, chunk=300)
+
+    result = probe()
     separable_train, noise_train = result["train_accuracy"]
     separable_test, noise_test = result["test_accuracy"]
     assert separable_train > 99 and separable_test > 99
     assert noise_test < 16  # chance is 10%
     assert noise_train > noise_test + 3  # 32 features of noise: the fit learns its own training set a little
     assert (result["train_samples"], result["test_samples"]) == (2000, 1000)
+    assert len(calls) == 7 + 4  # the training views were kept for scoring: one pass over each split
+    # Views beyond the memory budget go through the network again, and give the same figures.
+    monkeypatch.setattr(probes, "KEEP_BYTES", 3 * 300 * 32 * 4 * 2)
+    assert probe() == result and len(calls) == 7 + 4 + 4
 
 
 def test_a_readout_fitted_chunk_by_chunk_equals_one_fitted_at_once():
