@@ -161,7 +161,8 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
     for i, rec in enumerate(records):
         if not isinstance(rec, Mapping) or "epoch" not in rec:
             raise ValueError(f"records[{i}] must be a dict with keys 'epoch' and 'test_accuracy'")
-        lines.append((_finite_float(rec["epoch"], f"records[{i}]['epoch']"), _accuracies(rec, "test_accuracy", f"records[{i}]")))
+        epoch = _finite_float(rec["epoch"], f"records[{i}]['epoch']")
+        lines.append((epoch, _accuracies(rec, "test_accuracy", f"records[{i}]")))
     final_lines = {key: _accuracies(final, key, "final") for key in ("test_accuracy", "train_accuracy")
                    if final is not None and key in final}  # fmt: skip
     if not lines and "test_accuracy" not in final_lines:

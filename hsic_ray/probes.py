@@ -32,6 +32,7 @@ MAX_PROBE_FEATURES = 2048
 
 # A pipeline's `layer_outputs`: images -> every layer's probe view (flattened, CPU).
 LayerOutputs = Callable[[Tensor], list[Tensor]]
+Split = tuple[np.ndarray, np.ndarray]  # images (as stored: uint8 pixels) and labels
 
 
 def probe_view(z: Tensor, max_features: int = MAX_PROBE_FEATURES) -> Tensor:
@@ -59,7 +60,7 @@ KEEP_BYTES = 256 * 2**20
 Views = tuple[list[Tensor], Tensor]  # every layer's probe view of a chunk of images, and their labels
 
 
-def _views(layer_outputs: LayerOutputs, split: tuple[np.ndarray, np.ndarray], chunk: int, start: int = 0) -> Iterator[Views]:
+def _views(layer_outputs: LayerOutputs, split: Split, chunk: int, start: int = 0) -> Iterator[Views]:
     x, y = split
     for i in range(start, len(y), chunk):
         yield layer_outputs(to_tensor(x[i : i + chunk])), torch.as_tensor(y[i : i + chunk]).long()
@@ -67,8 +68,8 @@ def _views(layer_outputs: LayerOutputs, split: tuple[np.ndarray, np.ndarray], ch
 
 def probe_layers(
     layer_outputs: LayerOutputs,
-    train: tuple[np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray],
+    train: Split,
+    test: Split,
     num_classes: int,
     chunk: int = 1024,
 ) -> dict[str, Any]:

@@ -327,7 +327,7 @@ class HSICTrainer:
                 "information_plane.png", lambda path: plot_information_plane(self.info_plane, path, title)
             )
 
-    def _fixed_probe_splits(self) -> Optional[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]]:
+    def _fixed_probe_splits(self) -> Optional[tuple[probes.Split, probes.Split]]:
         """The fixed (images, labels) of the training and test splits the per-epoch probes read:
         train.probe_samples of training samples and half as many test samples (at most each split)."""
         size = self.cfg.train.probe_samples
@@ -335,13 +335,14 @@ class HSICTrainer:
             return None
         rng = np.random.default_rng(self.cfg.train.seed)
 
-        def subset(x: np.ndarray, y: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        def subset(x: np.ndarray, y: np.ndarray, n: int) -> probes.Split:
             idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
             return x[idx], y[idx]
 
-        return subset(self.data.x_train, self.data.y_train, size), subset(self.data.x_test, self.data.y_test, max(1, size // 2))
+        data = self.data
+        return subset(data.x_train, data.y_train, size), subset(data.x_test, data.y_test, max(1, size // 2))
 
-    def _probe(self, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
         started = time.perf_counter()
         result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes, EVAL_CHUNK)
         result["seconds"] = time.perf_counter() - started
@@ -354,8 +355,9 @@ class HSICTrainer:
         self.probes.append(record)
         self._append(record)
         self._plot_probes()
-        log.info("linear probes after epoch %d (test accuracy, first / best / last layer): %.2f / %.2f / %.2f%%  (%.1fs)",
-                 epoch, record["test_accuracy"][0], max(record["test_accuracy"]), record["test_accuracy"][-1], record["seconds"])  # fmt: skip
+        test = record["test_accuracy"]
+        log.info("linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
+                 "(%.1fs)", epoch, test[0], max(test), test[-1], record["seconds"])  # fmt: skip
 
     def _plot_probes(self, final: Optional[dict[str, Any]] = None) -> None:
         if self.run is not None:
