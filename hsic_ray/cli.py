@@ -9,7 +9,7 @@ import sys
 from typing import Any, Callable, NoReturn
 
 from hsic_ray.checkpoint import CheckpointError
-from hsic_ray.config import ACTIVATIONS, INITS, NULL, PRESETS, ConfigError, ExperimentConfig, build_config
+from hsic_ray.config import ACTIVATIONS, DATASET_FAMILIES, INITS, NULL, PRESETS, ConfigError, ExperimentConfig, build_config
 from hsic_ray.data import DataError
 from hsic_ray.distributed.connect import ClusterConnectionError
 from hsic_ray.distributed.placement import PlacementError
@@ -51,6 +51,7 @@ def build_run_config(args: argparse.Namespace, *flag_maps: dict[str, str]) -> Ex
 RUN_FLAGS = {
     "output": "output",
     "dataset": "data.source",
+    "data_family": "data.family",
     "data_root": "data.root",
     "depth": "model.depth",
     "width": "model.width",
@@ -80,6 +81,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config sections applied over the preset")
     p.add_argument("--output", metavar="DIR", help="run directory (local path or pyarrow URI)")
     p.add_argument("--dataset", metavar="SOURCE", help="mnist-sample (bundled), mnist, fashion-mnist, cifar10, npz:PATH, parquet:URI")
+    add_data_family_argument(p)
     p.add_argument("--data-root", metavar="DIR", help="where torchvision datasets are stored / downloaded")
     p.add_argument("--depth", type=int, help="hidden width x width blocks (depth 5 = 7 layers)")
     p.add_argument("--width", type=int, help="hidden width (channels for paper_resconv)")
@@ -96,6 +98,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("settings", nargs="*", type=setting, metavar="KEY=VALUE",
                    help="any config field, applied after the flags, e.g. hsic.eps=1e-4 train.cuda_graphs=off")  # fmt: skip
     p.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
+
+
+def add_data_family_argument(p: argparse.ArgumentParser) -> None:
+    """--data-family: whose per-dataset settings the presets apply to an npz: or parquet: source."""
+    p.add_argument("--data-family", choices=DATASET_FAMILIES, help="whose settings (beta) the preset applies to "
+                   "the data (default: inferred from a named --dataset, mnist for npz: and parquet: files)")  # fmt: skip
 
 
 def setting(text: str) -> tuple[str, Any]:

@@ -26,6 +26,8 @@ CUDA_GRAPHS = ("auto", "on", "off")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
+# Which of the authors' per-dataset settings (the presets' beta) a run gets; a file source names its own.
+DATASET_FAMILIES = ("mnist", "fashion-mnist", "cifar10")
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,9 @@ class DataConfig:
     download: bool = True
     test_fraction: float = 0.2  # held-out share of mnist-sample (the file has no split of its own)
     split_seed: int = 1234  # fixes that split independently of the training seed
+    # mnist | fashion-mnist | cifar10: whose settings the presets apply (beta). None: inferred from a named
+    # source, mnist for npz: and parquet: files.
+    family: Optional[str] = None
 
 
 @dataclass
@@ -90,6 +95,9 @@ class TrainConfig:
     seed: int = 1234
     log_every: int = 10  # steps between progress lines / metrics.jsonl records
     eval_samples: int = 512  # size of the fixed batch the information plane is measured on
+    # Linear probes of every layer each epoch, on this many fixed training samples and half as many test
+    # samples (hsic_ray.probes), and on the full splits at the end. 0: no probes.
+    probe_samples: int = 2000
     device: str = "auto"  # auto | cpu | cuda
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of HSIC training)
     # Training batches that BatchNorm statistics are recomputed on after each epoch, with the epoch's final
@@ -148,21 +156,27 @@ class ExperimentConfig:
 # --- presets ---------------------------------------------------------------------------------------------
 
 
-def dataset_family(source: str) -> str:
-    """mnist, fashion-mnist or cifar10: which of the authors' per-dataset settings applies."""
-    if source in ("mnist", "mnist-sample"):
-        return "mnist"
-    if source in ("fashion-mnist", "cifar10"):
-        return source
-    return "mnist"  # npz / parquet data: the authors' MNIST settings are the sensible start
+def dataset_family(source: str, family: Optional[str] = None) -> str:
+    """mnist, fashion-mnist or cifar10: which of the authors' per-dataset settings applies.
+
+    `family` (data.family) names it for any source; None infers it from a named source, and gives the
+    MNIST settings (the sensible start) to npz / parquet files. A family that contradicts a named source
+    is an error: the presets would apply one dataset's settings to another."""
+    named = {"mnist": "mnist", "mnist-sample": "mnist", "fashion-mnist": "fashion-mnist", "cifar10": "cifar10"}
+    if family is None:
+        return named.get(source, "mnist")
+    _check_choice("data.family", family, DATASET_FAMILIES)
+    _check(source not in named or named[source] == family, "data.family", family,
+           f"{named.get(source)} (or null) for data.source={source!r}; another family applies to npz: and parquet: files")  # fmt: skip
+    return family
 
 
-def paper_mlp(source: str = "mnist-sample") -> ExperimentConfig:
+def paper_mlp(source: str = "mnist-sample", family: Optional[str] = None) -> ExperimentConfig:
     """The unformatted 5 x 1024 MLP of the paper's Fig. 3/4, last layer 10 wide."""
-    beta = {"mnist": 200.0, "fashion-mnist": 1000.0, "cifar10": 2500.0}[dataset_family(source)]
+    beta = {"mnist": 200.0, "fashion-mnist": 1000.0, "cifar10": 2500.0}[dataset_family(source, family)]
     return ExperimentConfig(
         preset="paper_mlp",
-        data=DataConfig(source=source),
+        data=DataConfig(source=source, family=family),
         model=ModelConfig(arch="mlp", depth=5, width=1024, last_width=10, activation="relu"),
         hsic=HSICConfig(estimator="cca", sigma=6.0, beta=beta),
         # The authors' lr is 1e-3 with an SGD momentum that never acted (their optimizer was rebuilt every
@@ -174,12 +188,12 @@ def paper_mlp(source: str = "mnist-sample") -> ExperimentConfig:
     )
 
 
-def paper_resconv(source: str = "mnist-sample") -> ExperimentConfig:
+def paper_resconv(source: str = "mnist-sample", family: Optional[str] = None) -> ExperimentConfig:
     """The residual conv net of the paper's Fig. 7: 5 blocks of 64 channels, dense to 512, format head."""
-    beta = {"mnist": 200.0, "fashion-mnist": 500.0, "cifar10": 500.0}[dataset_family(source)]
+    beta = {"mnist": 200.0, "fashion-mnist": 500.0, "cifar10": 500.0}[dataset_family(source, family)]
     return ExperimentConfig(
         preset="paper_resconv",
-        data=DataConfig(source=source),
+        data=DataConfig(source=source, family=family),
         model=ModelConfig(arch="resconv", depth=5, width=64, last_width=512, activation="relu"),
         hsic=HSICConfig(estimator="cca", sigma=5.0, beta=beta),
         optim=OptimConfig(lr=0.01),
@@ -189,12 +203,12 @@ def paper_resconv(source: str = "mnist-sample") -> ExperimentConfig:
     )
 
 
-def deep_mlp(source: str = "mnist-sample") -> ExperimentConfig:
+def deep_mlp(source: str = "mnist-sample", family: Optional[str] = None) -> ExperimentConfig:
     """A deep MLP without skip connections, sized to train on the bundled digits in minutes on 2 cores."""
-    beta = {"mnist": 2500.0, "fashion-mnist": 1000.0, "cifar10": 500.0}[dataset_family(source)]
+    beta = {"mnist": 2500.0, "fashion-mnist": 1000.0, "cifar10": 500.0}[dataset_family(source, family)]
     return ExperimentConfig(
         preset="deep_mlp",
-        data=DataConfig(source=source),
+        data=DataConfig(source=source, family=family),
         # Depth-robust choices (README, "Depth sweeps"). With the authors' relu and batch 256, a 50-deep net
         # ends ~7 points below a 5-deep one; elu (no dead units to drop information layer after layer) with
         # batches of 512 (steadier kernel estimates) keeps it within about a point, and orthogonal weights
@@ -209,7 +223,7 @@ def deep_mlp(source: str = "mnist-sample") -> ExperimentConfig:
     )
 
 
-PRESETS: dict[str, Callable[[str], ExperimentConfig]] = {
+PRESETS: dict[str, Callable[[str, Optional[str]], ExperimentConfig]] = {
     "paper_mlp": paper_mlp,
     "paper_resconv": paper_resconv,
     "deep_mlp": deep_mlp,
@@ -265,6 +279,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         source,
         f"one of {', '.join(DATASET_NAMES)}, npz:PATH or parquet:URI",
     )
+    dataset_family(source, cfg.data.family)
     _check(0 <= cfg.data.split_seed <= MAX_SEED, "data.split_seed", cfg.data.split_seed, f"an integer in [0, {MAX_SEED}]")
     _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)")
     _check_choice("model.arch", cfg.model.arch, ARCHITECTURES)
@@ -290,6 +305,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_positive("train.log_every", cfg.train.log_every)
     _check(2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES, "train.eval_samples", cfg.train.eval_samples,
            f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)")  # fmt: skip
+    _check_positive("train.probe_samples", cfg.train.probe_samples, minimum=0)
     _check(0 <= cfg.train.seed <= MAX_SEED, "train.seed", cfg.train.seed, f"an integer in [0, {MAX_SEED}]")
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _check_choice("train.cuda_graphs", cfg.train.cuda_graphs, CUDA_GRAPHS)
@@ -391,7 +407,7 @@ def build_config(
     """preset -> YAML file -> overrides (dotted keys), then validate once.
 
     The preset is the overrides' `preset`, else `preset`, else the file's `preset:`, else `default_preset`.
-    It is built for the dataset the file or overrides ask for, since its beta depends on it.
+    It is built for the dataset (and data.family) the file or overrides ask for, since its beta depends on it.
     """
     file_tree = read_yaml(yaml_path) if yaml_path else {}
     override_tree = overrides_to_tree(overrides or {})
@@ -399,8 +415,11 @@ def build_config(
     file_tree.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset={preset!r} is invalid: expected one of {', '.join(PRESETS)}")
-    source = override_tree.get("data", {}).get("source") or file_tree.get("data", {}).get("source") or "mnist-sample"
-    base = PRESETS[preset](source) if preset else ExperimentConfig()
+    def data_setting(key: str) -> Any:
+        return override_tree.get("data", {}).get(key) or file_tree.get("data", {}).get(key)
+
+    source = data_setting("source") or "mnist-sample"
+    base = PRESETS[preset](source, data_setting("family")) if preset else ExperimentConfig()
     return validate(_merge(base, file_tree, override_tree))
 
 

@@ -14,7 +14,9 @@ A sample whose argmax unit is matched to no class is wrong. Accuracies are perce
 default they are over samples; ``balanced=True`` gives the mean of the per-class accuracies instead, which
 is the figure the authors report (see section 7 of docs/hsic-reference.md).
 
-Everything here is pure numpy/scipy; torch tensors are accepted and converted (detached, moved to CPU).
+The assignments are pure numpy/scipy (torch tensors are accepted and converted, detached, moved to CPU).
+The linear readout (`RidgeReadout`: one-hot ridge regression in closed form, the per-epoch stand-in for
+the format head and the linear probe of every layer) is torch, in float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 from scipy.optimize import linear_sum_assignment
 
 METHODS = ("hungarian", "greedy")
@@ -29,11 +32,7 @@ METHODS = ("hungarian", "greedy")
 
 def _to_numpy(x: Any) -> np.ndarray:
     """A numpy view of `x`: torch tensors are detached and moved to CPU; anything else goes via asarray."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency, but keep this module usable without it
-        torch = None
-    if torch is not None and isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor):
         x = x.detach().cpu()
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
@@ -208,17 +207,69 @@ def accuracy(logits: Any, labels: Any) -> float:
     return float(100.0 * np.mean(np.argmax(out, axis=1) == lab))
 
 
+class RidgeReadout:
+    """A linear classifier fitted in closed form: ridge regression of one-hot labels on standardised
+    features, with a bias. The training split arrives in chunks (`add`), of which only sums are kept (the
+    features' sum, Gram matrix and products with the labels), so a split's features are never held at
+    once; `fit` solves one (d + 1) x (d + 1) system; `predict` gives class scores of raw features."""
+
+    def __init__(self, num_classes: int, ridge: float = 1e-3):
+        self.num_classes, self.ridge = _check_num_classes(num_classes), ridge
+        self.samples = 0
+        self._shift: torch.Tensor | None = None
+        self._weights: torch.Tensor | None = None
+
+    def add(self, features: Any, labels: Any) -> None:
+        x = torch.as_tensor(features).detach().cpu().flatten(1).double()
+        onehot = torch.nn.functional.one_hot(torch.as_tensor(labels).long().cpu(), self.num_classes).double()
+        if self._shift is None:
+            # Sums about the first chunk's mean: a feature far from 0 (or constant) loses no precision when
+            # its mean is taken out of the Gram matrix below.
+            self._shift = x.mean(0)
+            d = x.shape[1]
+            self._sum, self._gram, self._xty = x.new_zeros(d), x.new_zeros(d, d), x.new_zeros(d, self.num_classes)
+            self._counts = x.new_zeros(self.num_classes)
+        x = x - self._shift
+        self.samples += len(x)
+        self._sum += x.sum(0)
+        self._gram += x.T @ x
+        self._xty += x.T @ onehot
+        self._counts += onehot.sum(0)
+
+    def fit(self) -> "RidgeReadout":
+        if self._shift is None:
+            raise ValueError("a readout needs training samples before it is fitted")
+        n, d = self.samples, len(self._shift)
+        mean = self._sum / n
+        cov = self._gram / n - torch.outer(mean, mean)  # of the features, over n (numpy's std, ddof 0)
+        scale = 1.0 / (cov.diagonal().clamp_min(0).sqrt() + 1e-8)
+        # The normal equations of [standardised features, 1]: their columns are centred, so the bias
+        # decouples from the weights except through the ridge, which penalises it too.
+        gram = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+        gram[:d, :d] = n * cov * torch.outer(scale, scale)
+        gram[d, d] = n
+        gram += self.ridge * n * torch.eye(d + 1, dtype=torch.float64)
+        rhs = torch.cat([(self._xty - torch.outer(mean, self._counts)) * scale[:, None], self._counts[None]])
+        solution = torch.linalg.solve(gram, rhs)
+        self._weights = solution[:d] * scale[:, None]  # on raw features: fold the standardisation in
+        self._bias = solution[d] - (self._shift + mean) @ self._weights
+        return self
+
+    def predict(self, features: Any) -> torch.Tensor:
+        """Class scores [samples, classes] of raw features (float64, CPU)."""
+        if self._weights is None:
+            raise ValueError("fit the readout before predicting")
+        return torch.as_tensor(features).detach().cpu().flatten(1).double() @ self._weights + self._bias
+
+
 def least_squares_accuracy(
     train_features: Any, train_labels: Any, test_features: Any, test_labels: Any, num_classes: int, ridge: float = 1e-3
 ) -> float:
-    """Test accuracy (%) of a linear readout fitted in closed form: ridge regression of one-hot labels on the
-    standardised training features, with a bias. A stand-in for the format head where training one costs
-    too much (each HSIC epoch of a sweep), since both are linear maps of the same features."""
+    """Test accuracy (%) of a `RidgeReadout` fitted on the training features. A stand-in for the format
+    head where training one costs too much (each HSIC epoch of a sweep), since both are linear maps of the
+    same features."""
     x, t = _outputs(train_features, "train_features"), _outputs(test_features, "test_features")
-    y = _labels(train_labels, x.shape[0], "train_labels").astype(np.int64)
-    mean, std = x.mean(0), x.std(0) + 1e-8
-    x, t = ((m - mean) / std for m in (x, t))
-    x, t = (np.hstack([m, np.ones((len(m), 1))]) for m in (x, t))
-    gram = x.T @ x + ridge * len(x) * np.eye(x.shape[1])
-    weights = np.linalg.solve(gram, x.T @ np.eye(num_classes)[y])
-    return accuracy(t @ weights, test_labels)
+    y = _labels(train_labels, x.shape[0], "train_labels")
+    readout = RidgeReadout(num_classes, ridge)
+    readout.add(torch.from_numpy(x), torch.from_numpy(y))
+    return accuracy(readout.fit().predict(torch.from_numpy(t)), test_labels)

@@ -52,6 +52,9 @@ class LocalPipeline:
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
         self.stage.calibrate_batchnorm(batches)
 
+    def layer_outputs(self, x: Tensor) -> list[Tensor]:
+        return [view.cpu() for view in self.stage.layer_outputs(x)[1]]
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         return self.stage.measure(x, targets)[1]
 

@@ -1,4 +1,4 @@
-"""Plots written to PNG files: the information plane of a run, and generic curves.
+"""Plots written to PNG files: the information plane of a run, its layers' linear probes, and generic curves.
 
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas directly, so this module
 never touches pyplot or the global backend. Every plot is validated before anything is drawn, rendered to
@@ -134,6 +134,69 @@ def plot_information_plane(records: list[dict], path: str | os.PathLike, title: 
 
     ax.set_xlabel("nHSIC(Z, X)")
     ax.set_ylabel("nHSIC(Z, Y)")
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    _save_atomic(fig, path)
+
+
+def _accuracies(record: Any, key: str, where: str) -> list[float]:
+    values = record.get(key) if isinstance(record, Mapping) else None
+    if not isinstance(values, Sequence) or isinstance(values, (str, bytes)) or len(values) == 0:
+        raise ValueError(f"{where} must be a dict with a non-empty list {key!r} of per-layer accuracies")
+    return [_finite_float(v, f"{where}[{key!r}][{j}]") for j, v in enumerate(values)]
+
+
+def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", final: Mapping | None = None) -> None:
+    """Linear probe test accuracy against layer index, one line per epoch, written as a PNG to `path`.
+
+    `records` holds one dict per epoch, ``{"epoch": int, "test_accuracy": [% per layer]}`` (the probes'
+    records of metrics.jsonl); `final`, if given, the probes on the full splits at the end
+    (``{"test_accuracy": [...], "train_accuracy": [...]}``), drawn in black over them. Epochs are coloured
+    along viridis (a colorbar, not a legend, so 15 epochs of 52 layers stay readable). Raises ValueError on
+    empty or inconsistent records, before anything is written.
+    """
+    lines = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, Mapping) or "epoch" not in rec:
+            raise ValueError(f"records[{i}] must be a dict with keys 'epoch' and 'test_accuracy'")
+        epoch = _finite_float(rec["epoch"], f"records[{i}]['epoch']")
+        lines.append((epoch, _accuracies(rec, "test_accuracy", f"records[{i}]")))
+    final_lines = {key: _accuracies(final, key, "final") for key in ("test_accuracy", "train_accuracy")
+                   if final is not None and key in final}  # fmt: skip
+    if not lines and "test_accuracy" not in final_lines:
+        raise ValueError("no probe records and no final test accuracies: nothing to plot")
+    widths = {len(acc) for _, acc in lines} | {len(acc) for acc in final_lines.values()}
+    if len(widths) != 1:
+        raise ValueError(f"every record must probe the same layers; got layer counts {sorted(widths)}")
+    n_layers = widths.pop()
+    layers = np.arange(1, n_layers + 1)
+    marker = "o" if n_layers <= 24 else None  # markers on 52 layers would hide the lines
+
+    fig = Figure(figsize=FIGSIZE)
+    ax = fig.add_subplot(1, 1, 1)
+    lines.sort(key=lambda line: line[0])
+    if lines:
+        epochs = np.asarray([epoch for epoch, _ in lines])
+        cmap = colormaps["viridis"]
+        norm = BoundaryNorm(np.arange(epochs[0] - 0.5, epochs[-1] + 1.5), cmap.N)  # one colour per epoch
+        for epoch, acc in lines:
+            ax.plot(layers, acc, marker=marker, markersize=3, linewidth=1.2, color=cmap(norm(epoch)), alpha=0.85)
+        mappable = ScalarMappable(norm=norm, cmap=cmap)
+        mappable.set_array(epochs)
+        ticks = epochs[:: max(1, int(math.ceil(len(epochs) / 12)))]
+        fig.colorbar(mappable, ax=ax, ticks=ticks).set_label("epoch (probes on fixed subsets)")
+    styles = {"test_accuracy": ("-", "final, test (full splits)"), "train_accuracy": (":", "final, train (full splits)")}
+    for key, acc in final_lines.items():
+        style, label = styles[key]
+        ax.plot(layers, acc, style, color="black", linewidth=2.0, label=label)
+    if final_lines:
+        ax.legend(loc="best", fontsize="small")
+    step = max(1, int(math.ceil(n_layers / 13)))
+    ax.set_xticks(np.arange(1, n_layers + 1, step))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("linear probe accuracy (%)")
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)

@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from hsic_ray.config import OptimConfig
 from hsic_ray.hsic import not_positive_definite
 from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.probes import probe_view
 from hsic_ray.step_graph import CapturedStep
 
 log = logging.getLogger("hsic_ray")
@@ -143,6 +144,17 @@ class StageTrainer:
         for norm, momentum in zip(norms, momenta):
             norm.momentum = momentum
         return outputs
+
+    @torch.no_grad()
+    def layer_outputs(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Eval-mode output, and every layer's output as its linear probe reads it (`probes.probe_view`:
+        reduced here, so that wide layers never leave the stage's device in full)."""
+        x = x.to(self.device, non_blocking=True)
+        views = []
+        for layer in self.layers:
+            x = layer.eval()(x)
+            views.append(probe_view(x))
+        return x, views
 
     @torch.no_grad()
     def measure(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:

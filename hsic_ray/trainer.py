@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hsic_ray import checkpoint, evaluation
+from hsic_ray import checkpoint, evaluation, probes
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHeadTrainer
 from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.objective import BatchTargets, HSICObjective
-from hsic_ray.plots import plot_information_plane
+from hsic_ray.plots import plot_information_plane, plot_probes
 from hsic_ray.prefetch import prefetched
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.tensorboard_log import TensorBoardLog
@@ -65,6 +65,9 @@ class Pipeline(Protocol):
 
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
         """Recompute every layer's BatchNorm running statistics from `batches`, through the whole network."""
+
+    def layer_outputs(self, x: Tensor) -> list[Tensor]:
+        """Every layer's eval-mode output as its linear probe reads it (`hsic_ray.probes.probe_view`), CPU."""
 
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         """Eval-mode per-layer [layers, 2] (nhsic_zx, nhsic_zy) on one batch."""
@@ -130,8 +133,10 @@ class HSICTrainer:
         self.train_seconds = 0.0
         self.recoveries = 0
         self.info_plane: list[dict[str, Any]] = []
+        self.probes: list[dict[str, Any]] = []  # per epoch: every layer's linear probe on fixed subsets
         self._batches_per_epoch = num_batches(len(data.y_train), cfg.train.batch_size)
         self._eval_batch = self._fixed_eval_batch()
+        self._probe_splits = self._fixed_probe_splits()
         self._stage_seconds = [[0.0, 0.0] for _ in range(pipeline.num_stages)]
         self._tensorboard = TensorBoardLog(run) if cfg.train.tensorboard and run is not None else None
 
@@ -153,12 +158,14 @@ class HSICTrainer:
         if resume_step is None:
             position = _Position()
             self._record_information_plane(epoch=0)
+            self._record_probes(epoch=0)
         else:
             position = self._restore(resume_step)
         while position.epoch <= self.cfg.train.epochs and not self._step_budget_spent():
             self._train_epoch(position)
             self._calibrate_batchnorm()
             self._record_information_plane(position.epoch)
+            self._record_probes(position.epoch)
             if self.on_epoch is not None:
                 self.on_epoch(self._epoch_summary())
             position = _Position(position.epoch + 1, 0)
@@ -168,6 +175,9 @@ class HSICTrainer:
         head_losses = self._train_head(train_features)
         metrics = self._evaluate(train_features)
         metrics["format_losses"] = head_losses
+        if self.cfg.train.probe_samples:
+            metrics["probes"] = self._probe((self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test))
+            self._plot_probes(final=metrics["probes"])
         self._save_model()
         if self._tensorboard is not None:
             self._tensorboard.final(metrics)
@@ -269,6 +279,7 @@ class HSICTrainer:
             "train_seconds": self.train_seconds,
             "recoveries": self.recoveries,
             "info_plane": self.info_plane,
+            "probes": self.probes,
             "stage_seconds": self._stage_seconds,
             "head": self.head.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -293,6 +304,7 @@ class HSICTrainer:
         self.steps, self.train_seconds = state["steps"], state["train_seconds"]
         self.recoveries, self.info_plane = state["recoveries"], state["info_plane"]
         self._stage_seconds = state["stage_seconds"]
+        self.probes = state.get("probes", [])  # absent from checkpoints written before probes
         self._append({"kind": "resume", "step": self.steps, "epoch": state["epoch"], "batch": state["batch"]})
         log.info("resumed from the checkpoint at step %d (epoch %d, batch %d)", step, state["epoch"], state["batch"])
         return _Position(state["epoch"], state["batch"])
@@ -329,6 +341,43 @@ class HSICTrainer:
             self.run.write_with_local_file(
                 "information_plane.png", lambda path: plot_information_plane(self.info_plane, path, title)
             )
+
+    def _fixed_probe_splits(self) -> Optional[tuple[probes.Split, probes.Split]]:
+        """The fixed (images, labels) of the training and test splits the per-epoch probes read:
+        train.probe_samples of training samples and half as many test samples (at most each split)."""
+        size = self.cfg.train.probe_samples
+        if not size:
+            return None
+        rng = np.random.default_rng(self.cfg.train.seed)
+
+        def subset(x: np.ndarray, y: np.ndarray, n: int) -> probes.Split:
+            idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
+            return x[idx], y[idx]
+
+        data = self.data
+        return subset(data.x_train, data.y_train, size), subset(data.x_test, data.y_test, max(1, size // 2))
+
+    def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes, EVAL_CHUNK)
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+    def _record_probes(self, epoch: int) -> None:
+        if self._probe_splits is None:
+            return
+        record = {"kind": "probes", "epoch": epoch, "step": self.steps, **self._probe(*self._probe_splits)}
+        self.probes.append(record)
+        self._append(record)
+        self._plot_probes()
+        test = record["test_accuracy"]
+        log.info("linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
+                 "(%.1fs)", epoch, test[0], max(test), test[-1], record["seconds"])  # fmt: skip
+
+    def _plot_probes(self, final: Optional[dict[str, Any]] = None) -> None:
+        if self.run is not None:
+            title = f"{self.cfg.preset or 'hsic'}: linear probe of each layer"
+            self.run.write_with_local_file("probes.png", lambda path: plot_probes(self.probes, path, title, final))
 
     def _epoch_summary(self) -> dict[str, Any]:
         summary = dict(self.info_plane[-1], train_seconds=self.train_seconds)

@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from hsic_ray.cli import JobArgumentParser, grid_axis, run_job
+from hsic_ray.cli import JobArgumentParser, add_data_family_argument, grid_axis, run_job
 from hsic_ray.config import ESTIMATORS, PRESETS
 from hsic_ray.sweep import METHODS, SweepSpec, failed_trials, markdown_table, run_sweep
 
@@ -35,6 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--grid", type=grid_axis, action="append", default=[], metavar="KEY=V1,V2",
                    help="grid over any config setting, e.g. model.activation=relu,elu (repeatable)")  # fmt: skip
     p.add_argument("--dataset", help="data source for every trial (default: the preset's)")
+    add_data_family_argument(p)
     p.add_argument("--width", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -53,8 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_spec(args: argparse.Namespace) -> SweepSpec:
     overrides = dict(SMOKE["overrides"]) if args.smoke else {}
-    flags = {"data.source": args.dataset, "model.width": args.width, "train.epochs": args.epochs,
-             "train.batch_size": args.batch_size, "train.max_steps": args.max_steps}  # fmt: skip
+    flags = {"data.source": args.dataset, "data.family": args.data_family, "model.width": args.width,
+             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.max_steps": args.max_steps}  # fmt: skip
     overrides.update({k: v for k, v in flags.items() if v is not None})
     grid_flags = {"hsic.beta": args.betas, "hsic.sigma": args.sigmas, "optim.lr": args.lrs,
                   "hsic.estimator": args.estimators}  # fmt: skip

@@ -5,7 +5,8 @@
     python jobs/train_deep.py --config my_run.yaml --depth 50
 
 Settings apply in order: --preset, then --config FILE.yaml, then the flags below.
-Writes config.yaml, metrics.jsonl, metrics.json, model.pt and information_plane.png to --output (and
+Writes config.yaml, metrics.jsonl, metrics.json, model.pt, information_plane.png and probes.png (each
+layer's linear probe; train.probe_samples=0 turns them off) to --output (and
 TensorBoard event files to --output/tensorboard with --tensorboard).
 """
 

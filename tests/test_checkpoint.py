@@ -69,6 +69,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, digits, monkeypatch):
     # Steps 13 and up ran once after the resume; steps 1-12 were not redone.
     steps_logged = [r["step"] for r in log if r["kind"] == "step"]
     assert steps_logged.count(10) == 1
+    # The per-epoch probes of before the crash came back with the checkpoint (probes.png draws them all).
+    assert [r["epoch"] for r in log if r["kind"] == "probes"] == [0, 1, 2]
+    final_state = checkpoint.load_state(run, checkpoint.coordinator_file(20))
+    assert [r["epoch"] for r in final_state["probes"]] == [0, 1, 2]
+    assert resumed["probes"]["test_accuracy"] == straight["probes"]["test_accuracy"]
 
 
 def test_old_checkpoints_are_pruned_and_incomplete_ones_ignored(tmp_path, digits):

@@ -7,6 +7,7 @@ from hsic_ray.config import (
     ExperimentConfig,
     build_config,
     config_from_yaml_text,
+    dataset_family,
     save_config,
 )
 
@@ -79,3 +80,70 @@ def test_missing_or_malformed_config_file(tmp_path):
 
 def test_default_config_is_valid():
     assert build_config() == ExperimentConfig()
+
+
+FASHION_FILE = "npz:/work/shared/datasets/fashion-mnist-dev.npz"
+
+
+@pytest.mark.parametrize("preset, family, beta", [
+    ("paper_mlp", None, 200.0), ("paper_mlp", "fashion-mnist", 1000.0), ("paper_mlp", "cifar10", 2500.0),
+    ("deep_mlp", "fashion-mnist", 1000.0), ("paper_resconv", "cifar10", 500.0),
+])  # fmt: skip
+def test_a_file_source_gets_the_settings_of_its_data_family(preset, family, beta):
+    cfg = build_config(preset, overrides={"data.source": FASHION_FILE, "data.family": family})
+    assert cfg.hsic.beta == beta and cfg.data.family == family  # None: the MNIST settings, as before
+
+
+def test_the_data_family_is_read_from_the_config_file_as_the_source_is(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"preset: paper_mlp\ndata: {{source: '{FASHION_FILE}', family: cifar10}}\n")
+    assert build_config(None, path).hsic.beta == 2500.0
+    assert build_config(None, path, {"data.family": "fashion-mnist"}).hsic.beta == 1000.0  # the override wins
+
+
+@pytest.mark.parametrize("source, family", [("mnist-sample", "mnist"), ("fashion-mnist", "fashion-mnist"), ("cifar10", "cifar10")])
+def test_a_named_source_infers_its_family_and_accepts_it_spelled_out(source, family):
+    inferred = build_config("deep_mlp", overrides={"data.source": source})
+    spelled = build_config("deep_mlp", overrides={"data.source": source, "data.family": family})
+    assert dataset_family(source) == family and inferred.hsic.beta == spelled.hsic.beta
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.source": "cifar10", "data.family": "mnist"},
+     "data.family='mnist' is invalid: expected cifar10 (or null) for data.source='cifar10'"),
+    ({"data.family": "fashion-mnist"}, "expected mnist (or null) for data.source='mnist-sample'"),
+    ({"data.source": FASHION_FILE, "data.family": "svhn"},
+     "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
+])  # fmt: skip
+def test_a_bad_or_contradicting_family_is_refused_in_one_line(overrides, message):
+    for preset in ("paper_mlp", None):  # built into the preset, or only validated
+        with pytest.raises(ConfigError) as err:
+            build_config(preset, overrides=overrides)
+        assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_saved_config_keeps_the_family_and_round_trips():
+    cfg = build_config("paper_mlp", overrides={"data.source": FASHION_FILE, "data.family": "fashion-mnist"})
+    text = save_config(cfg)
+    assert "family: fashion-mnist" in text and config_from_yaml_text(text) == cfg
+    assert build_config(None, None, {"preset": "paper_mlp", "data.source": FASHION_FILE}).data.family is None
+
+
+def test_every_job_takes_data_family():
+    import sys
+    from pathlib import Path
+
+    from hsic_ray.cli import RUN_FLAGS, build_run_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import sweep_depth
+    import train_backprop
+    import train_deep
+
+    argv = ["--preset", "paper_mlp", "--dataset", FASHION_FILE, "--data-family", "fashion-mnist"]
+    assert build_run_config(train_deep.parse_args(argv), RUN_FLAGS, train_deep.HSIC_FLAGS).hsic.beta == 1000.0
+    assert build_run_config(train_backprop.parse_args(argv), RUN_FLAGS).data.family == "fashion-mnist"
+    from hsic_ray.sweep import trial_configs
+
+    spec = sweep_depth.build_spec(sweep_depth.parse_args([*argv, "--depths", "2", "5"]))
+    assert [cfg.hsic.beta for cfg in trial_configs(spec)] == [1000.0, 1000.0]

@@ -37,6 +37,7 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
     saved = (out / "config.yaml").read_text()
     assert "width: 64" in saved and "depth: 2" in saved and "estimator: cka" in saved and "sigma: null" in saved
     assert (out / "information_plane.png").stat().st_size > 1000
+    assert (out / "probes.png").stat().st_size > 1000 and len(metrics["probes"]["test_accuracy"]) == 4
     assert len((out / "metrics.jsonl").read_text().splitlines()) >= 4
 
 
@@ -52,6 +53,8 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
         (["hsic.nope=1"], "Key 'nope' not in 'HSICConfig'"),
         (["model.depth=abc"], "could not be converted to Integer (key: model.depth)"),
         (["hsic.eps=-1"], "hsic.eps=-1.0 is invalid"),
+        (["--dataset", "cifar10", "--data-family", "mnist"], "data.family='mnist' is invalid: expected cifar10 (or null)"),
+        (["data.family=svhn"], "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, args, message):

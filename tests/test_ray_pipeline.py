@@ -59,6 +59,14 @@ def test_the_pipeline_reproduces_the_in_process_trainer(tmp_path, digits, groupi
     for a, b in zip(local_steps, ray_steps):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
+    # Every layer's linear probe, read through the stage actors' layer_outputs, before and after the epoch
+    # and on the full splits: the same figures (a sample or two may flip with the last bits of the weights).
+    local_probes, ray_probes = records(tmp_path / "local", "probes"), records(tmp_path / "ray", "probes")
+    assert [r["epoch"] for r in local_probes] == [r["epoch"] for r in ray_probes] == [0, 1]
+    for a, b in zip([*local_probes, local["probes"]], [*ray_probes, piped["probes"]]):
+        assert len(b["test_accuracy"]) == 4
+        assert b["train_accuracy"] == pytest.approx(a["train_accuracy"], abs=0.1)
+        assert b["test_accuracy"] == pytest.approx(a["test_accuracy"], abs=0.2)
 
 
 def test_pipeline_metrics_report_stage_times_and_in_flight_depth(tmp_path, digits):

@@ -283,6 +283,16 @@ class RayPipeline:
 
         self._recovering(call)
 
+    def layer_outputs(self, x: Tensor) -> list[Tensor]:
+        def call():
+            ref, views = ray.put(x.numpy()), []
+            for actor in self.actors:
+                ref, stage_views = actor.layer_outputs.options(num_returns=2).remote(ref)
+                views.append(stage_views)
+            return [torch.from_numpy(np.array(view)) for stage in ray.get(views) for view in stage]
+
+        return self._recovering(call)
+
     def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
         def call():
             ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))

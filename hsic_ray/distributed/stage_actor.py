@@ -103,6 +103,12 @@ class StageActor:
         outputs = self.trainer.calibrate_batchnorm([self.transport.receive(x) for x in batches])
         return [out.cpu().numpy() for out in outputs]
 
+    def layer_outputs(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The stage's eval-mode output (for the next stage) and its layers' probe views (for the driver)."""
+        self._last_end = None
+        out, views = self.trainer.layer_outputs(self.transport.receive(x))
+        return out.cpu().numpy(), [view.cpu().numpy() for view in views]
+
     def measure(self, x: np.ndarray, targets: WireTargets) -> tuple[np.ndarray, np.ndarray]:
         self._last_end = None
         out, stats = self.trainer.measure(self.transport.receive(x), self._receive_targets(targets))
