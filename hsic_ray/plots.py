@@ -134,6 +134,11 @@ def plot_information_plane(records: list[dict], path: str | os.PathLike, title: 
 
     ax.set_xlabel("nHSIC(Z, X)")
     ax.set_ylabel("nHSIC(Z, Y)")
+    _finish(fig, ax, path, title)
+
+
+def _finish(fig, ax, path: str | os.PathLike, title: str) -> None:
+    """Grid, title, layout, then the atomic write every plot ends with."""
     ax.grid(True, alpha=0.3)
     if title:
         ax.set_title(title)
@@ -197,11 +202,7 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
     ax.set_xticks(np.arange(1, n_layers + 1, step))
     ax.set_xlabel("layer")
     ax.set_ylabel("linear probe accuracy (%)")
-    ax.grid(True, alpha=0.3)
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    _save_atomic(fig, path)
+    _finish(fig, ax, path, title)
 
 
 def plot_curves(
