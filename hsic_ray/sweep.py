@@ -251,12 +251,13 @@ def _row(result) -> dict[str, Any]:
 
 
 def failed_trials(rows: list[dict[str, Any]]) -> str | None:
-    """A line naming the trials that did not finish, or None when all did."""
-    failed = [r for r in rows if r["error"] or not r["finished"]]
+    """A line naming the trials that failed, or None when none did (trials that ASHA stopped early did not
+    fail)."""
+    failed = [r for r in rows if r["error"]]
     if not failed:
         return None
-    names = ", ".join(f"{_series_label(r)} depth {r['depth']} ({r['error'] or 'unfinished'})" for r in failed)
-    return f"{len(failed)} of {len(rows)} trials did not finish: {names}"
+    names = ", ".join(f"{_series_label(r)} depth {r['depth']} ({r['error']})" for r in failed)
+    return f"{len(failed)} of {len(rows)} trials failed: {names}"
 
 
 def _series_label(row: dict[str, Any]) -> str:

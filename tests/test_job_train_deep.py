@@ -112,26 +112,21 @@ def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
     assert not (out / "metrics.json").exists()
     killed_at = int(latest.read_text())
 
-    # A corrupt checkpoint stops the resume with one line, before any actor starts, and changes nothing.
+    # The newest checkpoint damaged: the resume continues from the one before and keeps the damaged files.
     stage = out / "checkpoints" / f"step-{killed_at:08d}" / "stage-001.pt"
-    intact = stage.read_bytes()
-    stage.write_bytes(intact[: len(intact) // 2])
-    log_before = (out / "metrics.jsonl").read_bytes()
-    proc = run_job(*args, "--resume")
-    assert proc.returncode == 2 and "stage-001.pt is corrupt" in proc.stderr.strip().splitlines()[-1]
-    assert (out / "metrics.jsonl").read_bytes() == log_before and stage.read_bytes() == intact[: len(intact) // 2]
-
-    stage.write_bytes(intact)
+    damaged = stage.read_bytes()[:1000]
+    stage.write_bytes(damaged)
     proc = run_job(*args, "--resume")
     assert proc.returncode == 0, proc.stderr
+    assert (out / "checkpoints" / f"unreadable-step-{killed_at:08d}" / "stage-001.pt").read_bytes() == damaged
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3 * 31
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     resumes = [r for r in records if r["kind"] == "resume"]
-    assert len(resumes) == 1 and resumes[0]["step"] == killed_at >= 20
+    assert len(resumes) == 1 and resumes[0]["step"] == killed_at - 10 >= 10
     # Steps before the checkpoint were not redone: each logged step number appears once after the resume.
     after = records[records.index(resumes[0]) :]
-    assert all(r["step"] > killed_at for r in after if r["kind"] == "step")
+    assert all(r["step"] > resumes[0]["step"] for r in after if r["kind"] == "step")
 
 
 @pytest.mark.slow

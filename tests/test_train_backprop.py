@@ -86,7 +86,7 @@ def test_two_workers_train_write_metrics_and_checkpoint_every_epoch(tmp_path, di
     # A checkpoint per epoch under the storage path; Ray Train kept the latest two.
     storage = out / RAY_TRAIN_DIR / RUN_NAME
     kept = sorted(p.name for p in storage.iterdir() if p.name.startswith("checkpoint_epoch"))
-    assert kept == [f"checkpoint_epoch{e:05d}_step{STEPS_PER_EPOCH * e:09d}" for e in (2, 3)]
+    assert kept == [f"checkpoint_epoch{e:05d}_step{STEPS_PER_EPOCH * e:09d}_attempt0" for e in (2, 3)]
     assert saved["checkpoint"].endswith(kept[-1])
     state = torch.load(storage / kept[-1] / "state.pt", weights_only=True)
     assert {"model", "optimizer", "epoch", "steps"} <= set(state) and state["epoch"] == 3
