@@ -19,6 +19,7 @@ from torch import nn
 
 from hsic_ray.config import ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.models import build_head, build_network
+from hsic_ray.run_dir import resolve_location
 
 MODEL_FILE = "model.pt"
 FORMAT = 1
@@ -61,7 +62,7 @@ def model_bytes(cfg: ExperimentConfig, method: str, input_shape: Sequence[int], 
 def _read(path: str) -> tuple[str, bytes]:
     """model.pt's location and bytes; `path` is a run directory or the file itself, local or a URI."""
     path = os.fspath(path)
-    location = path if "://" in path else os.path.abspath(os.path.expanduser(path))
+    location = resolve_location(path)
     fs, root = pafs.FileSystem.from_uri(location)
     if fs.get_file_info(root).type == pafs.FileType.Directory:
         root = f"{root.rstrip('/')}/{MODEL_FILE}"

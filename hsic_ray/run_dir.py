@@ -25,6 +25,12 @@ def _has_scheme(uri: str) -> bool:
     return "://" in uri
 
 
+def resolve_location(uri: str) -> str:
+    """A URI as it is; a local path made absolute, so that other processes (stage actors, with other
+    working directories) find it too."""
+    return uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def _in_ray_job_working_dir() -> bool:
     """Whether this process is a `ray job submit` entrypoint running in Ray's temporary copy of its
     working dir (deleted with the Ray session)."""
@@ -55,7 +61,7 @@ def check_location(uri: str) -> str:
             f"--output {uri} is relative, and this Ray job runs in Ray's temporary copy of its working dir, "
             "which is deleted with the Ray session; give an absolute path (e.g. --output \"$PWD/runs/a\") or a URI"
         )
-    path = os.path.abspath(os.path.expanduser(uri))
+    path = resolve_location(uri)
     _check_local_directory(path, uri)
     return path
 
@@ -74,8 +80,7 @@ def _check_local_directory(path: str, uri: str) -> None:
 class RunDirectory:
     def __init__(self, uri: str):
         self.uri = uri
-        # Absolute, so that other processes (stage actors) with other working directories find it too.
-        self.location = uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
+        self.location = resolve_location(uri)
         self.fs, self.root = pafs.FileSystem.from_uri(self.location)
         self._jsonl: dict[str, list[str]] = {}  # on object stores: each JSON-lines file's lines, to rewrite it
         self._appending: set[str] = set()  # on a local disk: the JSON-lines files this process appends to
