@@ -123,6 +123,14 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     }
 
 
+def overhead_share(run: dict, batch_size: int) -> float:
+    """What the slowest stage's batch costs beyond its compute (the call, the hops, collection, waiting),
+    over that compute: the pipeline's period per batch minus the stage's step time, over its step time."""
+    s_ = int(np.argmax(run["stage_busy_per_batch"]))
+    compute = run["stage_busy_per_batch"][s_] - run["stage_transfer_per_batch"][s_]
+    return (batch_size / run["samples_per_second"] - compute) / compute
+
+
 @ray.remote(num_cpus=0)
 class Echo:
     def pass_on(self, x):
@@ -156,6 +164,10 @@ def main(argv=None):
     p.add_argument("--batches-per-call", type=int, help="default: chosen by the pipeline from the step time")
     p.add_argument("--max-in-flight", type=int, help="default: the pipeline's, 2 x stages x batches per call")
     p.add_argument("--threads-per-stage", action="store_true", help="give each stage cores / stages threads (default 1)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: the in-process trainer on the GPU and the stages sharing it (1 / stages GPU each)")
+    p.add_argument("--in-process-threads", type=int, nargs="+", help="thread counts to time the in-process trainer at "
+                   "(default: 1, 2, half and all cores)")
     p.add_argument("--long", type=int, default=0, metavar="STEPS", help="also sample object-store use over a run this long")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
@@ -168,16 +180,21 @@ def main(argv=None):
     print(f"# hsic-ray pipeline benchmark ({platform.machine()}, {cores} cores, torch {torch.__version__}, "
           f"ray {ray.__version__}; width {args.width}, {cfg.num_hsic_layers} layers, batch {batch})\n")  # fmt: skip
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {"in_process": {}, "pipeline": {}}
-    for threads in sorted({1, 2, cores // 2, cores} - {0}):
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    results = {"device": device, "card": card, "cores": cores, "in_process": {}, "pipeline": {}}
+    for threads in sorted(set(args.in_process_threads or {1, 2, cores // 2, cores}) - {0}):
         torch.set_num_threads(threads)
         local = drive(LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
                       objective, data, batch, args.steps, args.warmup)  # fmt: skip
         results["in_process"][threads] = local["samples_per_second"]
     best_threads = max(results["in_process"], key=results["in_process"].get)
     best = results["in_process"][best_threads]
-    ray.init(address="local", num_cpus=max(max(args.stages), cores) + 1, include_dashboard=False, logging_level="ERROR")
+    gpus = 1 if device == "cuda" else 0
+    ray.init(address="local", num_cpus=max(max(args.stages), cores) + 1, num_gpus=gpus, include_dashboard=False,
+             logging_level="ERROR")  # fmt: skip
     torch.set_num_threads(1)  # the coordinator's share, as in a real run
     costs = layer_step_costs(build_seeded_network(cfg, data), batch)
     print("| trainer | stages | batches per call | in flight | samples/s | vs in-process | slowest stage ms/batch | efficiency |")
@@ -187,26 +204,29 @@ def main(argv=None):
     for stages in args.stages:
         cfg.ray.stages, cfg.ray.cpus_per_stage = stages, max(1, cores // stages) if args.threads_per_stage else 1
         cfg.ray.batches_per_call, cfg.ray.max_in_flight = args.batches_per_call, args.max_in_flight
-        totals = {"CPU": float(stages * cfg.ray.cpus_per_stage + 1), "GPU": float(torch.cuda.device_count())}
+        cfg.ray.gpus_per_stage = gpus / stages
+        totals = {"CPU": float(stages * cfg.ray.cpus_per_stage + 1), "GPU": float(gpus)}
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, totals), data.input_shape, data.num_classes)
         run = drive(pipeline, objective, data, batch, args.steps, args.warmup)
         pipeline.shutdown()
         slowest = max(run["stage_busy_per_batch"])
         run["efficiency"] = run["samples_per_second"] / (batch / slowest)
+        run["overhead_share"] = overhead_share(run, batch)
         results["pipeline"][stages] = run
         print(f"| ray pipeline | {stages} | {run['batches_per_call']} | {run['max_in_flight']} | {run['samples_per_second']:.0f} "
               f"| {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} | {run['efficiency']:.2f} |", flush=True)  # fmt: skip
 
     print("\n## Where a batch's time goes (ms per batch)\n")
     print("| stages | coordinator: targets (thread) | waiting for targets | submit | waiting for results "
-          "| slowest stage: busy | of which transfer | idle |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| slowest stage: busy | of which transfer | idle | Ray overhead / compute |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for stages, run in results["pipeline"].items():
         c = {k: 1e3 * v for k, v in run["coordinator_per_batch"].items()}
         s_ = int(np.argmax(run["stage_busy_per_batch"]))
         print(f"| {stages} | {c.get('targets', 0):.1f} | {c.get('waiting for targets', 0):.1f} | {c.get('submit', 0):.1f} "
               f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
-              f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} |")  # fmt: skip
+              f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} "
+              f"| {run['overhead_share']:.2f} |")  # fmt: skip
 
     print("\n| activations sent as | ms per actor-to-actor hop (1 MiB batch) |")
     print("|---|---|")

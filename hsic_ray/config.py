@@ -64,6 +64,11 @@ class HSICConfig:
     sigma: Optional[float] = 6.0  # None: median heuristic
     beta: float = 200.0
     eps: float = 1e-5  # cca regulariser
+    # Extensions beyond the paper (hsic_ray.objective), off unless set; every paper_* preset leaves them off.
+    layer_sigma: Optional[float] = None  # kernel width for the layers' outputs Z; None: sigma, as in the paper
+    # Weight on nHSIC(Z, X) at the first HSIC layer, rising linearly to 1 at the last; 1: the paper's
+    # objective; below 0: early layers keep information about the input (InfoPro-like).
+    input_weight_first: float = 1.0
 
 
 @dataclass
@@ -290,6 +295,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_positive("model.last_width", cfg.model.last_width)
     _check_choice("hsic.estimator", cfg.hsic.estimator, ESTIMATORS)
     _check(cfg.hsic.sigma is None or cfg.hsic.sigma > 0, "hsic.sigma", cfg.hsic.sigma, "a positive number or null (median heuristic)")
+    _check(cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0, "hsic.layer_sigma", cfg.hsic.layer_sigma,
+           "a positive number or null (the same as hsic.sigma)")  # fmt: skip
     _check(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
     _check(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
     for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):

@@ -75,7 +75,8 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
 @contextlib.contextmanager
 def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: list | None, device):
     if specs is None:
-        yield LocalPipeline(net, HSICObjective(cfg.hsic, data.num_classes), cfg.optim, device, cfg.train.cuda_graphs)
+        objective = HSICObjective(cfg.hsic, data.num_classes, range(len(net.layers)), len(net.layers))
+        yield LocalPipeline(net, objective, cfg.optim, device, cfg.train.cuda_graphs)
         return
     from hsic_ray.distributed.pipeline import RayPipeline
 

@@ -13,7 +13,16 @@ For cca the loss is taken in closed form. With A = Kc + eps m I, R_Z = Kc A^-1 =
     <R_Z, R_X> - beta <R_Z, R_Y> = tr(M) - eps m <A^-1, M>,    M = R_X - beta R_Y,
 
 where M depends only on the batch: per layer one Cholesky, one inverse and an inner product, and a
-backward of two m x m products (`hsic_ray.hsic.cca_inner`).
+backward of two m x m products (`hsic_ray.hsic.cca_inner`). The inner products with R_X and R_Y are taken
+separately (the same products, one target fewer than with M beside them), so each layer can weigh its
+nHSIC(Z, X) term on its own.
+
+Two extensions beyond the paper, both off unless set (and off in every `paper_*` preset):
+`hsic.layer_sigma`, a kernel width for the layers' outputs apart from the inputs' and labels'; and
+`hsic.input_weight_first`, a per-layer weight on nHSIC(Z, X) that rises linearly from the first HSIC
+layer to 1 at the last. Below 0 it makes early layers keep information about the input instead of
+compressing it, the way InfoPro (Wang et al., ICLR 2021) asks early layers of locally trained networks
+to: a layer cannot recover what the layers below it dropped.
 """
 
 from __future__ import annotations
@@ -51,11 +60,25 @@ class StageLosses:
     failed: Tensor  # [layers] bool: the layer's kernel system was not positive definite (its loss has no gradient)
 
 
+def input_weights(first: float, layers: range, num_layers: int) -> list[float]:
+    """The weight on nHSIC(Z, X) of each of `layers` among `num_layers` HSIC layers: `first` at layer 0,
+    rising linearly to 1 at the last (1 everywhere when first is 1, the paper's objective)."""
+    if num_layers < 2:
+        return [1.0 for _ in layers]
+    return [first + (1.0 - first) * i / (num_layers - 1) for i in layers]
+
+
 class HSICObjective:
-    def __init__(self, cfg: HSICConfig, num_classes: int):
+    def __init__(self, cfg: HSICConfig, num_classes: int, layers: Optional[range] = None, num_layers: int = 0):
+        """`layers` places a stage's layers among the network's `num_layers` HSIC layers, for their weights on
+        nHSIC(Z, X) (`hsic.input_weight_first`); an objective that computes targets and measures
+        dependence, but trains no layer, leaves it out."""
         self.cfg = cfg
         self.num_classes = num_classes
         self.estimator: Estimator = make_estimator(cfg.estimator, cfg.eps)
+        self.layer_sigma = cfg.sigma if cfg.layer_sigma is None else cfg.layer_sigma
+        self._input_weights = None if layers is None else input_weights(cfg.input_weight_first, layers, num_layers)
+        self._weight_tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _factor(self, v: Tensor) -> Tensor:
         try:
@@ -80,31 +103,44 @@ class HSICObjective:
         `dtype` computes the kernels and their algebra in another precision (float64 after float32 rounding
         cost a kernel its positive definiteness); the losses come back in that precision.
         """
-        kernels = torch.stack([gaussian_kernel(z if dtype is None else z.to(dtype), self.cfg.sigma) for z in zs])
+        zx, zy, failed = self._dependences(zs, targets, dtype)
+        return StageLosses(self._weights_like(zx) * zx - self.cfg.beta * zy, zx.detach(), zy.detach(), failed)
+
+    def _dependences(self, zs: Sequence[Tensor], targets: BatchTargets, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+        """[layers] nHSIC(Z, X) and nHSIC(Z, Y), both differentiable in Z, and the failed-solve flags."""
+        kernels = torch.stack([gaussian_kernel(z if dtype is None else z.to(dtype), self.layer_sigma) for z in zs])
         x_factor = None if targets.x_factor is None else targets.x_factor.to(kernels.dtype)
         y_factor = targets.y_factor.to(kernels.dtype)
         if self.estimator.name == "cca":
-            return self._cca_losses(kernels, x_factor, y_factor)
+            # <R_Z, T> = tr(T) - eps m <A^-1, T> for T = R_X, R_Y.
+            factors = torch.stack([x_factor, y_factor])
+            inner, failed = cca_inner(kernels, factors, self.cfg.eps)
+            terms = trace(factors) - (self.cfg.eps * kernels.shape[-1]) * inner
+            return terms[:, 0], terms[:, 1], failed
         z_factors = self.estimator.factor(kernels)
         zx = self.estimator.dependence(z_factors, z_factors if x_factor is None else x_factor)
         zy = self.estimator.dependence(z_factors, y_factor)
-        failed = torch.zeros(len(zs), dtype=torch.bool, device=kernels.device)
-        return StageLosses(zx - self.cfg.beta * zy, zx.detach(), zy.detach(), failed)
+        return zx, zy, torch.zeros(len(zs), dtype=torch.bool, device=kernels.device)
 
-    def _cca_losses(self, kernels: Tensor, x_factor: Tensor, y_factor: Tensor) -> StageLosses:
-        # <R_Z, T> = tr(T) - eps m <A^-1, T> for each of T = M, R_X, R_Y; only M's carries a gradient.
-        factors = torch.stack([x_factor - self.cfg.beta * y_factor, x_factor, y_factor])
-        inner, failed = cca_inner(kernels, factors, self.cfg.eps)
-        terms = trace(factors) - (self.cfg.eps * kernels.shape[-1]) * inner
-        return StageLosses(terms[:, 0], terms[:, 1].detach(), terms[:, 2].detach(), failed)
+    def _weights_like(self, zx: Tensor) -> Tensor | float:
+        if self.cfg.input_weight_first == 1.0:
+            return 1.0
+        if self._input_weights is None:
+            raise ValueError("hsic.input_weight_first needs each layer's place in the network: build the "
+                             "stage's HSICObjective with its layers and num_layers")  # fmt: skip
+        # Made once per device and precision, outside any CUDA graph capture (warm-up steps come first).
+        key = (zx.device, zx.dtype)
+        if key not in self._weight_tensors:
+            self._weight_tensors[key] = torch.tensor(self._input_weights, device=zx.device, dtype=zx.dtype)
+        return self._weight_tensors[key]
 
     @torch.no_grad()
     def dependence(self, zs: Sequence[Tensor], targets: BatchTargets) -> Tensor:
         """[layers, 2] of (nhsic_zx, nhsic_zy), checked: recomputed in float64 where float32 rounding broke a
         kernel's positive definiteness; FloatingPointError where float64 could not either."""
-        terms = self.stage_losses(zs, targets)
-        if bool(terms.failed.any()):
-            terms = self.stage_losses(zs, targets, torch.float64)
-            if bool(terms.failed.any()):
+        zx, zy, failed = self._dependences(zs, targets, None)
+        if bool(failed.any()):
+            zx, zy, failed = self._dependences(zs, targets, torch.float64)
+            if bool(failed.any()):
                 raise not_positive_definite("hsic_cca")
-        return torch.stack([terms.nhsic_zx, terms.nhsic_zy], dim=1).to(zs[0].dtype)
+        return torch.stack([zx, zy], dim=1).to(zs[0].dtype)

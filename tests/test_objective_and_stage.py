@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from hsic_ray.config import HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.hsic import biased_factor, gaussian_kernel, hsic_biased, hsic_cca, hsic_cka
 from hsic_ray.models import build_network
-from hsic_ray.objective import HSICObjective
+from hsic_ray.objective import HSICObjective, input_weights
 from hsic_ray.stage import StageTrainer
 
 
@@ -74,6 +74,46 @@ def test_closed_form_cca_loss_has_the_gradient_of_the_factor_form():
     torch.testing.assert_close(closed, direct, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g_closed, g_direct, rtol=1e-8, atol=1e-10)
     assert g_closed.abs().max() > 1e-6
+
+
+def test_input_weight_rises_linearly_from_the_first_layer_to_one_at_the_last():
+    assert input_weights(-3.0, range(4), 4) == pytest.approx([-3.0, -5 / 3, -1 / 3, 1.0])
+    assert input_weights(-3.0, range(2, 4), 4) == pytest.approx([-1 / 3, 1.0])  # a stage holding layers 2 and 3
+    assert input_weights(1.0, range(5), 5) == [1.0] * 5
+
+
+def test_input_weights_weigh_each_layers_compression_term_in_value_and_gradient():
+    """With hsic.input_weight_first, layer i's loss is w_i <R_Z, R_X> - beta <R_Z, R_Y>, in value and in
+    gradient; a stage holding the last two of four layers gives them the same weights as the whole network."""
+    x, y = _batch(m=24)
+    x = x.double()
+    g = torch.Generator().manual_seed(3)
+    zs = [torch.randn(24, 5, dtype=torch.float64, generator=g).requires_grad_() for _ in range(4)]
+    cfg = HSICConfig(sigma=1.5, beta=3.0, eps=1e-3, input_weight_first=-2.0)
+    whole = HSICObjective(cfg, num_classes=4, layers=range(4), num_layers=4)
+    targets = whole.targets(x, y)
+    losses = whole.stage_losses(zs, targets).loss
+    for z, w, loss in zip(zs, [-2.0, -1.0, 0.0, 1.0], losses):
+        factor = whole.estimator.factor(gaussian_kernel(z, 1.5))
+        direct = w * (factor * targets.x_factor).sum() - 3.0 * (factor * targets.y_factor).sum()
+        torch.testing.assert_close(loss, direct, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(direct, z)[0],
+                                   rtol=1e-8, atol=1e-10)  # fmt: skip
+    tail = HSICObjective(cfg, num_classes=4, layers=range(2, 4), num_layers=4)
+    torch.testing.assert_close(tail.stage_losses(zs[2:], targets).loss, losses[2:])
+    with pytest.raises(ValueError, match="layers and num_layers"):
+        HSICObjective(cfg, num_classes=4).stage_losses(zs, targets)
+
+
+def test_layer_sigma_sets_the_width_of_the_layers_kernels_only():
+    x, y = _batch()
+    z = torch.randn(32, 8, generator=torch.Generator().manual_seed(9))
+    objective = HSICObjective(HSICConfig(sigma=2.0, layer_sigma=0.7, beta=7.0), num_classes=4)
+    terms = objective.stage_losses([z], objective.targets(x, y))
+    kz, kx, ky = gaussian_kernel(z, 0.7), gaussian_kernel(x, 2.0), gaussian_kernel(F.one_hot(y, 4).float(), 2.0)
+    assert terms.nhsic_zx.item() == pytest.approx(hsic_cca(kz, kx).item(), rel=3e-4)
+    assert terms.nhsic_zy.item() == pytest.approx(hsic_cca(kz, ky).item(), rel=3e-4)
+    assert terms.nhsic_zy.item() != pytest.approx(hsic_cca(gaussian_kernel(z, 2.0), ky).item(), rel=1e-2)
 
 
 def test_each_layer_steps_on_its_own_loss_only():

@@ -61,7 +61,7 @@ class StageActor:
         torch.manual_seed(cfg.train.seed)
         net = build_network(cfg.model, input_shape)
         layers = list(net.layers)[spec.start : spec.stop]
-        objective = HSICObjective(cfg.hsic, num_classes)
+        objective = HSICObjective(cfg.hsic, num_classes, spec.layers, cfg.num_hsic_layers)
         self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs)
         self._last_end: Optional[float] = None
         if restore is not None:

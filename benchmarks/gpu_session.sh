@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (one H100 or H200, 16 cores), in the repository root, writing to
+# $OUT (default benchmarks/results/session): the GPU step and time to accuracy (gpu_check), the Ray pipeline
+# on the 16 CPU cores (stages x threads = 16) and with stages sharing the GPU (bench_pipeline), then the
+# depth study (depth_study) until the deadline. Each part has its own time limit, so a slow one costs only
+# itself; everything is logged to $OUT/session.log.
+#
+# The machine has PyTorch but not Ray: the run carries `.whl/` (omegaconf, jsonschema and its needs, as
+# cp312 wheels), `.raypkg/ray.zip` (Ray's cp312 wheel unpacked without ray/jars, ray/dashboard/client,
+# ray/rllib and ray/serve, zipped with LZMA) and `.data/fashion.npz.xz` (the Fashion-MNIST dev split,
+# LZMA-compressed to fit the 64 MiB a call carries).
+set -u
+OUT=${OUT:-benchmarks/results/session}
+mkdir -p "$OUT"
+DEADLINE=${DEADLINE:-570}  # seconds from now at which the depth study is stopped
+START=$SECONDS
+export PYTHONUNBUFFERED=1
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 - <<'EOF' || exit 1
+import lzma, os, zipfile
+zipfile.ZipFile(".raypkg/ray.zip").extractall("/tmp/site")
+for binary in ("ray/core/src/ray/gcs/gcs_server", "ray/core/src/ray/raylet/raylet"):
+    os.chmod(f"/tmp/site/{binary}", 0o755)
+with open(".data/fashion-mnist-dev.npz", "wb") as f:
+    f.write(lzma.decompress(open(".data/fashion.npz.xz", "rb").read()))
+EOF
+export PYTHONPATH=/tmp/site:$PWD
+DATA=.data/fashion-mnist-dev.npz
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+echo "# setup done at $((SECONDS - START)) s"
+
+timeout 150 python3 -m benchmarks.gpu_check --data $DATA --json "$OUT/gpu_check.json"
+echo "# gpu_check done at $((SECONDS - START)) s"
+
+CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
+    --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json"
+echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
+
+timeout 90 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
+    --in-process-threads 16 --steps 80 --json "$OUT/pipeline_gpu.json"
+echo "# pipeline on the GPU done at $((SECONDS - START)) s"
+
+LEFT=$((DEADLINE - (SECONDS - START)))
+timeout $LEFT python3 -m benchmarks.depth_study --data $DATA --workers 6 --deadline-s $((LEFT - 100)) \
+    --out "$OUT/study.jsonl"
+echo "# depth study stopped at $((SECONDS - START)) s"
+tar czf "$OUT/study_plots.tar.gz" -C "$OUT" study && rm -r "$OUT/study"
