@@ -54,6 +54,10 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("mnist-hsic-d50", "hsic", {**D50, "data.source": "mnist-sample"}),
     ("mnist-hsic-d50-inw-100", "hsic", {**D50, "data.source": "mnist-sample", "hsic.input_weight_first": -100.0}),
     ("mnist-hsic-d50-lsig2", "hsic", {**D50, "data.source": "mnist-sample", "hsic.layer_sigma": 2.0}),
+    ("hsic-d50-lrs16", "hsic", {**D50, "hsic.lr_scale_last": 1 / 16}),
+    ("hsic-d50-lrs100", "hsic", {**D50, "hsic.lr_scale_last": 0.01}),
+    ("hsic-d5-lrs16", "hsic", {"model.depth": 5, "hsic.lr_scale_last": 1 / 16}),
+    ("mnist-hsic-d20-lrs16", "hsic", {"data.source": "mnist-sample", "hsic.lr_scale_last": 1 / 16}),
     ("hsic-d50-15ep", "hsic", {**D50, "train.epochs": 15}),
     ("hsic-d5-15ep", "hsic", {"model.depth": 5, "train.epochs": 15}),
 ]

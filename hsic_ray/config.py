@@ -69,6 +69,9 @@ class HSICConfig:
     # Weight on nHSIC(Z, X) at the first HSIC layer, rising linearly to 1 at the last; 1: the paper's
     # objective; below 0: early layers keep information about the input (InfoPro-like).
     input_weight_first: float = 1.0
+    # Learning-rate multiplier of the last HSIC layer, falling geometrically from 1 at the first: deep layers
+    # take smaller steps (1: every layer at optim.lr, as in the paper).
+    lr_scale_last: float = 1.0
 
 
 @dataclass
@@ -298,6 +301,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0, "hsic.layer_sigma", cfg.hsic.layer_sigma,
            "a positive number or null (the same as hsic.sigma)")  # fmt: skip
     _check(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
+    _check(cfg.hsic.lr_scale_last > 0, "hsic.lr_scale_last", cfg.hsic.lr_scale_last, "a positive number")
     _check(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
     for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")

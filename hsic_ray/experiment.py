@@ -22,6 +22,7 @@ from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_start import plan_start
+from hsic_ray.stage import layer_lr_scales
 from hsic_ray.trainer import HSICTrainer
 
 log = logging.getLogger("hsic_ray")
@@ -75,8 +76,10 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
 @contextlib.contextmanager
 def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: list | None, device):
     if specs is None:
-        objective = HSICObjective(cfg.hsic, data.num_classes, range(len(net.layers)), len(net.layers))
-        yield LocalPipeline(net, objective, cfg.optim, device, cfg.train.cuda_graphs)
+        layers = range(len(net.layers))
+        objective = HSICObjective(cfg.hsic, data.num_classes, layers, len(layers))
+        lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, layers, len(layers))
+        yield LocalPipeline(net, objective, cfg.optim, device, cfg.train.cuda_graphs, lr_scales)
         return
     from hsic_ray.distributed.pipeline import RayPipeline
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -29,8 +29,9 @@ class LocalPipeline:
         optim: OptimConfig,
         device: torch.device | str,
         cuda_graphs: str = "auto",
+        lr_scales: Optional[Sequence[float]] = None,
     ):
-        self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs)
+        self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs, lr_scales)
         # On a GPU the loop's thread waits on the device, and targets computed meanwhile cost nothing; on
         # the CPU a second thread would only compete with the step for the same cores.
         self.prefetch_targets = self.stage.device.type == "cuda"

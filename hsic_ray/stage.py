@@ -37,6 +37,14 @@ def make_sgd(params, cfg: OptimConfig) -> torch.optim.SGD:
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def layer_lr_scales(scale_last: float, layers: range, num_layers: int) -> list[float]:
+    """Each of `layers`' learning-rate multiplier among `num_layers` HSIC layers: 1 at layer 0, falling
+    geometrically to `scale_last` at the last (hsic.lr_scale_last)."""
+    if num_layers < 2:
+        return [1.0 for _ in layers]
+    return [scale_last ** (i / (num_layers - 1)) for i in layers]
+
+
 def use_cuda_graphs(setting: str, device: torch.device) -> bool:
     """auto: on CUDA devices; on: required (an error elsewhere); off: never."""
     if setting == "on" and device.type != "cuda":
@@ -52,11 +60,19 @@ class StageTrainer:
         optim_cfg: OptimConfig,
         device: torch.device | str = "cpu",
         cuda_graphs: str = "auto",
+        lr_scales: Optional[Sequence[float]] = None,
     ):
+        """`lr_scales`: each layer's multiplier of optim_cfg.lr (`layer_lr_scales`); None: 1 for every layer."""
         self.device = torch.device(device)
         self.layers = [layer.to(self.device) for layer in layers]
         self.objective = objective
-        self.optimizer = make_sgd([p for layer in self.layers for p in layer.parameters()], optim_cfg)
+        scales = [1.0] * len(self.layers) if lr_scales is None else list(lr_scales)
+        if len(scales) != len(self.layers):
+            raise ValueError(f"{len(scales)} learning-rate scales for a stage of {len(self.layers)} layers")
+        params = [p for layer in self.layers for p in layer.parameters()]
+        if any(scale != 1.0 for scale in scales):  # one group per layer; otherwise one, as checkpoints hold
+            params = [{"params": list(layer.parameters()), "lr": optim_cfg.lr * scale} for layer, scale in zip(self.layers, scales)]
+        self.optimizer = make_sgd(params, optim_cfg)
         self.kernel_dtype: Optional[torch.dtype] = None  # None: the activations' own; float64 after a failure
         self.steps = 0
         # Steps since the last check in which each layer's kernel system was not positive definite.

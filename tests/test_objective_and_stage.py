@@ -11,7 +11,7 @@ from hsic_ray.config import HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.hsic import biased_factor, gaussian_kernel, hsic_biased, hsic_cca, hsic_cka
 from hsic_ray.models import build_network
 from hsic_ray.objective import HSICObjective, input_weights
-from hsic_ray.stage import StageTrainer
+from hsic_ray.stage import StageTrainer, layer_lr_scales
 
 
 def _batch(m=32, classes=4, seed=0):
@@ -207,3 +207,26 @@ def test_badly_scaled_float32_activations_fall_back_to_float64():
     exact = HSICObjective(HSICConfig(sigma=6.0), 4).dependence([z.double()], objective.targets(x.double(), y))
     assert objective.dependence([z], targets).dtype == torch.float32
     assert zy == pytest.approx(exact[0, 1].item(), rel=1e-3)
+
+
+def test_lr_scales_fall_geometrically_and_each_layer_steps_at_its_own_rate():
+    """With hsic.lr_scale_last, layer i's first SGD step is lr * scale_i times its gradient (no momentum
+    yet, no weight decay): a stage of three layers at scales 1, 0.1, 0.01 moves each accordingly."""
+    assert layer_lr_scales(0.01, range(3), 3) == pytest.approx([1.0, 0.1, 0.01])
+    assert layer_lr_scales(0.01, range(2, 3), 3) == pytest.approx([0.01])
+    x, y = _batch()
+    net = _net(depth=1)
+    objective = HSICObjective(HSICConfig(sigma=2.0, beta=5.0), num_classes=4)
+    optim = OptimConfig(lr=0.05, momentum=0.0, weight_decay=0.0)
+    uniform = StageTrainer([copy.deepcopy(layer) for layer in net.layers], objective, optim)
+    scaled = StageTrainer([copy.deepcopy(layer) for layer in net.layers], objective, optim, lr_scales=[1.0, 0.1, 0.01])
+    before = [[p.detach().clone() for p in layer.parameters()] for layer in net.layers]
+    targets = objective.targets(x, y)
+    uniform.train_step(x, targets)
+    scaled.train_step(x, targets)
+    for scale, start, a, b in zip([1.0, 0.1, 0.01], before, uniform.layers, scaled.layers):
+        for p0, pa, pb in zip(start, a.parameters(), b.parameters()):
+            torch.testing.assert_close(pb - p0, scale * (pa - p0), rtol=1e-4, atol=1e-7)  # BN makes bias steps ~0
+        assert any((pa - p0).abs().max() > 0 for p0, pa in zip(start, a.parameters()))
+    with pytest.raises(ValueError, match="3 layers"):
+        StageTrainer(list(net.layers), objective, optim, lr_scales=[1.0])

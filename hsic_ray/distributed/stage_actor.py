@@ -25,7 +25,7 @@ from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.resources import threads_for
 from hsic_ray.run_dir import RunDirectory
-from hsic_ray.stage import StageTrainer
+from hsic_ray.stage import StageTrainer, layer_lr_scales
 
 WireTargets = tuple[Optional[np.ndarray], np.ndarray]
 
@@ -62,7 +62,8 @@ class StageActor:
         net = build_network(cfg.model, input_shape)
         layers = list(net.layers)[spec.start : spec.stop]
         objective = HSICObjective(cfg.hsic, num_classes, spec.layers, cfg.num_hsic_layers)
-        self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs)
+        lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, spec.layers, cfg.num_hsic_layers)
+        self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales)
         self._last_end: Optional[float] = None
         if restore is not None:
             self.load(*restore)
