@@ -64,7 +64,7 @@ class HSICConfig:
     sigma: Optional[float] = 6.0  # None: median heuristic
     beta: float = 200.0
     eps: float = 1e-5  # cca regulariser
-    # Extensions beyond the paper (hsic_ray.objective), off unless set; every paper_* preset leaves them off.
+    # Extensions beyond the paper (hsic_ray.objective, hsic_ray.stage), off unless set; no preset sets them.
     layer_sigma: Optional[float] = None  # kernel width for the layers' outputs Z; None: sigma, as in the paper
     # Weight on nHSIC(Z, X) at the first HSIC layer, rising linearly to 1 at the last; 1: the paper's
     # objective; below 0: early layers keep information about the input (InfoPro-like).
