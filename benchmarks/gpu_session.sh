@@ -8,7 +8,12 @@
 # The machine has PyTorch but not Ray: the run carries `.whl/` (omegaconf, jsonschema and its needs, as
 # cp312 wheels), `.raypkg/ray.zip` (Ray's cp312 wheel unpacked without ray/jars, ray/dashboard/client,
 # ray/rllib and ray/serve, zipped with LZMA) and `.data/fashion.npz.xz` (the Fashion-MNIST dev split,
-# LZMA-compressed to fit the 64 MiB a call carries).
+# LZMA-compressed to fit the 64 MiB a call carries). Made once on the development machine, e.g.:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl omegaconf jsonschema jsonschema-specifications referencing rpds-py
+#   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
+#   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
+# Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
 set -u
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
