@@ -43,8 +43,8 @@ CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device 
     --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json"
 echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
 
-timeout 90 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
-    --in-process-threads 16 --steps 80 --json "$OUT/pipeline_gpu.json"
+timeout 120 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
+    --in-process-threads 16 --steps 60 --json "$OUT/pipeline_gpu.json"
 echo "# pipeline on the GPU done at $((SECONDS - START)) s"
 
 LEFT=$((DEADLINE - (SECONDS - START)))
