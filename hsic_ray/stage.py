@@ -66,12 +66,12 @@ class StageTrainer:
         self.device = torch.device(device)
         self.layers = [layer.to(self.device) for layer in layers]
         self.objective = objective
-        scales = [1.0] * len(self.layers) if lr_scales is None else list(lr_scales)
-        if len(scales) != len(self.layers):
-            raise ValueError(f"{len(scales)} learning-rate scales for a stage of {len(self.layers)} layers")
-        params = [p for layer in self.layers for p in layer.parameters()]
-        if any(scale != 1.0 for scale in scales):  # one group per layer; otherwise one, as checkpoints hold
-            params = [{"params": list(layer.parameters()), "lr": optim_cfg.lr * scale} for layer, scale in zip(self.layers, scales)]
+        if lr_scales is not None and len(lr_scales) != len(self.layers):
+            raise ValueError(f"{len(lr_scales)} learning-rate scales for a stage of {len(self.layers)} layers")
+        if lr_scales is None or all(scale == 1.0 for scale in lr_scales):  # one group, as checkpoints hold
+            params = [p for layer in self.layers for p in layer.parameters()]
+        else:  # one group per layer
+            params = [{"params": list(layer.parameters()), "lr": optim_cfg.lr * scale} for layer, scale in zip(self.layers, lr_scales)]
         self.optimizer = make_sgd(params, optim_cfg)
         self.kernel_dtype: Optional[torch.dtype] = None  # None: the activations' own; float64 after a failure
         self.steps = 0
