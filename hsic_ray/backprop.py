@@ -24,6 +24,7 @@ from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_ten
 from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.models import LayerwiseNet, build_head
 from hsic_ray.run_dir import RunDirectory
+from hsic_ray.schedule import LRSchedule, planned_steps
 from hsic_ray.stage import make_sgd
 from hsic_ray.trainer import EVAL_CHUNK
 
@@ -89,6 +90,10 @@ class EpochStats:
         return torch.tensor(self.grad_norms).mean(0).tolist() if self.grad_norms else []
 
 
+def backprop_schedule(cfg: ExperimentConfig, data: ImageData) -> LRSchedule:
+    return LRSchedule(cfg.backprop.schedule, planned_steps(cfg.train, len(data.y_train)))
+
+
 def whole_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The in-process shard of a batch: all of it, at weight 1."""
     return batch.x, batch.y, 1.0
@@ -106,11 +111,13 @@ def train_epoch(
     start: int = 0,
     shard: Callable[[Batch], tuple[torch.Tensor, torch.Tensor, float]] = whole_batch,
     verbose: bool = True,
+    schedule: LRSchedule | None = None,
 ) -> EpochStats:
     """Backprop over the batches of `epoch` from batch `start`, stopping at train.max_steps total steps.
 
     Batches come in the seeded order of `iterate_batches(seed, epoch)`; `shard` picks this process's rows of
     each one (and the gradient weight, see `backprop_step`). Gradient norms are those of `net`'s layers.
+    `schedule` sets the learning rate of each step (`backprop_schedule`).
     """
     total = num_batches(len(data.y_train), train.batch_size)
     stats = EpochStats(epoch=epoch, steps=steps, next_batch=start, total=total)
@@ -119,6 +126,8 @@ def train_epoch(
         if train.max_steps is not None and stats.steps >= train.max_steps:
             break
         x, y, weight = shard(batch)
+        if schedule is not None:
+            schedule.apply(optimizer, stats.steps)
         stats.losses.append(backprop_step(model, optimizer, x.to(device), y.to(device), weight))
         stats.grad_norms.append(layer_grad_norms(net))
         stats.steps += 1
@@ -173,16 +182,13 @@ class BackpropTrainer:
         self.device = torch.device(device)
         self.model = build_model(net, data.num_classes).to(self.device)
         self.optimizer = make_sgd(self.model.parameters(), cfg.backprop)
+        self.schedule = backprop_schedule(cfg, data)
         self.steps = 0
         self.train_seconds = 0.0
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        loss = backprop_step(self.model, self.optimizer, x.to(self.device), y.to(self.device))
-        self.steps += 1
-        return loss
-
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        stats = train_epoch(self.model, self.optimizer, self.net, self.data, self.cfg.train, epoch, self.steps, self.device)
+        stats = train_epoch(self.model, self.optimizer, self.net, self.data, self.cfg.train, epoch, self.steps,
+                            self.device, schedule=self.schedule)  # fmt: skip
         self.steps = stats.steps
         self.train_seconds += stats.seconds
         return epoch_record(stats, self.test_accuracy())

@@ -23,6 +23,7 @@ ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
 INITS = ("default", "orthogonal")
 TRAINERS = ("local", "ray")
 CUDA_GRAPHS = ("auto", "on", "off")
+LR_SCHEDULES = ("constant", "cosine")  # hsic_ray.schedule
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
@@ -81,6 +82,7 @@ class OptimConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-3
+    schedule: str = "constant"  # or "cosine": lr annealed to 0 over the run (hsic_ray.schedule)
 
 
 @dataclass
@@ -307,6 +309,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
         _check(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
         _check(opt.weight_decay >= 0, f"{prefix}.weight_decay", opt.weight_decay, "a number >= 0")
+    for prefix, opt in (("optim", cfg.optim), ("backprop", cfg.backprop)):
+        _check_choice(f"{prefix}.schedule", opt.schedule, LR_SCHEDULES)
     _check_positive("head.epochs", cfg.head.epochs, minimum=0)
     _check_positive("head.batch_size", cfg.head.batch_size)
     # HSIC compares samples within a batch: a batch of one has no pairs.

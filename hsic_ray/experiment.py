@@ -22,6 +22,7 @@ from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_start import plan_start
+from hsic_ray.schedule import LRSchedule, planned_steps
 from hsic_ray.stage import layer_lr_scales
 from hsic_ray.trainer import HSICTrainer
 
@@ -75,11 +76,12 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
 
 @contextlib.contextmanager
 def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: list | None, device):
+    schedule = LRSchedule(cfg.optim.schedule, planned_steps(cfg.train, len(data.y_train)))
     if specs is None:
         layers = range(len(net.layers))
         objective = HSICObjective(cfg.hsic, data.num_classes, layers, len(layers))
         lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, layers, len(layers))
-        yield LocalPipeline(net, objective, cfg.optim, device, cfg.train.cuda_graphs, lr_scales)
+        yield LocalPipeline(net, objective, cfg.optim, device, cfg.train.cuda_graphs, lr_scales, schedule)
         return
     from hsic_ray.distributed.pipeline import RayPipeline
 
@@ -87,7 +89,7 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
     # does not fight the stage actors for cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(threads_for(cfg.ray.coordinator_cpus))
-    pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes)
+    pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes, schedule)
     try:
         yield pipeline
     finally:

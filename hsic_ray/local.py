@@ -12,6 +12,7 @@ from hsic_ray.config import OptimConfig
 from hsic_ray.models import LayerwiseNet
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.run_dir import RunDirectory
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import StageTrainer
 from hsic_ray.trainer import StepResult
 
@@ -30,8 +31,9 @@ class LocalPipeline:
         device: torch.device | str,
         cuda_graphs: str = "auto",
         lr_scales: Optional[Sequence[float]] = None,
+        schedule: Optional[LRSchedule] = None,
     ):
-        self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs, lr_scales)
+        self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs, lr_scales, schedule)
         # On a GPU the loop's thread waits on the device, and targets computed meanwhile cost nothing; on
         # the CPU a second thread would only compete with the step for the same cores.
         self.prefetch_targets = self.stage.device.type == "cuda"

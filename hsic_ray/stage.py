@@ -25,6 +25,7 @@ from hsic_ray.config import OptimConfig
 from hsic_ray.hsic import not_positive_definite
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.probes import probe_view
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.step_graph import CapturedStep
 
 log = logging.getLogger("hsic_ray")
@@ -61,8 +62,10 @@ class StageTrainer:
         device: torch.device | str = "cpu",
         cuda_graphs: str = "auto",
         lr_scales: Optional[Sequence[float]] = None,
+        schedule: Optional[LRSchedule] = None,
     ):
-        """`lr_scales`: each layer's multiplier of optim_cfg.lr (`layer_lr_scales`); None: 1 for every layer."""
+        """`lr_scales`: each layer's multiplier of optim_cfg.lr (`layer_lr_scales`); None: 1 for every layer.
+        `schedule`: the step size's factor at each of this stage's steps; None: constant."""
         self.device = torch.device(device)
         self.layers = [layer.to(self.device) for layer in layers]
         self.objective = objective
@@ -75,6 +78,12 @@ class StageTrainer:
         self.optimizer = make_sgd(params, optim_cfg)
         self.kernel_dtype: Optional[torch.dtype] = None  # None: the activations' own; float64 after a failure
         self.steps = 0
+        # The schedule scales each step's gradient through a device scalar that a captured graph reads at
+        # every replay; SGD's lr is a Python number a graph would keep at its capture value. With momentum
+        # the step follows the factor within the momentum's horizon (1 / (1 - momentum) steps), which the
+        # schedule's hundreds of steps make immaterial; weight decay is not scaled.
+        self.schedule = schedule
+        self._step_scale = torch.ones((), device=self.device)
         # Steps since the last check in which each layer's kernel system was not positive definite.
         self._failures = torch.zeros(len(self.layers), dtype=torch.int32, device=self.device)
         self._graph: Optional[CapturedStep] = None
@@ -95,6 +104,8 @@ class StageTrainer:
         """
         x = x.to(self.device, non_blocking=True)
         targets = targets.to(self.device)
+        if self.schedule is not None and not self.schedule.is_constant:
+            self._step_scale.fill_(self.schedule.factor(self.steps))
         step = self._graph if self._graph is not None and self._graph.fits(x) else self._step
         out, stats = step(x, targets)
         self.steps += 1
@@ -108,7 +119,7 @@ class StageTrainer:
             x = z.detach()
         terms = self.objective.stage_losses(outputs, targets, self.kernel_dtype)
         self.optimizer.zero_grad(set_to_none=True)
-        terms.loss.sum().backward()
+        (terms.loss.sum() * self._step_scale).backward()
         self.optimizer.step()
         self._failures += terms.failed
         stats = torch.stack([terms.loss.detach(), terms.nhsic_zx, terms.nhsic_zy], dim=1).to(x.dtype)

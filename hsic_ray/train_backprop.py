@@ -144,9 +144,10 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     run = RunDirectory(config["run"]) if rank == 0 else None
     shard = _shard_by_rank(rank, world, train.batch_size)
+    schedule = backprop.backprop_schedule(cfg, data)
     while epoch <= train.epochs and (train.max_steps is None or steps < train.max_steps):
         stats = backprop.train_epoch(model, optimizer, net, data, train, epoch, steps, device, start=start,
-                                     shard=shard, verbose=rank == 0)  # fmt: skip
+                                     shard=shard, verbose=rank == 0, schedule=schedule)  # fmt: skip
         steps, train_seconds = stats.steps, train_seconds + stats.seconds
         if rank != 0:
             ray.train.report({"epoch": epoch, "step": steps}, checkpoint=None)

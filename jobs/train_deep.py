@@ -17,7 +17,7 @@ import logging
 import sys
 
 from hsic_ray.cli import RUN_FLAGS, JobArgumentParser, add_run_arguments, build_run_config, run_job
-from hsic_ray.config import CUDA_GRAPHS, NULL, STRATEGIES, TRAINERS
+from hsic_ray.config import CUDA_GRAPHS, LR_SCHEDULES, NULL, STRATEGIES, TRAINERS
 from hsic_ray.experiment import run_hsic
 from hsic_ray.hsic import ESTIMATORS
 
@@ -28,6 +28,7 @@ HSIC_FLAGS = {
     "sigma": "hsic.sigma",
     "beta": "hsic.beta",
     "lr": "optim.lr",
+    "lr_schedule": "optim.schedule",
     "device": "train.device",
     "cuda_graphs": "train.cuda_graphs",
     "format_epochs": "head.epochs",
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=_sigma, help="kernel bandwidth (scaled by each variable's dimension), or 'median'")
     p.add_argument("--beta", type=float, help="weight of nHSIC(Z, Y) in each layer's loss")
     p.add_argument("--lr", type=float, help="SGD learning rate of the HSIC layers")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="constant, or cosine: annealed to 0 over the run")
     p.add_argument("--format-epochs", type=int, help="epochs of the format head on the frozen network")
     p.add_argument("--format-lr", type=float, help="SGD learning rate of the format head")
     p.add_argument("--concurrent-head", action="store_true", default=None, help="also train the head during HSIC training")

@@ -55,6 +55,8 @@ def test_null_override_sets_a_field_to_none():
         ({"data.source": "imagenet"}, "data.source='imagenet' is invalid"),
         ({"train.batch_size": 1}, "train.batch_size=1 is invalid"),
         ({"optim.momentum": 1.0}, "optim.momentum=1.0 is invalid"),
+        ({"optim.schedule": "linear"}, "optim.schedule='linear' is invalid: expected one of constant, cosine"),
+        ({"backprop.schedule": "step"}, "backprop.schedule='step' is invalid: expected one of constant, cosine"),
         ({"model.activation": "gelu"}, "model.activation='gelu' is invalid: expected one of relu, tanh, sigmoid, elu"),
         ({"model.init": "xavier"}, "model.init='xavier' is invalid: expected one of default, orthogonal"),
         ({"model.depth": "deep"}, "model.depth"),

@@ -117,7 +117,9 @@ def _kill_workers_after_first_checkpoint(storage: Path, deadline_s: float = 120.
 def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, digits, ray_cluster):
     epochs = 8
     out = tmp_path / "run"
-    cfg = small_config(out, **{"train.epochs": epochs})
+    # A cosine schedule: the resumed run must take each step at the same learning rate as an uninterrupted one.
+    settings = {"train.epochs": epochs, "backprop.schedule": "cosine"}
+    cfg = small_config(out, **settings)
     outcome = {}
 
     def first_attempt():
@@ -152,7 +154,7 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        baseline = run_backprop(small_config(tmp_path / "inprocess", **{"train.epochs": epochs}), digits)
+        baseline = run_backprop(small_config(tmp_path / "inprocess", **settings), digits)
     finally:
         torch.set_num_threads(threads)
     assert baseline["steps"] == metrics["steps"]

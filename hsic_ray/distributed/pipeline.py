@@ -35,6 +35,7 @@ from hsic_ray.distributed.stage_actor import Hop, StageActor, targets_to_numpy
 from hsic_ray.models import Shape
 from hsic_ray.objective import BatchTargets
 from hsic_ray.run_dir import RunDirectory
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.trainer import StepResult
 
 log = logging.getLogger("hsic_ray")
@@ -84,14 +85,15 @@ class _Handle:
 
 
 class RayPipeline:
-    def __init__(self, cfg: ExperimentConfig, specs: list[StageSpec], input_shape: Shape, num_classes: int):
+    def __init__(self, cfg: ExperimentConfig, specs: list[StageSpec], input_shape: Shape, num_classes: int,
+                 schedule: Optional[LRSchedule] = None):  # fmt: skip
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
         self.prefetch_targets = True  # the coordinator mostly waits: targets computed meanwhile cost nothing
         self.batches_per_call = cfg.ray.batches_per_call or 1
         self.max_in_flight = self._in_flight_bound()
-        self._actor_args = (cfg, tuple(input_shape), num_classes)
+        self._actor_args = (cfg, tuple(input_shape), num_classes, schedule)
         self._group, self._owns_group = reserve(specs, cfg.ray)
         self._restore_point: Optional[tuple[str, int]] = None
         self._events: list[dict[str, Any]] = []

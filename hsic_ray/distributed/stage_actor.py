@@ -25,6 +25,7 @@ from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.resources import threads_for
 from hsic_ray.run_dir import RunDirectory
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import StageTrainer, layer_lr_scales
 
 WireTargets = tuple[Optional[np.ndarray], np.ndarray]
@@ -50,6 +51,7 @@ class StageActor:
         cfg: ExperimentConfig,
         input_shape: Shape,
         num_classes: int,
+        schedule: Optional[LRSchedule] = None,
         restore: Optional[tuple[str, int]] = None,
     ):
         torch.set_num_threads(threads_for(spec.num_cpus))
@@ -63,7 +65,7 @@ class StageActor:
         layers = list(net.layers)[spec.start : spec.stop]
         objective = HSICObjective(cfg.hsic, num_classes, spec.layers, cfg.num_hsic_layers)
         lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, spec.layers, cfg.num_hsic_layers)
-        self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales)
+        self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales, schedule)
         self._last_end: Optional[float] = None
         if restore is not None:
             self.load(*restore)
