@@ -16,6 +16,7 @@ from hsic_ray.hsic import ESTIMATORS, cca_inner, center, gaussian_kernel, spd_in
 from hsic_ray.local import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import StageTrainer, use_cuda_graphs
 from hsic_ray.step_graph import rolled_back
 
@@ -196,11 +197,13 @@ def test_cuda_graph_setting_is_checked():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (their logic is tested above on CPU)")
-def test_cuda_graph_step_equals_the_eager_step(digits):
+@pytest.mark.parametrize("schedule", [None, LRSchedule("cosine", 6)])  # the graph reads each step's factor
+def test_cuda_graph_step_equals_the_eager_step(digits, schedule):
     net, batches = _net_and_batches(digits)
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0), num_classes=10)
-    graphed = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="on")
-    eager = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="off")
+    graphed = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="on", schedule=schedule)
+    eager = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="off",
+                         schedule=schedule)  # fmt: skip
     for batch in batches[:4] + [batches[-1]]:  # the last batch is partial: it runs eagerly
         targets = objective.targets(batch.x, batch.y)
         out, stats = graphed.train_step(batch.x, targets)
