@@ -69,7 +69,7 @@ def test_a_scheduled_stage_steps_as_sgd_at_the_scheduled_learning_rate():
         for a, b in zip(_params(scheduled), _params(manual)):
             # lr x (f x g) against (lr x f) x g, f held as a float32 scalar on the stage
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
-    # ... and that is not where constant steps lead (factors 1, 0.85, 0.5: 1.4e-2 apart on this net).
+    # ... and that is not where constant steps lead (factors 1, 0.85, 0.5: up to 0.11 apart on this net).
     assert max((a - b).abs().max() for a, b in zip(_params(scheduled), _params(constant))) > 1e-3
     assert scheduled.optimizer.param_groups[0]["lr"] == 0.05  # the schedule left SGD's own lr alone
 
