@@ -24,7 +24,7 @@ from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_ten
 from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.models import LayerwiseNet, build_head
 from hsic_ray.run_dir import RunDirectory
-from hsic_ray.schedule import LRSchedule, planned_steps
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import make_sgd
 from hsic_ray.trainer import EVAL_CHUNK
 
@@ -90,10 +90,6 @@ class EpochStats:
         return torch.tensor(self.grad_norms).mean(0).tolist() if self.grad_norms else []
 
 
-def backprop_schedule(cfg: ExperimentConfig, data: ImageData) -> LRSchedule:
-    return LRSchedule(cfg.backprop.schedule, planned_steps(cfg.train, len(data.y_train)))
-
-
 def whole_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The in-process shard of a batch: all of it, at weight 1."""
     return batch.x, batch.y, 1.0
@@ -117,7 +113,7 @@ def train_epoch(
 
     Batches come in the seeded order of `iterate_batches(seed, epoch)`; `shard` picks this process's rows of
     each one (and the gradient weight, see `backprop_step`). Gradient norms are those of `net`'s layers.
-    `schedule` sets the learning rate of each step (`backprop_schedule`).
+    `schedule` sets the learning rate of each step.
     """
     total = num_batches(len(data.y_train), train.batch_size)
     stats = EpochStats(epoch=epoch, steps=steps, next_batch=start, total=total)
@@ -182,7 +178,7 @@ class BackpropTrainer:
         self.device = torch.device(device)
         self.model = build_model(net, data.num_classes).to(self.device)
         self.optimizer = make_sgd(self.model.parameters(), cfg.backprop)
-        self.schedule = backprop_schedule(cfg, data)
+        self.schedule = LRSchedule.for_run(cfg.backprop, cfg.train, len(data.y_train))
         self.steps = 0
         self.train_seconds = 0.0
 

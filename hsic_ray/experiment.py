@@ -22,7 +22,7 @@ from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_start import plan_start
-from hsic_ray.schedule import LRSchedule, planned_steps
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import layer_lr_scales
 from hsic_ray.trainer import HSICTrainer
 
@@ -76,7 +76,7 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
 
 @contextlib.contextmanager
 def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: list | None, device):
-    schedule = LRSchedule(cfg.optim.schedule, planned_steps(cfg.train, len(data.y_train)))
+    schedule = LRSchedule.for_run(cfg.optim, cfg.train, len(data.y_train))
     if specs is None:
         layers = range(len(net.layers))
         objective = HSICObjective(cfg.hsic, data.num_classes, layers, len(layers))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hsic_ray.config import LR_SCHEDULES, TrainConfig
+from hsic_ray.config import LR_SCHEDULES, OptimConfig, TrainConfig
 from hsic_ray.data import num_batches
 
 
@@ -33,6 +33,11 @@ class LRSchedule:
     @property
     def is_constant(self) -> bool:
         return self.kind == "constant" or self.total_steps < 1
+
+    @classmethod
+    def for_run(cls, optim: OptimConfig, train: TrainConfig, train_samples: int) -> "LRSchedule":
+        """The schedule `optim` names, over the steps `train` plans on `train_samples` samples."""
+        return cls(optim.schedule, planned_steps(train, train_samples))
 
     def factor(self, step: int) -> float:
         """The multiplier of lr for step `step` (0-based)."""

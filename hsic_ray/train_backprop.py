@@ -49,6 +49,7 @@ from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_claim import Claim
 from hsic_ray.run_start import check_resumable, default_output, saved_config
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.stage import make_sgd
 
@@ -144,7 +145,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
 
     run = RunDirectory(config["run"]) if rank == 0 else None
     shard = _shard_by_rank(rank, world, train.batch_size)
-    schedule = backprop.backprop_schedule(cfg, data)
+    schedule = LRSchedule.for_run(cfg.backprop, cfg.train, len(data.y_train))
     while epoch <= train.epochs and (train.max_steps is None or steps < train.max_steps):
         stats = backprop.train_epoch(model, optimizer, net, data, train, epoch, steps, device, start=start,
                                      shard=shard, verbose=rank == 0, schedule=schedule)  # fmt: skip

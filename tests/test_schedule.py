@@ -31,6 +31,7 @@ def test_planned_steps_count_every_batch_of_every_epoch_up_to_max_steps():
     assert planned_steps(TrainConfig(batch_size=256, epochs=5), 50_000) == 5 * 195  # the partial last batch is dropped
     assert planned_steps(TrainConfig(batch_size=100, epochs=30, max_steps=250), 1000) == 250
     assert planned_steps(TrainConfig(batch_size=100, epochs=3, max_steps=250), 1000) == 30
+    assert LRSchedule.for_run(OptimConfig(schedule="cosine"), TrainConfig(batch_size=100, epochs=3), 1000) == LRSchedule("cosine", 30)
 
 
 def _stage(schedule=None, optim=OptimConfig(lr=0.05, momentum=0.0, weight_decay=0.0)):
