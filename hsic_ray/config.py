@@ -73,6 +73,9 @@ class HSICConfig:
     # Learning-rate multiplier of the last HSIC layer, falling geometrically from 1 at the first: deep layers
     # take smaller steps (1: every layer at optim.lr, as in the paper).
     lr_scale_last: float = 1.0
+    # Score nHSIC as a leave-one-out fit (hsic_ray.hsic.cca_inner): a layer is not rewarded for dimensions that
+    # fit only its own batch, which 50 layers in a row otherwise pile up (README, "Depth on Fashion-MNIST").
+    leave_one_out: bool = False
 
 
 @dataclass
@@ -309,6 +312,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
     _check(cfg.hsic.lr_scale_last > 0, "hsic.lr_scale_last", cfg.hsic.lr_scale_last, "a positive number")
     _check(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
+    _check(not cfg.hsic.leave_one_out or cfg.hsic.estimator == "cca", "hsic.leave_one_out", cfg.hsic.leave_one_out,
+           "false with hsic.estimator other than cca (the leave-one-out fit is cca's kernel ridge regression)")  # fmt: skip
     for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):
         _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
         _check(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")

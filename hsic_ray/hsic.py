@@ -147,26 +147,43 @@ def _per_kernel(shared: Tensor, kernels: Tensor) -> Tensor:
 
 class _CCAInner(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kernels: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    def forward(ctx, kernels: Tensor, targets: Tensor, eps: float, leave_one_out: bool) -> tuple[Tensor, Tensor]:
         inverse, failed = spd_inverse(_regularise_(center(kernels), eps))
+        weights = _loo_rows(inverse) if leave_one_out else inverse
         # One product per kernel, [1, m^2] x [m^2, t]: a kernel's figures do not depend on how many kernels
         # share the call (a stage's size), as they would through one [n, m^2] x [m^2, t] product.
-        inner = torch.bmm(inverse.flatten(-2).unsqueeze(-2), _per_kernel(targets.flatten(-2).mT, inverse)).squeeze(-2)
+        inner = torch.bmm(weights.flatten(-2).unsqueeze(-2), _per_kernel(targets.flatten(-2).mT, inverse)).squeeze(-2)
         ctx.save_for_backward(inverse, targets)
+        ctx.leave_one_out = leave_one_out
         ctx.mark_non_differentiable(failed)
         return inner, failed
 
     @staticmethod
-    def backward(ctx, grad_inner: Tensor, _grad_failed: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx, grad_inner: Tensor, _grad_failed: Tensor) -> tuple[Tensor, None, None, None]:
         inverse, targets = ctx.saved_tensors
-        # d<A^-1, T> = -<A^-1 T A^-1, dA> for symmetric A and T; per kernel, the targets weighted by their
-        # gradients first, so each kernel costs two m x m products whatever the number of targets. The
-        # centring H K H is linear and self-adjoint: its backward is the centring of the gradient.
+        # The targets weighted by their gradients first, so each kernel costs two m x m products whatever the
+        # number of targets. d<A^-1, T> = -<A^-1 T A^-1, dA> for symmetric A and T. The centring H K H is
+        # linear and self-adjoint: its backward is the centring of the gradient.
         weighted = torch.bmm(-grad_inner.unsqueeze(-2), _per_kernel(targets.flatten(-2), inverse)).view_as(inverse)
-        return center(inverse @ weighted @ inverse), None, None
+        if ctx.leave_one_out:
+            weighted = _loo_rows_backward(inverse, weighted)
+        return center(inverse @ weighted @ inverse), None, None, None
 
 
-def cca_inner(kernels: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+def _loo_rows(inverse: Tensor) -> Tensor:
+    """B / diag(B) row by row: with B = (Kc + eps m I)^-1, I - that is the leave-one-out hat matrix."""
+    return inverse / inverse.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+
+
+def _loo_rows_backward(inverse: Tensor, grad: Tensor) -> Tensor:
+    """The gradient of <B / diag(B) row by row, T> with respect to B, from T (here `grad`), symmetrised."""
+    diag = inverse.diagonal(dim1=-2, dim2=-1)
+    g = grad / diag.unsqueeze(-1)
+    g = g - torch.diag_embed((grad * inverse).sum(-1) / diag**2)
+    return 0.5 * (g + g.mT)
+
+
+def cca_inner(kernels: Tensor, targets: Tensor, eps: float, leave_one_out: bool = False) -> tuple[Tensor, Tensor]:
     """<(Kc + eps m I)^-1, T_t>, Kc = H K H, for each kernel K in [n, m, m] and each symmetric target T_t in
     [t, m, m], as [n, t]; and a bool [n] marking systems that were not positive definite (their inverse
     counts as zero, so they get no gradient).
@@ -175,8 +192,13 @@ def cca_inner(kernels: Tensor, targets: Tensor, eps: float) -> tuple[Tensor, Ten
     this is the cca estimator in closed form, with one Cholesky and one inverse per kernel. Nothing is
     checked on the host: read `failed` where the caller synchronises anyway. The gradient is with respect
     to K as a symmetric matrix (only its symmetric part is meaningful, as K is symmetric).
+
+    R_K is the hat matrix of kernel ridge regression on K (ridge eps m): nHSIC(K, T) scores how well K fits
+    T's directions on the very samples it was fitted to. `leave_one_out` returns <D^-1 A^-1, T_t> with
+    D = diag(A^-1) instead: I - D^-1 A^-1 is the leave-one-out hat matrix (row i predicts sample i from the
+    others), so tr(T) minus it scores the fit on samples left out of it, at the cost of one division.
     """
-    return _CCAInner.apply(kernels, targets, eps)
+    return _CCAInner.apply(kernels, targets, eps, leave_one_out)
 
 
 def not_positive_definite(where: str) -> FloatingPointError:

@@ -17,12 +17,15 @@ backward of two m x m products (`hsic_ray.hsic.cca_inner`). The inner products w
 separately (the same products, one target fewer than with M beside them), so each layer can weigh its
 nHSIC(Z, X) term on its own.
 
-Two extensions beyond the paper, both off unless set (and off in every `paper_*` preset):
-`hsic.layer_sigma`, a kernel width for the layers' outputs apart from the inputs' and labels'; and
+Extensions beyond the paper, each off unless set (and off in every `paper_*` preset):
+`hsic.layer_sigma`, a kernel width for the layers' outputs apart from the inputs' and labels';
 `hsic.input_weight_first`, a per-layer weight on nHSIC(Z, X) that rises linearly from the first HSIC
 layer to 1 at the last. Below 0 it makes early layers keep information about the input instead of
 compressing it, the way InfoPro (Wang et al., ICLR 2021) asks early layers of locally trained networks
-to: a layer cannot recover what the layers below it dropped.
+to: a layer cannot recover what the layers below it dropped. And `hsic.leave_one_out`: cca's nHSIC(Z, T)
+is the in-sample fit of kernel ridge regression from Z to T's directions on the batch, which a layer can
+raise by spreading its output over more dimensions that fit only that batch; scored on samples left out
+of the fit instead, it cannot (same Cholesky and inverse, one division more).
 """
 
 from __future__ import annotations
@@ -103,19 +106,21 @@ class HSICObjective:
         `dtype` computes the kernels and their algebra in another precision (float64 after float32 rounding
         cost a kernel its positive definiteness); the losses come back in that precision.
         """
-        zx, zy, failed = self._dependences(zs, targets, dtype)
+        zx, zy, failed = self._dependences(zs, targets, dtype, self.cfg.leave_one_out)
         return StageLosses(self._weights_like(zx) * zx - self.cfg.beta * zy, zx.detach(), zy.detach(), failed)
 
-    def _dependences(self, zs: Sequence[Tensor], targets: BatchTargets, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    def _dependences(self, zs: Sequence[Tensor], targets: BatchTargets, dtype: torch.dtype | None,
+                     leave_one_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """[layers] nHSIC(Z, X) and nHSIC(Z, Y), both differentiable in Z, and the failed-solve flags."""
         kernels = torch.stack([gaussian_kernel(z if dtype is None else z.to(dtype), self.layer_sigma) for z in zs])
         x_factor = None if targets.x_factor is None else targets.x_factor.to(kernels.dtype)
         y_factor = targets.y_factor.to(kernels.dtype)
         if self.estimator.name == "cca":
-            # <R_Z, T> = tr(T) - eps m <A^-1, T> for T = R_X, R_Y.
+            # <R_Z, T> = tr(T) - eps m <A^-1, T> for T = R_X, R_Y; left out: tr(T) - <diag(A^-1)^-1 A^-1, T>.
             factors = torch.stack([x_factor, y_factor])
-            inner, failed = cca_inner(kernels, factors, self.cfg.eps)
-            terms = trace(factors) - (self.cfg.eps * kernels.shape[-1]) * inner
+            inner, failed = cca_inner(kernels, factors, self.cfg.eps, leave_one_out=leave_one_out)
+            scale = 1.0 if leave_one_out else self.cfg.eps * kernels.shape[-1]
+            terms = trace(factors) - scale * inner
             return terms[:, 0], terms[:, 1], failed
         z_factors = self.estimator.factor(kernels)
         zx = self.estimator.dependence(z_factors, z_factors if x_factor is None else x_factor)
@@ -137,7 +142,8 @@ class HSICObjective:
     @torch.no_grad()
     def dependence(self, zs: Sequence[Tensor], targets: BatchTargets) -> Tensor:
         """[layers, 2] of (nhsic_zx, nhsic_zy), checked: recomputed in float64 where float32 rounding broke a
-        kernel's positive definiteness; FloatingPointError where float64 could not either."""
+        kernel's positive definiteness; FloatingPointError where float64 could not either. Always the paper's
+        nHSIC, whatever the layers train on (hsic.leave_one_out), so information planes compare across runs."""
         zx, zy, failed = self._dependences(zs, targets, None)
         if bool(failed.any()):
             zx, zy, failed = self._dependences(zs, targets, torch.float64)

@@ -92,6 +92,33 @@ def test_cca_inner_matches_explicit_inverse_and_passes_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda k: cca_inner(0.5 * (k + k.mT), targets, 1e-2)[0], (kernels,))
 
 
+def _leave_one_out_hat(kc, ridge):
+    """Row i: the weights kernel ridge regression fitted on every sample but i gives the others to predict i."""
+    m = kc.shape[-1]
+    hat = torch.zeros_like(kc)
+    for i in range(m):
+        rest = [j for j in range(m) if j != i]
+        hat[i, rest] = kc[i, rest] @ torch.linalg.inv(kc[rest][:, rest] + ridge * torch.eye(m - 1, dtype=kc.dtype))
+    return hat
+
+
+def test_leave_one_out_cca_inner_scores_each_sample_by_a_fit_that_left_it_out_float64():
+    """tr(T) - cca_inner(..., leave_one_out=True) = <H_loo, T> with H_loo refitted m times by brute force, and its
+    hand-written backward passes gradcheck; it differs from the in-sample fit, which it is not."""
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    kernels = torch.stack([gaussian_kernel(v, 1.0) for v in z])
+    targets = _symmetric_targets(7, 2, seed=5)
+    inner, failed = cca_inner(kernels, targets, 1e-2, leave_one_out=True)
+    left_out = targets.diagonal(dim1=-2, dim2=-1).sum(-1) - inner
+    brute = torch.stack([torch.einsum("ij,tij->t", _leave_one_out_hat(kc, 1e-2 * 7), targets) for kc in center(kernels)])
+    torch.testing.assert_close(left_out, brute)
+    in_sample = targets.diagonal(dim1=-2, dim2=-1).sum(-1) - 1e-2 * 7 * cca_inner(kernels, targets, 1e-2)[0]
+    assert not torch.allclose(left_out, in_sample, rtol=1e-2) and failed.tolist() == [False] * 3
+    kernels = kernels.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda k: cca_inner(0.5 * (k + k.mT), targets, 1e-2, leave_one_out=True)[0], (kernels,))
+
+
 def test_both_routes_to_the_inverse_agree():
     """The CUDA route (triangular solve and product: no host check) against the CPU's (LAPACK's potri), both
     run here, on positive definite matrices and on one that is not."""

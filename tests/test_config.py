@@ -52,6 +52,8 @@ def test_null_override_sets_a_field_to_none():
         ({"hsic.estimator": "nope"}, "hsic.estimator='nope' is invalid: expected one of cca, biased, cka, plausible"),
         ({"hsic.beta": -1.0}, "hsic.beta=-1.0 is invalid"),
         ({"hsic.sigma": 0.0}, "hsic.sigma=0.0 is invalid"),
+        ({"hsic.estimator": "cka", "hsic.leave_one_out": True},
+         "hsic.leave_one_out=True is invalid: expected false with hsic.estimator other than cca"),
         ({"data.source": "imagenet"}, "data.source='imagenet' is invalid"),
         ({"train.batch_size": 1}, "train.batch_size=1 is invalid"),
         ({"optim.momentum": 1.0}, "optim.momentum=1.0 is invalid"),

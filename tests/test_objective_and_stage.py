@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional as F
 
 from hsic_ray.config import HSICConfig, ModelConfig, OptimConfig
-from hsic_ray.hsic import biased_factor, gaussian_kernel, hsic_biased, hsic_cca, hsic_cka
+from hsic_ray.hsic import biased_factor, center, gaussian_kernel, hsic_biased, hsic_cca, hsic_cka
 from hsic_ray.models import build_network
 from hsic_ray.objective import HSICObjective, input_weights
 from hsic_ray.stage import StageTrainer, layer_lr_scales
@@ -114,6 +114,29 @@ def test_layer_sigma_sets_the_width_of_the_layers_kernels_only():
     assert terms.nhsic_zx.item() == pytest.approx(hsic_cca(kz, kx).item(), rel=3e-4)
     assert terms.nhsic_zy.item() == pytest.approx(hsic_cca(kz, ky).item(), rel=3e-4)
     assert terms.nhsic_zy.item() != pytest.approx(hsic_cca(gaussian_kernel(z, 2.0), ky).item(), rel=1e-2)
+
+
+def test_leave_one_out_trains_on_the_left_out_fit_and_measures_the_papers_nhsic():
+    """With hsic.leave_one_out the loss is built from <H_loo(Z), R_X> and <H_loo(Z), R_Y>, in value and gradient;
+    the information plane's measurement stays the paper's nHSIC, the same as without it."""
+    x, y = _batch(m=24)
+    x = x.double()
+    z = torch.randn(24, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).requires_grad_()
+    cfg = HSICConfig(sigma=1.5, beta=3.0, eps=1e-3, leave_one_out=True)
+    objective = HSICObjective(cfg, num_classes=4)
+    targets = objective.targets(x, y)
+    loss = objective.stage_losses([z], targets).loss[0]
+    kc = center(gaussian_kernel(z, 1.5))
+    # H_loo = I - diag(B)^-1 B, B = (Kc + eps m I)^-1: the leave-one-out hat matrix of the ridge fit.
+    inverse = torch.linalg.inv(kc + 1e-3 * 24 * torch.eye(24, dtype=torch.float64))
+    hat = torch.eye(24, dtype=torch.float64) - inverse / inverse.diagonal().unsqueeze(-1)
+    direct = (hat * targets.x_factor).sum() - 3.0 * (hat * targets.y_factor).sum()
+    torch.testing.assert_close(loss, direct, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(direct, z)[0],
+                               rtol=1e-7, atol=1e-9)  # fmt: skip
+    paper = HSICObjective(HSICConfig(sigma=1.5, beta=3.0, eps=1e-3), num_classes=4)
+    assert loss.item() != pytest.approx(paper.stage_losses([z], targets).loss.item(), rel=1e-2)
+    torch.testing.assert_close(objective.dependence([z.detach()], targets), paper.dependence([z.detach()], targets))
 
 
 def test_each_layer_steps_on_its_own_loss_only():

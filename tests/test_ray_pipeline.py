@@ -39,10 +39,10 @@ def records(out, kind):
     {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
     {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
     {"ray.batches_per_call": 2},  # groups of two, 2 x 2 x 2 batches in flight
-    # The objective's extensions: each stage weighs its layers by their place in the whole network; and each
-    # stage follows the learning-rate schedule from its own step count.
+    # The objective's extensions (the leave-one-out fit among them): each stage weighs its layers by their
+    # place in the whole network; and each stage follows the learning-rate schedule from its own step count.
     {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "hsic.input_weight_first": -50.0, "hsic.layer_sigma": 3.0,
-     "hsic.lr_scale_last": 0.1, "optim.schedule": "cosine"},
+     "hsic.lr_scale_last": 0.1, "optim.schedule": "cosine", "hsic.leave_one_out": True},
 ])
 def test_the_pipeline_reproduces_the_in_process_trainer(tmp_path, digits, grouping):
     # With the stage actors' one torch thread: BLAS rounds differently with another thread count, and the
