@@ -170,14 +170,20 @@ class _CCAInner(torch.autograd.Function):
         return center(inverse @ weighted @ inverse), None, None, None
 
 
+def _diagonal(inverse: Tensor) -> Tensor:
+    # A positive definite inverse has a positive diagonal; a failed solve's zeros divide by 1, staying 0.
+    diag = inverse.diagonal(dim1=-2, dim2=-1)
+    return torch.where(diag > 0, diag, torch.ones_like(diag))
+
+
 def _loo_rows(inverse: Tensor) -> Tensor:
     """B / diag(B) row by row: with B = (Kc + eps m I)^-1, I - that is the leave-one-out hat matrix."""
-    return inverse / inverse.diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    return inverse / _diagonal(inverse).unsqueeze(-1)
 
 
 def _loo_rows_backward(inverse: Tensor, grad: Tensor) -> Tensor:
     """The gradient of <B / diag(B) row by row, T> with respect to B, from T (here `grad`), symmetrised."""
-    diag = inverse.diagonal(dim1=-2, dim2=-1)
+    diag = _diagonal(inverse)
     g = grad / diag.unsqueeze(-1)
     g = g - torch.diag_embed((grad * inverse).sum(-1) / diag**2)
     return 0.5 * (g + g.mT)
