@@ -30,6 +30,7 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("hsic-d5", "hsic", {"model.depth": 5}),
     ("hsic-d50", "hsic", D50),
     ("bp-d50", "backprop", D50),
+    ("hsic-d50-in-sample", "hsic", {**D50, "hsic.leave_one_out": False}),  # the paper's nHSIC
     ("bp-d5", "backprop", {"model.depth": 5}),
     ("hsic-d50-inw-100", "hsic", {**D50, "hsic.input_weight_first": -100.0}),
     ("hsic-d50-inw-1000", "hsic", {**D50, "hsic.input_weight_first": -1000.0}),
