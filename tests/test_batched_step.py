@@ -225,10 +225,14 @@ def test_cuda_graph_setting_is_checked():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (their logic is tested above on CPU)")
-@pytest.mark.parametrize("schedule", [None, LRSchedule("cosine", 6)])  # the graph reads each step's factor
-def test_cuda_graph_step_equals_the_eager_step(digits, schedule):
+@pytest.mark.parametrize("schedule, leave_one_out", [
+    (None, False),
+    (LRSchedule("cosine", 6), False),  # the graph reads each step's factor
+    (None, True),  # the left-out fit divides by the inverse's diagonal, inside the graph
+])
+def test_cuda_graph_step_equals_the_eager_step(digits, schedule, leave_one_out):
     net, batches = _net_and_batches(digits)
-    objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0), num_classes=10)
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0, leave_one_out=leave_one_out), num_classes=10)
     graphed = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="on", schedule=schedule)
     eager = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="off",
                          schedule=schedule)  # fmt: skip
