@@ -51,8 +51,8 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def _setup(depth: int):
-    cfg = build_config("paper_mlp", overrides={"model.depth": depth})
+def _setup(depth: int, leave_one_out: bool = False):
+    cfg = build_config("paper_mlp", overrides={"model.depth": depth, "hsic.leave_one_out": leave_one_out})
     data = load_dataset(cfg.data)
     net = build_seeded_network(cfg, data)
     objective = HSICObjective(cfg.hsic, data.num_classes)
@@ -69,9 +69,9 @@ class TrivialObjective:
         return StageLosses(loss, zeros, zeros, torch.zeros(len(zs), dtype=torch.bool, device=loss.device))
 
 
-def hsic_step_fn(depth: int, device: str, cuda_graphs: str = "auto", trivial: bool = False):
+def hsic_step_fn(depth: int, device: str, cuda_graphs: str = "auto", trivial: bool = False, leave_one_out: bool = False):
     """One stage holding every layer: targets once per batch, the batched step of all layers."""
-    cfg, net, objective, batch = _setup(depth)
+    cfg, net, objective, batch = _setup(depth, leave_one_out)
     stage = StageTrainer(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
     x = batch.x.to(device)
     targets = objective.targets(x, batch.y.to(device))
@@ -95,10 +95,12 @@ def backprop_step_fn(depth: int, device: str):
 
 
 def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "auto", rounds: int = 7) -> dict:
-    """ms per step of HSIC, its floor and backprop, timed in alternating rounds, so that a machine whose
-    speed drifts (a shared VM) affects all three alike; each takes its fastest round (noise only adds)."""
+    """ms per step of HSIC (the paper's nHSIC and the leave-one-out fit), its floor and backprop, timed in
+    alternating rounds, so that a machine whose speed drifts (a shared VM) affects all alike; each takes its
+    fastest round (noise only adds)."""
     fns = {
         "hsic": hsic_step_fn(depth, device, cuda_graphs),
+        "hsic_loo": hsic_step_fn(depth, device, cuda_graphs, leave_one_out=True),
         "floor": hsic_step_fn(depth, device, cuda_graphs, trivial=True),
         "backprop": backprop_step_fn(depth, device),
     }
@@ -111,6 +113,7 @@ def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "aut
     ms = {name: 1e3 * min(times) for name, times in per_round.items()}
     return {"depth": depth, "layers": depth + 2, "hsic_ms": ms["hsic"], "floor_ms": ms["floor"],
             "backprop_ms": ms["backprop"], "hsic_over_floor": ms["hsic"] / ms["floor"],
+            "hsic_loo_ms": ms["hsic_loo"], "loo_over_hsic": ms["hsic_loo"] / ms["hsic"],
             "hsic_over_backprop": ms["hsic"] / ms["backprop"]}  # fmt: skip
 
 
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
         machine += f" ({torch.cuda.get_device_name()}, cuda graphs {args.cuda_graphs})"
     print(f"# hsic-ray in-process benchmark ({machine}, torch {torch.__version__})\n")
     print("## ms per training step: paper MLP (width 1024, batch 256, cca), every layer in one stage\n")
-    header = "| depth | layers | HSIC ms | floor ms | HSIC / floor | backprop ms | HSIC / backprop | authors s/step (their machine) |"
+    header = ("| depth | layers | HSIC ms | floor ms | HSIC / floor | backprop ms | HSIC / backprop | leave-one-out ms "
+              "(x HSIC) | authors s/step (their machine) |")
     if args.reference:
         header += " reference schedule here s/step |"
     print(header)
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     for depth in args.depths:
         row = step_comparison(depth, args.steps, args.device, args.cuda_graphs)
         line = (f"| {depth} | {row['layers']} | {row['hsic_ms']:.1f} | {row['floor_ms']:.1f} | {row['hsic_over_floor']:.2f}x "
-                f"| {row['backprop_ms']:.1f} | {row['hsic_over_backprop']:.2f}x | {AUTHORS_STEP_SECONDS.get(depth, '-')} |")  # fmt: skip
+                f"| {row['backprop_ms']:.1f} | {row['hsic_over_backprop']:.2f}x | {row['hsic_loo_ms']:.1f} ({row['loo_over_hsic']:.2f}x) "
+                f"| {AUTHORS_STEP_SECONDS.get(depth, '-')} |")  # fmt: skip
         if args.reference:
             row["reference_seconds_per_step"] = ref = reference_step_seconds(depth, max(1, args.steps // 2), args.device)
             line += f" {ref:.3f} |"
