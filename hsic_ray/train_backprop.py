@@ -49,8 +49,8 @@ from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_claim import Claim
 from hsic_ray.run_start import check_resumable, default_output, saved_config
-from hsic_ray.schedule import LRSchedule
 from hsic_ray.run_dir import RunDirectory
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import make_sgd
 
 log = logging.getLogger("hsic_ray")
