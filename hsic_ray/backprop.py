@@ -20,13 +20,12 @@ from torch.nn import functional as F
 
 from hsic_ray import evaluation
 from hsic_ray.config import ExperimentConfig, TrainConfig
-from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
+from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, split_chunks
 from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.models import LayerwiseNet, build_head
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import make_sgd
-from hsic_ray.trainer import EVAL_CHUNK
 
 log = logging.getLogger("hsic_ray")
 
@@ -138,9 +137,7 @@ def train_epoch(
 def test_accuracy(model: nn.Module, data: ImageData, device: torch.device) -> float:
     """Accuracy (%) of `model`'s logits on the test split, in chunks; leaves the model in eval mode."""
     model.eval()
-    x = data.x_test
-    logits = torch.cat([model(to_tensor(x[i : i + EVAL_CHUNK]).to(device)).cpu()
-                        for i in range(0, len(x), EVAL_CHUNK)])  # fmt: skip
+    logits = torch.cat([model(chunk.to(device)).cpu() for chunk in split_chunks(data.x_test)])
     return evaluation.accuracy(logits, data.y_test)
 
 

@@ -535,6 +535,15 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
     raise DataError(f"to_tensor got images of dtype {x.dtype}: expected uint8 pixels or floats in [0, 1]")
 
 
+EVAL_CHUNK = 1024  # samples per forward pass when a whole split is read
+
+
+def split_chunks(x: np.ndarray, size: int = EVAL_CHUNK) -> Iterator[torch.Tensor]:
+    """A whole split as input tensors of at most `size` samples each, in order (for evaluation)."""
+    for i in range(0, len(x), size):
+        yield to_tensor(x[i : i + size])
+
+
 def iterate_batches(
     x: np.ndarray,
     y: np.ndarray,

@@ -1,9 +1,9 @@
 """The HSIC training loop, independent of where the layers run.
 
 The loop reads batches, computes each batch's targets once, hands batch and targets to a `Pipeline`
-(every layer in this process, or stage actors on Ray), trains the format head, measures the
-information plane each epoch, evaluates, and writes metrics. A pipeline may keep several batches in
-flight; the loop bounds how many.
+(every layer in this process, or stage actors on Ray) and bounds how many batches are in flight. Around
+it, a run checkpoints, looks at every layer after each epoch (hsic_ray.layer_monitor), and at the end
+trains the format head and reads the network (hsic_ray.readout).
 """
 
 from __future__ import annotations
@@ -18,20 +18,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hsic_ray import checkpoint, evaluation, probes
+from hsic_ray import checkpoint
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHeadTrainer
+from hsic_ray.layer_monitor import LayerMonitor
+from hsic_ray.metrics_log import MetricsLog
 from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.objective import BatchTargets, HSICObjective
-from hsic_ray.plots import plot_information_plane, plot_probes
 from hsic_ray.prefetch import prefetched
+from hsic_ray.readout import Readout
 from hsic_ray.run_dir import RunDirectory
-from hsic_ray.tensorboard_log import TensorBoardLog
 
 log = logging.getLogger("hsic_ray")
-
-EVAL_CHUNK = 1024  # samples per forward pass when reading features of a whole split
 
 
 @dataclass
@@ -127,18 +126,16 @@ class HSICTrainer:
         self.data = data
         self.pipeline = pipeline
         self.run = run
+        self.out = MetricsLog(run, tensorboard=cfg.train.tensorboard)
         self.objective = HSICObjective(cfg.hsic, data.num_classes)
         self.head = FormatHeadTrainer(output_features, data.num_classes, cfg.head, device)
+        self.monitor = LayerMonitor(cfg, data, self.objective, pipeline, self.out)
+        self.readout = Readout(cfg, data, pipeline.forward, self.head)
         self.steps = 0
         self.train_seconds = 0.0
         self.recoveries = 0
-        self.info_plane: list[dict[str, Any]] = []
-        self.probes: list[dict[str, Any]] = []  # per epoch: every layer's linear probe on fixed subsets
         self._batches_per_epoch = num_batches(len(data.y_train), cfg.train.batch_size)
-        self._eval_batch = self._fixed_eval_batch()
-        self._probe_splits = self._fixed_probe_splits()
         self._stage_seconds = [[0.0, 0.0] for _ in range(pipeline.num_stages)]
-        self._tensorboard = TensorBoardLog(run) if cfg.train.tensorboard and run is not None else None
 
     # --- the run ---------------------------------------------------------------------------------------
 
@@ -150,42 +147,41 @@ class HSICTrainer:
         try:
             return self._fit(resume_step)
         finally:
-            if self._tensorboard is not None:
-                self._tensorboard.close()
+            self.out.close()
 
     def _fit(self, resume_step: int | None) -> dict[str, Any]:
-        self._write("placements.json", self.pipeline.placements)
+        self.out.write("placements.json", self.pipeline.placements)
         if resume_step is None:
             position = _Position()
-            self._record_information_plane(epoch=0)
-            self._record_probes(epoch=0)
+            self.monitor.record(epoch=0, step=0)
         else:
             position = self._restore(resume_step)
         while position.epoch <= self.cfg.train.epochs and not self._step_budget_spent():
             self._train_epoch(position)
             self._calibrate_batchnorm()
-            self._record_information_plane(position.epoch)
-            self._record_probes(position.epoch)
+            self.monitor.record(position.epoch, self.steps)
             if self.on_epoch is not None:
-                self.on_epoch(self._epoch_summary())
+                summary = dict(self.monitor.info_plane[-1], train_seconds=self.train_seconds)
+                self.on_epoch({**summary, **self.readout.without_head()})
             position = _Position(position.epoch + 1, 0)
         if resume_step is None or self.steps > resume_step:
             self._checkpoint(position)
-        train_features = self._features(self.data.x_train)
-        head_losses = self._train_head(train_features)
+        train_features = self.readout.features(self.data.x_train)
+        head_losses = self.readout.fit_head(train_features, self.out)
         metrics = self._evaluate(train_features)
         metrics["format_losses"] = head_losses
-        if self.cfg.train.probe_samples:
-            metrics["probes"] = self._probe((self.data.x_train, self.data.y_train), (self.data.x_test, self.data.y_test))
-            self._plot_probes(final=metrics["probes"])
+        final_probes = self.monitor.final_probes()
+        if final_probes is not None:
+            metrics["probes"] = final_probes
         self._save_model()
-        if self._tensorboard is not None:
-            self._tensorboard.final(metrics)
-        self._write("metrics.json", metrics)  # last: it marks the run finished, model.pt included
+        self.out.final(metrics)
+        self.out.write("metrics.json", metrics)  # last: it marks the run finished, model.pt included
         return metrics
 
     def _step_budget_spent(self) -> bool:
         return self.cfg.train.max_steps is not None and self.steps >= self.cfg.train.max_steps
+
+    # --- the loop --------------------------------------------------------------------------------------
 
     def _train_epoch(self, position: _Position) -> None:
         train = self.cfg.train
@@ -233,8 +229,8 @@ class HSICTrainer:
                 total[1] += idle
         for event in self.pipeline.events():
             self.recoveries += event.get("kind") == "recovery"
-            self._append({**event, "step": self.steps})
-            self._write("placements.json", self.pipeline.placements)
+            self.out.append({**event, "step": self.steps})
+            self.out.write("placements.json", self.pipeline.placements)
         clock.finished += 1
         if log_now:
             rate = clock.finished * self.cfg.train.batch_size / max(clock.seconds, 1e-9)
@@ -254,10 +250,8 @@ class HSICTrainer:
             "samples_per_second": rate,
             "in_flight": in_flight,
         }
-        if self.pipeline.num_stages > 1:
-            record["stage_busy_seconds"] = [busy for busy, _ in self._stage_seconds]
-            record["stage_idle_seconds"] = [idle for _, idle in self._stage_seconds]
-        self._append(record)
+        record.update(self._stage_time())
+        self.out.append(record)
         eta = (total - done) * self.cfg.train.batch_size / max(rate, 1e-9)
         log.info(
             "epoch %d/%d  batch %d/%d  step %d  loss %.4g  nHSIC(Z,X) %.3g  nHSIC(Z,Y) %.3g (last layer)  "
@@ -265,6 +259,26 @@ class HSICTrainer:
             batch.epoch, self.cfg.train.epochs, done, total, record["step"], record["loss"],
             stats[-1, 1], stats[-1, 2], rate, eta,
         )  # fmt: skip
+
+    def _stage_time(self) -> dict[str, list[float]]:
+        """Each stage's busy and idle seconds so far (a pipeline of one stage is never idle)."""
+        if self.pipeline.num_stages == 1:
+            return {}
+        return {
+            "stage_busy_seconds": [busy for busy, _ in self._stage_seconds],
+            "stage_idle_seconds": [idle for _, idle in self._stage_seconds],
+        }
+
+    def _calibrate_batchnorm(self) -> None:
+        """BatchNorm statistics of the weights as they are now, from a fixed seeded set of training batches,
+        before anything reads the network in eval mode (see StageTrainer.calibrate_batchnorm)."""
+        count, size = self.cfg.train.bn_calibration_batches, self.cfg.train.batch_size
+        n = len(self.data.y_train)
+        if count == 0:
+            return
+        order = np.random.default_rng(self.cfg.train.seed + 1).permutation(n)[: min(n, count * size)]
+        self.pipeline.calibrate_batchnorm([to_tensor(self.data.x_train[np.sort(chunk)])
+                                           for chunk in np.array_split(order, max(1, len(order) // size))])  # fmt: skip
 
     # --- checkpoints -----------------------------------------------------------------------------------
 
@@ -278,15 +292,14 @@ class HSICTrainer:
             "steps": self.steps,
             "train_seconds": self.train_seconds,
             "recoveries": self.recoveries,
-            "info_plane": self.info_plane,
-            "probes": self.probes,
+            **self.monitor.state_dict(),
             "stage_seconds": self._stage_seconds,
             "head": self.head.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
         checkpoint.save_state(self.run, checkpoint.coordinator_file(self.steps), state)
         checkpoint.commit(self.run, self.steps, self.pipeline.num_stages)
-        self._append({"kind": "checkpoint", "step": self.steps, "epoch": position.epoch, "batch": position.batch})
+        self.out.append({"kind": "checkpoint", "step": self.steps, "epoch": position.epoch, "batch": position.batch})
         log.info("checkpoint at step %d written to %s", self.steps, self.run.path(checkpoint.checkpoint_dir(self.steps)))
 
     def _restore(self, step: int) -> _Position:
@@ -300,137 +313,29 @@ class HSICTrainer:
         state = checkpoint.load_state(self.run, checkpoint.coordinator_file(step))
         self.pipeline.load(self.run, step)
         self.head.load_state_dict(state["head"])
+        self.monitor.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.steps, self.train_seconds = state["steps"], state["train_seconds"]
-        self.recoveries, self.info_plane = state["recoveries"], state["info_plane"]
-        self._stage_seconds = state["stage_seconds"]
-        self.probes = state.get("probes", [])  # absent from checkpoints written before probes
-        self._append({"kind": "resume", "step": self.steps, "epoch": state["epoch"], "batch": state["batch"]})
+        self.recoveries, self._stage_seconds = state["recoveries"], state["stage_seconds"]
+        self.out.append({"kind": "resume", "step": self.steps, "epoch": state["epoch"], "batch": state["batch"]})
         log.info("resumed from the checkpoint at step %d (epoch %d, batch %d)", step, state["epoch"], state["batch"])
         return _Position(state["epoch"], state["batch"])
 
-    # --- head, information plane, evaluation ----------------------------------------------------------
-
-    def _fixed_eval_batch(self) -> tuple[Tensor, BatchTargets]:
-        n = len(self.data.y_train)
-        size = min(self.cfg.train.eval_samples, n)
-        idx = np.sort(np.random.default_rng(self.cfg.train.seed).choice(n, size, replace=False))
-        x, y = to_tensor(self.data.x_train[idx]), torch.from_numpy(self.data.y_train[idx])
-        return x, self.objective.targets(x, y)
-
-    def _calibrate_batchnorm(self) -> None:
-        """BatchNorm statistics of the weights as they are now, from a fixed seeded set of training batches,
-        before anything reads the network in eval mode (see StageTrainer.calibrate_batchnorm)."""
-        count, size = self.cfg.train.bn_calibration_batches, self.cfg.train.batch_size
-        n = len(self.data.y_train)
-        if count == 0:
-            return
-        order = np.random.default_rng(self.cfg.train.seed + 1).permutation(n)[: min(n, count * size)]
-        self.pipeline.calibrate_batchnorm([to_tensor(self.data.x_train[np.sort(chunk)])
-                                           for chunk in np.array_split(order, max(1, len(order) // size))])  # fmt: skip
-
-    def _record_information_plane(self, epoch: int) -> None:
-        x, targets = self._eval_batch
-        stats = self.pipeline.measure(x, targets).cpu()
-        per_layer = [{"nhsic_zx": float(zx), "nhsic_zy": float(zy)} for zx, zy in stats.tolist()]
-        record = {"kind": "epoch", "epoch": epoch, "step": self.steps, "per_layer": per_layer}
-        self.info_plane.append(record)
-        self._append(record)
-        if self.run is not None and len(self.info_plane) > 1:
-            title = f"{self.cfg.preset or 'hsic'}: {self.cfg.hsic.estimator}, beta={self.cfg.hsic.beta:g}"
-            self.run.write_with_local_file(
-                "information_plane.png", lambda path: plot_information_plane(self.info_plane, path, title)
-            )
-
-    def _fixed_probe_splits(self) -> Optional[tuple[probes.Split, probes.Split]]:
-        """The fixed (images, labels) of the training and test splits the per-epoch probes read:
-        train.probe_samples of training samples and half as many test samples (at most each split)."""
-        size = self.cfg.train.probe_samples
-        if not size:
-            return None
-        rng = np.random.default_rng(self.cfg.train.seed)
-
-        def subset(x: np.ndarray, y: np.ndarray, n: int) -> probes.Split:
-            idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
-            return x[idx], y[idx]
-
-        data = self.data
-        return subset(data.x_train, data.y_train, size), subset(data.x_test, data.y_test, max(1, size // 2))
-
-    def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
-        started = time.perf_counter()
-        result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes, EVAL_CHUNK)
-        result["seconds"] = time.perf_counter() - started
-        return result
-
-    def _record_probes(self, epoch: int) -> None:
-        if self._probe_splits is None:
-            return
-        record = {"kind": "probes", "epoch": epoch, "step": self.steps, **self._probe(*self._probe_splits)}
-        self.probes.append(record)
-        self._append(record)
-        self._plot_probes()
-        test = record["test_accuracy"]
-        log.info("linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
-                 "(%.1fs)", epoch, test[0], max(test), test[-1], record["seconds"])  # fmt: skip
-
-    def _plot_probes(self, final: Optional[dict[str, Any]] = None) -> None:
-        if self.run is not None:
-            title = f"{self.cfg.preset or 'hsic'}: linear probe of each layer"
-            self.run.write_with_local_file("probes.png", lambda path: plot_probes(self.probes, path, title, final))
-
-    def _epoch_summary(self) -> dict[str, Any]:
-        summary = dict(self.info_plane[-1], train_seconds=self.train_seconds)
-        train_features, test_features = self._features(self.data.x_train), self._features(self.data.x_test)
-        summary["test_accuracy_unformatted"] = self._unformatted_accuracy(train_features, test_features)
-        # The format head trains only after the last epoch: a closed-form linear readout stands in for it.
-        summary["test_accuracy_least_squares"] = evaluation.least_squares_accuracy(
-            train_features, self.data.y_train, test_features, self.data.y_test, self.data.num_classes
-        )
-        return summary
-
-    def _unformatted_accuracy(self, train_features: Tensor, test_features: Tensor, method: str = "hungarian"):
-        """None when the last layer is narrower than the class count (it cannot be read without a head)."""
-        if train_features.shape[1] < self.data.num_classes:
-            return None
-        return evaluation.unformatted_accuracy(
-            train_features, self.data.y_train, test_features, self.data.y_test, self.data.num_classes,
-            method=method, balanced=method == "greedy",
-        )  # fmt: skip
-
-    def _features(self, x: np.ndarray) -> Tensor:
-        chunks = [self.pipeline.forward(to_tensor(x[i : i + EVAL_CHUNK])) for i in range(0, len(x), EVAL_CHUNK)]
-        return torch.cat(chunks).flatten(1)
-
-    def _train_head(self, train_features: Tensor) -> list[float]:
-        labels = torch.from_numpy(self.data.y_train)
-        losses = self.head.fit(train_features, labels, self.cfg.head.epochs, self.cfg.train.seed)
-        for epoch, loss in enumerate(losses, 1):
-            self._append({"kind": "format_epoch", "epoch": epoch, "loss": loss})
-            log.info("format head epoch %d/%d  loss %.4f", epoch, len(losses), loss)
-        return losses
+    # --- the end of the run ----------------------------------------------------------------------------
 
     def _evaluate(self, train_features: Tensor) -> dict[str, Any]:
-        test_features = self._features(self.data.x_test)
-        metrics: dict[str, Any] = {
-            "test_accuracy_formatted": evaluation.accuracy(self.head.logits(test_features), self.data.y_test),
-            "train_accuracy_formatted": evaluation.accuracy(self.head.logits(train_features), self.data.y_train),
-        }
-        metrics["test_accuracy_unformatted"] = self._unformatted_accuracy(train_features, test_features)
-        # The authors' reading, for comparison: greedy assignment, mean of per-class accuracies.
-        metrics["test_accuracy_unformatted_greedy"] = self._unformatted_accuracy(train_features, test_features, "greedy")
+        metrics = self.readout.accuracies(train_features)
+        last_epoch = self.monitor.info_plane[-1]
         metrics.update(
             train_seconds=self.train_seconds,
             steps=self.steps,
             samples_per_second=self.steps * self.cfg.train.batch_size / max(self.train_seconds, 1e-9),
-            epochs=self.info_plane[-1]["epoch"],
-            per_layer=self.info_plane[-1]["per_layer"],
+            epochs=last_epoch["epoch"],
+            per_layer=last_epoch["per_layer"],
             stages=self.pipeline.num_stages,
             recoveries=self.recoveries,
+            **self._stage_time(),
         )
-        if self.pipeline.num_stages > 1:
-            metrics["stage_busy_seconds"] = [busy for busy, _ in self._stage_seconds]
-            metrics["stage_idle_seconds"] = [idle for _, idle in self._stage_seconds]
         log.info(
             "test accuracy: unformatted %s, formatted %.2f%%  (%d steps in %.1fs, %.0f samples/s)",
             _percent(metrics["test_accuracy_unformatted"]), metrics["test_accuracy_formatted"],
@@ -446,18 +351,6 @@ class HSICTrainer:
         network = checkpoint.network_state(self.run, checkpoint.latest_step(self.run))
         self.run.write_bytes(MODEL_FILE, model_bytes(self.cfg, "hsic", self.data.input_shape, self.data.num_classes,
                                                      network, self.head.head.state_dict()))  # fmt: skip
-
-    # --- output ---------------------------------------------------------------------------------------
-
-    def _append(self, record: dict[str, Any]) -> None:
-        if self.run is not None:
-            self.run.append_jsonl("metrics.jsonl", record)
-        if self._tensorboard is not None:
-            self._tensorboard.record(record)
-
-    def _write(self, name: str, obj: Any) -> None:
-        if self.run is not None:
-            self.run.write_json(name, obj)
 
 
 def _percent(value: float | None) -> str:

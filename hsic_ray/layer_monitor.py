@@ -1,0 +1,116 @@
+"""Every layer, epoch by epoch, while HSIC trains: the information plane and the linear probes.
+
+The information plane is each layer's (nHSIC(Z, X), nHSIC(Z, Y)) on one fixed training batch; the probes
+are a linear classifier per layer fitted on fixed training samples and scored on fixed test samples
+(hsic_ray.probes). Both read the network through the pipeline in eval mode, wherever its layers run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from hsic_ray import probes
+from hsic_ray.config import ExperimentConfig
+from hsic_ray.data import EVAL_CHUNK, ImageData, to_tensor
+from hsic_ray.metrics_log import MetricsLog
+from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.plots import plot_information_plane, plot_probes
+
+log = logging.getLogger("hsic_ray")
+
+
+class LayerMonitor:
+    def __init__(self, cfg: ExperimentConfig, data: ImageData, objective: HSICObjective, pipeline, out: MetricsLog):
+        self.cfg = cfg
+        self.data = data
+        self.pipeline = pipeline
+        self.out = out
+        self.info_plane: list[dict[str, Any]] = []  # per epoch: every layer's nHSIC terms on the fixed batch
+        self.probes: list[dict[str, Any]] = []  # per epoch: every layer's linear probe on the fixed subsets
+        self._eval_batch = self._fixed_eval_batch(objective)
+        self._probe_splits = self._fixed_probe_splits()
+
+    def record(self, epoch: int, step: int) -> None:
+        """Both views of the network as it is now (epoch 0: before training)."""
+        self._record_information_plane(epoch, step)
+        self._record_probes(epoch, step)
+
+    def final_probes(self) -> Optional[dict[str, Any]]:
+        """Every layer's probe on the full splits (None with probes off), drawn into probes.png."""
+        if self._probe_splits is None:
+            return None
+        data = self.data
+        final = self._probe((data.x_train, data.y_train), (data.x_test, data.y_test))
+        self._plot_probes(final)
+        return final
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"info_plane": self.info_plane, "probes": self.probes}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.info_plane = state["info_plane"]
+        self.probes = state.get("probes", [])  # absent from checkpoints written before probes
+
+    # --- the information plane -------------------------------------------------------------------------
+
+    def _fixed_eval_batch(self, objective: HSICObjective) -> tuple[Tensor, BatchTargets]:
+        n = len(self.data.y_train)
+        size = min(self.cfg.train.eval_samples, n)
+        idx = np.sort(np.random.default_rng(self.cfg.train.seed).choice(n, size, replace=False))
+        x, y = to_tensor(self.data.x_train[idx]), torch.from_numpy(self.data.y_train[idx])
+        return x, objective.targets(x, y)
+
+    def _record_information_plane(self, epoch: int, step: int) -> None:
+        x, targets = self._eval_batch
+        stats = self.pipeline.measure(x, targets).cpu()
+        per_layer = [{"nhsic_zx": float(zx), "nhsic_zy": float(zy)} for zx, zy in stats.tolist()]
+        record = {"kind": "epoch", "epoch": epoch, "step": step, "per_layer": per_layer}
+        self.info_plane.append(record)
+        self.out.append(record)
+        if len(self.info_plane) > 1:
+            title = f"{self.cfg.preset or 'hsic'}: {self.cfg.hsic.estimator}, beta={self.cfg.hsic.beta:g}"
+            self.out.plot("information_plane.png", lambda path: plot_information_plane(self.info_plane, path, title))
+
+    # --- linear probes ---------------------------------------------------------------------------------
+
+    def _fixed_probe_splits(self) -> Optional[tuple[probes.Split, probes.Split]]:
+        """The fixed (images, labels) of the training and test splits the per-epoch probes read:
+        train.probe_samples of training samples and half as many test samples (at most each split)."""
+        size = self.cfg.train.probe_samples
+        if not size:
+            return None
+        rng = np.random.default_rng(self.cfg.train.seed)
+
+        def subset(x: np.ndarray, y: np.ndarray, n: int) -> probes.Split:
+            idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
+            return x[idx], y[idx]
+
+        data = self.data
+        return subset(data.x_train, data.y_train, size), subset(data.x_test, data.y_test, max(1, size // 2))
+
+    def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
+        started = time.perf_counter()
+        result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes, EVAL_CHUNK)
+        result["seconds"] = time.perf_counter() - started
+        return result
+
+    def _record_probes(self, epoch: int, step: int) -> None:
+        if self._probe_splits is None:
+            return
+        record = {"kind": "probes", "epoch": epoch, "step": step, **self._probe(*self._probe_splits)}
+        self.probes.append(record)
+        self.out.append(record)
+        self._plot_probes()
+        test = record["test_accuracy"]
+        log.info("linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
+                 "(%.1fs)", epoch, test[0], max(test), test[-1], record["seconds"])  # fmt: skip
+
+    def _plot_probes(self, final: Optional[dict[str, Any]] = None) -> None:
+        title = f"{self.cfg.preset or 'hsic'}: linear probe of each layer"
+        self.out.plot("probes.png", lambda path: plot_probes(self.probes, path, title, final))

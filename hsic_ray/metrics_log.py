@@ -1,0 +1,41 @@
+"""Where a run's records go: the run directory's metrics.jsonl, JSON files and plots, and TensorBoard.
+
+Without a run directory (a trainer built in a test or a notebook) records go nowhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from hsic_ray.run_dir import RunDirectory
+from hsic_ray.tensorboard_log import TensorBoardLog
+
+
+class MetricsLog:
+    def __init__(self, run: Optional[RunDirectory], tensorboard: bool = False):
+        self.run = run
+        self._tensorboard = TensorBoardLog(run) if tensorboard and run is not None else None
+
+    def append(self, record: dict[str, Any]) -> None:
+        """One record of metrics.jsonl (and its scalars in TensorBoard)."""
+        if self.run is not None:
+            self.run.append_jsonl("metrics.jsonl", record)
+        if self._tensorboard is not None:
+            self._tensorboard.record(record)
+
+    def write(self, name: str, obj: Any) -> None:
+        if self.run is not None:
+            self.run.write_json(name, obj)
+
+    def plot(self, name: str, draw: Callable[[str], None]) -> None:
+        """`draw(path)` writes an image file; it is stored as `name` in the run directory."""
+        if self.run is not None:
+            self.run.write_with_local_file(name, draw)
+
+    def final(self, metrics: dict[str, Any]) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.final(metrics)
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
