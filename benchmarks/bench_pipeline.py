@@ -36,7 +36,7 @@ from hsic_ray.experiment import build_seeded_network
 from hsic_ray.local import LocalPipeline
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
-from hsic_ray.prefetch import prefetched
+from hsic_ray.trainer import with_targets
 
 
 def object_store_mib() -> float:
@@ -73,7 +73,7 @@ class _Stopwatch:
 
 
 def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0):
-    """The trainer's loop without its logging: targets computed ahead (in a thread where the trainer does),
+    """The trainer's loop without its logging: targets computed as the trainer does (`with_targets`),
     submission with bounded in-flight batches, results collected in order; timed part by part.
 
     The clock starts when the last warm-up batch's result arrives, so a pipeline's fill (its first batch
@@ -81,9 +81,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     time, where a training run's thousands of batches pay it once."""
     assert warmup >= 1, "the clock starts at the last warm-up batch's result"
     watch = _Stopwatch()
-    with_targets = watch.timed("targets", lambda b: (b, objective.targets(b.x, b.y)))
-    source = batches(data, batch_size, steps + warmup)
-    items = prefetched(source, with_targets, pipeline.max_in_flight) if pipeline.prefetch_targets else map(with_targets, source)
+    items = with_targets(batches(data, batch_size, steps + warmup), watch.timed("targets", objective.targets), pipeline)
     next_item = watch.timed("waiting for targets", lambda: next(items, None))
     submit = watch.timed("submit", pipeline.submit)
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))

@@ -37,10 +37,11 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "# setup done at $((SECONDS - START)) s"
 
 # The tests that need CUDA (skipped on the development machine): CUDA graphs against eager steps, with and
-# without a learning-rate schedule and with the leave-one-out fit, and the pinned transport. pytest is assumed
+# without a learning-rate schedule and with the leave-one-out fit, the pinned transport, and the loop's
+# targets computed on the GPU. pytest is assumed
 # there; if not, this fails alone.
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_batched_step.py tests/test_pipeline_units.py \
-    -k "cuda or pinned" 2>&1 | tail -5
+    tests/test_trainer.py -k "cuda or pinned" 2>&1 | tail -5
 echo "# CUDA tests done at $((SECONDS - START)) s"
 
 timeout 150 python3 -m benchmarks.gpu_check --data $DATA --json "$OUT/gpu_check.json"

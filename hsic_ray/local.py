@@ -34,9 +34,11 @@ class LocalPipeline:
         schedule: Optional[LRSchedule] = None,
     ):
         self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs, lr_scales, schedule)
-        # On a GPU the loop's thread waits on the device, and targets computed meanwhile cost nothing; on
-        # the CPU a second thread would only compete with the step for the same cores.
-        self.prefetch_targets = self.stage.device.type == "cuda"
+        # Targets are computed where the step runs: on a GPU a few small kernels, where on the host they cost
+        # more than a graph-captured step (README, "On a GPU"). No second thread: on the CPU it would compete
+        # with the step for the same cores, and on a GPU it could launch work while the step is being captured.
+        self.targets_device = self.stage.device
+        self.prefetch_targets = False
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
     def submit(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:

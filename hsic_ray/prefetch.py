@@ -1,7 +1,7 @@
 """Run the next items of a loop ahead of it, in a background thread.
 
 The training loop computes each batch's targets (two kernels and their factors) before submitting it.
-When the pipeline runs elsewhere (stage actors, a GPU), the loop's thread mostly waits, and targets
+When the pipeline runs elsewhere (stage actors on Ray), the loop's thread mostly waits, and targets
 computed meanwhile in another thread cost no wall time: `prefetched` keeps up to `depth` items ready.
 """
 

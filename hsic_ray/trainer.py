@@ -12,7 +12,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
@@ -48,11 +48,13 @@ class Pipeline(Protocol):
 
     max_in_flight: int
     num_stages: int
+    targets_device: torch.device  # where the loop computes each batch's targets, and hands the batch over
     prefetch_targets: bool  # compute the next batches' targets in a thread while the pipeline works
     placements: list[dict[str, Any]]  # per stage: layers, node, device (rewritten after recoveries)
 
     def submit(self, x: Tensor, targets: BatchTargets) -> Any:
-        """Start one training step of every layer on this batch; returns a handle for `result`."""
+        """Start one training step of every layer on this batch (x and targets on `targets_device`); returns
+        a handle for `result`."""
 
     def result(self, handle: Any, want_output: bool, read_back: bool = True) -> StepResult:
         """Wait for a submitted step. With read_back False the loop will not read `layer_stats`, so a
@@ -209,13 +211,7 @@ class HSICTrainer:
         batches = iterate_batches(
             self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
         )
-
-        def with_targets(batch: Batch) -> tuple[Batch, BatchTargets]:
-            return batch, self.objective.targets(batch.x, batch.y)
-
-        if self.pipeline.prefetch_targets:
-            return prefetched(batches, with_targets, depth=self.pipeline.max_in_flight)
-        return map(with_targets, batches)
+        return with_targets(batches, self.objective.targets, self.pipeline)
 
     def _finish(self, item: _InFlight, in_flight: int, clock: _Clock) -> None:
         done = item.batch.index + 1
@@ -351,6 +347,21 @@ class HSICTrainer:
         network = checkpoint.network_state(self.run, checkpoint.latest_step(self.run))
         self.run.write_bytes(MODEL_FILE, model_bytes(self.cfg, "hsic", self.data.input_shape, self.data.num_classes,
                                                      network, self.head.head.state_dict()))  # fmt: skip
+
+
+def with_targets(
+    batches: Iterable[Batch], targets: Callable[[Tensor, Tensor], BatchTargets], pipeline: Pipeline
+) -> Iterator[tuple[Batch, BatchTargets]]:
+    """Each batch on the pipeline's `targets_device` with its targets (`targets(x, labels)`), computed
+    ahead in a thread where the pipeline asks for it."""
+
+    def prepare(batch: Batch) -> tuple[Batch, BatchTargets]:
+        batch = batch.to(pipeline.targets_device)
+        return batch, targets(batch.x, batch.y)
+
+    if pipeline.prefetch_targets:
+        return prefetched(batches, prepare, depth=pipeline.max_in_flight)
+    return map(prepare, batches)
 
 
 def _percent(value: float | None) -> str:

@@ -8,11 +8,12 @@ import torch
 
 from hsic_ray.config import build_config
 from hsic_ray.experiment import build_seeded_network, run_backprop, run_hsic
-from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.head import FormatHeadTrainer
+from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.local import LocalPipeline
 from hsic_ray.objective import HSICObjective
-from hsic_ray.trainer import HSICTrainer
+from hsic_ray.data import iterate_batches
+from hsic_ray.trainer import HSICTrainer, with_targets
 
 
 def small_config(tmp_path, **extra):
@@ -40,6 +41,39 @@ def test_run_writes_metrics_config_and_plot(tmp_path, digits):
     assert kinds.count("epoch") == 3 and kinds.count("format_epoch") == 3 and "step" in kinds
     assert (run / "information_plane.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "depth: 2" in (run / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))],
+)
+def test_the_loop_computes_targets_where_the_in_process_step_runs(digits, device):
+    cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
+    objective = HSICObjective(cfg.hsic, 10)
+    pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, device)
+    batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:3]
+    items = list(with_targets(batches, objective.targets, pipeline))
+    assert [batch.index for batch, _ in items] == [0, 1, 2]
+    for (batch, targets), original in zip(items, batches):
+        assert batch.x.device.type == batch.y.device.type == targets.y_factor.device.type == device
+        assert torch.equal(batch.x.cpu(), original.x) and torch.equal(batch.y.cpu(), original.y)
+        expected = objective.targets(original.x, original.y)
+        torch.testing.assert_close(targets.x_factor.cpu(), expected.x_factor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(targets.y_factor.cpu(), expected.y_factor, rtol=1e-4, atol=1e-5)
+        pipeline.submit(batch.x, targets)  # the step takes the batch where the loop left it
+
+
+def test_targets_computed_ahead_in_a_thread_arrive_in_order_and_unchanged(digits):
+    cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
+    objective = HSICObjective(cfg.hsic, 10)
+    pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cpu")
+    batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:4]
+    inline = list(with_targets(batches, objective.targets, pipeline))
+    pipeline.prefetch_targets, pipeline.max_in_flight = True, 2  # as the Ray pipeline's coordinator does
+    ahead = list(with_targets(batches, objective.targets, pipeline))
+    assert [b.index for b, _ in ahead] == [b.index for b, _ in inline] == [0, 1, 2, 3]
+    for (_, a), (_, b) in zip(ahead, inline):
+        assert torch.equal(a.x_factor, b.x_factor) and torch.equal(a.y_factor, b.y_factor)
 
 
 def test_same_seed_same_run_on_cpu(tmp_path, digits):

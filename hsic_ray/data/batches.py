@@ -19,6 +19,10 @@ class Batch:
     epoch: int
     index: int  # batch index within the epoch
 
+    def to(self, device: torch.device | str) -> "Batch":
+        """The same batch with its images and labels on `device` (an asynchronous copy where it can be)."""
+        return Batch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True), self.epoch, self.index)
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     """The sample order of one epoch: a permutation of range(n) fixed by (seed, epoch) alone."""

@@ -90,7 +90,10 @@ class RayPipeline:
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
-        self.prefetch_targets = True  # the coordinator mostly waits: targets computed meanwhile cost nothing
+        # The coordinator computes each batch's targets once for every stage, on its CPU, and mostly waits:
+        # targets computed meanwhile in a thread cost nothing.
+        self.targets_device = torch.device("cpu")
+        self.prefetch_targets = True
         self.batches_per_call = cfg.ray.batches_per_call or 1
         self.max_in_flight = self._in_flight_bound()
         self._actor_args = (cfg, tuple(input_shape), num_classes, schedule)
