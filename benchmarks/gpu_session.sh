@@ -38,8 +38,7 @@ echo "# setup done at $((SECONDS - START)) s"
 
 # The tests that need CUDA (skipped on the development machine): CUDA graphs against eager steps, with and
 # without a learning-rate schedule and with the leave-one-out fit, the pinned transport, and the loop's
-# targets computed on the GPU. pytest is assumed
-# there; if not, this fails alone.
+# targets computed on the GPU. pytest is assumed there; if not, this fails alone.
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_batched_step.py tests/test_pipeline_units.py \
     tests/test_trainer.py -k "cuda or pinned" 2>&1 | tail -5
 echo "# CUDA tests done at $((SECONDS - START)) s"
