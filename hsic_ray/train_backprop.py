@@ -250,6 +250,39 @@ def training_failure(exc: Exception) -> str:
             "latest one (--max-failures N lets Ray Train retry by itself)")  # fmt: skip
 
 
+def _check_worker_settings(cfg: ExperimentConfig, workers: int, cpus_per_worker: float, max_failures: int) -> None:
+    if workers < 1:
+        raise ConfigError(f"workers={workers!r} is invalid: expected a number >= 1")
+    if max_failures < 0:
+        raise ConfigError(f"max_failures={max_failures!r} is invalid: expected a number >= 0")
+    if cpus_per_worker <= 0:
+        raise ConfigError(f"cpus_per_worker={cpus_per_worker!r} is invalid: expected a positive number")
+    if cfg.train.batch_size < 2 * workers:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is invalid for {workers} workers: each worker's share of a "
+            f"batch needs at least 2 samples (BatchNorm), so use --batch-size >= {2 * workers} or fewer --workers"
+        )
+
+
+def _write_results(cfg: ExperimentConfig, data: ImageData, run: RunDirectory, state: dict[str, Any], workers: int,
+                   checkpoint_path: str) -> dict[str, Any]:  # fmt: skip
+    """metrics.jsonl, the gradient-norm plot, model.pt and metrics.json (last: it marks the run finished)
+    from the final Ray Train checkpoint's state; returns the metrics."""
+    history = state["history"]
+    records = [r for r in history if r["kind"] == "epoch"]
+    _write_history(run, history)
+    metrics = backprop.final_metrics(records[-1], state["train_seconds"], state["steps"], cfg.train.batch_size)
+    metrics.update(
+        workers=workers,
+        resumed_from=[{"epoch": r["epoch"], "step": r["step"]} for r in history if r["kind"] == "resume"],
+        checkpoint=checkpoint_path,
+    )
+    _plot_grad_norms(run, records, f"backprop, {cfg.preset or cfg.model.arch}: {len(metrics['grad_norms'])} layers")
+    run.write_bytes(MODEL_FILE, backprop.model_file(cfg, data, state["model"]))
+    run.write_json("metrics.json", metrics)
+    return metrics
+
+
 def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: str) -> None:
     layers = len(records[-1]["grad_norms"])
     series = {
@@ -279,17 +312,7 @@ def train_backprop(
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} is invalid: expected a number >= 1")
-    if max_failures < 0:
-        raise ConfigError(f"max_failures={max_failures!r} is invalid: expected a number >= 0")
-    if cpus_per_worker <= 0:
-        raise ConfigError(f"cpus_per_worker={cpus_per_worker!r} is invalid: expected a positive number")
-    if cfg.train.batch_size < 2 * workers:
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is invalid for {workers} workers: each worker's share of a "
-            f"batch needs at least 2 samples (BatchNorm), so use --batch-size >= {2 * workers} or fewer --workers"
-        )
+    _check_worker_settings(cfg, workers, cpus_per_worker, max_failures)
     data = data or load_dataset(cfg.data)
     check_batch_fits(cfg, data)
     check_memory(cfg, data.input_shape)
@@ -325,19 +348,7 @@ def train_backprop(
     result = trainer.fit()
     if result.checkpoint is None:
         raise CheckpointError(f"Ray Train finished without a checkpoint in {storage_path}/{RUN_NAME}")
-    state = _load_state(result.checkpoint)
-    history = state["history"]
-    records = [r for r in history if r["kind"] == "epoch"]
-    _write_history(run, history)
-    metrics = backprop.final_metrics(records[-1], state["train_seconds"], state["steps"], cfg.train.batch_size)
-    metrics.update(
-        workers=workers,
-        resumed_from=[{"epoch": r["epoch"], "step": r["step"]} for r in history if r["kind"] == "resume"],
-        checkpoint=result.checkpoint.path,
-    )
-    _plot_grad_norms(run, records, f"backprop, {cfg.preset or cfg.model.arch}: {len(metrics['grad_norms'])} layers")
-    run.write_bytes(MODEL_FILE, backprop.model_file(cfg, data, state["model"]))
-    run.write_json("metrics.json", metrics)  # last: it marks the run finished
+    metrics = _write_results(cfg, data, run, _load_state(result.checkpoint), workers, result.checkpoint.path)
     log.info("backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
              metrics["test_accuracy_formatted"], metrics["epochs"], metrics["steps"], metrics["train_seconds"])  # fmt: skip
     return metrics
