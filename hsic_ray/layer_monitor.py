@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hsic_ray import probes
 from hsic_ray.config import ExperimentConfig
-from hsic_ray.data import EVAL_CHUNK, ImageData, to_tensor
+from hsic_ray.data import ImageData, to_tensor
 from hsic_ray.metrics_log import MetricsLog
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.plots import plot_information_plane, plot_probes
@@ -96,7 +96,7 @@ class LayerMonitor:
 
     def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
         started = time.perf_counter()
-        result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes, EVAL_CHUNK)
+        result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes)
         result["seconds"] = time.perf_counter() - started
         return result
 

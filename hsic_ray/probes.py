@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hsic_ray.data import to_tensor
+from hsic_ray.data import EVAL_CHUNK, to_tensor
 from hsic_ray.evaluation import RidgeReadout
 
 MAX_PROBE_FEATURES = 2048
@@ -71,7 +71,7 @@ def probe_layers(
     train: Split,
     test: Split,
     num_classes: int,
-    chunk: int = 1024,
+    chunk: int = EVAL_CHUNK,
 ) -> dict[str, Any]:
     """Every layer's probe fitted on `train` (images, labels) and scored on both splits: train_accuracy
     and test_accuracy per layer (%), and the sample counts. The readouts keep only sums, so the images go
