@@ -57,9 +57,16 @@ def test_the_loop_computes_targets_where_the_in_process_step_runs(digits, device
     for (batch, targets), original in zip(items, batches):
         assert batch.x.device.type == batch.y.device.type == targets.y_factor.device.type == device
         assert torch.equal(batch.x.cpu(), original.x) and torch.equal(batch.y.cpu(), original.y)
-        expected = objective.targets(original.x, original.y)
-        torch.testing.assert_close(targets.x_factor.cpu(), expected.x_factor, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(targets.y_factor.cpu(), expected.y_factor, rtol=1e-4, atol=1e-5)
+        # The factors are ill-conditioned (cca's ridge is about as large as the kernel's eigenvalues), so two
+        # float32 backends disagree in low bits: each is held to a float64 reference instead, the step's
+        # device no further from it than the host (ten times the host's error, with a float32 floor).
+        host = objective.targets(original.x, original.y)
+        exact = objective.targets(original.x.double(), original.y)
+        for name in ("x_factor", "y_factor"):
+            reference = getattr(exact, name)
+            error_here = (getattr(targets, name).cpu().double() - reference).abs().max().item()
+            error_host = (getattr(host, name).double() - reference).abs().max().item()
+            assert error_here <= 10 * error_host + 1e-6, f"{name}: {error_here:.3g} from float64 on {device}, host {error_host:.3g}"
         pipeline.submit(batch.x, targets)  # the step takes the batch where the loop left it
 
 
