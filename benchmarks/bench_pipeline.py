@@ -4,6 +4,7 @@
     python benchmarks/bench_pipeline.py --stages 2 --steps 60 --width 256
     python benchmarks/bench_pipeline.py --long 600            # object-store use over a long run
     python benchmarks/bench_pipeline.py --stages 2 4 8 16 --threads-per-stage   # stages x threads = cores
+    python benchmarks/bench_pipeline.py --device cuda --targets-on coordinator first_stage
 
 Prints samples/s of each against the in-process trainer at its best thread count on this machine, the
 pipeline efficiency (measured throughput over 1 / slowest stage's busy time per batch), where a batch's
@@ -28,7 +29,7 @@ import ray
 import torch
 from ray._private.internal_api import memory_summary
 
-from hsic_ray.config import build_config
+from hsic_ray.config import TARGETS_ON, build_config
 from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.distributed.pipeline import RayPipeline
 from hsic_ray.distributed.placement import plan_stages
@@ -105,7 +106,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
         item = next_item()
         if item is None:
             break
-        pending.append((i, submit(item[0].x, item[1])))
+        pending.append((i, submit(*item)))
         while len(pending) >= pipeline.max_in_flight:
             finish()
         if sample_memory_every and i % sample_memory_every == 0:
@@ -166,6 +167,9 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--batches-per-call", type=int, help="default: chosen by the pipeline from the step time")
     p.add_argument("--max-in-flight", type=int, help="default: the pipeline's, 2 x stages x batches per call")
+    p.add_argument("--targets-on", nargs="+", choices=("auto", *TARGETS_ON), default=["auto"],
+                   help="where batches' targets are computed (ray.targets_on), each measured in turn; auto: the "
+                   "pipeline's choice (the first stage when stages have GPUs)")  # fmt: skip
     p.add_argument("--threads-per-stage", action="store_true", help="give each stage cores / stages threads (default 1)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: the in-process trainer on the GPU and the stages sharing it (1 / stages GPU each)")
@@ -187,7 +191,7 @@ def main(argv=None):
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    results = {"device": device, "card": card, "cores": cores, "in_process": {}, "pipeline": {}}
+    results = {"device": device, "card": card, "cores": cores, "in_process": {}, "pipeline": []}
     for threads in sorted(set(args.in_process_threads or {1, 2, cores // 2, cores}) - {0}):
         torch.set_num_threads(threads)
         local = drive(LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
@@ -200,33 +204,36 @@ def main(argv=None):
              logging_level="ERROR")  # fmt: skip
     torch.set_num_threads(1)  # the coordinator's share, as in a real run
     costs = layer_step_costs(build_seeded_network(cfg, data), batch)
-    print("| trainer | stages | batches per call | in flight | samples/s | vs in-process | slowest stage ms/batch | efficiency |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| in-process (best of {sorted(results['in_process'])} threads: {best_threads}) | 1 | - | 1 | {best:.0f} | 1.00x | - | - |",
-          flush=True)  # fmt: skip
-    for stages in args.stages:
+    print("| trainer | stages | targets on | batches per call | in flight | samples/s | vs in-process "
+          "| slowest stage ms/batch | efficiency |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| in-process (best of {sorted(results['in_process'])} threads: {best_threads}) | 1 | {device} | - | 1 "
+          f"| {best:.0f} | 1.00x | - | - |", flush=True)  # fmt: skip
+    for stages, targets_on in itertools.product(args.stages, args.targets_on):
         cfg.ray.stages, cfg.ray.cpus_per_stage = stages, max(1, cores // stages) if args.threads_per_stage else 1
         cfg.ray.batches_per_call, cfg.ray.max_in_flight = args.batches_per_call, args.max_in_flight
         cfg.ray.gpus_per_stage = gpus / stages
+        cfg.ray.targets_on = None if targets_on == "auto" else targets_on
         totals = {"CPU": float(stages * cfg.ray.cpus_per_stage + 1), "GPU": float(gpus)}
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, totals), data.input_shape, data.num_classes)
         run = drive(pipeline, objective, data, batch, args.steps, args.warmup)
         pipeline.shutdown()
         slowest = max(run["stage_busy_per_batch"])
-        run["efficiency"] = run["samples_per_second"] / (batch / slowest)
-        run["overhead_share"] = overhead_share(run, batch)
-        results["pipeline"][stages] = run
-        print(f"| ray pipeline | {stages} | {run['batches_per_call']} | {run['max_in_flight']} | {run['samples_per_second']:.0f} "
-              f"| {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} | {run['efficiency']:.2f} |", flush=True)  # fmt: skip
+        run.update(stages=stages, targets_on=pipeline.targets_on, efficiency=run["samples_per_second"] / (batch / slowest),
+                   overhead_share=overhead_share(run, batch))  # fmt: skip
+        results["pipeline"].append(run)
+        print(f"| ray pipeline | {stages} | {run['targets_on']} | {run['batches_per_call']} | {run['max_in_flight']} "
+              f"| {run['samples_per_second']:.0f} | {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} "
+              f"| {run['efficiency']:.2f} |", flush=True)  # fmt: skip
 
     print("\n## Where a batch's time goes (ms per batch)\n")
-    print("| stages | coordinator: targets (thread) | waiting for targets | submit | waiting for results "
+    print("| stages | targets on | coordinator: targets (thread) | waiting for targets | submit | waiting for results "
           "| slowest stage: busy | of which transfer | idle | Ray overhead / compute |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
-    for stages, run in results["pipeline"].items():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for run in results["pipeline"]:
         c = {k: 1e3 * v for k, v in run["coordinator_per_batch"].items()}
         s_ = int(np.argmax(run["stage_busy_per_batch"]))
-        print(f"| {stages} | {c.get('targets', 0):.1f} | {c.get('waiting for targets', 0):.1f} | {c.get('submit', 0):.1f} "
+        print(f"| {run['stages']} | {run['targets_on']} | {c.get('targets', 0):.1f} | {c.get('waiting for targets', 0):.1f} | {c.get('submit', 0):.1f} "
               f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
               f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} "
               f"| {run['overhead_share']:.2f} |")  # fmt: skip

@@ -14,10 +14,13 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
+# PARTS picks the parts (default all: tests check cpu16 gpu study), e.g. PARTS="tests check gpu".
 set -u
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-570}  # seconds from now at which the depth study is stopped
+PARTS=" ${PARTS:-tests check cpu16 gpu study} "
+part() { [[ $PARTS == *" $1 "* ]]; }
 START=$SECONDS
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -39,23 +42,34 @@ echo "# setup done at $((SECONDS - START)) s"
 # The tests that need CUDA (skipped on the development machine): CUDA graphs against eager steps, with and
 # without a learning-rate schedule and with the leave-one-out fit, the pinned transport, and the loop's
 # targets computed on the GPU. pytest is assumed there; if not, this fails alone.
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_batched_step.py tests/test_pipeline_units.py \
-    tests/test_trainer.py -k "cuda or pinned" 2>&1 | tail -5
-echo "# CUDA tests done at $((SECONDS - START)) s"
+# targets on the GPU without a host read, and the in-process loop that never waits for the device.
+if part tests; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_batched_step.py tests/test_pipeline_units.py \
+        tests/test_trainer.py -k "cuda or pinned or gpu" 2>&1 | tail -5
+    echo "# CUDA tests done at $((SECONDS - START)) s"
+fi
 
-timeout 150 python3 -m benchmarks.gpu_check --data $DATA --json "$OUT/gpu_check.json"
-echo "# gpu_check done at $((SECONDS - START)) s"
+if part check; then
+    timeout 150 python3 -m benchmarks.gpu_check --data $DATA --json "$OUT/gpu_check.json"
+    echo "# gpu_check done at $((SECONDS - START)) s"
+fi
 
-CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
-    --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json"
-echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
+if part cpu16; then
+    CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
+        --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json"
+    echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
+fi
 
-timeout 120 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
-    --in-process-threads 16 --steps 60 --json "$OUT/pipeline_gpu.json"
-echo "# pipeline on the GPU done at $((SECONDS - START)) s"
+if part gpu; then
+    timeout 200 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
+        --in-process-threads 16 --steps 60 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json"
+    echo "# pipeline on the GPU done at $((SECONDS - START)) s"
+fi
 
-LEFT=$((DEADLINE - (SECONDS - START)))
-timeout $LEFT python3 -m benchmarks.depth_study --data $DATA --workers 6 --deadline-s $((LEFT - 100)) \
-    --out "$OUT/study.jsonl"
-echo "# depth study stopped at $((SECONDS - START)) s"
-tar czf "$OUT/study_plots.tar.gz" -C "$OUT" study && rm -r "$OUT/study"
+if part study; then
+    LEFT=$((DEADLINE - (SECONDS - START)))
+    timeout $LEFT python3 -m benchmarks.depth_study --data $DATA --workers 6 --deadline-s $((LEFT - 100)) \
+        --out "$OUT/study.jsonl"
+    echo "# depth study stopped at $((SECONDS - START)) s"
+    tar czf "$OUT/study_plots.tar.gz" -C "$OUT" study && rm -r "$OUT/study"
+fi

@@ -25,6 +25,7 @@ TRAINERS = ("local", "ray")
 CUDA_GRAPHS = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "cosine")  # hsic_ray.schedule
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+TARGETS_ON = ("coordinator", "first_stage")  # hsic_ray.distributed.pipeline
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
 # Which of the authors' per-dataset settings (the presets' beta) a run gets; a file source names its own.
@@ -136,6 +137,10 @@ class RayConfig:
     # Consecutive batches a stage takes per actor call (results equal one call per batch); None: chosen from
     # the measured step time, so that Ray's cost per call stays under a tenth of the call's compute.
     batches_per_call: Optional[int] = None
+    # Where each batch's targets (the factors of X's and Y's kernels) are computed, once for every stage:
+    # coordinator (on its CPU, in a thread) or first_stage (on the first stage's device, in a call of its own).
+    # None: first_stage when stages have GPUs, where the coordinator's CPU would bound the pipeline.
+    targets_on: Optional[str] = None
     max_recoveries: int = 10  # stage actors recreated after failures before the run gives up
     placement_timeout_s: float = 120.0
     # Joining an existing cluster: ship this hsic_ray package to the workers (Ray runtime_env py_modules), so
@@ -354,6 +359,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
            cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
     _check(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
            cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
+    if cfg.ray.targets_on is not None:
+        _check_choice("ray.targets_on", cfg.ray.targets_on, TARGETS_ON)
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
     _check(cfg.ray.address is None or is_ray_address(cfg.ray.address), "ray.address", cfg.ray.address,
            "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null")  # fmt: skip

@@ -16,7 +16,7 @@ Everything from the kernel on also accepts a batch of kernels, [..., m, m] (one 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -227,8 +227,10 @@ def cka_factor(k: Tensor) -> Tensor:
     return kc / torch.linalg.matrix_norm(kc, keepdim=True).clamp_min(torch.finfo(kc.dtype).tiny)
 
 
-def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
-    """R_K = Kc (Kc + eps m I)^-1, computed with a Cholesky solve of the symmetric positive definite system.
+def cca_factor_ex(k: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """R_K = Kc (Kc + eps m I)^-1 by a Cholesky solve of the symmetric positive definite system, and a bool
+    marking the kernels whose system was not positive definite (their factor is not to be used). Nothing is
+    read back to the host, so on a GPU the caller does not wait for the work queued before.
 
     Kc and (Kc + eps m I) commute, so R_K is symmetric and equals (Kc + eps m I)^-1 Kc.
     """
@@ -236,9 +238,15 @@ def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
     kc = center(k)
     kc = 0.5 * (kc + kc.mT)
     chol, info = torch.linalg.cholesky_ex(_regularise_(kc.clone(), eps))
-    if bool((info != 0).any()):
+    return torch.cholesky_solve(kc, chol), info != 0
+
+
+def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
+    """`cca_factor_ex`'s R_K, checked on the host: FloatingPointError where the system was not positive definite."""
+    factor, failed = cca_factor_ex(k, eps)
+    if bool(failed.any()):
         raise not_positive_definite("hsic_cca")
-    return torch.cholesky_solve(kc, chol)
+    return factor
 
 
 # --- estimators -----------------------------------------------------------------------------------------
@@ -270,12 +278,14 @@ class Estimator:
     """How a layer's local loss measures dependence, split so batch-only factors are computed once.
 
     `factor(K)` maps a kernel to its factor; the dependence of two variables is `<factor_a, factor_b>`.
-    `self_input` says the compression term is HSIC(Z, Z) (the plausible variant) instead of HSIC(Z, X).
+    `factor_ex(K)`, where a factor can fail (cca's solve), gives the factor and a failed flag without checking
+    it on the host (None: `factor` cannot fail). `self_input` says the compression term is HSIC(Z, Z) (the plausible variant) instead of HSIC(Z, X).
     """
 
     name: str
     factor: Callable[[Tensor], Tensor]
     self_input: bool = False
+    factor_ex: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
 
     def dependence(self, factor_a: Tensor, factor_b: Tensor) -> Tensor:
         return _inner(factor_a, factor_b)
@@ -286,7 +296,7 @@ ESTIMATORS = ("cca", "biased", "cka", "plausible")
 
 def make_estimator(name: str, eps: float = 1e-5) -> Estimator:
     if name == "cca":
-        return Estimator("cca", lambda k: cca_factor(k, eps))
+        return Estimator("cca", lambda k: cca_factor(k, eps), factor_ex=lambda k: cca_factor_ex(k, eps))
     if name == "biased":
         return Estimator("biased", biased_factor)
     if name == "cka":

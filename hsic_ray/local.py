@@ -9,6 +9,7 @@ from torch import Tensor
 
 from hsic_ray import checkpoint
 from hsic_ray.config import OptimConfig
+from hsic_ray.data import Batch
 from hsic_ray.models import LayerwiseNet
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.run_dir import RunDirectory
@@ -41,8 +42,8 @@ class LocalPipeline:
         self.prefetch_targets = False
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
-    def submit(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
-        return self.stage.train_step(x, targets)
+    def submit(self, batch: Batch, targets: BatchTargets) -> tuple[Tensor, Tensor]:
+        return self.stage.train_step(batch.x, targets)
 
     def result(self, handle: tuple[Tensor, Tensor], want_output: bool, read_back: bool = True) -> StepResult:
         out, stats = handle

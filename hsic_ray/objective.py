@@ -47,10 +47,15 @@ class BatchTargets:
 
     x_factor: Optional[Tensor]  # None when the estimator compresses against Z itself (plausible)
     y_factor: Tensor
+    # On a GPU: a bool on the device, True where a factor's kernel system was not positive definite, for the
+    # stage to check where it reads back anyway (`StageTrainer.check_solves`). None: checked already.
+    failed: Optional[Tensor] = None
 
     def to(self, device: torch.device | str) -> "BatchTargets":
-        x = None if self.x_factor is None else self.x_factor.to(device, non_blocking=True)
-        return BatchTargets(x, self.y_factor.to(device, non_blocking=True))
+        def move(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return BatchTargets(move(self.x_factor), move(self.y_factor), move(self.failed))
 
 
 @dataclass
@@ -93,12 +98,32 @@ class HSICObjective:
             # restores it.
             return self.estimator.factor(gaussian_kernel(v.double(), self.cfg.sigma)).to(v.dtype)
 
+    def _factor_on_device(self, v: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """The factor computed in float64 from the start, with its failed flag left on the device.
+
+        On a GPU, checking the solve on the host (for the float32 -> float64 retry of `_factor`) makes the
+        loop wait for every step queued before it; float64 costs a GPU little at batch size and needs no
+        retry, so nothing is read back and the loop runs ahead of the device."""
+        kernel = gaussian_kernel(v.double(), self.cfg.sigma)
+        if self.estimator.factor_ex is None:
+            return self.estimator.factor(kernel).to(v.dtype), None
+        factor, failed = self.estimator.factor_ex(kernel)
+        return factor.to(v.dtype), failed.any()
+
     @torch.no_grad()
     def targets(self, x: Tensor, labels: Tensor) -> BatchTargets:
-        """X's and Y's factors for one batch (x: raw inputs, labels: integer classes)."""
+        """X's and Y's factors for one batch (x: raw inputs, labels: integer classes). On the host they are
+        checked here; on a GPU their `failed` flag travels with them."""
         y = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
-        x_factor = None if self.estimator.self_input else self._factor(x)
-        return BatchTargets(x_factor, self._factor(y))
+        if not x.is_cuda:
+            x_factor = None if self.estimator.self_input else self._factor(x)
+            return BatchTargets(x_factor, self._factor(y))
+        y_factor, y_failed = self._factor_on_device(y)
+        if self.estimator.self_input:
+            return BatchTargets(None, y_factor, y_failed)
+        x_factor, x_failed = self._factor_on_device(x)
+        failed = None if x_failed is None else x_failed | y_failed
+        return BatchTargets(x_factor, y_factor, failed)
 
     def stage_losses(self, zs: Sequence[Tensor], targets: BatchTargets, dtype: torch.dtype | None = None) -> StageLosses:
         """Every layer's loss from its output, as one batched computation; nothing is read back to the host.

@@ -86,6 +86,8 @@ class StageTrainer:
         self._step_scale = torch.ones((), device=self.device)
         # Steps since the last check in which each layer's kernel system was not positive definite.
         self._failures = torch.zeros(len(self.layers), dtype=torch.int32, device=self.device)
+        # Whether any batch's targets, computed on the device unchecked (`HSICObjective.targets`), failed.
+        self._targets_failed = torch.zeros((), dtype=torch.bool, device=self.device)
         self._graph: Optional[CapturedStep] = None
         if self.device.type == "cuda":
             # cuSOLVER's batched Cholesky leaves its status on the device; MAGMA's reads it back to the host.
@@ -104,6 +106,8 @@ class StageTrainer:
         """
         x = x.to(self.device, non_blocking=True)
         targets = targets.to(self.device)
+        if targets.failed is not None:
+            self._targets_failed |= targets.failed
         if self.schedule is not None and not self.schedule.is_constant:
             self._step_scale.fill_(self.schedule.factor(self.steps))
         step = self._graph if self._graph is not None and self._graph.fits(x) else self._step
@@ -127,7 +131,10 @@ class StageTrainer:
 
     def check_solves(self) -> None:
         """Read the failure record (a host sync). After float32 failures, continue in float64 (the failing
-        layers skipped their HSIC gradient on those steps); after float64 failures, raise."""
+        layers skipped their HSIC gradient on those steps); after float64 failures, or a batch's targets that
+        failed (in float64 already), raise."""
+        if bool(self._targets_failed):
+            raise not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
         failed = self._failures.nonzero().flatten().tolist()
         if not failed:
             return

@@ -48,13 +48,15 @@ class Pipeline(Protocol):
 
     max_in_flight: int
     num_stages: int
-    targets_device: torch.device  # where the loop computes each batch's targets, and hands the batch over
+    # Where the loop computes each batch's targets and hands the batch over; None: the pipeline computes them
+    # itself from the batch (the loop hands over the batch on the CPU, and no targets).
+    targets_device: Optional[torch.device]
     prefetch_targets: bool  # compute the next batches' targets in a thread while the pipeline works
     placements: list[dict[str, Any]]  # per stage: layers, node, device (rewritten after recoveries)
 
-    def submit(self, x: Tensor, targets: BatchTargets) -> Any:
-        """Start one training step of every layer on this batch (x and targets on `targets_device`); returns
-        a handle for `result`."""
+    def submit(self, batch: Batch, targets: Optional[BatchTargets]) -> Any:
+        """Start one training step of every layer on this batch (batch and targets on `targets_device`);
+        returns a handle for `result`."""
 
     def result(self, handle: Any, want_output: bool, read_back: bool = True) -> StepResult:
         """Wait for a submitted step. With read_back False the loop will not read `layer_stats`, so a
@@ -192,7 +194,7 @@ class HSICTrainer:
         for batch, targets in self._batches_with_targets(position):
             if self._step_budget_spent():
                 break
-            pending.append(_InFlight(batch, self.pipeline.submit(batch.x, targets)))
+            pending.append(_InFlight(batch, self.pipeline.submit(batch, targets)))
             self.steps += 1  # counted when submitted, so max_steps bounds what is started
             while len(pending) >= self.pipeline.max_in_flight:
                 self._finish(pending.popleft(), len(pending), clock)
@@ -351,9 +353,11 @@ class HSICTrainer:
 
 def with_targets(
     batches: Iterable[Batch], targets: Callable[[Tensor, Tensor], BatchTargets], pipeline: Pipeline
-) -> Iterator[tuple[Batch, BatchTargets]]:
+) -> Iterator[tuple[Batch, Optional[BatchTargets]]]:
     """Each batch on the pipeline's `targets_device` with its targets (`targets(x, labels)`), computed
-    ahead in a thread where the pipeline asks for it."""
+    ahead in a thread where the pipeline asks for it; None where the pipeline computes them itself."""
+    if pipeline.targets_device is None:
+        return ((batch, None) for batch in batches)
 
     def prepare(batch: Batch) -> tuple[Batch, BatchTargets]:
         batch = batch.to(pipeline.targets_device)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hsic_ray.config import ConfigError, HSICConfig, ModelConfig, OptimConfig, build_config
-from hsic_ray.data import iterate_batches
+from hsic_ray.data import Batch, iterate_batches
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import ESTIMATORS, cca_inner, center, gaussian_kernel, spd_inverse
 from hsic_ray.local import LocalPipeline
@@ -193,6 +193,21 @@ def test_failure_in_float64_raises_at_the_check_and_before_a_checkpoint():
         stage.state_dict()
 
 
+def test_targets_that_failed_on_the_device_raise_at_the_check_and_before_a_checkpoint():
+    # On a GPU, `objective.targets` leaves the solve's status with the factors (no host read in the loop);
+    # the stage folds it into its own record, so the run stops at the next check, before any checkpoint.
+    objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
+    stage = StageTrainer([nn.Linear(5, 5)], objective, OptimConfig(lr=0.1))
+    x, labels = torch.rand(32, 5), torch.arange(32) % 4
+    good = objective.targets(x, labels)
+    stage.train_step(x, BatchTargets(good.x_factor, good.y_factor, failed=torch.tensor(False)))
+    stage.check_solves()  # a flag that says nothing failed is no failure
+    stage.train_step(x, BatchTargets(good.x_factor, good.y_factor, failed=torch.tensor(True)))
+    stage.train_step(x, good)  # a later good batch does not clear it
+    with pytest.raises(FloatingPointError, match="a batch's inputs or labels, in float64"):
+        stage.state_dict()
+
+
 def test_rolled_back_warm_up_leaves_the_next_step_as_if_it_never_ran(digits):
     """What CUDA graph capture relies on, checked where it can run: warm-up steps inside `rolled_back`
     leave weights, BatchNorm statistics and momentum exactly as they were (none yet, and then some)."""
@@ -252,7 +267,7 @@ def test_the_in_process_pipeline_checks_solves_only_where_the_loop_reads_back():
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
     pipeline = LocalPipeline(LayerwiseNet([_Scale(3e4)], [(10,), (10,)]), objective, OptimConfig(lr=1e-12), "cpu")
     x, targets = _near_duplicates(), objective.targets(torch.rand(256, 5), torch.arange(256) % 4)
-    handle = pipeline.submit(x, targets)
+    handle = pipeline.submit(Batch(x, torch.arange(256) % 4, epoch=1, index=0), targets)
     pipeline.result(handle, want_output=False, read_back=False)
     assert pipeline.stage.kernel_dtype is None  # the failure is recorded, not yet read
     result = pipeline.result(handle, want_output=False, read_back=True)

@@ -35,11 +35,11 @@ def crash_after(monkeypatch, steps):
     class CrashingPipeline(LocalPipeline):
         submitted = 0
 
-        def submit(self, x, targets):
+        def submit(self, batch, targets):
             if CrashingPipeline.submitted == steps:
                 raise Crash(f"killed after {steps} steps")
             CrashingPipeline.submitted += 1
-            return super().submit(x, targets)
+            return super().submit(batch, targets)
 
     monkeypatch.setattr(experiment, "LocalPipeline", CrashingPipeline)
 

@@ -64,6 +64,7 @@ def test_null_override_sets_a_field_to_none():
         ({"model.depth": "deep"}, "model.depth"),
         ({"model.size": 3}, "Key 'size' not in 'ModelConfig'"),
         ({"preset": "tiny"}, "preset='tiny' is invalid"),
+        ({"ray.targets_on": "gpu"}, "ray.targets_on='gpu' is invalid: expected one of coordinator, first_stage"),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(overrides, message):

@@ -21,6 +21,7 @@ from hsic_ray.hsic import (
     Estimator,
     biased_factor,
     cca_factor,
+    cca_factor_ex,
     center,
     cka_factor,
     gaussian_kernel,
@@ -611,3 +612,15 @@ def test_cca_non_positive_definite_system_raises(eps):
         with pytest.raises(FloatingPointError, match="not positive definite") as info:
             call()
         assert "eps" in str(info.value) and "float64" in str(info.value)
+
+
+def test_cca_factor_ex_flags_a_failed_solve_without_raising_and_otherwise_equals_cca_factor():
+    k = gaussian_kernel(randn(10, 3, seed=37), 1.0)
+    factor, failed = cca_factor_ex(k, 1e-3)
+    assert failed.dtype == torch.bool and not bool(failed)
+    torch.testing.assert_close(factor, cca_factor(k, 1e-3), rtol=0, atol=0)
+    batch = torch.stack([k, k])
+    batch[1].diagonal().sub_(5.0)  # not positive definite
+    _, failed = cca_factor_ex(batch, 1e-3)
+    assert failed.tolist() == [False, True]
+    assert make_estimator("cca").factor_ex is not None and make_estimator("cka").factor_ex is None

@@ -39,6 +39,9 @@ def records(out, kind):
     {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
     {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
     {"ray.batches_per_call": 2},  # groups of two, 2 x 2 x 2 batches in flight
+    # Targets computed by the first stage (the default with GPU stages) rather than the coordinator.
+    {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "ray.targets_on": "first_stage"},
+    {"ray.batches_per_call": 2, "ray.targets_on": "first_stage"},
     # The objective's extensions (the leave-one-out fit among them): each stage weighs its layers by their
     # place in the whole network; and each stage follows the learning-rate schedule from its own step count.
     {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "hsic.input_weight_first": -50.0, "hsic.layer_sigma": 3.0,
@@ -97,30 +100,35 @@ def stage_actor_processes():
     return [p for p in psutil.process_iter(["cmdline"]) if "ray::StageActor" in " ".join(p.info["cmdline"] or [])]
 
 
-def kill_a_stage_after_checkpoint(run_dir, killed):
+def kill_a_stage_after_checkpoint(run_dir, killed, stage):
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "checkpoints" / "LATEST").exists():
         time.sleep(0.05)
-    victims = stage_actor_processes()
+    placements = json.loads((run_dir / "placements.json").read_text())
+    victims = [p for p in stage_actor_processes() if p.pid == placements[stage]["pid"]]
     if victims:
-        os.kill(victims[-1].pid, signal.SIGKILL)
-        killed.append(victims[-1].pid)
+        os.kill(victims[0].pid, signal.SIGKILL)
+        killed.append(victims[0].pid)
 
 
 @pytest.mark.slow
-def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path, all_digits):
+@pytest.mark.parametrize("targets_on, stage", [
+    ("coordinator", 1),
+    ("first_stage", 0),  # the stage that computes every stage's targets: they are computed again
+])
+def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path, all_digits, targets_on, stage):
     common = {"train.epochs": 2, "model.width": 256, "train.batch_size": 256, "head.epochs": 3,
-              "train.checkpoint_every": 20}  # fmt: skip
+              "train.checkpoint_every": 20, "ray.targets_on": targets_on}  # fmt: skip
     undisturbed = run_hsic(config(tmp_path / "calm", "ray", **common), all_digits)
     killed: list[int] = []
-    killer = threading.Thread(target=kill_a_stage_after_checkpoint, args=(tmp_path / "hit", killed))
+    killer = threading.Thread(target=kill_a_stage_after_checkpoint, args=(tmp_path / "hit", killed, stage))
     killer.start()
     disturbed = run_hsic(config(tmp_path / "hit", "ray", **common), all_digits)
     killer.join()
     assert killed, "no stage actor process was found to kill"
     assert disturbed["recoveries"] >= 1 and disturbed["steps"] == undisturbed["steps"]
     recovery = records(tmp_path / "hit", "recovery")[0]
-    assert recovery["restored_from_step"] == 20 and recovery["error"].endswith("Error")
+    assert recovery["stage"] == stage and recovery["restored_from_step"] == 20 and recovery["error"].endswith("Error")
     assert abs(disturbed["test_accuracy_unformatted"] - undisturbed["test_accuracy_unformatted"]) <= 2.0
 
 

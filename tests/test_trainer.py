@@ -1,5 +1,6 @@
 """The in-process trainer end to end on the real bundled digits (small nets, few steps)."""
 
+import itertools
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.local import LocalPipeline
 from hsic_ray.objective import HSICObjective
 from hsic_ray.data import iterate_batches
+from hsic_ray.schedule import LRSchedule
 from hsic_ray.trainer import HSICTrainer, with_targets
 
 
@@ -67,7 +69,31 @@ def test_the_loop_computes_targets_where_the_in_process_step_runs(digits, device
             error_here = (getattr(targets, name).cpu().double() - reference).abs().max().item()
             error_host = (getattr(host, name).double() - reference).abs().max().item()
             assert error_here <= 10 * error_host + 1e-6, f"{name}: {error_here:.3g} from float64 on {device}, host {error_host:.3g}"
-        pipeline.submit(batch.x, targets)  # the step takes the batch where the loop left it
+        # On a GPU the targets' solve status stays there for the stage to check (no host read in the loop).
+        assert (targets.failed is not None and not bool(targets.failed)) if device == "cuda" else targets.failed is None
+        pipeline.submit(batch, targets)  # the step takes the batch where the loop left it
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU's cost (the loop's logic is tested on CPU)")
+def test_the_in_process_loop_on_a_gpu_never_waits_for_the_device_between_log_steps(digits):
+    # A host read in the loop (a solve's status, a pageable copy) makes each step wait for the one before:
+    # torch's sync debug mode raises on any of them.
+    cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
+    objective = HSICObjective(cfg.hsic, 10)
+    pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cuda",
+                             schedule=LRSchedule("cosine", 100))  # each step writes its factor to the device
+    items = with_targets(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1), objective.targets, pipeline)
+    for batch, targets in itertools.islice(items, 3):  # the first step captures the graph
+        pipeline.result(pipeline.submit(batch, targets), want_output=False, read_back=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batch, targets in itertools.islice(items, 8):
+            pipeline.result(pipeline.submit(batch, targets), want_output=False, read_back=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    result = pipeline.result(pipeline.submit(*next(items)), want_output=False, read_back=True)
+    assert torch.isfinite(result.layer_stats).all() and pipeline.stage.steps == 12
 
 
 def test_targets_computed_ahead_in_a_thread_arrive_in_order_and_unchanged(digits):

@@ -20,8 +20,17 @@ class Batch:
     index: int  # batch index within the epoch
 
     def to(self, device: torch.device | str) -> "Batch":
-        """The same batch with its images and labels on `device` (an asynchronous copy where it can be)."""
-        return Batch(self.x.to(device, non_blocking=True), self.y.to(device, non_blocking=True), self.epoch, self.index)
+        """The same batch with its images and labels on `device`, copied asynchronously.
+
+        To a GPU the copy goes from page-locked memory (torch's cached pinned blocks): from pageable memory
+        CUDA may wait for the stream's queued work first, and the loop would wait for the step before."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if torch.device(device).type == "cuda" and t.device.type == "cpu":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        return Batch(move(self.x), move(self.y), self.epoch, self.index)
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -1,12 +1,17 @@
 """The Ray pipeline: stage actors chained by object refs, with failed stages recreated from checkpoints.
 
 `submit` gathers consecutive batches into groups of `ray.batches_per_call`; a full group goes into the
-object store once (inputs and targets) and a chain of `stage[s].step` calls, each taking the previous
-stage's `Hop` ref: Ray's ordered actor queues then run stage s on group g while stage s + 1 runs on group
+object store once (inputs, and targets or labels) and a chain of `stage[s].step` calls, each taking the
+previous stage's `Hop` ref and the group's targets: Ray's ordered actor queues then run stage s on group g while stage s + 1 runs on group
 g - 1, and activations move from actor to actor without passing through the driver. Since no stage feeds
 back to an earlier one, every stage sees the same inputs in the same order as in the in-process trainer,
 whatever the number of batches in flight or per call: the results are the same. `result` fetches one
 small object per group, the reports the last stage returns.
+
+Each batch's targets (`ray.targets_on`) are computed once for every stage: by the coordinator on its CPU
+(a thread of the training loop computes them ahead), or by the first stage on its device, in a call of
+its own ahead of its step, from the group's inputs and labels. With stages on GPUs the coordinator's CPU
+would be the slowest part of the pipeline (README, "Ray pipeline").
 
 When a stage actor dies (its process killed, its node lost), `result` recreates it in its placement
 bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed;
@@ -30,8 +35,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from torch import Tensor
 
 from hsic_ray.config import ExperimentConfig
+from hsic_ray.data import Batch
 from hsic_ray.distributed.placement import StageSpec, describe_plan, reserve
-from hsic_ray.distributed.stage_actor import Hop, StageActor, targets_to_numpy
+from hsic_ray.distributed.stage_actor import Hop, StageActor, WireTargets, targets_to_numpy
 from hsic_ray.models import Shape
 from hsic_ray.objective import BatchTargets
 from hsic_ray.run_dir import RunDirectory
@@ -65,8 +71,10 @@ class PipelineFailed(RuntimeError):
 class _Group:
     """Consecutive batches sent through the stages in one call each: inputs, each stage's hop, the reports."""
 
-    batches: list[tuple[np.ndarray, tuple]] = field(default_factory=list)  # (x, targets) until launched
+    # (x, labels, targets) until launched; targets None when the first stage computes them
+    batches: list[tuple[np.ndarray, np.ndarray, Optional[WireTargets]]] = field(default_factory=list)
     inputs: Optional[ray.ObjectRef] = None
+    labels: Optional[ray.ObjectRef] = None  # for the first stage's targets
     targets: Optional[ray.ObjectRef] = None
     hops: list = field(default_factory=list)  # per stage: its Hop (the last stage's: its outputs)
     reports_ref: Optional[ray.ObjectRef] = None
@@ -90,9 +98,10 @@ class RayPipeline:
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
-        # The coordinator computes each batch's targets once for every stage, on its CPU, and mostly waits:
-        # targets computed meanwhile in a thread cost nothing.
-        self.targets_device = torch.device("cpu")
+        self.targets_on = cfg.ray.targets_on or ("first_stage" if specs[0].num_gpus > 0 else "coordinator")
+        # A coordinator that computes targets mostly waits for the stages: targets computed meanwhile in a
+        # thread cost nothing. None: the loop hands over labels, for the first stage.
+        self.targets_device = torch.device("cpu") if self.targets_on == "coordinator" else None
         self.prefetch_targets = True
         self.batches_per_call = cfg.ray.batches_per_call or 1
         self.max_in_flight = self._in_flight_bound()
@@ -123,22 +132,29 @@ class RayPipeline:
 
     # --- training -------------------------------------------------------------------------------------
 
-    def submit(self, x: Tensor, targets: BatchTargets) -> _Handle:
+    def submit(self, batch: Batch, targets: Optional[BatchTargets]) -> _Handle:
         handle = _Handle(self._filling, len(self._filling.batches))
-        self._filling.batches.append((x.numpy(), targets_to_numpy(targets)))
+        wire = None if targets is None else targets_to_numpy(targets)
+        self._filling.batches.append((batch.x.numpy(), batch.y.numpy(), wire))
         if len(self._filling.batches) >= self.batches_per_call:
             self._launch()
         return handle
 
     def _launch(self) -> None:
         group, self._filling = self._filling, _Group()
-        xs, targets = zip(*group.batches)
-        group.inputs, group.targets = ray.put(Hop(list(xs), [])), ray.put(list(targets))
+        xs, labels, targets = zip(*group.batches)
+        group.inputs = ray.put(Hop(list(xs), []))
+        if self.targets_on == "coordinator":
+            group.targets = ray.put(list(targets))
+        else:
+            group.labels = ray.put(list(labels))
         group.batches = []
         self._chain(group, first_stage=0)
 
     def _chain(self, group: _Group, first_stage: int) -> None:
         del group.hops[first_stage:]
+        if first_stage == 0 and self.targets_on == "first_stage":
+            group.targets = self.actors[0].targets.remote(group.inputs, group.labels)
         hop = group.inputs if first_stage == 0 else group.hops[first_stage - 1]
         for actor in self.actors[first_stage:-1]:
             hop = actor.step.remote(hop, group.targets)
@@ -187,6 +203,10 @@ class RayPipeline:
                      1e3 * busy, self.batches_per_call, self.max_in_flight)  # fmt: skip
 
     def _first_failed_stage(self, group: _Group) -> int:
+        try:
+            ray.get(group.targets)
+        except (RayActorError, ObjectLostError, OwnerDiedError):
+            return 0  # the first stage died computing them, or they are gone with its node
         for stage, hop in enumerate(group.hops):
             try:
                 ray.get(hop)

@@ -21,6 +21,7 @@ from hsic_ray import checkpoint
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport
+from hsic_ray.hsic import not_positive_definite
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.resources import threads_for
@@ -67,13 +68,26 @@ class StageActor:
         lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, spec.layers, cfg.num_hsic_layers)
         self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales, schedule)
         self._last_end: Optional[float] = None
+        self._targets_seconds = 0.0  # spent in `targets` since the last step: busy, not idle, time
         if restore is not None:
             self.load(*restore)
+
+    def targets(self, inputs: Hop, labels: list[np.ndarray]) -> list[WireTargets]:
+        """Each batch's targets for every stage, computed on this stage's device (ray.targets_on=first_stage)."""
+        started, objective, wire = time.perf_counter(), self.trainer.objective, []
+        for x, y in zip(inputs.activations, labels):
+            targets = objective.targets(self.transport.receive(x), self.transport.receive(y))
+            if targets.failed is not None and bool(targets.failed):  # the copy to the host waits for it anyway
+                raise not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
+            wire.append(targets_to_numpy(targets))
+        self._targets_seconds += time.perf_counter() - started
+        return wire
 
     def step(self, hop: Hop, targets: list[WireTargets]) -> Hop:
         """One local HSIC step of this stage's layers on each batch of the group, in order."""
         started = time.perf_counter()
-        idle = 0.0 if self._last_end is None else started - self._last_end
+        extra, self._targets_seconds = self._targets_seconds, 0.0
+        idle = 0.0 if self._last_end is None else max(0.0, started - self._last_end - extra)
         outputs, stats, transfer = [], [], 0.0
         for slot, (x, wire_targets) in enumerate(zip(hop.activations, targets)):
             moved = time.perf_counter()
@@ -88,7 +102,7 @@ class StageActor:
             transfer += time.perf_counter() - moved
         self.trainer.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
-        report = {"stage": self.spec.index, "stats": np.stack(stats), "busy": self._last_end - started,
+        report = {"stage": self.spec.index, "stats": np.stack(stats), "busy": self._last_end - started + extra,
                   "idle": idle, "transfer": transfer}  # fmt: skip
         return Hop(outputs, hop.reports + [report])
 
