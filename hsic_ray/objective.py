@@ -111,11 +111,11 @@ class HSICObjective:
         return factor.to(v.dtype), failed.any()
 
     @torch.no_grad()
-    def targets(self, x: Tensor, labels: Tensor) -> BatchTargets:
-        """X's and Y's factors for one batch (x: raw inputs, labels: integer classes). On the host they are
-        checked here; on a GPU their `failed` flag travels with them."""
+    def targets(self, x: Tensor, labels: Tensor, host_free: Optional[bool] = None) -> BatchTargets:
+        """X's and Y's factors for one batch (x: raw inputs, labels: integer classes). Checked here, or with
+        `host_free` (default: on CUDA) computed in float64 with their `failed` flag left on the device."""
         y = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
-        if not x.is_cuda:
+        if not (x.is_cuda if host_free is None else host_free):
             x_factor = None if self.estimator.self_input else self._factor(x)
             return BatchTargets(x_factor, self._factor(y))
         y_factor, y_failed = self._factor_on_device(y)

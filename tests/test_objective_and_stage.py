@@ -232,6 +232,27 @@ def test_badly_scaled_float32_activations_fall_back_to_float64():
     assert zy == pytest.approx(exact[0, 1].item(), rel=1e-3)
 
 
+@pytest.mark.parametrize("estimator", ["cca", "cka", "plausible"])
+def test_host_free_targets_are_float64_factors_with_their_failure_flag_left_unread(estimator):
+    # What a GPU computes (no host read in the loop), run here on the CPU: the factors of the float64
+    # kernels in the inputs' precision, and a flag where the estimator's solve can fail.
+    x, y = _batch(m=64)
+    objective = HSICObjective(HSICConfig(sigma=2.0, estimator=estimator), num_classes=4)
+    free, exact = objective.targets(x, y, host_free=True), objective.targets(x.double(), y)
+    assert free.y_factor.dtype == torch.float32
+    torch.testing.assert_close(free.y_factor.double(), exact.y_factor, rtol=0, atol=1e-6)
+    if estimator == "plausible":
+        assert free.x_factor is None
+    else:
+        torch.testing.assert_close(free.x_factor.double(), exact.x_factor, rtol=0, atol=1e-6)
+    assert (free.failed is not None and not bool(free.failed)) if estimator == "cca" else free.failed is None
+    broken = HSICObjective(HSICConfig(sigma=2.0, estimator=estimator, eps=-1.0), num_classes=4)
+    if estimator == "cca":  # a system that is never positive definite: flagged, not raised
+        assert bool(broken.targets(x, y, host_free=True).failed)
+        with pytest.raises(FloatingPointError, match="not positive definite"):
+            broken.targets(x, y)
+
+
 def test_lr_scales_fall_geometrically_and_each_layer_steps_at_its_own_rate():
     """With hsic.lr_scale_last, layer i's first SGD step is lr * scale_i times its gradient (no momentum
     yet, no weight decay): a stage of three layers at scales 1, 0.1, 0.01 moves each accordingly."""

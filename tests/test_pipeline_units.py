@@ -23,14 +23,17 @@ def test_cpu_transport_gives_writable_tensors_and_arrays_back():
     tensor = transport.receive(wire)
     tensor += 1  # owned memory: the object store's copy is untouched
     assert wire[0, 0] == 0 and tensor[0, 0] == 1
-    np.testing.assert_array_equal(transport.send(tensor), wire + 1)
+    [sent] = transport.send([tensor])
+    np.testing.assert_array_equal(sent, wire + 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging buffers are for CUDA stages")
 def test_cuda_transport_round_trip_through_pinned_buffers():
     transport = Transport(torch.device("cuda"))
-    wires = [np.random.default_rng(i).random((4, 5), dtype=np.float32) for i in range(3)]
-    received = [transport.receive(w) for w in wires]
-    sent = [transport.send(t * 2, slot) for slot, t in enumerate(received)]  # one buffer per slot
+    wires = [np.random.default_rng(i).random((256, 512), dtype=np.float32) for i in range(4)]
+    # Two batches through one named buffer, then two through buffers of their own, nothing waited for in
+    # between: a buffer is not overwritten before its copy to the device is done.
+    received = [transport.receive(w, "x") for w in wires[:2]] + [transport.receive(w, f"x{i}") for i, w in enumerate(wires[2:])]
+    sent = transport.send([t * 2 for t in received])  # one buffer per slot, one wait
     for w, s in zip(wires, sent):
         np.testing.assert_allclose(s, 2 * w)

@@ -9,6 +9,7 @@ transport, once it is out of alpha) would replace this module and nothing else.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -16,47 +17,56 @@ import torch
 from torch import Tensor
 
 
+@dataclass
+class _Staging:
+    """A page-locked buffer, and its last copy to the device (to wait for before it is written again)."""
+
+    host: Tensor
+    copied: Optional[torch.cuda.Event] = None
+
+
 class Transport:
-    """Receive arrays onto `device` and send tensors back as arrays, reusing pinned buffers on CUDA."""
+    """Receive arrays onto `device` and send tensors back as arrays, reusing pinned buffers on CUDA.
+
+    Each staging buffer has a name (one per array a call handles at once, e.g. each batch of a group) and
+    remembers its last copy, so a call can queue every batch's copy and step without waiting between them,
+    and wait for the device once, when it sends its results back.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._staging: dict[tuple[str, tuple[int, ...], torch.dtype], Tensor] = {}
-        self._copied: Optional[torch.cuda.Event] = None
+        self._staging: dict[tuple[str, tuple[int, ...], torch.dtype], _Staging] = {}
 
-    def receive(self, array: np.ndarray) -> Tensor:
+    def receive(self, array: np.ndarray, buffer: str = "in") -> Tensor:
+        """The array on the device; on CUDA copied through the staging buffer named `buffer`, asynchronously."""
         if self.device.type != "cuda":
             # Object-store arrays are read-only views of shared memory; torch needs memory it may own.
             return torch.from_numpy(np.array(array, copy=True))
-        staging = self._buffer("in", array.shape, torch.from_numpy(array[:0]).dtype)
-        self._wait_for_last_copy()  # the previous copy out of this buffer must be done before reuse
-        staging.numpy()[...] = array
-        on_device = staging.to(self.device, non_blocking=True)
-        self._record_copy()
+        staging = self._buffer(buffer, array.shape, torch.from_numpy(array[:0]).dtype)
+        if staging.copied is not None:
+            staging.copied.synchronize()  # its previous copy to the device must be done before it is overwritten
+        staging.host.numpy()[...] = array
+        on_device = staging.host.to(self.device, non_blocking=True)
+        staging.copied = torch.cuda.Event()
+        staging.copied.record()
         return on_device
 
-    def send(self, tensor: Tensor, slot: int = 0) -> np.ndarray:
-        """The tensor as a host array. On CUDA it is a view of the staging buffer of its `slot` (its place
-        in the call's group of batches), which the next call overwrites: Ray serialises a call's return
-        value before the actor runs its next call."""
-        if tensor.device.type != "cuda":
-            return tensor.detach().numpy()
-        staging = self._buffer(f"out{slot}", tuple(tensor.shape), tensor.dtype)
-        staging.copy_(tensor.detach(), non_blocking=True)
-        self._record_copy()
-        self._wait_for_last_copy()
-        return staging.numpy()
+    def send(self, tensors: list[Tensor], buffer: str = "out") -> list[np.ndarray]:
+        """The tensors as host arrays. On CUDA they are views of the staging buffers `buffer0`, `buffer1`,
+        ..., which the next send overwrites (Ray serialises a call's return value before the actor runs its
+        next call); the copies are queued together and waited for once."""
+        if self.device.type != "cuda":
+            return [tensor.detach().numpy() for tensor in tensors]
+        arrays = []
+        for slot, tensor in enumerate(tensors):
+            staging = self._buffer(f"{buffer}{slot}", tuple(tensor.shape), tensor.dtype)
+            staging.host.copy_(tensor.detach(), non_blocking=True)
+            arrays.append(staging.host.numpy())
+        torch.cuda.current_stream(self.device).synchronize()
+        return arrays
 
-    def _buffer(self, direction: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-        key = (direction, tuple(shape), dtype)
+    def _buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> _Staging:
+        key = (name, tuple(shape), dtype)
         if key not in self._staging:
-            self._staging[key] = torch.empty(shape, dtype=dtype, pin_memory=True)
+            self._staging[key] = _Staging(torch.empty(shape, dtype=dtype, pin_memory=True))
         return self._staging[key]
-
-    def _record_copy(self) -> None:
-        self._copied = torch.cuda.Event()
-        self._copied.record()
-
-    def _wait_for_last_copy(self) -> None:
-        if self._copied is not None:
-            self._copied.synchronize()
