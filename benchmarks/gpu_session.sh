@@ -37,6 +37,7 @@ EOF
 export PYTHONPATH=/tmp/site:$PWD
 DATA=.data/fashion-mnist-dev.npz
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+lscpu | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\))"  # cores against hyperthreads, for the CPU figures
 echo "# setup done at $((SECONDS - START)) s"
 
 # The tests that need CUDA (skipped on the development machine): CUDA graphs against eager steps, with and
