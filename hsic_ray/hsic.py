@@ -278,8 +278,9 @@ class Estimator:
     """How a layer's local loss measures dependence, split so batch-only factors are computed once.
 
     `factor(K)` maps a kernel to its factor; the dependence of two variables is `<factor_a, factor_b>`.
-    `factor_ex(K)`, where a factor can fail (cca's solve), gives the factor and a failed flag without checking
-    it on the host (None: `factor` cannot fail). `self_input` says the compression term is HSIC(Z, Z) (the plausible variant) instead of HSIC(Z, X).
+    `factor_ex(K)`, where a factor can fail (cca's solve), gives the factor and a failed flag without
+    checking it on the host (None: `factor` cannot fail). `self_input` says the compression term is
+    HSIC(Z, Z) (the plausible variant) instead of HSIC(Z, X).
     """
 
     name: str

@@ -2,8 +2,9 @@
 
 `submit` gathers consecutive batches into groups of `ray.batches_per_call`; a full group goes into the
 object store once (inputs, and targets or labels) and a chain of `stage[s].step` calls, each taking the
-previous stage's `Hop` ref and the group's targets: Ray's ordered actor queues then run stage s on group g while stage s + 1 runs on group
-g - 1, and activations move from actor to actor without passing through the driver. Since no stage feeds
+previous stage's `Hop` ref and the group's targets: Ray's ordered actor queues then run stage s on group g
+while stage s + 1 runs on group g - 1, and activations move from actor to actor without passing through
+the driver. Since no stage feeds
 back to an earlier one, every stage sees the same inputs in the same order as in the in-process trainer,
 whatever the number of batches in flight or per call: the results are the same. `result` fetches one
 small object per group, the reports the last stage returns.
