@@ -59,6 +59,9 @@ if part cpu16; then
     CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
         --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json"
     echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
+    CUDA_VISIBLE_DEVICES= timeout 120 python3 benchmarks/thread_scaling.py --layers 1 2 16 --threads 1 2 8 16 \
+        --json "$OUT/thread_scaling_cpu16.json"
+    echo "# stage step vs threads done at $((SECONDS - START)) s"
 fi
 
 if part gpu; then

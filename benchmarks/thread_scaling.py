@@ -1,0 +1,104 @@
+"""How a stage's CPU step scales with its threads: what bounds a pipeline of few-thread stages.
+
+    python benchmarks/thread_scaling.py                          # 2 layers, 1 and 2 threads
+    python benchmarks/thread_scaling.py --layers 2 16 --threads 1 2 4 8 16
+
+A pipeline of S stages x T threads on S x T cores beats the in-process trainer on all cores by at most
+(in-process step time) / (one stage's step time) when its stages are never idle (efficiency 1). This times
+the paper MLP's step (width 1024, batch 256, cca) of a stage of `--layers` hidden layers at each thread
+count, fastest of `--rounds` rounds, and splits it with torch's profiler into the matrix products (the
+layers' forward and weight gradients, the kernels' Gram matrices: BLAS) and everything else (the kernels'
+solves, elementwise work, the optimizer), each with its speed-up over one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from hsic_ray.config import build_config
+from hsic_ray.data import iterate_batches, load_dataset
+from hsic_ray.experiment import build_seeded_network
+from hsic_ray.objective import HSICObjective
+from hsic_ray.stage import StageTrainer
+
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
+
+
+def stage_and_input(layers: int, width: int):
+    """A stage of `layers` hidden layers of the seeded paper MLP, the batch its first layer sees, and targets."""
+    cfg = build_config("paper_mlp", overrides={"model.depth": layers, "model.width": width})
+    data = load_dataset(cfg.data)
+    net = build_seeded_network(cfg, data)
+    objective = HSICObjective(cfg.hsic, data.num_classes)
+    batch = next(iterate_batches(data.x_train, data.y_train, cfg.train.batch_size, seed=0, epoch=1))
+    with torch.no_grad():
+        x = net.layers[0](batch.x).detach()  # the input block's output: what the hidden layers take
+    stage = StageTrainer(list(net.layers)[1 : 1 + layers], objective, cfg.optim)
+    return stage, x, objective.targets(batch.x, batch.y)
+
+
+def time_step(stage: StageTrainer, x, targets, steps: int, rounds: int) -> float:
+    for _ in range(2):
+        stage.train_step(x, targets)
+    best = float("inf")
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(steps):
+            stage.train_step(x, targets)
+        best = min(best, (time.perf_counter() - started) / steps)
+    return best
+
+
+def matrix_product_share(stage: StageTrainer, x, targets, steps: int) -> float:
+    """The share of a step's CPU time spent in matrix products."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            stage.train_step(x, targets)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / max(total, 1e-9)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, nargs="+", default=[2], help="hidden layers per stage")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+
+    print(f"# stage step vs threads ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+          f"width {args.width}, batch 256, cca)\n")  # fmt: skip
+    print("| layers | threads | ms per step | speed-up | matrix products ms | their speed-up | the rest ms | its speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    for layers in args.layers:
+        stage, x, targets = stage_and_input(layers, args.width)
+        base = None
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            seconds = time_step(stage, x, targets, args.steps, args.rounds)
+            share = matrix_product_share(stage, x, targets, args.steps)
+            row = {"layers": layers, "threads": threads, "step_ms": 1e3 * seconds,
+                   "matrix_ms": 1e3 * seconds * share, "rest_ms": 1e3 * seconds * (1 - share)}  # fmt: skip
+            base = base or row
+            results.append(row)
+            print(f"| {layers} | {threads} | {row['step_ms']:.1f} | {base['step_ms'] / row['step_ms']:.2f}x "
+                  f"| {row['matrix_ms']:.1f} | {base['matrix_ms'] / row['matrix_ms']:.2f}x "
+                  f"| {row['rest_ms']:.1f} | {base['rest_ms'] / row['rest_ms']:.2f}x |", flush=True)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"cores": os.cpu_count(), "rows": results}, f, indent=2)
+    return {"rows": results}
+
+
+if __name__ == "__main__":
+    main()
