@@ -2,6 +2,7 @@
 
     python benchmarks/thread_scaling.py                          # 2 layers, 1 and 2 threads
     python benchmarks/thread_scaling.py --layers 2 16 --threads 1 2 4 8 16
+    python benchmarks/thread_scaling.py --top 6          # also the largest operations besides the products
 
 A pipeline of S stages x T threads on S x T cores beats the in-process trainer on all cores by at most
 (in-process step time) / (one stage's step time) when its stages are never idle (efficiency 1). This times
@@ -55,14 +56,17 @@ def time_step(stage: StageTrainer, x, targets, steps: int, rounds: int) -> float
     return best
 
 
-def matrix_product_share(stage: StageTrainer, x, targets, steps: int) -> float:
-    """The share of a step's CPU time spent in matrix products."""
+def profile_step(stage: StageTrainer, x, targets, steps: int) -> tuple[float, list[tuple[str, float]]]:
+    """The share of a step's CPU time spent in matrix products, and the other operations' shares, largest first."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             stage.train_step(x, targets)
     events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    return sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / max(total, 1e-9)
+    total = max(sum(e.self_cpu_time_total for e in events), 1e-9)
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / total
+    others = sorted(((e.key, e.self_cpu_time_total / total) for e in events if e.key not in MATRIX_PRODUCTS),
+                    key=lambda item: -item[1])  # fmt: skip
+    return products, others
 
 
 def main(argv=None) -> dict:
@@ -72,6 +76,7 @@ def main(argv=None) -> dict:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=4, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--top", type=int, default=0, metavar="N", help="also print the N largest other operations")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
 
@@ -86,14 +91,19 @@ def main(argv=None) -> dict:
         for threads in args.threads:
             torch.set_num_threads(threads)
             seconds = time_step(stage, x, targets, args.steps, args.rounds)
-            share = matrix_product_share(stage, x, targets, args.steps)
+            share, others = profile_step(stage, x, targets, args.steps)
             row = {"layers": layers, "threads": threads, "step_ms": 1e3 * seconds,
-                   "matrix_ms": 1e3 * seconds * share, "rest_ms": 1e3 * seconds * (1 - share)}  # fmt: skip
+                   "matrix_ms": 1e3 * seconds * share, "rest_ms": 1e3 * seconds * (1 - share),
+                   "other_ops_ms": {name: 1e3 * seconds * part for name, part in others[: args.top]}}  # fmt: skip
             base = base or row
             results.append(row)
             print(f"| {layers} | {threads} | {row['step_ms']:.1f} | {base['step_ms'] / row['step_ms']:.2f}x "
                   f"| {row['matrix_ms']:.1f} | {base['matrix_ms'] / row['matrix_ms']:.2f}x "
                   f"| {row['rest_ms']:.1f} | {base['rest_ms'] / row['rest_ms']:.2f}x |", flush=True)  # fmt: skip
+    for row in results:
+        if row["other_ops_ms"]:
+            ops = ", ".join(f"{name} {ms:.1f}" for name, ms in row["other_ops_ms"].items())
+            print(f"\n{row['layers']} layers, {row['threads']} threads, the rest's largest (ms per step): {ops}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cores": os.cpu_count(), "rows": results}, f, indent=2)
