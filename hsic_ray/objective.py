@@ -58,6 +58,12 @@ class BatchTargets:
         return BatchTargets(move(self.x_factor), move(self.y_factor), move(self.failed))
 
 
+def targets_failed() -> FloatingPointError:
+    """The error for targets whose `failed` flag was set: float64 could not make their kernel system
+    positive definite either."""
+    return not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
+
+
 @dataclass
 class StageLosses:
     """Each layer's local loss and its two dependence terms, for a stage's layers at once."""

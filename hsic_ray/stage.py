@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hsic_ray.config import OptimConfig
 from hsic_ray.hsic import not_positive_definite
-from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.objective import BatchTargets, HSICObjective, targets_failed
 from hsic_ray.probes import probe_view
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.step_graph import CapturedStep
@@ -134,7 +134,7 @@ class StageTrainer:
         layers skipped their HSIC gradient on those steps); after float64 failures, or a batch's targets that
         failed (in float64 already), raise."""
         if bool(self._targets_failed):
-            raise not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
+            raise targets_failed()
         failed = self._failures.nonzero().flatten().tolist()
         if not failed:
             return

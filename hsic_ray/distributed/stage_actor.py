@@ -21,9 +21,8 @@ from hsic_ray import checkpoint
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport
-from hsic_ray.hsic import not_positive_definite
 from hsic_ray.models import Shape, build_network
-from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.objective import BatchTargets, HSICObjective, targets_failed
 from hsic_ray.resources import threads_for
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.schedule import LRSchedule
@@ -79,7 +78,7 @@ class StageActor:
                     for slot, (x, y) in enumerate(zip(inputs.activations, labels))]  # fmt: skip
         flags = [t.failed for t in computed if t.failed is not None]
         if flags and bool(torch.stack(flags).any()):  # one wait for the device, which the copies below need anyway
-            raise not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
+            raise targets_failed()
         wire = [targets_to_numpy(t) for t in computed]
         self._targets_seconds += time.perf_counter() - started
         return wire
