@@ -5,6 +5,7 @@
     python benchmarks/bench_pipeline.py --long 600            # object-store use over a long run
     python benchmarks/bench_pipeline.py --stages 2 4 8 16 --threads-per-stage   # stages x threads = cores
     python benchmarks/bench_pipeline.py --device cuda --targets-on coordinator first_stage
+    python benchmarks/bench_pipeline.py --json run.json --plot run.png   # figures kept, samples/s drawn
 
 Prints samples/s of each against the in-process trainer at its best thread count on this machine, the
 pipeline efficiency (measured throughput over 1 / slowest stage's busy time per batch), where a batch's
@@ -37,6 +38,7 @@ from hsic_ray.experiment import build_seeded_network
 from hsic_ray.local import LocalPipeline
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
+from hsic_ray.plots import plot_curves
 from hsic_ray.trainer import with_targets
 
 
@@ -158,6 +160,17 @@ def hop_ms(kind: str, hops: int = 50) -> float:
     return 1e3 * (time.perf_counter() - started) / hops
 
 
+def plot_throughput(results: dict, best_threads: int, path: str, title: str) -> None:
+    """Samples/s against stages, one line per place targets were computed, and the in-process trainer's best."""
+    runs = results["pipeline"]
+    series = {f"ray pipeline, targets on {where}": [(r["stages"], r["samples_per_second"])
+                                                    for r in runs if r["targets_on"] == where]
+              for where in dict.fromkeys(r["targets_on"] for r in runs)}  # fmt: skip
+    best, stages = results["in_process"][best_threads], sorted({r["stages"] for r in runs})
+    series[f"in process ({best_threads} threads)"] = [(n, best) for n in stages]
+    plot_curves(series, path, xlabel="stages", ylabel="samples/s", title=title, xticks=stages, ymin=0)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", type=int, nargs="+", default=[2, 4, 8])
@@ -177,7 +190,11 @@ def main(argv=None):
                    "(default: 1, 2, half and all cores)")
     p.add_argument("--long", type=int, default=0, metavar="STEPS", help="also sample object-store use over a run this long")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="PNG", help="also draw samples/s against stages, beside the in-process trainer's")
     args = p.parse_args(argv)
+    for path in filter(None, (args.json, args.plot)):
+        if not os.path.isdir(os.path.dirname(path) or "."):
+            p.error(f"{path}: its directory does not exist; create it first")
 
     cfg = build_config("paper_mlp", overrides={"model.depth": args.depth, "model.width": args.width})
     data = load_dataset(cfg.data)
@@ -257,6 +274,9 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
+    if args.plot:
+        plot_throughput(results, best_threads, args.plot, title=f"{card}, {cores} cores: width {args.width}, "
+                        f"{cfg.num_hsic_layers} layers, batch {batch}")  # fmt: skip
     ray.shutdown()
 
 

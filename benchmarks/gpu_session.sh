@@ -57,7 +57,8 @@ fi
 
 if part cpu16; then
     CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
-        --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json"
+        --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json" \
+        --plot "$OUT/pipeline_cpu16.png"
     echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
     CUDA_VISIBLE_DEVICES= timeout 120 python3 benchmarks/thread_scaling.py --layers 1 2 16 --threads 1 2 8 16 \
         --json "$OUT/thread_scaling_cpu16.json"
@@ -66,7 +67,8 @@ fi
 
 if part gpu; then
     timeout 200 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
-        --in-process-threads 16 --steps 60 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json"
+        --in-process-threads 16 --steps 60 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
+        --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
 fi
 

@@ -138,7 +138,7 @@ class RayConfig:
     # the measured step time, so that Ray's cost per call stays under a tenth of the call's compute.
     batches_per_call: Optional[int] = None
     # Where each batch's targets (the factors of X's and Y's kernels) are computed, once for every stage:
-    # coordinator (on its CPU, in a thread) or first_stage (on the first stage's device, in a call of its own).
+    # coordinator (on its CPU, in a thread) or first_stage (on the first stage's device, in its step call).
     # None: first_stage when stages have GPUs, where the coordinator's CPU would bound the pipeline.
     targets_on: Optional[str] = None
     max_recoveries: int = 10  # stage actors recreated after failures before the run gives up

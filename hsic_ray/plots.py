@@ -211,10 +211,14 @@ def plot_curves(
     xlabel: str,
     ylabel: str,
     title: str = "",
+    xticks: Sequence[float] | None = None,
+    ymin: float | None = None,
 ) -> None:
     """A line plot, one line (with point markers) per named series of (x, y) points, with a legend,
-    written as a PNG to `path`. Raises ValueError, before anything is written, when there is no series,
-    a series has no points, or a point is not a finite (x, y) pair."""
+    written as a PNG to `path`; `xticks`: where the x axis is labelled (default: matplotlib's choice),
+    `ymin`: where the y axis starts (0 for throughputs, so that differences are not magnified). Raises
+    ValueError, before anything is written, when there is no series, a series has no points, or a point,
+    tick or ymin is not finite."""
     if not isinstance(series, Mapping) or len(series) == 0:
         raise ValueError("series must be a non-empty dict of name -> list of (x, y) points")
     data: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -236,11 +240,17 @@ def plot_curves(
             xs.append(_finite_float(x, f"series {name!r} point {k} x"))
             ys.append(_finite_float(y, f"series {name!r} point {k} y"))
         data.append((str(name), np.asarray(xs), np.asarray(ys)))
+    ticks = None if xticks is None else [_finite_float(x, f"xticks[{k}]") for k, x in enumerate(xticks)]
+    floor = None if ymin is None else _finite_float(ymin, "ymin")
 
     fig = Figure(figsize=FIGSIZE)
     ax = fig.add_subplot(1, 1, 1)
     for name, xs, ys in data:
         ax.plot(xs, ys, "-o", markersize=4, label=name)
+    if ticks is not None:
+        ax.set_xticks(ticks)
+    if floor is not None:
+        ax.set_ylim(bottom=floor)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)

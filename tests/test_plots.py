@@ -128,6 +128,18 @@ def test_curves_writes_png(tmp_path):
     _no_temp_files(tmp_path, ["curves.png"])
 
 
+def test_curves_take_ticks_and_a_floor_and_refuse_non_finite_ones(tmp_path):
+    path = tmp_path / "throughput.png"
+    series = {"pipeline": [(2, 2400.0), (4, 2200.0), (8, 1700.0)], "in process": [(2, 2100.0), (8, 2100.0)]}
+    plot_curves(series, path, xlabel="stages", ylabel="samples/s", xticks=[2, 4, 8], ymin=0)
+    _assert_png(path)
+    for bad in ({"xticks": [2, float("nan")]}, {"ymin": float("-inf")}, {"xticks": ["two"]}):
+        with pytest.raises(ValueError, match="xticks|ymin"):
+            plot_curves(series, tmp_path / "bad.png", xlabel="x", ylabel="y", **bad)
+        assert not (tmp_path / "bad.png").exists()
+    _no_temp_files(tmp_path, ["throughput.png"])
+
+
 @pytest.mark.parametrize(
     "series",
     [

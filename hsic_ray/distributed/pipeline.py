@@ -10,9 +10,10 @@ whatever the number of batches in flight or per call: the results are the same. 
 small object per group, the reports the last stage returns.
 
 Each batch's targets (`ray.targets_on`) are computed once for every stage: by the coordinator on its CPU
-(a thread of the training loop computes them ahead), or by the first stage on its device, in a call of
-its own ahead of its step, from the group's inputs and labels. With stages on GPUs the coordinator's CPU
-would be the slowest part of the pipeline (README, "Ray pipeline").
+(a thread of the training loop computes them ahead), or by the first stage on its device, in its step
+call from the group's inputs and labels, which returns them as one more object for the stages after it.
+With stages on GPUs the coordinator's CPU would be the slowest part of the pipeline (README, "Ray
+pipeline").
 
 When a stage actor dies (its process killed, its node lost), `result` recreates it in its placement
 bundle from the latest checkpoint and resends the groups it lost, from the first stage that failed;
@@ -103,7 +104,7 @@ class RayPipeline:
         # A coordinator that computes targets mostly waits for the stages: targets computed meanwhile in a
         # thread cost nothing. None: the loop hands over labels, for the first stage.
         self.targets_device = torch.device("cpu") if self.targets_on == "coordinator" else None
-        self.prefetch_targets = True
+        self.prefetch_targets = self.targets_on == "coordinator"
         self.batches_per_call = cfg.ray.batches_per_call or 1
         self.max_in_flight = self._in_flight_bound()
         self._actor_args = (cfg, tuple(input_shape), num_classes, schedule)
@@ -154,14 +155,21 @@ class RayPipeline:
 
     def _chain(self, group: _Group, first_stage: int) -> None:
         del group.hops[first_stage:]
-        if first_stage == 0 and self.targets_on == "first_stage":
-            group.targets = self.actors[0].targets.remote(group.inputs, group.labels)
         hop = group.inputs if first_stage == 0 else group.hops[first_stage - 1]
-        for actor in self.actors[first_stage:-1]:
-            hop = actor.step.remote(hop, group.targets)
+        for stage in range(first_stage, self.num_stages):
+            hop, *rest = self._call_step(stage, hop, group)
             group.hops.append(hop)
-        outputs, group.reports_ref = self.actors[-1].step_last.options(num_returns=2).remote(hop, group.targets)
-        group.hops.append(outputs)
+        group.reports_ref = rest[0]
+
+    def _call_step(self, stage: int, hop: ray.ObjectRef, group: _Group) -> list[ray.ObjectRef]:
+        """Stage `stage`'s step on `group`: its hop's ref, and the last stage's reports' ref after it."""
+        actor, last = self.actors[stage], stage == self.num_stages - 1
+        if stage == 0 and self.targets_on == "first_stage":
+            *refs, group.targets = actor.step_first.options(num_returns=3 if last else 2).remote(hop, group.labels, last)
+            return refs
+        if last:
+            return actor.step_last.options(num_returns=2).remote(hop, group.targets)
+        return [actor.step.remote(hop, group.targets)]
 
     def result(self, handle: _Handle, want_output: bool, read_back: bool = True) -> StepResult:
         # Stage reports are host data already (each actor checks its own health every call): read_back is moot.

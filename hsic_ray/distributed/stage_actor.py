@@ -22,7 +22,7 @@ from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport
 from hsic_ray.models import Shape, build_network
-from hsic_ray.objective import BatchTargets, HSICObjective, targets_failed
+from hsic_ray.objective import BatchTargets, HSICObjective
 from hsic_ray.resources import threads_for
 from hsic_ray.run_dir import RunDirectory
 from hsic_ray.schedule import LRSchedule
@@ -67,50 +67,58 @@ class StageActor:
         lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, spec.layers, cfg.num_hsic_layers)
         self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales, schedule)
         self._last_end: Optional[float] = None
-        self._targets_seconds = 0.0  # spent in `targets` since the last step: busy, not idle, time
         if restore is not None:
             self.load(*restore)
-
-    def targets(self, inputs: Hop, labels: list[np.ndarray]) -> list[WireTargets]:
-        """Each batch's targets for every stage, computed on this stage's device (ray.targets_on=first_stage)."""
-        started, objective = time.perf_counter(), self.trainer.objective
-        computed = [objective.targets(self.transport.receive(x, f"x{slot}"), self.transport.receive(y, f"y{slot}"))
-                    for slot, (x, y) in enumerate(zip(inputs.activations, labels))]  # fmt: skip
-        flags = [t.failed for t in computed if t.failed is not None]
-        if flags and bool(torch.stack(flags).any()):  # one wait for the device, which the copies below need anyway
-            raise targets_failed()
-        wire = [targets_to_numpy(t) for t in computed]
-        self._targets_seconds += time.perf_counter() - started
-        return wire
 
     def step(self, hop: Hop, targets: list[WireTargets]) -> Hop:
         """One local HSIC step of this stage's layers on each batch of the group, in order. On a GPU the
         batches' copies and steps are queued back to back, and the call waits for the device once."""
+        return self._steps(hop, targets=targets)[0]
+
+    def step_last(self, hop: Hop, targets: list[WireTargets]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+        """`step` for the last stage: output and reports as two objects, so the coordinator can fetch the
+        small one alone."""
+        return tuple(self.step(hop, targets))
+
+    def step_first(self, hop: Hop, labels: list[np.ndarray], last: bool) -> tuple:
+        """`step` for a first stage that computes every stage's targets on its device (ray.targets_on=
+        first_stage): from each batch's inputs, received once for both, and labels. It steps on them where
+        they are, and returns them for the stages after it as one more object: (hop, targets), or
+        (outputs, reports, targets) when it is also the last stage."""
+        out, targets = self._steps(hop, labels=labels)
+        return (*out, targets) if last else (out, targets)
+
+    def _steps(self, hop: Hop, targets: Optional[list[WireTargets]] = None,
+               labels: Optional[list[np.ndarray]] = None) -> tuple[Hop, Optional[list[WireTargets]]]:  # fmt: skip
+        """The group's steps on the given `targets`, or on targets computed here from `labels` (then also
+        returned, for the wire)."""
         started = time.perf_counter()
-        extra, self._targets_seconds = self._targets_seconds, 0.0
-        idle = 0.0 if self._last_end is None else max(0.0, started - self._last_end - extra)
-        results, transfer = [], 0.0
-        for slot, (x, wire_targets) in enumerate(zip(hop.activations, targets)):
+        idle = 0.0 if self._last_end is None else max(0.0, started - self._last_end)
+        results, computed, transfer = [], [], 0.0
+        for slot, x in enumerate(hop.activations):
             moved = time.perf_counter()
-            x, batch_targets = self.transport.receive(x, f"x{slot}"), self._receive_targets(wire_targets, slot)
+            x = self.transport.receive(x, f"x{slot}")
+            if labels is None:
+                batch_targets = self._receive_targets(targets[slot], slot)
+            else:
+                y = self.transport.receive(labels[slot], f"y{slot}")
             transfer += time.perf_counter() - moved
+            if labels is not None:
+                batch_targets = self.trainer.objective.targets(x, y)
+                computed.append(batch_targets)
             results.append(self.trainer.train_step(x, batch_targets))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies back wait for the steps anyway: time them apart
         moved = time.perf_counter()
         outputs = self.transport.send([out for out, _ in results])
         stats = torch.stack([layer_stats for _, layer_stats in results]).cpu().numpy()
+        wire = [targets_to_numpy(t) for t in computed] if labels is not None else None
         transfer += time.perf_counter() - moved
         self.trainer.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
-        report = {"stage": self.spec.index, "stats": stats, "busy": self._last_end - started + extra,
+        report = {"stage": self.spec.index, "stats": stats, "busy": self._last_end - started,
                   "idle": idle, "transfer": transfer}  # fmt: skip
-        return Hop(outputs, hop.reports + [report])
-
-    def step_last(self, hop: Hop, targets: list[WireTargets]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
-        """`step` for the last stage: output and reports as two objects, so the coordinator can fetch the
-        small one alone."""
-        return tuple(self.step(hop, targets))
+        return Hop(outputs, hop.reports + [report]), wire
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
