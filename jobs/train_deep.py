@@ -17,7 +17,7 @@ import logging
 import sys
 
 from hsic_ray.cli import RUN_FLAGS, JobArgumentParser, add_run_arguments, build_run_config, run_job
-from hsic_ray.config import CUDA_GRAPHS, LR_SCHEDULES, NULL, STRATEGIES, TRAINERS
+from hsic_ray.config import CUDA_GRAPHS, LR_SCHEDULES, NULL, STRATEGIES, TARGETS_ON, TRAINERS
 from hsic_ray.experiment import run_hsic
 from hsic_ray.hsic import ESTIMATORS
 
@@ -42,6 +42,7 @@ HSIC_FLAGS = {
     "strategy": "ray.strategy",
     "max_in_flight": "ray.max_in_flight",
     "batches_per_call": "ray.batches_per_call",
+    "targets_on": "ray.targets_on",
 }
 
 
@@ -73,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ray.add_argument("--strategy", choices=STRATEGIES, help="placement group strategy (default PACK)")
     ray.add_argument("--max-in-flight", type=int, help="batches in the pipeline at once (default 2 x stages x batches per call)")
     ray.add_argument("--batches-per-call", type=int, help="batches a stage takes per actor call (default: from the step time)")
+    ray.add_argument("--targets-on", choices=TARGETS_ON, help="where each batch's targets are computed, once for every "
+                     "stage (default: first_stage when stages have GPUs, else coordinator)")  # fmt: skip
     return p.parse_intermixed_args(argv)  # KEY=VALUE settings may stand between flags
 
 

@@ -152,3 +152,22 @@ def test_every_job_takes_data_family():
 
     spec = sweep_depth.build_spec(sweep_depth.parse_args([*argv, "--depths", "2", "5"]))
     assert [cfg.hsic.beta for cfg in trial_configs(spec)] == [1000.0, 1000.0]
+
+
+def test_train_deep_pipeline_flags_reach_the_ray_config():
+    import sys
+    from pathlib import Path
+
+    from hsic_ray.cli import RUN_FLAGS, build_run_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import train_deep
+
+    argv = ["--stages", "3", "--gpus-per-stage", "0.5", "--cpus-per-stage", "2", "--strategy", "SPREAD",
+            "--max-in-flight", "7", "--batches-per-call", "4", "--targets-on", "first_stage"]  # fmt: skip
+    ray = build_run_config(train_deep.parse_args(argv), RUN_FLAGS, train_deep.HSIC_FLAGS).ray
+    assert (ray.stages, ray.gpus_per_stage, ray.cpus_per_stage, ray.strategy) == (3, 0.5, 2.0, "SPREAD")
+    assert (ray.max_in_flight, ray.batches_per_call, ray.targets_on) == (7, 4, "first_stage")
+    assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, train_deep.HSIC_FLAGS).ray.targets_on is None
+    with pytest.raises(SystemExit):
+        train_deep.parse_args(["--targets-on", "gpu"])
