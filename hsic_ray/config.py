@@ -185,7 +185,7 @@ def dataset_family(source: str, family: Optional[str] = None) -> str:
     if family is None:
         return named.get(source, "mnist")
     _check_choice("data.family", family, DATASET_FAMILIES)
-    _check(source not in named or named[source] == family, "data.family", family,
+    check_setting(source not in named or named[source] == family, "data.family", family,
            f"{named.get(source)} (or null) for data.source={source!r}; another family applies to npz: and parquet: files")  # fmt: skip
     return family
 
@@ -259,17 +259,18 @@ PRESETS: dict[str, Callable[[str, Optional[str]], ExperimentConfig]] = {
 # --- validation ------------------------------------------------------------------------------------------
 
 
-def _check(ok: bool, name: str, value: Any, expected: str) -> None:
+def check_setting(ok: bool, name: str, value: Any, expected: str) -> None:
+    """Raise the one error every invalid setting gets: "NAME=VALUE is invalid: expected EXPECTED"."""
     if not ok:
         raise ConfigError(f"{name}={value!r} is invalid: expected {expected}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, name, value, f"one of {', '.join(choices)}")
+    check_setting(value in choices, name, value, f"one of {', '.join(choices)}")
 
 
 def _check_positive(name: str, value: Any, minimum: float = 1) -> None:
-    _check(value is not None and value >= minimum, name, value, f"a number >= {minimum}")
+    check_setting(value is not None and value >= minimum, name, value, f"a number >= {minimum}")
 
 
 MAX_EVAL_SAMPLES = 4096  # the information plane's batch: each layer builds an N x N kernel of it
@@ -292,22 +293,22 @@ def _check_numbers(obj: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             _check_numbers(value, f"{name}.")
         elif isinstance(value, float):
-            _check(math.isfinite(value), name, value, "a finite number")
+            check_setting(math.isfinite(value), name, value, "a finite number")
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every field once; raise ConfigError naming the first bad one and what it accepts."""
     _check_numbers(cfg)
     source = cfg.data.source
-    _check(
+    check_setting(
         source in DATASET_NAMES or (source.startswith(DATASET_PREFIXES) and len(source) > 4),
         "data.source",
         source,
         f"one of {', '.join(DATASET_NAMES)}, npz:PATH or parquet:URI",
     )
     dataset_family(source, cfg.data.family)
-    _check(0 <= cfg.data.split_seed <= MAX_SEED, "data.split_seed", cfg.data.split_seed, f"an integer in [0, {MAX_SEED}]")
-    _check(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)")
+    check_setting(0 <= cfg.data.split_seed <= MAX_SEED, "data.split_seed", cfg.data.split_seed, f"an integer in [0, {MAX_SEED}]")
+    check_setting(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)")
     _check_choice("model.arch", cfg.model.arch, ARCHITECTURES)
     _check_choice("model.activation", cfg.model.activation, ACTIVATIONS)
     _check_choice("model.init", cfg.model.init, INITS)
@@ -315,18 +316,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_positive("model.width", cfg.model.width)
     _check_positive("model.last_width", cfg.model.last_width)
     _check_choice("hsic.estimator", cfg.hsic.estimator, ESTIMATORS)
-    _check(cfg.hsic.sigma is None or cfg.hsic.sigma > 0, "hsic.sigma", cfg.hsic.sigma, "a positive number or null (median heuristic)")
-    _check(cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0, "hsic.layer_sigma", cfg.hsic.layer_sigma,
+    check_setting(cfg.hsic.sigma is None or cfg.hsic.sigma > 0, "hsic.sigma", cfg.hsic.sigma, "a positive number or null (median heuristic)")
+    check_setting(cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0, "hsic.layer_sigma", cfg.hsic.layer_sigma,
            "a positive number or null (the same as hsic.sigma)")  # fmt: skip
-    _check(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
-    _check(cfg.hsic.lr_scale_last > 0, "hsic.lr_scale_last", cfg.hsic.lr_scale_last, "a positive number")
-    _check(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
-    _check(not cfg.hsic.leave_one_out or cfg.hsic.estimator == "cca", "hsic.leave_one_out", cfg.hsic.leave_one_out,
+    check_setting(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
+    check_setting(cfg.hsic.lr_scale_last > 0, "hsic.lr_scale_last", cfg.hsic.lr_scale_last, "a positive number")
+    check_setting(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
+    check_setting(not cfg.hsic.leave_one_out or cfg.hsic.estimator == "cca", "hsic.leave_one_out", cfg.hsic.leave_one_out,
            "false with hsic.estimator other than cca (the leave-one-out fit is cca's kernel ridge regression)")  # fmt: skip
     for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):
-        _check(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
-        _check(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
-        _check(opt.weight_decay >= 0, f"{prefix}.weight_decay", opt.weight_decay, "a number >= 0")
+        check_setting(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
+        check_setting(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
+        check_setting(opt.weight_decay >= 0, f"{prefix}.weight_decay", opt.weight_decay, "a number >= 0")
     for prefix, opt in (("optim", cfg.optim), ("backprop", cfg.backprop)):
         _check_choice(f"{prefix}.schedule", opt.schedule, LR_SCHEDULES)
     _check_positive("head.epochs", cfg.head.epochs, minimum=0)
@@ -334,39 +335,39 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     # HSIC compares samples within a batch: a batch of one has no pairs.
     _check_positive("train.batch_size", cfg.train.batch_size, minimum=2)
     _check_positive("train.epochs", cfg.train.epochs)
-    _check(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "a number >= 1 or null")
+    check_setting(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "a number >= 1 or null")
     _check_positive("train.log_every", cfg.train.log_every)
-    _check(2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES, "train.eval_samples", cfg.train.eval_samples,
+    check_setting(2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES, "train.eval_samples", cfg.train.eval_samples,
            f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)")  # fmt: skip
     _check_positive("train.probe_samples", cfg.train.probe_samples, minimum=0)
-    _check(0 <= cfg.train.seed <= MAX_SEED, "train.seed", cfg.train.seed, f"an integer in [0, {MAX_SEED}]")
+    check_setting(0 <= cfg.train.seed <= MAX_SEED, "train.seed", cfg.train.seed, f"an integer in [0, {MAX_SEED}]")
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _check_choice("train.cuda_graphs", cfg.train.cuda_graphs, CUDA_GRAPHS)
-    _check(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
+    check_setting(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
            cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
     _check_positive("train.bn_calibration_batches", cfg.train.bn_calibration_batches, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
-    _check(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")
-    _check(cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers, "ray.stages", cfg.ray.stages,
+    check_setting(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")
+    check_setting(cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers, "ray.stages", cfg.ray.stages,
            f"at most the {cfg.num_hsic_layers} HSIC-trained layers (depth + 2)")  # fmt: skip
-    _check(cfg.ray.gpus_per_stage is None or cfg.ray.gpus_per_stage >= 0, "ray.gpus_per_stage",
+    check_setting(cfg.ray.gpus_per_stage is None or cfg.ray.gpus_per_stage >= 0, "ray.gpus_per_stage",
            cfg.ray.gpus_per_stage, "a number >= 0 (fractions share a GPU) or null (auto)")  # fmt: skip
-    _check(cfg.ray.cpus_per_stage > 0, "ray.cpus_per_stage", cfg.ray.cpus_per_stage, "a positive number")
-    _check(cfg.ray.coordinator_cpus > 0, "ray.coordinator_cpus", cfg.ray.coordinator_cpus, "a positive number")
+    check_setting(cfg.ray.cpus_per_stage > 0, "ray.cpus_per_stage", cfg.ray.cpus_per_stage, "a positive number")
+    check_setting(cfg.ray.coordinator_cpus > 0, "ray.coordinator_cpus", cfg.ray.coordinator_cpus, "a positive number")
     _check_choice("ray.strategy", cfg.ray.strategy, STRATEGIES)
-    _check(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
+    check_setting(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
            cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
-    _check(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
+    check_setting(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
            cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
     if cfg.ray.targets_on is not None:
         _check_choice("ray.targets_on", cfg.ray.targets_on, TARGETS_ON)
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
-    _check(cfg.ray.address is None or is_ray_address(cfg.ray.address), "ray.address", cfg.ray.address,
+    check_setting(cfg.ray.address is None or is_ray_address(cfg.ray.address), "ray.address", cfg.ray.address,
            "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null")  # fmt: skip
-    _check(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a positive number of seconds")
-    _check(cfg.output is None or bool(cfg.output.strip()), "output", cfg.output, "a directory path or URI (or null: runs/<preset>-<time>)")
-    _check(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
+    check_setting(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a positive number of seconds")
+    check_setting(cfg.output is None or bool(cfg.output.strip()), "output", cfg.output, "a directory path or URI (or null: runs/<preset>-<time>)")
+    check_setting(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
     return cfg
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from hsic_ray import backprop, checkpoint, run_claim
 from hsic_ray.checkpoint import CheckpointError
-from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
+from hsic_ray.config import ConfigError, ExperimentConfig, check_setting, config_from_yaml_text, save_config
 from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
@@ -251,12 +251,9 @@ def training_failure(exc: Exception) -> str:
 
 
 def _check_worker_settings(cfg: ExperimentConfig, workers: int, cpus_per_worker: float, max_failures: int) -> None:
-    if workers < 1:
-        raise ConfigError(f"workers={workers!r} is invalid: expected a number >= 1")
-    if max_failures < 0:
-        raise ConfigError(f"max_failures={max_failures!r} is invalid: expected a number >= 0")
-    if cpus_per_worker <= 0:
-        raise ConfigError(f"cpus_per_worker={cpus_per_worker!r} is invalid: expected a positive number")
+    check_setting(workers >= 1, "workers", workers, "a number >= 1")
+    check_setting(max_failures >= 0, "max_failures", max_failures, "a number >= 0")
+    check_setting(cpus_per_worker > 0, "cpus_per_worker", cpus_per_worker, "a positive number")
     if cfg.train.batch_size < 2 * workers:
         raise ConfigError(
             f"train.batch_size={cfg.train.batch_size} is invalid for {workers} workers: each worker's share of a "
