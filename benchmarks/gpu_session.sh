@@ -41,12 +41,14 @@ lscpu | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\))"  # cores against hyp
 echo "# setup done at $((SECONDS - START)) s"
 
 # The tests that need CUDA (skipped on the development machine): CUDA graphs against eager steps, with and
-# without a learning-rate schedule and with the leave-one-out fit, the pinned transport, and the loop's
-# targets computed on the GPU. pytest is assumed there; if not, this fails alone.
-# targets on the GPU without a host read, and the in-process loop that never waits for the device.
+# without a learning-rate schedule and with the leave-one-out fit, the pinned transport, the loop's targets
+# computed on the GPU without a host read, the in-process loop that never waits for the device, and the Ray
+# pipeline with its stages sharing the GPU against the in-process trainer on it. pytest is assumed there; if
+# not, this fails alone.
 if part tests; then
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_batched_step.py tests/test_pipeline_units.py \
         tests/test_trainer.py -k "cuda or pinned or gpu" 2>&1 | tail -5
+    timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_ray_pipeline_gpu.py 2>&1 | tail -5
     echo "# CUDA tests done at $((SECONDS - START)) s"
 fi
 

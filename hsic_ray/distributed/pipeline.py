@@ -116,8 +116,8 @@ class RayPipeline:
         self._busy_per_batch: list[float] = []  # the slowest stage's, per group, until batches_per_call is chosen
         self.actors = [self._start(spec) for spec in specs]
         self.placements = ray.get([a.where.remote() for a in self.actors])
-        log.info("pipeline plan (%d stages, %d in flight):\n%s", self.num_stages, self.max_in_flight,
-                 describe_plan(specs, self.placements))  # fmt: skip
+        log.info("pipeline plan (%d stages, %d in flight, targets on the %s):\n%s", self.num_stages,
+                 self.max_in_flight, self.targets_on.replace("_", " "), describe_plan(specs, self.placements))  # fmt: skip
 
     def _in_flight_bound(self) -> int:
         # Two groups per stage: one being computed and one waiting, so a stage that finishes a group finds
