@@ -47,15 +47,10 @@ def object_store_mib() -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def batches(data, batch_size, steps):
-    epoch = 1
-    while True:
-        for batch in iterate_batches(data.x_train, data.y_train, batch_size, seed=0, epoch=epoch):
-            yield batch
-            steps -= 1
-            if steps == 0:
-                return
-        epoch += 1
+def batches(data, batch_size):
+    """Training batches, epoch after epoch, without end."""
+    for epoch in itertools.count(1):
+        yield from iterate_batches(data.x_train, data.y_train, batch_size, seed=0, epoch=epoch)
 
 
 class _Stopwatch:
@@ -79,43 +74,46 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     """The trainer's loop without its logging: targets computed as the trainer does (`with_targets`),
     submission with bounded in-flight batches, results collected in order; timed part by part.
 
-    The clock starts when the last warm-up batch's result arrives, so a pipeline's fill (its first batch
-    crossing every stage) is not counted: over a few dozen batches at 16 stages it would be a third of the
-    time, where a training run's thousands of batches pay it once."""
-    assert warmup >= 1, "the clock starts at the last warm-up batch's result"
+    The clock runs over `steps` batches in the pipeline's steady state. It starts once the pipeline has
+    settled how many batches go in a call (`RayPipeline.settled`) and a full in-flight window of batches
+    sent since, and `warmup` more, have come out: a pipeline's fill, its first group crossing every stage
+    (a third of the time over a few dozen batches at 16 stages, and again when the group size changes),
+    is paid once by a training run's thousands of batches."""
     watch = _Stopwatch()
-    items = with_targets(batches(data, batch_size, steps + warmup), watch.timed("targets", objective.targets), pipeline)
-    next_item = watch.timed("waiting for targets", lambda: next(items, None))
+    items = with_targets(batches(data, batch_size), watch.timed("targets", objective.targets), pipeline)
+    next_item = watch.timed("waiting for targets", lambda: next(items))
     submit = watch.timed("submit", pipeline.submit)
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))
     pending, memory, timed, started = collections.deque(), [], 0, None
+    submitted, last_untimed = 0, None  # the last batch before the clock, once known
     stage = np.zeros((pipeline.num_stages, 3))  # per stage: seconds busy, idle, transferring
 
     def finish():
         nonlocal timed, started
         j, handle = pending.popleft()
         step = result(handle)
-        if j == warmup - 1:
+        if j == last_untimed:
             started, watch.seconds = time.perf_counter(), collections.Counter()
-        if j < warmup:
+        if last_untimed is None or j <= last_untimed:
             return
         timed += 1
         if step.stage_seconds:  # the in-process trainer reports none
             stage[:, :2] += step.stage_seconds
             stage[:, 2] += step.stage_transfer_seconds
 
-    for i in itertools.count():
-        item = next_item()
-        if item is None:
-            break
-        pending.append((i, submit(*item)))
+    while last_untimed is None or submitted <= last_untimed + steps:
+        if last_untimed is None and getattr(pipeline, "settled", True):
+            last_untimed = submitted + pipeline.max_in_flight + warmup - 1
+        pending.append((submitted, submit(*next_item())))
+        submitted += 1
         while len(pending) >= pipeline.max_in_flight:
             finish()
-        if sample_memory_every and i % sample_memory_every == 0:
-            memory.append((i, object_store_mib()))
+        if sample_memory_every and submitted % sample_memory_every == 0:
+            memory.append((submitted, object_store_mib()))
     while pending:
         finish()
     seconds = time.perf_counter() - started
+    getattr(items, "close", lambda: None)()  # stops with_targets' prefetching thread
     stage /= timed
     return {
         "samples_per_second": timed * batch_size / seconds,
@@ -125,6 +123,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
         "coordinator_per_batch": {part: s / timed for part, s in watch.seconds.items()},
         "batches_per_call": getattr(pipeline, "batches_per_call", 1),
         "max_in_flight": pipeline.max_in_flight,
+        "untimed_batches": last_untimed + 1,
         "memory_mib": memory,
     }
 
@@ -177,7 +176,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--depth", type=int, default=6, help="hidden blocks (6: 8 layers, enough for 8 stages)")
     p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=5, help="batches after the pipeline's fill before the clock starts")
     p.add_argument("--batches-per-call", type=int, help="default: chosen by the pipeline from the step time")
     p.add_argument("--max-in-flight", type=int, help="default: the pipeline's, 2 x stages x batches per call")
     p.add_argument("--targets-on", nargs="+", choices=("auto", *TARGETS_ON), default=["auto"],

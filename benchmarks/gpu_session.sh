@@ -68,8 +68,8 @@ if part cpu16; then
 fi
 
 if part gpu; then
-    timeout 200 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
-        --in-process-threads 16 --steps 60 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
+    timeout 300 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
+        --in-process-threads 16 --steps 400 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
         --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
 fi

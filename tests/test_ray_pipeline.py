@@ -12,7 +12,12 @@ import ray
 import torch
 
 from hsic_ray.config import build_config
-from hsic_ray.experiment import run_hsic
+from hsic_ray.data import iterate_batches
+from hsic_ray.distributed.pipeline import GROUPS_BEFORE_CHOOSING, RayPipeline
+from hsic_ray.distributed.placement import plan_stages
+from hsic_ray.experiment import build_seeded_network, run_hsic
+from hsic_ray.models import layer_step_costs
+from hsic_ray.objective import HSICObjective
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,6 +91,30 @@ def test_pipeline_metrics_report_stage_times_and_in_flight_depth(tmp_path, digit
     steps = records(tmp_path / "run", "step")
     assert max(r["in_flight"] for r in steps) == 6  # 2 x stages by default (one batch per call on CPUs)
     assert all(len(r["stage_busy_seconds"]) == 3 for r in steps)
+
+
+def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups(tmp_path, digits):
+    cfg = config(tmp_path, "ray")
+    net = build_seeded_network(cfg, digits)
+    objective = HSICObjective(cfg.hsic, digits.num_classes)
+    specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), {"CPU": 3.0, "GPU": 0.0})
+    pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
+    try:
+        assert not pipeline.settled and (pipeline.batches_per_call, pipeline.max_in_flight) == (1, 4)
+        batches = iterate_batches(digits.x_train, digits.y_train, cfg.train.batch_size, seed=0, epoch=1)
+        for _, batch in zip(range(GROUPS_BEFORE_CHOOSING), batches):
+            assert not pipeline.settled
+            pipeline.result(pipeline.submit(batch, objective.targets(batch.x, batch.y)), want_output=False)
+        assert pipeline.settled  # chosen from the steps timed: final for the rest of the run
+        assert pipeline.max_in_flight == 2 * 2 * pipeline.batches_per_call
+    finally:
+        pipeline.shutdown()
+    cfg.ray.batches_per_call = 3
+    pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
+    try:
+        assert pipeline.settled and (pipeline.batches_per_call, pipeline.max_in_flight) == (3, 12)
+    finally:
+        pipeline.shutdown()
 
 
 @pytest.mark.slow

@@ -200,8 +200,13 @@ class RayPipeline:
             raise PipelineFailed(f"a batch failed {self.cfg.ray.max_recoveries + 1} times in a row; see the Ray logs")
         self._choose_batches_per_call(group.reports)
 
+    @property
+    def settled(self) -> bool:
+        """Whether the batches per call (and so the in-flight bound) are final: set, or chosen already."""
+        return self.cfg.ray.batches_per_call is not None or len(self._busy_per_batch) >= GROUPS_BEFORE_CHOOSING
+
     def _choose_batches_per_call(self, reports: list[dict[str, Any]]) -> None:
-        if self.cfg.ray.batches_per_call is not None or len(self._busy_per_batch) >= GROUPS_BEFORE_CHOOSING:
+        if self.settled:
             return
         self._busy_per_batch.append(max(r["busy"] for r in reports) / len(reports[0]["stats"]))
         if len(self._busy_per_batch) == GROUPS_BEFORE_CHOOSING:
