@@ -186,7 +186,7 @@ def dataset_family(source: str, family: Optional[str] = None) -> str:
         return named.get(source, "mnist")
     _check_choice("data.family", family, DATASET_FAMILIES)
     check_setting(source not in named or named[source] == family, "data.family", family,
-           f"{named.get(source)} (or null) for data.source={source!r}; another family applies to npz: and parquet: files")  # fmt: skip
+                  f"{named.get(source)} (or null) for data.source={source!r}; another family applies to npz: and parquet: files")  # fmt: skip
     return family
 
 
@@ -318,12 +318,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_choice("hsic.estimator", cfg.hsic.estimator, ESTIMATORS)
     check_setting(cfg.hsic.sigma is None or cfg.hsic.sigma > 0, "hsic.sigma", cfg.hsic.sigma, "a positive number or null (median heuristic)")
     check_setting(cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0, "hsic.layer_sigma", cfg.hsic.layer_sigma,
-           "a positive number or null (the same as hsic.sigma)")  # fmt: skip
+                  "a positive number or null (the same as hsic.sigma)")  # fmt: skip
     check_setting(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
     check_setting(cfg.hsic.lr_scale_last > 0, "hsic.lr_scale_last", cfg.hsic.lr_scale_last, "a positive number")
     check_setting(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
     check_setting(not cfg.hsic.leave_one_out or cfg.hsic.estimator == "cca", "hsic.leave_one_out", cfg.hsic.leave_one_out,
-           "false with hsic.estimator other than cca (the leave-one-out fit is cca's kernel ridge regression)")  # fmt: skip
+                  "false with hsic.estimator other than cca (the leave-one-out fit is cca's kernel ridge regression)")  # fmt: skip
     for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):
         check_setting(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
         check_setting(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
@@ -338,33 +338,33 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_setting(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "a number >= 1 or null")
     _check_positive("train.log_every", cfg.train.log_every)
     check_setting(2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES, "train.eval_samples", cfg.train.eval_samples,
-           f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)")  # fmt: skip
+                  f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)")  # fmt: skip
     _check_positive("train.probe_samples", cfg.train.probe_samples, minimum=0)
     check_setting(0 <= cfg.train.seed <= MAX_SEED, "train.seed", cfg.train.seed, f"an integer in [0, {MAX_SEED}]")
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _check_choice("train.cuda_graphs", cfg.train.cuda_graphs, CUDA_GRAPHS)
     check_setting(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
-           cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
+                  cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
     _check_positive("train.bn_calibration_batches", cfg.train.bn_calibration_batches, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
     check_setting(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")
     check_setting(cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers, "ray.stages", cfg.ray.stages,
-           f"at most the {cfg.num_hsic_layers} HSIC-trained layers (depth + 2)")  # fmt: skip
+                  f"at most the {cfg.num_hsic_layers} HSIC-trained layers (depth + 2)")  # fmt: skip
     check_setting(cfg.ray.gpus_per_stage is None or cfg.ray.gpus_per_stage >= 0, "ray.gpus_per_stage",
-           cfg.ray.gpus_per_stage, "a number >= 0 (fractions share a GPU) or null (auto)")  # fmt: skip
+                  cfg.ray.gpus_per_stage, "a number >= 0 (fractions share a GPU) or null (auto)")  # fmt: skip
     check_setting(cfg.ray.cpus_per_stage > 0, "ray.cpus_per_stage", cfg.ray.cpus_per_stage, "a positive number")
     check_setting(cfg.ray.coordinator_cpus > 0, "ray.coordinator_cpus", cfg.ray.coordinator_cpus, "a positive number")
     _check_choice("ray.strategy", cfg.ray.strategy, STRATEGIES)
     check_setting(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
-           cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
+                  cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
     check_setting(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
-           cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
+                  cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
     if cfg.ray.targets_on is not None:
         _check_choice("ray.targets_on", cfg.ray.targets_on, TARGETS_ON)
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
     check_setting(cfg.ray.address is None or is_ray_address(cfg.ray.address), "ray.address", cfg.ray.address,
-           "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null")  # fmt: skip
+                  "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null")  # fmt: skip
     check_setting(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a positive number of seconds")
     check_setting(cfg.output is None or bool(cfg.output.strip()), "output", cfg.output, "a directory path or URI (or null: runs/<preset>-<time>)")
     check_setting(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
