@@ -14,7 +14,8 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default all: tests check cpu16 gpu study), e.g. PARTS="tests check gpu".
+# PARTS picks the parts (default all: tests check cpu16 gpu study), e.g. PARTS="tests check gpu" (about 6
+# minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
@@ -48,7 +49,7 @@ echo "# setup done at $((SECONDS - START)) s"
 if part tests; then
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_batched_step.py tests/test_pipeline_units.py \
         tests/test_trainer.py -k "cuda or pinned or gpu" 2>&1 | tail -5
-    timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_ray_pipeline_gpu.py 2>&1 | tail -5
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_ray_pipeline_gpu.py 2>&1 | tail -5
     echo "# CUDA tests done at $((SECONDS - START)) s"
 fi
 
@@ -58,7 +59,7 @@ if part check; then
 fi
 
 if part cpu16; then
-    CUDA_VISIBLE_DEVICES= timeout 130 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
+    CUDA_VISIBLE_DEVICES= timeout 180 python3 benchmarks/bench_pipeline.py --device cpu --depth 14 --stages 2 4 8 16 \
         --threads-per-stage --in-process-threads 8 16 --steps 40 --json "$OUT/pipeline_cpu16.json" \
         --plot "$OUT/pipeline_cpu16.png"
     echo "# pipeline on 16 CPU cores done at $((SECONDS - START)) s"
@@ -68,7 +69,7 @@ if part cpu16; then
 fi
 
 if part gpu; then
-    timeout 300 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
+    timeout 270 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
         --in-process-threads 16 --steps 400 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
         --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
