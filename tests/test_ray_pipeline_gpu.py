@@ -12,8 +12,8 @@ import pytest
 import ray
 import torch
 
-from hsic_ray.config import build_config
 from hsic_ray.experiment import run_hsic
+from test_ray_pipeline import config, records  # the same small run as the CPU pipeline's tests
 
 CUDA = torch.cuda.is_available()
 
@@ -25,13 +25,9 @@ def local_ray_with_a_gpu():
     ray.shutdown()
 
 
-def config(out, trainer, **extra):
-    overrides = {
-        "trainer": trainer, "output": str(out), "model.depth": 2, "model.width": 64, "train.batch_size": 128,
-        "train.epochs": 1, "head.epochs": 2, "train.eval_samples": 256, "train.log_every": 5,
-        "train.device": "cuda" if CUDA else "cpu", "ray.stages": 2, "ray.gpus_per_stage": 0.5,
-    }  # fmt: skip
-    return build_config("paper_mlp", overrides={**overrides, **extra})
+def gpu_config(out, trainer, **extra):
+    """test_ray_pipeline's small run, on the GPU where there is one, its two stages sharing the GPU."""
+    return config(out, trainer, **{"train.device": "cuda" if CUDA else "cpu", "ray.gpus_per_stage": 0.5, **extra})
 
 
 @pytest.mark.parametrize("grouping", [
@@ -43,11 +39,11 @@ def test_stages_holding_gpu_shares_reproduce_the_in_process_trainer(tmp_path, di
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the stage actors' thread count: BLAS rounds differently with another
     try:
-        local = run_hsic(config(tmp_path / "local", "local"), digits)
+        local = run_hsic(gpu_config(tmp_path / "local", "local"), digits)
     finally:
         torch.set_num_threads(threads)
     with caplog.at_level("INFO", logger="hsic_ray"):
-        piped = run_hsic(config(tmp_path / "ray", "ray", **grouping), digits)
+        piped = run_hsic(gpu_config(tmp_path / "ray", "ray", **grouping), digits)
     where = grouping.get("ray.targets_on", "first_stage").replace("_", " ")
     assert f"targets on the {where}" in caplog.text
     placements = json.loads((tmp_path / "ray" / "placements.json").read_text())
@@ -60,10 +56,8 @@ def test_stages_holding_gpu_shares_reproduce_the_in_process_trainer(tmp_path, di
     for a, b in zip(local["per_layer"], piped["per_layer"]):
         assert b["nhsic_zx"] == pytest.approx(a["nhsic_zx"], rel=10 * rel)
         assert b["nhsic_zy"] == pytest.approx(a["nhsic_zy"], rel=10 * rel)
-    local_steps = [json.loads(line) for line in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
-    ray_steps = [json.loads(line) for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
-    local_losses = [r["loss"] for r in local_steps if r["kind"] == "step"]
-    ray_losses = [r["loss"] for r in ray_steps if r["kind"] == "step"]
+    local_losses = [r["loss"] for r in records(tmp_path / "local", "step")]
+    ray_losses = [r["loss"] for r in records(tmp_path / "ray", "step")]
     assert len(local_losses) == len(ray_losses) == 3
     assert ray_losses == pytest.approx(local_losses, rel=rel)
     assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
