@@ -40,6 +40,35 @@ def records(out, kind):
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
+def run_local_and_ray(tmp_path, digits, make_config, grouping):
+    """The same run in process (under tmp_path/local) and on the Ray pipeline with `grouping` (tmp_path/ray).
+
+    The in-process run has the stage actors' one torch thread: BLAS rounds differently with another thread
+    count, and the float32 differences (1e-5 at the first step) grow over training."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        training = {key: value for key, value in grouping.items() if not key.startswith("ray.")}
+        local = run_hsic(make_config(tmp_path / "local", "local", **training), digits)
+    finally:
+        torch.set_num_threads(threads)
+    return local, run_hsic(make_config(tmp_path / "ray", "ray", **grouping), digits)
+
+
+def assert_same_training(tmp_path, local, piped, rel=1e-4):
+    """The two runs of `run_local_and_ray` trained alike: the same steps, every logged loss within `rel`,
+    each layer's final nHSIC within 10 x `rel`, unformatted accuracy within half a point."""
+    assert local["steps"] == piped["steps"] == 15
+    for a, b in zip(local["per_layer"], piped["per_layer"]):
+        assert b["nhsic_zx"] == pytest.approx(a["nhsic_zx"], rel=10 * rel)
+        assert b["nhsic_zy"] == pytest.approx(a["nhsic_zy"], rel=10 * rel)
+    local_steps, ray_steps = records(tmp_path / "local", "step"), records(tmp_path / "ray", "step")
+    assert [r["step"] for r in local_steps] == [r["step"] for r in ray_steps]
+    for a, b in zip(local_steps, ray_steps):
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel)
+    assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
+
+
 @pytest.mark.parametrize("grouping", [
     {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
     {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
@@ -54,25 +83,9 @@ def records(out, kind):
      "hsic.lr_scale_last": 0.1, "optim.schedule": "cosine", "hsic.leave_one_out": True},
 ])
 def test_the_pipeline_reproduces_the_in_process_trainer(tmp_path, digits, grouping):
-    # With the stage actors' one torch thread: BLAS rounds differently with another thread count, and the
-    # float32 differences (1e-5 at the first step) grow over training.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        training = {key: value for key, value in grouping.items() if not key.startswith("ray.")}
-        local = run_hsic(config(tmp_path / "local", "local", **training), digits)
-    finally:
-        torch.set_num_threads(threads)
-    piped = run_hsic(config(tmp_path / "ray", "ray", **grouping), digits)
-    assert piped["stages"] == grouping.get("ray.stages", 2) and local["steps"] == piped["steps"] == 15
-    for a, b in zip(local["per_layer"], piped["per_layer"]):
-        assert b["nhsic_zx"] == pytest.approx(a["nhsic_zx"], rel=1e-3)
-        assert b["nhsic_zy"] == pytest.approx(a["nhsic_zy"], rel=1e-3)
-    local_steps, ray_steps = records(tmp_path / "local", "step"), records(tmp_path / "ray", "step")
-    assert [r["step"] for r in local_steps] == [r["step"] for r in ray_steps]
-    for a, b in zip(local_steps, ray_steps):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
+    local, piped = run_local_and_ray(tmp_path, digits, config, grouping)
+    assert piped["stages"] == grouping.get("ray.stages", 2)
+    assert_same_training(tmp_path, local, piped)
     # Every layer's linear probe, read through the stage actors' layer_outputs, before and after the epoch
     # and on the full splits: the same figures (a sample or two may flip with the last bits of the weights).
     local_probes, ray_probes = records(tmp_path / "local", "probes"), records(tmp_path / "ray", "probes")

@@ -12,8 +12,7 @@ import pytest
 import ray
 import torch
 
-from hsic_ray.experiment import run_hsic
-from test_ray_pipeline import config, records  # the same small run as the CPU pipeline's tests
+from test_ray_pipeline import assert_same_training, config, records, run_local_and_ray  # the CPU pipeline's run
 
 CUDA = torch.cuda.is_available()
 
@@ -36,28 +35,14 @@ def gpu_config(out, trainer, **extra):
     {"ray.batches_per_call": 2, "ray.targets_on": "coordinator"},  # on the host: float32 factors, not float64
 ])
 def test_stages_holding_gpu_shares_reproduce_the_in_process_trainer(tmp_path, digits, grouping, caplog):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the stage actors' thread count: BLAS rounds differently with another
-    try:
-        local = run_hsic(gpu_config(tmp_path / "local", "local"), digits)
-    finally:
-        torch.set_num_threads(threads)
     with caplog.at_level("INFO", logger="hsic_ray"):
-        piped = run_hsic(gpu_config(tmp_path / "ray", "ray", **grouping), digits)
+        local, piped = run_local_and_ray(tmp_path, digits, gpu_config, grouping)
     where = grouping.get("ray.targets_on", "first_stage").replace("_", " ")
     assert f"targets on the {where}" in caplog.text
     placements = json.loads((tmp_path / "ray" / "placements.json").read_text())
     assert [p["device"].split(":")[0] for p in placements] == ["cuda" if CUDA else "cpu"] * 2
     assert all(len(p["gpu_ids"]) == 1 for p in placements)  # each stage holds its share of the one GPU
-    assert piped["stages"] == 2 and local["steps"] == piped["steps"] == 15
+    assert piped["stages"] == 2 and len(records(tmp_path / "ray", "step")) == 3
     # On a GPU, batched products over a stage's 2 layers need not round as over the trainer's 4, and targets
     # from the host's float32 factors differ from the GPU's float64 ones in the last bits.
-    rel = 1e-3 if CUDA else 1e-4
-    for a, b in zip(local["per_layer"], piped["per_layer"]):
-        assert b["nhsic_zx"] == pytest.approx(a["nhsic_zx"], rel=10 * rel)
-        assert b["nhsic_zy"] == pytest.approx(a["nhsic_zy"], rel=10 * rel)
-    local_losses = [r["loss"] for r in records(tmp_path / "local", "step")]
-    ray_losses = [r["loss"] for r in records(tmp_path / "ray", "step")]
-    assert len(local_losses) == len(ray_losses) == 3
-    assert ray_losses == pytest.approx(local_losses, rel=rel)
-    assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
+    assert_same_training(tmp_path, local, piped, rel=1e-3 if CUDA else 1e-4)

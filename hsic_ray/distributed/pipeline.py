@@ -162,7 +162,8 @@ class RayPipeline:
         group.reports_ref = rest[0]
 
     def _call_step(self, stage: int, hop: ray.ObjectRef, group: _Group) -> list[ray.ObjectRef]:
-        """Stage `stage`'s step on `group`: its hop's ref, and the last stage's reports' ref after it."""
+        """Stage `stage`'s step on `group`: its hop's ref, and the last stage's reports' ref after it. A first
+        stage that computes the targets also sets `group.targets`, its ref to them, for the stages after."""
         actor, last = self.actors[stage], stage == self.num_stages - 1
         if stage == 0 and self.targets_on == "first_stage":
             *refs, group.targets = actor.step_first.options(num_returns=3 if last else 2).remote(hop, group.labels, last)
