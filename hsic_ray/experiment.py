@@ -24,7 +24,7 @@ from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run_start import plan_start
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage import layer_lr_scales
-from hsic_ray.trainer import HSICTrainer
+from hsic_ray.trainer import HSICTrainer, batches_between_drains
 
 log = logging.getLogger("hsic_ray")
 
@@ -89,7 +89,8 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
     # does not fight the stage actors for cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(threads_for(cfg.ray.coordinator_cpus))
-    pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes, schedule)
+    drain_every = batches_between_drains(cfg.train, len(data.y_train))
+    pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes, schedule, drain_every)
     try:
         yield pipeline
     finally:

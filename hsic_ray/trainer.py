@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from hsic_ray import checkpoint
-from hsic_ray.config import ExperimentConfig
+from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHeadTrainer
 from hsic_ray.layer_monitor import LayerMonitor
@@ -226,9 +226,10 @@ class HSICTrainer:
                 total[0] += busy
                 total[1] += idle
         for event in self.pipeline.events():
-            self.recoveries += event.get("kind") == "recovery"
             self.out.append({**event, "step": self.steps})
-            self.out.write("placements.json", self.pipeline.placements)
+            if event["kind"] == "recovery":
+                self.recoveries += 1
+                self.out.write("placements.json", self.pipeline.placements)
         clock.finished += 1
         if log_now:
             rate = clock.finished * self.cfg.train.batch_size / max(clock.seconds, 1e-9)
@@ -349,6 +350,13 @@ class HSICTrainer:
         network = checkpoint.network_state(self.run, checkpoint.latest_step(self.run))
         self.run.write_bytes(MODEL_FILE, model_bytes(self.cfg, "hsic", self.data.input_shape, self.data.num_classes,
                                                      network, self.head.head.state_dict()))  # fmt: skip
+
+
+def batches_between_drains(train: TrainConfig, train_samples: int) -> int:
+    """Batches the loop submits between its waits for every batch in flight: at each epoch's end (the epoch's
+    probes and BatchNorm statistics read a finished network) and at each checkpoint."""
+    epoch = num_batches(train_samples, train.batch_size)
+    return min(epoch, train.checkpoint_every) if train.checkpoint_every else epoch
 
 
 def with_targets(

@@ -13,7 +13,7 @@ import torch
 
 from hsic_ray.config import build_config
 from hsic_ray.data import iterate_batches
-from hsic_ray.distributed.pipeline import GROUPS_BEFORE_CHOOSING, RayPipeline
+from hsic_ray.distributed.pipeline import GROUPS_BEFORE_CHOOSING, RayPipeline, choose_batches_per_call
 from hsic_ray.distributed.placement import plan_stages
 from hsic_ray.experiment import build_seeded_network, run_hsic
 from hsic_ray.models import layer_step_costs
@@ -102,7 +102,12 @@ def test_pipeline_metrics_report_stage_times_and_in_flight_depth(tmp_path, digit
     assert len(metrics["stage_busy_seconds"]) == 3 and all(t > 0 for t in metrics["stage_busy_seconds"])
     assert len(metrics["stage_idle_seconds"]) == 3
     steps = records(tmp_path / "run", "step")
-    assert max(r["in_flight"] for r in steps) == 6  # 2 x stages by default (one batch per call on CPUs)
+    # The batches per call chosen after timing the first groups, once, and the in-flight bound it sets
+    # (2 x stages x batches per call) is what the loop kept to.
+    [chosen] = records(tmp_path / "run", "batches_per_call")
+    assert chosen["step_ms"] > 0 and chosen["call_overhead_ms"] >= 0
+    assert chosen["max_in_flight"] == 2 * 3 * chosen["batches_per_call"]
+    assert 1 <= max(r["in_flight"] for r in steps) <= chosen["max_in_flight"]
     assert all(len(r["stage_busy_seconds"]) == 3 for r in steps)
 
 
@@ -120,6 +125,11 @@ def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups
             pipeline.result(pipeline.submit(batch, objective.targets(batch.x, batch.y)), want_output=False)
         assert pipeline.settled  # chosen from the steps timed: final for the rest of the run
         assert pipeline.max_in_flight == 2 * 2 * pipeline.batches_per_call
+        # What the choice was made from, reported once for metrics.jsonl: the choice follows from it.
+        [chosen] = pipeline.events()
+        busy, overhead = chosen["step_ms"] / 1e3, chosen["call_overhead_ms"] / 1e3
+        assert chosen["batches_per_call"] == pipeline.batches_per_call == choose_batches_per_call(busy, overhead, 2)
+        assert pipeline.events() == []
     finally:
         pipeline.shutdown()
     cfg.ray.batches_per_call = 3

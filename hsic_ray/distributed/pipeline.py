@@ -51,18 +51,27 @@ log = logging.getLogger("hsic_ray")
 # Failures after which a stage is recreated and its lost batches resent.
 _LOST = (RayActorError, ObjectLostError, OwnerDiedError)
 
-# Ray's cost per stage call (the call and one hop of a batch's activations), measured on the 2-core machine
-# (README, "Ray pipeline"); `choose_batches_per_call` keeps it to this share of a call's compute.
-CALL_SECONDS = 2e-3
+# How many batches a stage takes per call, when `ray.batches_per_call` is unset: the pipeline times its first
+# groups at one batch per call, then keeps Ray's cost per call under CALL_SHARE of a call's compute.
 CALL_SHARE = 0.1
 MAX_BATCHES_PER_CALL = 16
-GROUPS_BEFORE_CHOOSING = 5
+GROUPS_BEFORE_CHOOSING = 6  # the first is not counted: a stage's first call has no wait before it
 
 
-def choose_batches_per_call(busy_seconds_per_batch: float) -> int:
-    """Batches per call that keep Ray's fixed cost per call under CALL_SHARE of the call's compute."""
-    wanted = CALL_SECONDS / (CALL_SHARE * max(busy_seconds_per_batch, 1e-6))
-    return max(1, min(MAX_BATCHES_PER_CALL, math.ceil(wanted)))
+def choose_batches_per_call(busy: float, overhead: float, stages: int, drain_every: Optional[int] = None) -> int:
+    """Batches per call for a pipeline whose slowest stage computes for `busy` seconds per batch and waits
+    `overhead` seconds between calls (Ray's cost per call: the call, its arguments and results, the
+    coordinator's submission): enough that the wait stays under CALL_SHARE of a call's compute.
+
+    With `drain_every`, the loop waits for every batch in flight that often (an epoch's end, a checkpoint),
+    and the pipeline drains and refills: it idles for about (stages - 1) groups' time, which larger groups
+    lengthen. Then k is the one of those that minimises the time between waits, (drain_every + (stages - 1)
+    k) (busy + overhead / k)."""
+    busy = max(busy, 1e-6)
+    enough = max(1, min(MAX_BATCHES_PER_CALL, math.ceil(overhead / (CALL_SHARE * busy))))
+    if drain_every is None or stages == 1:
+        return enough
+    return min(range(1, enough + 1), key=lambda k: (drain_every + (stages - 1) * k) * (busy + overhead / k))
 
 
 class PipelineFailed(RuntimeError):
@@ -96,7 +105,9 @@ class _Handle:
 
 class RayPipeline:
     def __init__(self, cfg: ExperimentConfig, specs: list[StageSpec], input_shape: Shape, num_classes: int,
-                 schedule: Optional[LRSchedule] = None):  # fmt: skip
+                 schedule: Optional[LRSchedule] = None, drain_every: Optional[int] = None):  # fmt: skip
+        """`drain_every`: batches between the training loop's waits for every batch in flight (see
+        `hsic_ray.trainer.batches_between_drains`); None for a loop that never waits."""
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
@@ -113,7 +124,10 @@ class RayPipeline:
         self._events: list[dict[str, Any]] = []
         self._recoveries = 0
         self._filling = _Group()
-        self._busy_per_batch: list[float] = []  # the slowest stage's, per group, until batches_per_call is chosen
+        self._drain_every = drain_every
+        # The slowest stage's (busy seconds per batch, idle seconds before the call), per group, until
+        # batches_per_call is chosen.
+        self._call_times: list[tuple[float, float]] = []
         self.actors = [self._start(spec) for spec in specs]
         self.placements = ray.get([a.where.remote() for a in self.actors])
         log.info("pipeline plan (%d stages, %d in flight, targets on the %s):\n%s", self.num_stages,
@@ -204,18 +218,27 @@ class RayPipeline:
     @property
     def settled(self) -> bool:
         """Whether the batches per call (and so the in-flight bound) are final: set, or chosen already."""
-        return self.cfg.ray.batches_per_call is not None or len(self._busy_per_batch) >= GROUPS_BEFORE_CHOOSING
+        return self.cfg.ray.batches_per_call is not None or len(self._call_times) >= GROUPS_BEFORE_CHOOSING
 
     def _choose_batches_per_call(self, reports: list[dict[str, Any]]) -> None:
+        """Time the slowest stage's calls of the first groups, then choose the batches per call from them.
+
+        Its wait between calls is Ray's cost per call: once it has had its first group, the stages before it
+        (faster, or they would be the slowest) have its next one ready, and what it still waits for is the
+        call itself, its arguments and results, or the coordinator's submission."""
         if self.settled:
             return
-        self._busy_per_batch.append(max(r["busy"] for r in reports) / len(reports[0]["stats"]))
-        if len(self._busy_per_batch) == GROUPS_BEFORE_CHOOSING:
-            busy = statistics.median(self._busy_per_batch)
-            self.batches_per_call = choose_batches_per_call(busy)
-            self.max_in_flight = self._in_flight_bound()
-            log.info("%.1f ms per batch on the slowest stage: %d batches per call, %d in flight",
-                     1e3 * busy, self.batches_per_call, self.max_in_flight)  # fmt: skip
+        slowest = max(reports, key=lambda r: r["busy"])
+        self._call_times.append((slowest["busy"] / len(slowest["stats"]), slowest["idle"]))
+        if len(self._call_times) < GROUPS_BEFORE_CHOOSING:
+            return
+        busy, overhead = (statistics.median(t) for t in zip(*self._call_times[1:]))
+        self.batches_per_call = choose_batches_per_call(busy, overhead, self.num_stages, self._drain_every)
+        self.max_in_flight = self._in_flight_bound()
+        self._events.append({"kind": "batches_per_call", "batches_per_call": self.batches_per_call,
+                             "max_in_flight": self.max_in_flight, "step_ms": 1e3 * busy, "call_overhead_ms": 1e3 * overhead})  # fmt: skip
+        log.info("slowest stage: %.1f ms per batch, %.1f ms between calls: %d batches per call, %d in flight",
+                 1e3 * busy, 1e3 * overhead, self.batches_per_call, self.max_in_flight)  # fmt: skip
 
     def _first_failed_stage(self, group: _Group) -> int:
         try:
