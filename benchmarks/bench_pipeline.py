@@ -122,6 +122,8 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
         "stage_transfer_per_batch": stage[:, 2].tolist(),
         "coordinator_per_batch": {part: s / timed for part, s in watch.seconds.items()},
         "batches_per_call": getattr(pipeline, "batches_per_call", 1),
+        # what the pipeline measured to choose its batches per call (none where they were given)
+        "chosen_from": next((e for e in pipeline.events() if e["kind"] == "batches_per_call"), None),
         "max_in_flight": pipeline.max_in_flight,
         "untimed_batches": last_untimed + 1,
         "memory_mib": memory,
@@ -157,6 +159,12 @@ def hop_ms(kind: str, hops: int = 50) -> float:
         ref = (a if i % 2 else b).pass_on.remote(ref)
     ray.get(ref)
     return 1e3 * (time.perf_counter() - started) / hops
+
+
+def _chosen_from(event) -> str:
+    if event is None:
+        return "given"
+    return f"{event['step_ms']:.1f} / {event['call_overhead_ms']:.1f} -> {event['batches_per_call']}"
 
 
 def plot_throughput(results: dict, best_threads: int, path: str, title: str) -> None:
@@ -244,15 +252,16 @@ def main(argv=None):
 
     print("\n## Where a batch's time goes (ms per batch)\n")
     print("| stages | targets on | coordinator: targets (thread) | waiting for targets | submit | waiting for results "
-          "| slowest stage: busy | of which transfer | idle | Ray overhead / compute |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| slowest stage: busy | of which transfer | idle | Ray overhead / compute "
+          "| batches per call chosen from: step / wait between calls |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in results["pipeline"]:
         c = {k: 1e3 * v for k, v in run["coordinator_per_batch"].items()}
         s_ = int(np.argmax(run["stage_busy_per_batch"]))
         print(f"| {run['stages']} | {run['targets_on']} | {c.get('targets', 0):.1f} | {c.get('waiting for targets', 0):.1f} | {c.get('submit', 0):.1f} "
               f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
               f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} "
-              f"| {run['overhead_share']:.2f} |")  # fmt: skip
+              f"| {run['overhead_share']:.2f} | {_chosen_from(run['chosen_from'])} |")  # fmt: skip
 
     print("\n| activations sent as | ms per actor-to-actor hop (1 MiB batch) |")
     print("|---|---|")

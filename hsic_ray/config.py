@@ -135,7 +135,8 @@ class RayConfig:
     strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (STRICT_SPREAD: one stage per node)
     max_in_flight: Optional[int] = None  # batches submitted but not finished; None: 2 x stages x batches_per_call
     # Consecutive batches a stage takes per actor call (results equal one call per batch); None: chosen from
-    # the measured step time, so that Ray's cost per call stays under a tenth of the call's compute.
+    # the first groups' measured step time and wait between calls, so that Ray's cost per call stays under a
+    # tenth of the call's compute (hsic_ray.distributed.pipeline.choose_batches_per_call).
     batches_per_call: Optional[int] = None
     # Where each batch's targets (the factors of X's and Y's kernels) are computed, once for every stage:
     # coordinator (on its CPU, in a thread) or first_stage (on the first stage's device, in its step call).
@@ -359,7 +360,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_setting(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
                   cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
     check_setting(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
-                  cfg.ray.batches_per_call, "a number >= 1 or null (chosen from the measured step time)")  # fmt: skip
+                  cfg.ray.batches_per_call, "a number >= 1 or null (chosen from measured step and call times)")  # fmt: skip
     if cfg.ray.targets_on is not None:
         _check_choice("ray.targets_on", cfg.ray.targets_on, TARGETS_ON)
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)

@@ -15,7 +15,8 @@ from hsic_ray.local import LocalPipeline
 from hsic_ray.objective import HSICObjective
 from hsic_ray.data import iterate_batches
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.trainer import HSICTrainer, with_targets
+from hsic_ray.config import TrainConfig
+from hsic_ray.trainer import HSICTrainer, batches_between_drains, with_targets
 
 
 def small_config(tmp_path, **extra):
@@ -177,3 +178,9 @@ def test_backprop_baseline_learns_and_logs_gradient_norms(tmp_path, digits):
     assert metrics["test_accuracy_unformatted"] is None
     assert len(metrics["grad_norms"]) == 4 and all(g > 0 for g in metrics["grad_norms"])
     assert np.isfinite(metrics["train_seconds"]) and metrics["steps"] == 2 * (2000 // 128)
+
+
+@pytest.mark.parametrize("checkpoint_every, expected", [(100, 31), (10, 10), (0, 31)])
+def test_the_loop_drains_at_each_epoch_end_and_checkpoint(checkpoint_every, expected):
+    # 8,000 samples in batches of 256: 31 full batches an epoch (the short one is dropped).
+    assert batches_between_drains(TrainConfig(batch_size=256, checkpoint_every=checkpoint_every), 8000) == expected
