@@ -360,7 +360,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_setting(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
                   cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
     check_setting(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
-                  cfg.ray.batches_per_call, "a number >= 1 or null (chosen from measured step and call times)")  # fmt: skip
+                  cfg.ray.batches_per_call, "a number >= 1 or null (chosen from measured times)")  # fmt: skip
     if cfg.ray.targets_on is not None:
         _check_choice("ray.targets_on", cfg.ray.targets_on, TARGETS_ON)
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)

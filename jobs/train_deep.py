@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ray.add_argument("--cpus-per-stage", type=float, help="CPUs (and torch threads) per stage")
     ray.add_argument("--strategy", choices=STRATEGIES, help="placement group strategy (default PACK)")
     ray.add_argument("--max-in-flight", type=int, help="batches in the pipeline at once (default 2 x stages x batches per call)")
-    ray.add_argument("--batches-per-call", type=int, help="batches a stage takes per actor call (default: from measured step and call times)")
+    ray.add_argument("--batches-per-call", type=int, help="batches a stage takes per actor call (default: from measured times)")
     ray.add_argument("--targets-on", choices=TARGETS_ON, help="where each batch's targets are computed, once for every "
                      "stage (default: first_stage when stages have GPUs, else coordinator)")  # fmt: skip
     return p.parse_intermixed_args(argv)  # KEY=VALUE settings may stand between flags

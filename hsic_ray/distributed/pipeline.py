@@ -235,8 +235,10 @@ class RayPipeline:
         busy, overhead = (statistics.median(t) for t in zip(*self._call_times[1:]))
         self.batches_per_call = choose_batches_per_call(busy, overhead, self.num_stages, self._drain_every)
         self.max_in_flight = self._in_flight_bound()
-        self._events.append({"kind": "batches_per_call", "batches_per_call": self.batches_per_call,
-                             "max_in_flight": self.max_in_flight, "step_ms": 1e3 * busy, "call_overhead_ms": 1e3 * overhead})  # fmt: skip
+        self._events.append({
+            "kind": "batches_per_call", "batches_per_call": self.batches_per_call, "max_in_flight": self.max_in_flight,
+            "step_ms": 1e3 * busy, "call_overhead_ms": 1e3 * overhead,
+        })  # fmt: skip
         log.info("slowest stage: %.1f ms per batch, %.1f ms between calls: %d batches per call, %d in flight",
                  1e3 * busy, 1e3 * overhead, self.batches_per_call, self.max_in_flight)  # fmt: skip
 
