@@ -114,7 +114,11 @@ class TrainConfig:
     # samples (hsic_ray.probes), and on the full splits at the end. 0: no probes.
     probe_samples: int = 2000
     device: str = "auto"  # auto | cpu | cuda
-    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end of HSIC training)
+    # A checkpoint once this many seconds have passed since the last one (0: none by time). Time, not steps,
+    # makes the default suit any hardware: a step takes 100 ms on a CPU stage and a millisecond on a GPU one,
+    # and each checkpoint waits for every batch in flight and writes every stage's state.
+    checkpoint_seconds: float = 60.0
+    checkpoint_every: int = 0  # also a checkpoint at every multiple of this many steps (0: none by steps)
     # Training batches that BatchNorm statistics are recomputed on after each epoch, with the epoch's final
     # weights (0: keep the moving averages that training left, which lag behind the weights).
     bn_calibration_batches: int = 20
@@ -347,6 +351,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_setting(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
                   cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
+    check_setting(cfg.train.checkpoint_seconds >= 0, "train.checkpoint_seconds", cfg.train.checkpoint_seconds,
+                  "seconds >= 0 between checkpoints (0: none by time)")  # fmt: skip
     _check_positive("train.bn_calibration_batches", cfg.train.bn_calibration_batches, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
     check_setting(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")

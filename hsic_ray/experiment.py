@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any, Callable
@@ -89,7 +90,7 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
     # does not fight the stage actors for cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(threads_for(cfg.ray.coordinator_cpus))
-    drain_every = batches_between_drains(cfg.train, len(data.y_train))
+    drain_every = functools.partial(batches_between_drains, cfg.train, len(data.y_train))
     pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes, schedule, drain_every)
     try:
         yield pipeline

@@ -137,9 +137,11 @@ class HSICTrainer:
         self.readout = Readout(cfg, data, pipeline.forward, self.head)
         self.steps = 0
         self.train_seconds = 0.0
+        self.checkpoint_write_seconds = 0.0  # writing checkpoints (train_seconds leaves it out)
         self.recoveries = 0
         self._batches_per_epoch = num_batches(len(data.y_train), cfg.train.batch_size)
         self._stage_seconds = [[0.0, 0.0] for _ in range(pipeline.num_stages)]
+        self._checkpointed_at = time.perf_counter()  # or when this process started training
 
     # --- the run ---------------------------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ class HSICTrainer:
             self.steps += 1  # counted when submitted, so max_steps bounds what is started
             while len(pending) >= self.pipeline.max_in_flight:
                 self._finish(pending.popleft(), len(pending), clock)
-            if train.checkpoint_every and self.steps % train.checkpoint_every == 0:
+            if self._checkpoint_due():
                 while pending:  # a checkpoint holds every stage at the same step
                     self._finish(pending.popleft(), len(pending), clock)
                 self.train_seconds += clock.seconds
@@ -207,6 +209,14 @@ class HSICTrainer:
         while pending:
             self._finish(pending.popleft(), len(pending), clock)
         self.train_seconds += clock.seconds
+
+    def _checkpoint_due(self) -> bool:
+        train = self.cfg.train
+        if self.run is None:
+            return False  # nowhere to write one: no reason to hold the stages
+        by_steps = train.checkpoint_every and self.steps % train.checkpoint_every == 0
+        by_time = train.checkpoint_seconds and time.perf_counter() - self._checkpointed_at >= train.checkpoint_seconds
+        return bool(by_steps or by_time)
 
     def _batches_with_targets(self, position: _Position) -> Iterator[tuple[Batch, BatchTargets]]:
         train = self.cfg.train
@@ -284,12 +294,14 @@ class HSICTrainer:
     def _checkpoint(self, position: _Position) -> None:
         if self.run is None:
             return
+        started = time.perf_counter()
         self.pipeline.save(self.run, self.steps)
         state = {
             "epoch": position.epoch,
             "batch": position.batch,
             "steps": self.steps,
             "train_seconds": self.train_seconds,
+            "checkpoint_write_seconds": self.checkpoint_write_seconds,
             "recoveries": self.recoveries,
             **self.monitor.state_dict(),
             "stage_seconds": self._stage_seconds,
@@ -299,6 +311,8 @@ class HSICTrainer:
         checkpoint.save_state(self.run, checkpoint.coordinator_file(self.steps), state)
         checkpoint.commit(self.run, self.steps, self.pipeline.num_stages)
         self.out.append({"kind": "checkpoint", "step": self.steps, "epoch": position.epoch, "batch": position.batch})
+        self._checkpointed_at = time.perf_counter()
+        self.checkpoint_write_seconds += self._checkpointed_at - started
         log.info("checkpoint at step %d written to %s", self.steps, self.run.path(checkpoint.checkpoint_dir(self.steps)))
 
     def _restore(self, step: int) -> _Position:
@@ -315,6 +329,7 @@ class HSICTrainer:
         self.monitor.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
         self.steps, self.train_seconds = state["steps"], state["train_seconds"]
+        self.checkpoint_write_seconds = state.get("checkpoint_write_seconds", 0.0)  # written since 2026-11-28
         self.recoveries, self._stage_seconds = state["recoveries"], state["stage_seconds"]
         self.out.append({"kind": "resume", "step": self.steps, "epoch": state["epoch"], "batch": state["batch"]})
         log.info("resumed from the checkpoint at step %d (epoch %d, batch %d)", step, state["epoch"], state["batch"])
@@ -327,6 +342,7 @@ class HSICTrainer:
         last_epoch = self.monitor.info_plane[-1]
         metrics.update(
             train_seconds=self.train_seconds,
+            checkpoint_write_seconds=self.checkpoint_write_seconds,
             steps=self.steps,
             samples_per_second=self.steps * self.cfg.train.batch_size / max(self.train_seconds, 1e-9),
             epochs=last_epoch["epoch"],
@@ -352,11 +368,16 @@ class HSICTrainer:
                                                      network, self.head.head.state_dict()))  # fmt: skip
 
 
-def batches_between_drains(train: TrainConfig, train_samples: int) -> int:
-    """Batches the loop submits between its waits for every batch in flight: at each epoch's end (the epoch's
-    probes and BatchNorm statistics read a finished network) and at each checkpoint."""
-    epoch = num_batches(train_samples, train.batch_size)
-    return min(epoch, train.checkpoint_every) if train.checkpoint_every else epoch
+def batches_between_drains(train: TrainConfig, train_samples: int, seconds_per_batch: float) -> int:
+    """Batches between the loop's waits for every batch in flight, for batches that take `seconds_per_batch`:
+    at each epoch's end (the information plane, probes and BatchNorm statistics read a finished network) and
+    at each checkpoint."""
+    intervals = [num_batches(train_samples, train.batch_size)]
+    if train.checkpoint_every:
+        intervals.append(train.checkpoint_every)
+    if train.checkpoint_seconds:
+        intervals.append(max(1, int(train.checkpoint_seconds / max(seconds_per_batch, 1e-9))))
+    return min(intervals)
 
 
 def with_targets(

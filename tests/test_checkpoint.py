@@ -26,7 +26,7 @@ def digits():
 def config(out, **extra):
     overrides = {
         "model.depth": 1, "model.width": 32, "train.batch_size": 128, "train.epochs": 2, "head.epochs": 2,
-        "train.checkpoint_every": 4, "train.eval_samples": 128, "output": str(out), "trainer": "local",
+        "train.checkpoint_every": 4, "train.checkpoint_seconds": 0, "train.eval_samples": 128, "output": str(out), "trainer": "local",
     }  # fmt: skip
     return build_config("paper_mlp", overrides={**overrides, **extra})
 

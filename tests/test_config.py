@@ -65,6 +65,7 @@ def test_null_override_sets_a_field_to_none():
         ({"model.size": 3}, "Key 'size' not in 'ModelConfig'"),
         ({"preset": "tiny"}, "preset='tiny' is invalid"),
         ({"ray.targets_on": "gpu"}, "ray.targets_on='gpu' is invalid: expected one of coordinator, first_stage"),
+        ({"train.checkpoint_seconds": -5}, "train.checkpoint_seconds=-5.0 is invalid: expected seconds >= 0 between checkpoints (0: none by time)"),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(overrides, message):
@@ -171,3 +172,20 @@ def test_train_deep_pipeline_flags_reach_the_ray_config():
     assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, train_deep.HSIC_FLAGS).ray.targets_on is None
     with pytest.raises(SystemExit):
         train_deep.parse_args(["--targets-on", "gpu"])
+
+
+def test_train_deep_checkpoint_flags_reach_the_train_config():
+    import sys
+    from pathlib import Path
+
+    from hsic_ray.cli import RUN_FLAGS, build_run_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    import train_deep
+
+    def train(*argv):
+        return build_run_config(train_deep.parse_args(list(argv)), RUN_FLAGS, train_deep.HSIC_FLAGS).train
+
+    assert (train().checkpoint_seconds, train().checkpoint_every) == (60.0, 0)
+    chosen = train("--checkpoint-seconds", "0", "--checkpoint-every", "25")
+    assert (chosen.checkpoint_seconds, chosen.checkpoint_every) == (0.0, 25)

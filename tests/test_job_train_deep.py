@@ -96,7 +96,7 @@ def test_missing_parquet_directory_is_named(tmp_path):
 def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = ["--trainer", "ray", "--preset", "paper_mlp", "--depth", "2", "--width", "256", "--epochs", "3",
-            "--checkpoint-every", "10", "--stages", "2", "--format-epochs", "2", "--output", str(out)]  # fmt: skip
+            "--checkpoint-every", "10", "--checkpoint-seconds", "0", "--stages", "2", "--format-epochs", "2", "--output", str(out)]  # fmt: skip
     first = subprocess.Popen([sys.executable, str(JOB), *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     try:

@@ -118,7 +118,13 @@ def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups
     net = build_seeded_network(cfg, digits)
     objective = HSICObjective(cfg.hsic, digits.num_classes)
     specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), {"CPU": 3.0, "GPU": 0.0})
-    pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
+    paces = []  # the step times the pipeline asks its drain interval for
+
+    def drain_every(seconds_per_batch):
+        paces.append(seconds_per_batch)
+        return 3
+
+    pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes, drain_every=drain_every)
     try:
         assert not pipeline.settled and (pipeline.batches_per_call, pipeline.max_in_flight) == (1, 4)
         batches = iterate_batches(digits.x_train, digits.y_train, cfg.train.batch_size, seed=0, epoch=1)
@@ -130,7 +136,8 @@ def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups
         # What the choice was made from, reported once for metrics.jsonl: the choice follows from it.
         [chosen] = pipeline.events()
         busy, overhead = chosen["step_ms"] / 1e3, chosen["call_overhead_ms"] / 1e3
-        assert chosen["batches_per_call"] == pipeline.batches_per_call == choose_batches_per_call(busy, overhead, 2)
+        assert paces == [pytest.approx(busy)]
+        assert chosen["batches_per_call"] == pipeline.batches_per_call == choose_batches_per_call(busy, overhead, 2, 3)
         assert pipeline.events() == []
     finally:
         pipeline.shutdown()
@@ -173,7 +180,7 @@ def kill_a_stage_after_checkpoint(run_dir, killed, stage):
 ])
 def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path, all_digits, targets_on, stage):
     common = {"train.epochs": 2, "model.width": 256, "train.batch_size": 256, "head.epochs": 3,
-              "train.checkpoint_every": 20, "ray.targets_on": targets_on}  # fmt: skip
+              "train.checkpoint_every": 20, "train.checkpoint_seconds": 0, "ray.targets_on": targets_on}  # fmt: skip
     undisturbed = run_hsic(config(tmp_path / "calm", "ray", **common), all_digits)
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_stage_after_checkpoint, args=(tmp_path / "hit", killed, stage))

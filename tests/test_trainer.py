@@ -180,7 +180,34 @@ def test_backprop_baseline_learns_and_logs_gradient_norms(tmp_path, digits):
     assert np.isfinite(metrics["train_seconds"]) and metrics["steps"] == 2 * (2000 // 128)
 
 
-@pytest.mark.parametrize("checkpoint_every, expected", [(100, 31), (10, 10), (0, 31)])
-def test_the_loop_drains_at_each_epoch_end_and_checkpoint(checkpoint_every, expected):
+def checkpoint_steps(run):
+    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "checkpoint"]
+
+
+@pytest.mark.parametrize("every, seconds, expected", [
+    # Each step comes more than that after the last checkpoint. The end of HSIC training writes one more,
+    # holding what the epoch's end changed (BatchNorm statistics).
+    (0, 1e-9, [1, 2, 3, 4, 5, 6, 7, 7]),
+    (3, 0, [3, 6, 7]),
+    (0, 3600, [7]),
+])  # fmt: skip
+def test_checkpoints_come_by_time_since_the_last_and_by_steps(tmp_path, digits, every, seconds, expected):
+    cfg = small_config(tmp_path, **{"train.max_steps": 7, "head.epochs": 1, "train.probe_samples": 0,
+                                    "train.checkpoint_every": every, "train.checkpoint_seconds": seconds})  # fmt: skip
+    metrics = run_hsic(cfg, digits)
+    assert checkpoint_steps(tmp_path / "run") == expected
+    assert metrics["checkpoint_write_seconds"] > 0  # kept apart from train_seconds
+
+
+@pytest.mark.parametrize("every, seconds, seconds_per_batch, expected", [
+    (0, 0, 0.1, 31),  # only the epoch's end
+    (10, 0, 0.1, 10),
+    (0, 60, 0.1, 31),  # 600 batches a checkpoint: the epoch ends first
+    (0, 60, 5.0, 12),
+    (10, 0.5, 0.1, 5),
+    (0, 1e-6, 0.1, 1),
+])  # fmt: skip
+def test_the_loop_drains_at_each_epoch_end_and_checkpoint(every, seconds, seconds_per_batch, expected):
     # 8,000 samples in batches of 256: 31 full batches an epoch (the short one is dropped).
-    assert batches_between_drains(TrainConfig(batch_size=256, checkpoint_every=checkpoint_every), 8000) == expected
+    train = TrainConfig(batch_size=256, checkpoint_every=every, checkpoint_seconds=seconds)
+    assert batches_between_drains(train, 8000, seconds_per_batch) == expected

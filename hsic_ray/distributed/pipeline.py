@@ -27,7 +27,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import ray
@@ -105,9 +105,9 @@ class _Handle:
 
 class RayPipeline:
     def __init__(self, cfg: ExperimentConfig, specs: list[StageSpec], input_shape: Shape, num_classes: int,
-                 schedule: Optional[LRSchedule] = None, drain_every: Optional[int] = None):  # fmt: skip
-        """`drain_every`: batches between the training loop's waits for every batch in flight (see
-        `hsic_ray.trainer.batches_between_drains`); None for a loop that never waits."""
+                 schedule: Optional[LRSchedule] = None, drain_every: Optional[Callable[[float], int]] = None):  # fmt: skip
+        """`drain_every(seconds_per_batch)`: batches between the training loop's waits for every batch in
+        flight (see `hsic_ray.trainer.batches_between_drains`); None for a loop that never waits."""
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
@@ -233,7 +233,9 @@ class RayPipeline:
         if len(self._call_times) < GROUPS_BEFORE_CHOOSING:
             return
         busy, overhead = (statistics.median(t) for t in zip(*self._call_times[1:]))
-        self.batches_per_call = choose_batches_per_call(busy, overhead, self.num_stages, self._drain_every)
+        # The slowest stage's step sets the pipeline's pace, which larger groups approach.
+        drain_every = None if self._drain_every is None else self._drain_every(busy)
+        self.batches_per_call = choose_batches_per_call(busy, overhead, self.num_stages, drain_every)
         self.max_in_flight = self._in_flight_bound()
         self._events.append({
             "kind": "batches_per_call", "batches_per_call": self.batches_per_call, "max_in_flight": self.max_in_flight,
