@@ -190,7 +190,6 @@ class HSICTrainer:
     # --- the loop --------------------------------------------------------------------------------------
 
     def _train_epoch(self, position: _Position) -> None:
-        train = self.cfg.train
         pending: collections.deque[_InFlight] = collections.deque()
         clock = _Clock(time.perf_counter())
         for batch, targets in self._batches_with_targets(position):
@@ -215,7 +214,8 @@ class HSICTrainer:
         if self.run is None:
             return False  # nowhere to write one: no reason to hold the stages
         by_steps = train.checkpoint_every and self.steps % train.checkpoint_every == 0
-        by_time = train.checkpoint_seconds and time.perf_counter() - self._checkpointed_at >= train.checkpoint_seconds
+        since_last = time.perf_counter() - self._checkpointed_at
+        by_time = train.checkpoint_seconds and since_last >= train.checkpoint_seconds
         return bool(by_steps or by_time)
 
     def _batches_with_targets(self, position: _Position) -> Iterator[tuple[Batch, BatchTargets]]:

@@ -65,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrent-head", action="store_true", default=None, help="also train the head during HSIC training")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, help="each stage's step as one CUDA graph (default auto: on CUDA)")
-    p.add_argument("--checkpoint-seconds", type=float, help="a checkpoint once this long has passed since the last (default 60; 0: none by time)")
-    p.add_argument("--checkpoint-every", type=int, help="also a checkpoint at every multiple of this many steps (default 0: none by steps)")
+    p.add_argument("--checkpoint-seconds", type=float,
+                   help="a checkpoint once this long has passed since the last (default 60; 0: none by time)")  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int,
+                   help="also a checkpoint at every multiple of this many steps (default 0: none by steps)")  # fmt: skip
     p.add_argument("--tensorboard", action="store_true", default=None,
                    help="TensorBoard event files in OUTPUT/tensorboard/ (pip install 'hsic-ray[tensorboard]')")  # fmt: skip
     ray = p.add_argument_group("ray trainer")

@@ -65,7 +65,8 @@ def test_null_override_sets_a_field_to_none():
         ({"model.size": 3}, "Key 'size' not in 'ModelConfig'"),
         ({"preset": "tiny"}, "preset='tiny' is invalid"),
         ({"ray.targets_on": "gpu"}, "ray.targets_on='gpu' is invalid: expected one of coordinator, first_stage"),
-        ({"train.checkpoint_seconds": -5}, "train.checkpoint_seconds=-5.0 is invalid: expected seconds >= 0 between checkpoints (0: none by time)"),
+        ({"train.checkpoint_seconds": -5},
+         "train.checkpoint_seconds=-5.0 is invalid: expected seconds >= 0 between checkpoints (0: none by time)"),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(overrides, message):

@@ -181,7 +181,8 @@ def test_backprop_baseline_learns_and_logs_gradient_norms(tmp_path, digits):
 
 
 def checkpoint_steps(run):
-    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "checkpoint"]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r["step"] for r in records if r["kind"] == "checkpoint"]
 
 
 @pytest.mark.parametrize("every, seconds, expected", [

@@ -104,8 +104,15 @@ class _Handle:
 
 
 class RayPipeline:
-    def __init__(self, cfg: ExperimentConfig, specs: list[StageSpec], input_shape: Shape, num_classes: int,
-                 schedule: Optional[LRSchedule] = None, drain_every: Optional[Callable[[float], int]] = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        specs: list[StageSpec],
+        input_shape: Shape,
+        num_classes: int,
+        schedule: Optional[LRSchedule] = None,
+        drain_every: Optional[Callable[[float], int]] = None,
+    ):
         """`drain_every(seconds_per_batch)`: batches between the training loop's waits for every batch in
         flight (see `hsic_ray.trainer.batches_between_drains`); None for a loop that never waits."""
         self.cfg = cfg
