@@ -11,11 +11,15 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from hsic_ray.config import ModelConfig
 
 Shape = tuple[int, ...]
 
+# Above this, a meta-device layer's shapes come from the meta device itself: a two-sample pass over stand-ins
+# would cost a page fault per 4 KiB of weights.
+MAX_STAND_IN_BYTES = 1 << 30
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
 
 
@@ -72,14 +76,26 @@ class LayerwiseNet(nn.Module):
 def _infer_shapes(layers: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
     # Eval mode so BatchNorm accepts a tiny batch and its running statistics stay untouched.
     shapes = [tuple(input_shape)]
-    x = torch.zeros(2, *input_shape)
     with torch.no_grad():
         for layer in layers:
             was_training = layer.training
-            x = layer.eval()(x)
+            shapes.append(_output_shape(layer.eval(), shapes[-1]))
             layer.train(was_training)
-            shapes.append(tuple(x.shape[1:]))
     return shapes
+
+
+def _output_shape(layer: nn.Module, input_shape: Shape) -> Shape:
+    """A layer's output shape from a two-sample forward pass. A layer built on the meta device (to count
+    parameters) runs on uninitialised CPU stand-ins for its tensors: meta-device ops import torch's
+    decomposition library, two seconds of every job's start, while a stand-in's large pages are fresh and
+    reading them does not make them resident."""
+    x = torch.zeros(2, *input_shape, device="cpu")
+    tensors = {**dict(layer.named_parameters()), **dict(layer.named_buffers())}
+    if any(t.is_meta for t in tensors.values()):
+        if sum(t.nbytes for t in tensors.values()) > MAX_STAND_IN_BYTES:
+            return tuple(layer(x.to("meta")).shape[1:])
+        tensors = {name: torch.empty(t.shape, dtype=t.dtype, device="cpu") for name, t in tensors.items()}
+    return tuple(functional_call(layer, tensors, (x,)).shape[1:])
 
 
 def build_mlp(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:

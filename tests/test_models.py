@@ -102,6 +102,23 @@ def test_shape_inference_leaves_batchnorm_statistics_untouched():
         assert module.training
 
 
+@pytest.mark.parametrize("arch, input_shape", [("mlp", (1, 28, 28)), ("resconv", (3, 32, 32))])
+def test_a_meta_device_build_has_the_real_builds_shapes_and_parameter_count(arch, input_shape):
+    cfg = ModelConfig(arch=arch, depth=2, width=16, last_width=24)
+    real = build_network(cfg, input_shape)
+    with torch.device("meta"):  # how check_memory counts a network's parameters without allocating it
+        meta = build_network(cfg, input_shape)
+    assert all(p.is_meta for p in meta.parameters())
+    assert meta.shapes == real.shapes
+    assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
+
+
+def test_a_meta_build_larger_than_the_address_space_still_gets_its_shapes():
+    with torch.device("meta"):
+        net = build_network(ModelConfig(depth=1, width=1_000_000, last_width=10), (1, 28, 28))  # 4 TB of weights
+    assert net.shapes == [(1, 28, 28), (1_000_000,), (1_000_000,), (10,)]
+
+
 def test_layerwise_net_rejects_wrong_shape_count():
     with pytest.raises(ValueError, match="need 3 shapes"):
         LayerwiseNet([nn.Identity(), nn.Identity()], [(1,), (1,)])
