@@ -172,6 +172,16 @@ def test_random_bad_values_of_every_field_get_one_line_and_write_nothing(in_tmp,
         (["train.eval_samples=8000"], "train.eval_samples=8000 is invalid"),
         (["--width", "1000000"], "needs about .* GiB .* lower --width"),
         (["--depth", "100000", "--width", "4096"], "needs about .* GiB"),
+        (["--depth", "0"], "model.depth=0 is invalid"),
+        (["--dataset", "imagenet"], "data.source='imagenet' is invalid"),
+        (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz"),
+        (["--config", "/nonexistent/run.yaml"], "does not exist"),
+        (["--batch-size", "9000"], "train.batch_size=9000 exceeds the 8000 training samples"),
+        (["hsic.nope=1"], "Key 'nope' not in 'HSICConfig'"),
+        (["model.depth=abc"], re.escape("could not be converted to Integer (key: model.depth)")),
+        (["hsic.eps=-1"], "hsic.eps=-1.0 is invalid"),
+        (["--dataset", "cifar10", "--data-family", "mnist"], re.escape("data.family='mnist' is invalid: expected cifar10 (or null)")),
+        (["data.family=svhn"], "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
     ],
 )
 def test_everyday_mistakes_are_one_line(in_tmp, capsys, argv, message):
@@ -292,6 +302,16 @@ def test_requests_beyond_this_machine_are_refused_before_ray_starts(in_tmp, caps
     assert not (in_tmp / "out").exists() and not (in_tmp / "bp").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["--depth", "0"], "model.depth=0 is invalid"), (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz")],
+)
+def test_backprop_mistakes_are_one_line(in_tmp, capsys, argv, message):
+    line = refused(train_backprop.main, [*NET, *argv, "--output", "bp"], capsys)
+    assert message in line
+    assert not ray.is_initialized() and not (in_tmp / "bp").exists()
+
+
 # --- sweeps -----------------------------------------------------------------------------------------------
 
 
@@ -304,6 +324,8 @@ def test_requests_beyond_this_machine_are_refused_before_ray_starts(in_tmp, caps
         (["--max-concurrent", "0"], "--max-concurrent 0 is invalid"),
         (["--grid", "train.batch_size=100000"], "train.batch_size=100000 exceeds the 8000 training samples"),
         (["--depths", "0"], "--depths \\[0\\] is invalid"),
+        (["--grid", "model.init=default,ortho"], "model.init='ortho' is invalid"),
+        (["--grid", "model.depth=3,4"], "give depths with --depths"),
     ],
 )
 def test_sweep_settings_are_checked_before_ray_starts(in_tmp, capsys, argv, message):

@@ -25,9 +25,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(params=["token", "disabled"])
-def head(request, tmp_path):
-    """A two-GPU (logical) head node started with `ray start --block`, stopped with its process group."""
+@pytest.fixture(scope="module", params=["token", "disabled"])
+def head(request):
+    """A two-GPU (logical) head node started with `ray start --block`, stopped with its process group; the
+    tests of one auth mode share it, as jobs share a user's cluster."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_AUTH_MODE"] = request.param  # what the README asks of every shell that runs `ray ...`
     port, dashboard = free_port(), free_port()

@@ -192,21 +192,14 @@ def test_resume_refuses_a_run_with_other_settings_or_no_checkpoint(tmp_path, dig
         train_backprop(small_config(tmp_path / "other", **{"train.batch_size": 4}), digits, workers=3)
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--depth", "0"], "model.depth=0 is invalid"),
-        (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz"),
-        (["--workers", "0"], "workers=0 is invalid"),
-    ],
-)
-def test_job_bad_input_is_one_clear_line(tmp_path, args, message):
+def test_job_bad_input_is_one_clear_line(tmp_path):
+    # As a user sees it; which input gets which message is tested in process (tests/test_bad_input.py).
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(JOB), *args, "--output", str(out)], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, str(JOB), "--workers", "0", "--output", str(out)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and message in lines[-1]
+    assert lines[-1].startswith("error: ") and "workers=0 is invalid" in lines[-1]
     assert "Traceback" not in proc.stderr
     assert not out.exists()
 
