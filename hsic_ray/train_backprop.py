@@ -315,7 +315,7 @@ def train_backprop(
     check_memory(cfg, data.input_shape)
     claim, point = _open(cfg, resume)
     connect(cfg.ray.address, local_cpus=workers * cpus_per_worker, processes=workers + 1, cpus_per_process=cpus_per_worker,
-            ship_package=cfg.ray.ship_package)
+            ship_package=cfg.ray.ship_package, state_api=True)
     _check_resources(workers, use_gpu, cpus_per_worker)
     claim.commit(save_config(cfg))
     run = claim.run

@@ -180,7 +180,8 @@ def test_random_bad_values_of_every_field_get_one_line_and_write_nothing(in_tmp,
         (["hsic.nope=1"], "Key 'nope' not in 'HSICConfig'"),
         (["model.depth=abc"], re.escape("could not be converted to Integer (key: model.depth)")),
         (["hsic.eps=-1"], "hsic.eps=-1.0 is invalid"),
-        (["--dataset", "cifar10", "--data-family", "mnist"], re.escape("data.family='mnist' is invalid: expected cifar10 (or null)")),
+        (["--dataset", "cifar10", "--data-family", "mnist"],
+         re.escape("data.family='mnist' is invalid: expected cifar10 (or null)")),
         (["data.family=svhn"], "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
     ],
 )
@@ -304,7 +305,10 @@ def test_requests_beyond_this_machine_are_refused_before_ray_starts(in_tmp, caps
 
 @pytest.mark.parametrize(
     "argv, message",
-    [(["--depth", "0"], "model.depth=0 is invalid"), (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz")],
+    [
+        (["--depth", "0"], "model.depth=0 is invalid"),
+        (["--dataset", "npz:/nonexistent/data.npz"], "/nonexistent/data.npz"),
+    ],
 )
 def test_backprop_mistakes_are_one_line(in_tmp, capsys, argv, message):
     line = refused(train_backprop.main, [*NET, *argv, "--output", "bp"], capsys)

@@ -141,6 +141,7 @@ def connect(
     processes: int = 1,
     cpus_per_process: float = 1.0,
     ship_package: bool = True,
+    state_api: bool = False,
 ) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else a cluster started on this machine
     with `ray start`, else a new local cluster with at least `local_cpus` logical CPUs, if this machine can
@@ -148,6 +149,9 @@ def connect(
 
     Joining an existing cluster, `ship_package` (config `ray.ship_package`) ships this hsic_ray package to
     the job's workers (`package_runtime_env`); a new local cluster's workers import it as this process does.
+    With `state_api`, a new local cluster serves Ray's state API (its dashboard process, about 2 s more to
+    start): Ray Train's placement-group cleaner asks it every second whether the controller lives, and logs a
+    warning each time it cannot.
     """
     if ray.is_initialized():
         return
@@ -167,5 +171,5 @@ def connect(
     # Logical CPUs are scheduling tokens: the coordinator's and each stage's are reserved even where this
     # machine has fewer cores (each stage actor runs its math on as many threads as it reserved).
     cpus = max(float(os.cpu_count() or 1), local_cpus)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=state_api, logging_level=logging.WARNING)
     log.info("started a local Ray cluster with %g logical CPUs", cpus)
