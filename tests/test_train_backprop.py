@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,8 +21,6 @@ from hsic_ray.run_claim import OutputExistsError
 from hsic_ray.run_claim import NothingToResumeError
 from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB = ROOT / "jobs" / "train_backprop.py"
 KEYS = ("test_accuracy_formatted", "test_accuracy_unformatted", "train_seconds", "steps", "samples_per_second",
         "epochs", "grad_norms")  # fmt: skip
 STEPS_PER_EPOCH = 2000 // 128  # the `digits` fixture's 2000 training samples in full batches of 128
@@ -190,28 +186,3 @@ def test_resume_refuses_a_run_with_other_settings_or_no_checkpoint(tmp_path, dig
         train_backprop(small_config(out), digits)
     with pytest.raises(ConfigError, match="at least 2 samples"):
         train_backprop(small_config(tmp_path / "other", **{"train.batch_size": 4}), digits, workers=3)
-
-
-def test_job_bad_input_is_one_clear_line(tmp_path):
-    # As a user sees it; which input gets which message is tested in process (tests/test_bad_input.py).
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(JOB), "--workers", "0", "--output", str(out)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "workers=0 is invalid" in lines[-1]
-    assert "Traceback" not in proc.stderr
-    assert not out.exists()
-
-
-@pytest.mark.slow
-def test_job_smoke_test_runs_a_tiny_baseline(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(JOB), "--smoke-test", "--output", str(out)], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    # The local cluster serves the state API that Ray Train's placement-group cleaner polls every second.
-    assert "State API may be temporarily unavailable" not in proc.stderr, proc.stderr[-2000:]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["epochs"] == 1
-    assert "depth: 1" in (out / "config.yaml").read_text()
