@@ -19,7 +19,7 @@ import argparse
 import json
 import platform
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -30,8 +30,8 @@ from hsic_ray.config import build_config
 from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import gaussian_kernel, hsic_biased, hsic_cca, hsic_cka, plausible_loss
-from hsic_ray.objective import BatchTargets, HSICObjective, StageLosses
-from hsic_ray.stage import StageTrainer, make_sgd
+from hsic_ray.objective import HSICObjective, KernelFactors, StageLosses
+from hsic_ray.stage_step import StageStep, make_sgd
 
 # Seconds per step of the authors' code on a 2-core machine (issue #2), and their cca forward in ms.
 AUTHORS_STEP_SECONDS = {5: 0.36, 10: 1.05, 20: 3.2, 50: 18.5}
@@ -63,19 +63,21 @@ def _setup(depth: int, leave_one_out: bool = False):
 class TrivialObjective:
     """The floor: each layer's loss is z.square().mean(), through the same batched step as HSIC."""
 
-    def stage_losses(self, zs: Sequence[Tensor], targets: BatchTargets, dtype=None) -> StageLosses:
+    def stage_losses(self, zs: Sequence[Tensor], factors: KernelFactors, dtype=None) -> StageLosses:
         loss = torch.stack([z.square().mean() for z in zs])
         zeros = torch.zeros_like(loss)
         return StageLosses(loss, zeros, zeros, torch.zeros(len(zs), dtype=torch.bool, device=loss.device))
 
 
-def hsic_step_fn(depth: int, device: str, cuda_graphs: str = "auto", trivial: bool = False, leave_one_out: bool = False):
-    """One stage holding every layer: targets once per batch, the batched step of all layers."""
+def hsic_step_fn(
+    depth: int, device: str, cuda_graphs: str = "auto", trivial: bool = False, leave_one_out: bool = False
+):
+    """One stage holding every layer: factors once per batch, the batched step of all layers."""
     cfg, net, objective, batch = _setup(depth, leave_one_out)
-    stage = StageTrainer(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
+    stage = StageStep(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
     x = batch.x.to(device)
-    targets = objective.targets(x, batch.y.to(device))
-    return lambda: stage.train_step(x, targets)
+    factors = objective.kernel_factors(x, batch.y.to(device))
+    return lambda: stage.train_step(x, factors)
 
 
 def backprop_step_fn(depth: int, device: str):
@@ -111,10 +113,17 @@ def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "aut
         for name, fn in fns.items():
             per_round[name].append(_timed(fn, steps, warmup=0))
     ms = {name: 1e3 * min(times) for name, times in per_round.items()}
-    return {"depth": depth, "layers": depth + 2, "hsic_ms": ms["hsic"], "floor_ms": ms["floor"],
-            "backprop_ms": ms["backprop"], "hsic_over_floor": ms["hsic"] / ms["floor"],
-            "hsic_loo_ms": ms["hsic_loo"], "loo_over_hsic": ms["hsic_loo"] / ms["hsic"],
-            "hsic_over_backprop": ms["hsic"] / ms["backprop"]}  # fmt: skip
+    return {
+        "depth": depth,
+        "layers": depth + 2,
+        "hsic_ms": ms["hsic"],
+        "floor_ms": ms["floor"],
+        "backprop_ms": ms["backprop"],
+        "hsic_over_floor": ms["hsic"] / ms["floor"],
+        "hsic_loo_ms": ms["hsic_loo"],
+        "loo_over_hsic": ms["hsic_loo"] / ms["hsic"],
+        "hsic_over_backprop": ms["hsic"] / ms["backprop"],
+    }
 
 
 def reference_step_seconds(depth: int, steps: int, device: str) -> float:
@@ -165,14 +174,17 @@ def estimator_ms(m: int, repeats: int, device: str) -> dict[str, dict[str, float
     for name, fn in estimators.items():
         ky = gaussian_kernel(y, 6.0)
 
-        def forward():
+        def forward(fn=fn, ky=ky):
             fn(gaussian_kernel(z, 6.0), ky)
 
-        def forward_backward():
+        def forward_backward(fn=fn, ky=ky):
             zz = z.detach().requires_grad_()
             fn(gaussian_kernel(zz, 6.0), ky).backward()
 
-        out[name] = {"forward_ms": 1e3 * _timed(forward, repeats), "fwd_bwd_ms": 1e3 * _timed(forward_backward, repeats)}
+        out[name] = {
+            "forward_ms": 1e3 * _timed(forward, repeats),
+            "fwd_bwd_ms": 1e3 * _timed(forward_backward, repeats),
+        }
     return out
 
 
@@ -192,8 +204,10 @@ def main(argv: list[str] | None = None) -> dict:
         machine += f" ({torch.cuda.get_device_name()}, cuda graphs {args.cuda_graphs})"
     print(f"# hsic-ray in-process benchmark ({machine}, torch {torch.__version__})\n")
     print("## ms per training step: paper MLP (width 1024, batch 256, cca), every layer in one stage\n")
-    header = ("| depth | layers | HSIC ms | floor ms | HSIC / floor | backprop ms | HSIC / backprop | leave-one-out ms "
-              "(x HSIC) | authors s/step (their machine) |")
+    header = (
+        "| depth | layers | HSIC ms | floor ms | HSIC / floor | backprop ms | HSIC / backprop | leave-one-out ms "
+        "(x HSIC) | authors s/step (their machine) |"
+    )
     if args.reference:
         header += " reference schedule here s/step |"
     print(header)
@@ -201,11 +215,17 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"machine": machine, "steps": [], "estimators": {}}
     for depth in args.depths:
         row = step_comparison(depth, args.steps, args.device, args.cuda_graphs)
-        line = (f"| {depth} | {row['layers']} | {row['hsic_ms']:.1f} | {row['floor_ms']:.1f} | {row['hsic_over_floor']:.2f}x "
-                f"| {row['backprop_ms']:.1f} | {row['hsic_over_backprop']:.2f}x | {row['hsic_loo_ms']:.1f} ({row['loo_over_hsic']:.2f}x) "
-                f"| {AUTHORS_STEP_SECONDS.get(depth, '-')} |")  # fmt: skip
+        line = (
+            f"| {depth} | {row['layers']} | {row['hsic_ms']:.1f} | {row['floor_ms']:.1f} | "
+            f"{row['hsic_over_floor']:.2f}x "
+            f"| {row['backprop_ms']:.1f} | {row['hsic_over_backprop']:.2f}x | {row['hsic_loo_ms']:.1f} "
+            f"({row['loo_over_hsic']:.2f}x) "
+            f"| {AUTHORS_STEP_SECONDS.get(depth, '-')} |"
+        )
         if args.reference:
-            row["reference_seconds_per_step"] = ref = reference_step_seconds(depth, max(1, args.steps // 2), args.device)
+            row["reference_seconds_per_step"] = ref = reference_step_seconds(
+                depth, max(1, args.steps // 2), args.device
+            )
             line += f" {ref:.3f} |"
         results["steps"].append(row)
         print(line, flush=True)

@@ -4,12 +4,12 @@
     python benchmarks/bench_pipeline.py --stages 2 --steps 60 --width 256
     python benchmarks/bench_pipeline.py --long 600            # object-store use over a long run
     python benchmarks/bench_pipeline.py --stages 2 4 8 16 --threads-per-stage   # stages x threads = cores
-    python benchmarks/bench_pipeline.py --device cuda --targets-on coordinator first_stage
+    python benchmarks/bench_pipeline.py --device cuda --factors-on coordinator first_stage
     python benchmarks/bench_pipeline.py --json run.json --plot run.png   # figures kept, samples/s drawn
 
 Prints samples/s of each against the in-process trainer at its best thread count on this machine, the
 pipeline efficiency (measured throughput over 1 / slowest stage's busy time per batch), where a batch's
-time goes (the coordinator's targets, submission and waiting; the slowest stage's compute, transfers and
+time goes (the coordinator's factors, submission and waiting; the slowest stage's compute, transfers and
 idle time), the actor-to-actor hop cost of one batch of activations for each way of sending it, and the
 object store's use sampled through the run (it must stay flat: in-flight batches are bounded).
 """
@@ -30,16 +30,16 @@ import ray
 import torch
 from ray._private.internal_api import memory_summary
 
-from hsic_ray.config import TARGETS_ON, build_config
+from hsic_ray.config import FACTORS_ON, build_config
 from hsic_ray.data import iterate_batches, load_dataset
-from hsic_ray.distributed.pipeline import RayPipeline
 from hsic_ray.distributed.placement import plan_stages
+from hsic_ray.distributed.ray_pipeline import RayPipeline
 from hsic_ray.experiment import build_seeded_network
-from hsic_ray.local import LocalPipeline
+from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
-from hsic_ray.plots import plot_curves
-from hsic_ray.trainer import with_targets
+from hsic_ray.run.plots import plot_curves
+from hsic_ray.trainer import with_factors
 
 
 def object_store_mib() -> float:
@@ -71,7 +71,7 @@ class _Stopwatch:
 
 
 def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0):
-    """The trainer's loop without its logging: targets computed as the trainer does (`with_targets`),
+    """The trainer's loop without its logging: factors computed as the trainer does (`with_factors`),
     submission with bounded in-flight batches, results collected in order; timed part by part.
 
     The clock runs over `steps` batches in the pipeline's steady state. It starts once the pipeline has
@@ -80,8 +80,8 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     (a third of the time over a few dozen batches at 16 stages, and again when the group size changes),
     is paid once by a training run's thousands of batches."""
     watch = _Stopwatch()
-    items = with_targets(batches(data, batch_size), watch.timed("targets", objective.targets), pipeline)
-    next_item = watch.timed("waiting for targets", lambda: next(items))
+    items = with_factors(batches(data, batch_size), watch.timed("factors", objective.kernel_factors), pipeline)
+    next_item = watch.timed("waiting for factors", lambda: next(items))
     submit = watch.timed("submit", pipeline.submit)
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))
     pending, memory, timed, started = collections.deque(), [], 0, None
@@ -113,7 +113,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     while pending:
         finish()
     seconds = time.perf_counter() - started
-    getattr(items, "close", lambda: None)()  # stops with_targets' prefetching thread
+    getattr(items, "close", lambda: None)()  # stops with_factors' prefetching thread
     stage /= timed
     return {
         "samples_per_second": timed * batch_size / seconds,
@@ -168,11 +168,14 @@ def _chosen_from(event) -> str:
 
 
 def plot_throughput(results: dict, best_threads: int, path: str, title: str) -> None:
-    """Samples/s against stages, one line per place targets were computed, and the in-process trainer's best."""
+    """Samples/s against stages, one line per place factors were computed, and the in-process trainer's best."""
     runs = results["pipeline"]
-    series = {f"ray pipeline, targets on {where}": [(r["stages"], r["samples_per_second"])
-                                                    for r in runs if r["targets_on"] == where]
-              for where in dict.fromkeys(r["targets_on"] for r in runs)}  # fmt: skip
+    series = {
+        f"ray pipeline, factors on {where}": [
+            (r["stages"], r["samples_per_second"]) for r in runs if r["factors_on"] == where
+        ]
+        for where in dict.fromkeys(r["factors_on"] for r in runs)
+    }
     best, stages = results["in_process"][best_threads], sorted({r["stages"] for r in runs})
     series[f"in process ({best_threads} threads)"] = [(n, best) for n in stages]
     plot_curves(series, path, xlabel="stages", ylabel="samples/s", title=title, xticks=stages, ymin=0)
@@ -187,15 +190,32 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="batches after the pipeline's fill before the clock starts")
     p.add_argument("--batches-per-call", type=int, help="default: chosen by the pipeline from the step time")
     p.add_argument("--max-in-flight", type=int, help="default: the pipeline's, 2 x stages x batches per call")
-    p.add_argument("--targets-on", nargs="+", choices=("auto", *TARGETS_ON), default=["auto"],
-                   help="where batches' targets are computed (ray.targets_on), each measured in turn; auto: the "
-                   "pipeline's choice (the first stage when stages have GPUs)")  # fmt: skip
-    p.add_argument("--threads-per-stage", action="store_true", help="give each stage cores / stages threads (default 1)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: the in-process trainer on the GPU and the stages sharing it (1 / stages GPU each)")
-    p.add_argument("--in-process-threads", type=int, nargs="+", help="thread counts to time the in-process trainer at "
-                   "(default: 1, 2, half and all cores)")
-    p.add_argument("--long", type=int, default=0, metavar="STEPS", help="also sample object-store use over a run this long")
+    p.add_argument(
+        "--factors-on",
+        nargs="+",
+        choices=("auto", *FACTORS_ON),
+        default=["auto"],
+        help="where batches' factors are computed (ray.factors_on), each measured in turn; auto: the "
+        "pipeline's choice (the first stage when stages have GPUs)",
+    )
+    p.add_argument(
+        "--threads-per-stage", action="store_true", help="give each stage cores / stages threads (default 1)"
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cuda: the in-process trainer on the GPU and the stages sharing it (1 / stages GPU each)",
+    )
+    p.add_argument(
+        "--in-process-threads",
+        type=int,
+        nargs="+",
+        help="thread counts to time the in-process trainer at (default: 1, 2, half and all cores)",
+    )
+    p.add_argument(
+        "--long", type=int, default=0, metavar="STEPS", help="also sample object-store use over a run this long"
+    )
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", help="also draw samples/s against stages, beside the in-process trainer's")
     args = p.parse_args(argv)
@@ -208,8 +228,10 @@ def main(argv=None):
     objective = HSICObjective(cfg.hsic, data.num_classes)
     batch = cfg.train.batch_size
     cores = os.cpu_count()
-    print(f"# hsic-ray pipeline benchmark ({platform.machine()}, {cores} cores, torch {torch.__version__}, "
-          f"ray {ray.__version__}; width {args.width}, {cfg.num_hsic_layers} layers, batch {batch})\n")  # fmt: skip
+    print(
+        f"# hsic-ray pipeline benchmark ({platform.machine()}, {cores} cores, torch {torch.__version__}, "
+        f"ray {ray.__version__}; width {args.width}, {cfg.num_hsic_layers} layers, batch {batch})\n"
+    )
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -218,50 +240,78 @@ def main(argv=None):
     results = {"device": device, "card": card, "cores": cores, "in_process": {}, "pipeline": []}
     for threads in sorted(set(args.in_process_threads or {1, 2, cores // 2, cores}) - {0}):
         torch.set_num_threads(threads)
-        local = drive(LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
-                      objective, data, batch, args.steps, args.warmup)  # fmt: skip
+        local = drive(
+            LocalPipeline(build_seeded_network(cfg, data), objective, cfg.optim, device),
+            objective,
+            data,
+            batch,
+            args.steps,
+            args.warmup,
+        )
         results["in_process"][threads] = local["samples_per_second"]
     best_threads = max(results["in_process"], key=results["in_process"].get)
     best = results["in_process"][best_threads]
     gpus = 1 if device == "cuda" else 0
-    ray.init(address="local", num_cpus=max(max(args.stages), cores) + 1, num_gpus=gpus, include_dashboard=False,
-             logging_level="ERROR")  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=max(max(args.stages), cores) + 1,
+        num_gpus=gpus,
+        include_dashboard=False,
+        logging_level="ERROR",
+    )
     torch.set_num_threads(1)  # the coordinator's share, as in a real run
     costs = layer_step_costs(build_seeded_network(cfg, data), batch)
-    print("| trainer | stages | targets on | batches per call | in flight | samples/s | vs in-process "
-          "| slowest stage ms/batch | efficiency |")  # fmt: skip
+    print(
+        "| trainer | stages | factors on | batches per call | in flight | samples/s | vs in-process "
+        "| slowest stage ms/batch | efficiency |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
-    print(f"| in-process (best of {sorted(results['in_process'])} threads: {best_threads}) | 1 | {device} | - | 1 "
-          f"| {best:.0f} | 1.00x | - | - |", flush=True)  # fmt: skip
-    for stages, targets_on in itertools.product(args.stages, args.targets_on):
+    print(
+        f"| in-process (best of {sorted(results['in_process'])} threads: {best_threads}) | 1 | {device} | - | 1 "
+        f"| {best:.0f} | 1.00x | - | - |",
+        flush=True,
+    )
+    for stages, factors_on in itertools.product(args.stages, args.factors_on):
         cfg.ray.stages, cfg.ray.cpus_per_stage = stages, max(1, cores // stages) if args.threads_per_stage else 1
         cfg.ray.batches_per_call, cfg.ray.max_in_flight = args.batches_per_call, args.max_in_flight
         cfg.ray.gpus_per_stage = gpus / stages
-        cfg.ray.targets_on = None if targets_on == "auto" else targets_on
+        cfg.ray.factors_on = None if factors_on == "auto" else factors_on
         totals = {"CPU": float(stages * cfg.ray.cpus_per_stage + 1), "GPU": float(gpus)}
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, totals), data.input_shape, data.num_classes)
         run = drive(pipeline, objective, data, batch, args.steps, args.warmup)
         pipeline.shutdown()
         slowest = max(run["stage_busy_per_batch"])
-        run.update(stages=stages, targets_on=pipeline.targets_on, efficiency=run["samples_per_second"] / (batch / slowest),
-                   overhead_share=overhead_share(run, batch))  # fmt: skip
+        run.update(
+            stages=stages,
+            factors_on=pipeline.factors_on,
+            efficiency=run["samples_per_second"] / (batch / slowest),
+            overhead_share=overhead_share(run, batch),
+        )
         results["pipeline"].append(run)
-        print(f"| ray pipeline | {stages} | {run['targets_on']} | {run['batches_per_call']} | {run['max_in_flight']} "
-              f"| {run['samples_per_second']:.0f} | {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} "
-              f"| {run['efficiency']:.2f} |", flush=True)  # fmt: skip
+        print(
+            f"| ray pipeline | {stages} | {run['factors_on']} | {run['batches_per_call']} | {run['max_in_flight']} "
+            f"| {run['samples_per_second']:.0f} | {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} "
+            f"| {run['efficiency']:.2f} |",
+            flush=True,
+        )
 
     print("\n## Where a batch's time goes (ms per batch)\n")
-    print("| stages | targets on | coordinator: targets (thread) | waiting for targets | submit | waiting for results "
-          "| slowest stage: busy | of which transfer | idle | Ray overhead / compute "
-          "| batches per call chosen from: step / wait between calls |")  # fmt: skip
+    print(
+        "| stages | factors on | coordinator: factors (thread) | waiting for factors | submit | waiting for results "
+        "| slowest stage: busy | of which transfer | idle | Ray overhead / compute "
+        "| batches per call chosen from: step / wait between calls |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for run in results["pipeline"]:
         c = {k: 1e3 * v for k, v in run["coordinator_per_batch"].items()}
         s_ = int(np.argmax(run["stage_busy_per_batch"]))
-        print(f"| {run['stages']} | {run['targets_on']} | {c.get('targets', 0):.1f} | {c.get('waiting for targets', 0):.1f} | {c.get('submit', 0):.1f} "
-              f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
-              f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} "
-              f"| {run['overhead_share']:.2f} | {_chosen_from(run['chosen_from'])} |")  # fmt: skip
+        print(
+            f"| {run['stages']} | {run['factors_on']} | {c.get('factors', 0):.1f} | "
+            f"{c.get('waiting for factors', 0):.1f} | {c.get('submit', 0):.1f} "
+            f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
+            f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} "
+            f"| {run['overhead_share']:.2f} | {_chosen_from(run['chosen_from'])} |"
+        )
 
     print("\n| activations sent as | ms per actor-to-actor hop (1 MiB batch) |")
     print("|---|---|")
@@ -272,19 +322,31 @@ def main(argv=None):
 
     if args.long:
         cfg.ray.stages, cfg.ray.cpus_per_stage = min(args.stages), 1
-        pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, {"CPU": cfg.ray.stages + 1.0, "GPU": 0.0}),
-                               data.input_shape, data.num_classes)  # fmt: skip
-        run = drive(pipeline, objective, data, batch, args.long, args.warmup, sample_memory_every=max(1, args.long // 10))
+        pipeline = RayPipeline(
+            cfg,
+            plan_stages(cfg.ray, costs, {"CPU": cfg.ray.stages + 1.0, "GPU": 0.0}),
+            data.input_shape,
+            data.num_classes,
+        )
+        run = drive(
+            pipeline, objective, data, batch, args.long, args.warmup, sample_memory_every=max(1, args.long // 10)
+        )
         pipeline.shutdown()
         results["object_store_mib"] = run["memory_mib"]
-        print(f"\nobject store over {args.long} steps ({cfg.ray.stages} stages): "
-              + ", ".join(f"step {i}: {m:.0f} MiB" for i, m in run["memory_mib"]))  # fmt: skip
+        print(
+            f"\nobject store over {args.long} steps ({cfg.ray.stages} stages): "
+            + ", ".join(f"step {i}: {m:.0f} MiB" for i, m in run["memory_mib"])
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     if args.plot:
-        plot_throughput(results, best_threads, args.plot, title=f"{card}, {cores} cores: width {args.width}, "
-                        f"{cfg.num_hsic_layers} layers, batch {batch}")  # fmt: skip
+        plot_throughput(
+            results,
+            best_threads,
+            args.plot,
+            title=f"{card}, {cores} cores: width {args.width}, {cfg.num_hsic_layers} layers, batch {batch}",
+        )
     ray.shutdown()
 
 

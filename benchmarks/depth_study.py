@@ -41,8 +41,11 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("hsic-d50-lr3e-5", "hsic", {**D50, "optim.lr": 3e-5}),
     ("hsic-d50-lr3e-4", "hsic", {**D50, "optim.lr": 3e-4}),
     ("hsic-d50-w1024", "hsic", {**D50, "model.width": 1024}),
-    ("hsic-d50-authors", "hsic", {**D50, "model.width": 1024, "train.batch_size": 256, "model.activation": "relu",
-                                  "model.init": "default"}),  # fmt: skip
+    (
+        "hsic-d50-authors",
+        "hsic",
+        {**D50, "model.width": 1024, "train.batch_size": 256, "model.activation": "relu", "model.init": "default"},
+    ),
     ("hsic-d10", "hsic", {"model.depth": 10}),
     ("hsic-d20", "hsic", {"model.depth": 20}),
     ("bp-d10", "backprop", {"model.depth": 10}),
@@ -62,8 +65,15 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ("hsic-d50-15ep", "hsic", {**D50, "train.epochs": 15}),
     ("hsic-d5-15ep", "hsic", {"model.depth": 5, "train.epochs": 15}),
 ]
-SMOKE = {"model.depth": 2, "train.max_steps": 2, "train.epochs": 1, "head.epochs": 1, "train.probe_samples": 64,
-         "train.eval_samples": 64, "train.bn_calibration_batches": 1}  # fmt: skip
+SMOKE = {
+    "model.depth": 2,
+    "train.max_steps": 2,
+    "train.epochs": 1,
+    "head.epochs": 1,
+    "train.probe_samples": 64,
+    "train.eval_samples": 64,
+    "train.bn_calibration_batches": 1,
+}
 
 
 def run_variant(job: tuple[str, str, dict[str, Any], dict[str, Any], str, int]) -> dict[str, Any]:
@@ -108,15 +118,23 @@ def main(argv=None):
     if unknown := set(args.only or ()) - known:
         p.error(f"unknown variants {sorted(unknown)}; known: {', '.join(sorted(known))}")
     variants = [v for v in VARIANTS if not args.only or v[0] in args.only][: args.workers if args.smoke else None]
-    base = {"data.source": f"npz:{args.data}", "data.family": "fashion-mnist", "trainer": "local",
-            "train.device": args.device, "train.log_every": 1000} | (SMOKE if args.smoke else {})  # fmt: skip
+    base = {
+        "data.source": f"npz:{args.data}",
+        "data.family": "fashion-mnist",
+        "trainer": "local",
+        "train.device": args.device,
+        "train.log_every": 1000,
+    } | (SMOKE if args.smoke else {})
     plots = Path(args.out).with_suffix("")
     plots.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     started = time.perf_counter()
 
     waiting, running = list(variants), []
-    with multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool, open(args.out, "a") as out:
+    with (
+        multiprocessing.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool,
+        open(args.out, "a") as out,
+    ):
         while waiting or running:
             late = args.deadline_s and time.perf_counter() - started > args.deadline_s
             if waiting and late:
@@ -130,7 +148,10 @@ def main(argv=None):
                 row = done.get()
                 out.write(json.dumps(row) + "\n")
                 out.flush()
-                acc = f"{row.get('test_accuracy_formatted')} formatted, {row.get('test_accuracy_unformatted')} unformatted"
+                acc = (
+                    f"{row.get('test_accuracy_formatted')} formatted, {row.get('test_accuracy_unformatted')} "
+                    "unformatted"
+                )
                 print(f"[{time.perf_counter() - started:6.0f} s] {row['name']}: {row.get('error') or acc}", flush=True)
             time.sleep(0.5)
 

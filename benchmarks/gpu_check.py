@@ -36,15 +36,25 @@ def step_table(device: str, depths: list[int], graph_settings: list[str], steps:
         for depth in depths:
             row = {"cuda_graphs": graphs, **step_comparison(depth, steps, device, graphs)}
             rows.append(row)
-            print(f"cuda graphs {graphs:>4}, depth {depth:>2}: HSIC {row['hsic_ms']:.2f} ms, floor {row['floor_ms']:.2f} ms "
-                  f"({row['hsic_over_floor']:.2f}x), backprop {row['backprop_ms']:.2f} ms ({row['hsic_over_backprop']:.2f}x)",
-                  flush=True)  # fmt: skip
+            print(
+                f"cuda graphs {graphs:>4}, depth {depth:>2}: HSIC {row['hsic_ms']:.2f} ms, floor "
+                f"{row['floor_ms']:.2f} ms "
+                f"({row['hsic_over_floor']:.2f}x), backprop {row['backprop_ms']:.2f} ms "
+                f"({row['hsic_over_backprop']:.2f}x)",
+                flush=True,
+            )
     return rows
 
 
 def time_to_accuracy(data: str, device: str, graphs: str, smoke: bool) -> dict:
-    overrides = {"data.source": f"npz:{data}", "hsic.beta": 1000.0, "trainer": "local", "train.device": device,
-                 "train.cuda_graphs": graphs, "train.log_every": 50}  # fmt: skip
+    overrides = {
+        "data.source": f"npz:{data}",
+        "hsic.beta": 1000.0,
+        "trainer": "local",
+        "train.device": device,
+        "train.cuda_graphs": graphs,
+        "train.log_every": 50,
+    }
     if smoke:
         overrides.update({"train.max_steps": 3, "train.epochs": 1, "head.epochs": 1})
     out = {}
@@ -58,7 +68,10 @@ def time_to_accuracy(data: str, device: str, graphs: str, smoke: bool) -> dict:
             print(f"{method}: {out[method]}", flush=True)
     out["train_time_ratio"] = out["hsic"]["train_seconds"] / out["backprop"]["train_seconds"]
     out["wall_time_ratio"] = out["hsic"]["wall_seconds"] / out["backprop"]["wall_seconds"]
-    print(f"HSIC / backprop: training time {out['train_time_ratio']:.2f}x, wall time {out['wall_time_ratio']:.2f}x", flush=True)
+    print(
+        f"HSIC / backprop: training time {out['train_time_ratio']:.2f}x, wall time {out['wall_time_ratio']:.2f}x",
+        flush=True,
+    )
     return out
 
 
@@ -67,8 +80,8 @@ def pipeline_check(device: str) -> dict:
 
     from benchmarks.bench_pipeline import drive
     from hsic_ray.data import load_dataset
-    from hsic_ray.distributed.pipeline import RayPipeline
     from hsic_ray.distributed.placement import plan_stages
+    from hsic_ray.distributed.ray_pipeline import RayPipeline
     from hsic_ray.experiment import build_seeded_network
     from hsic_ray.models import layer_step_costs
     from hsic_ray.objective import HSICObjective
@@ -84,7 +97,10 @@ def pipeline_check(device: str) -> dict:
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, {"CPU": 8.0, "GPU": 1.0}), data.input_shape, 10)
         run = drive(pipeline, objective, data, 256, 60, 10)
         pipeline.shutdown()
-        out[stages] = {"samples_per_second": run["samples_per_second"], "stage_busy_per_batch": run["stage_busy_per_batch"]}
+        out[stages] = {
+            "samples_per_second": run["samples_per_second"],
+            "stage_busy_per_batch": run["stage_busy_per_batch"],
+        }
         print(f"ray pipeline, {stages} stages on one GPU: {run['samples_per_second']:.0f} samples/s", flush=True)
     ray.shutdown()
     return out

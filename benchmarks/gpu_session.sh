@@ -42,7 +42,7 @@ lscpu | grep -E "^(Model name|Socket|Core|Thread|CPU\(s\))"  # cores against hyp
 echo "# setup done at $((SECONDS - START)) s"
 
 # The tests that need CUDA (skipped on the development machine): CUDA graphs against eager steps, with and
-# without a learning-rate schedule and with the leave-one-out fit, the pinned transport, the loop's targets
+# without a learning-rate schedule and with the leave-one-out fit, the pinned transport, the loop's factors
 # computed on the GPU without a host read, the in-process loop that never waits for the device, and the Ray
 # pipeline with its stages sharing the GPU against the in-process trainer on it. pytest is assumed there; if
 # not, this fails alone.
@@ -70,7 +70,7 @@ fi
 
 if part gpu; then
     timeout 270 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 4 8 --threads-per-stage \
-        --in-process-threads 16 --steps 400 --targets-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
+        --in-process-threads 16 --steps 400 --factors-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
         --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
 fi

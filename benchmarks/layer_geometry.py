@@ -21,8 +21,8 @@ import torch
 
 from hsic_ray.config import DataConfig
 from hsic_ray.data import load_dataset, to_tensor
-from hsic_ray.model_io import load_model
 from hsic_ray.objective import HSICObjective
+from hsic_ray.run.model_io import load_model
 
 
 def participation_ratio(z: torch.Tensor) -> float:
@@ -55,7 +55,7 @@ def main(argv=None) -> None:
         name: HSICObjective(dataclasses.replace(cfg.hsic, leave_one_out=loo), data.num_classes)
         for name, loo in (("in-sample", False), ("left-out", True))
     }
-    targets = objectives["in-sample"].targets(x[:batch].flatten(1), labels[:batch])
+    factors = objectives["in-sample"].kernel_factors(x[:batch].flatten(1), labels[:batch])
     layers = model.network.double().layers
     print("layer  participation  between/within  nHSIC(Z,Y) in-sample  left-out")
     z = x
@@ -64,9 +64,13 @@ def main(argv=None) -> None:
             z = layer(z)
             if i % args.every and i < len(layers) - 2:
                 continue
-            dependence = {name: float(o.stage_losses([z[:batch]], targets).nhsic_zy[0]) for name, o in objectives.items()}
-            print(f"{i + 1:5d}  {participation_ratio(z):13.1f}  {between_over_within(z, labels, data.num_classes):14.3f}"
-                  f"  {dependence['in-sample']:20.2f}  {dependence['left-out']:8.2f}")
+            dependence = {
+                name: float(o.stage_losses([z[:batch]], factors).nhsic_zy[0]) for name, o in objectives.items()
+            }
+            print(
+                f"{i + 1:5d}  {participation_ratio(z):13.1f}  {between_over_within(z, labels, data.num_classes):14.3f}"
+                f"  {dependence['in-sample']:20.2f}  {dependence['left-out']:8.2f}"
+            )
 
 
 if __name__ == "__main__":

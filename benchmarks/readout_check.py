@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from hsic_ray import evaluation
 from hsic_ray.config import DataConfig
 from hsic_ray.data import load_dataset, to_tensor
-from hsic_ray.model_io import load_model
+from hsic_ray.run.model_io import load_model
 
 BATCH = 256
 
@@ -100,8 +100,10 @@ def main(argv=None) -> None:
         print(f"head lr {lr}, {epochs} epochs{', standardised' if standardise else ''}: {accuracy:.2f}%")
     hsic = model.config.hsic
     loss_gap, grad_gap = centring_difference(model.network, data.x_train, data.y_train, hsic.sigma, hsic.beta)
-    print(f"one-sided against two-sided centring, first layer, float64: |loss difference| {loss_gap:.1e}, "
-          f"largest gradient difference {grad_gap:.1e} of the largest gradient")
+    print(
+        f"one-sided against two-sided centring, first layer, float64: |loss difference| {loss_gap:.1e}, "
+        f"largest gradient difference {grad_gap:.1e} of the largest gradient"
+    )
 
 
 if __name__ == "__main__":

@@ -26,13 +26,13 @@ from hsic_ray.config import build_config
 from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.objective import HSICObjective
-from hsic_ray.stage import StageTrainer
+from hsic_ray.stage_step import StageStep
 
 MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")
 
 
 def stage_and_input(layers: int, width: int):
-    """A stage of `layers` hidden layers of the seeded paper MLP, the batch its first layer sees, and targets."""
+    """A stage of `layers` hidden layers of the seeded paper MLP, the batch its first layer sees, and factors."""
     cfg = build_config("paper_mlp", overrides={"model.depth": layers, "model.width": width})
     data = load_dataset(cfg.data)
     net = build_seeded_network(cfg, data)
@@ -40,32 +40,34 @@ def stage_and_input(layers: int, width: int):
     batch = next(iterate_batches(data.x_train, data.y_train, cfg.train.batch_size, seed=0, epoch=1))
     with torch.no_grad():
         x = net.layers[0](batch.x).detach()  # the input block's output: what the hidden layers take
-    stage = StageTrainer(list(net.layers)[1 : 1 + layers], objective, cfg.optim)
-    return stage, x, objective.targets(batch.x, batch.y)
+    stage = StageStep(list(net.layers)[1 : 1 + layers], objective, cfg.optim)
+    return stage, x, objective.kernel_factors(batch.x, batch.y)
 
 
-def time_step(stage: StageTrainer, x, targets, steps: int, rounds: int) -> float:
+def time_step(stage: StageStep, x, factors, steps: int, rounds: int) -> float:
     for _ in range(2):
-        stage.train_step(x, targets)
+        stage.train_step(x, factors)
     best = float("inf")
     for _ in range(rounds):
         started = time.perf_counter()
         for _ in range(steps):
-            stage.train_step(x, targets)
+            stage.train_step(x, factors)
         best = min(best, (time.perf_counter() - started) / steps)
     return best
 
 
-def profile_step(stage: StageTrainer, x, targets, steps: int) -> tuple[float, list[tuple[str, float]]]:
+def profile_step(stage: StageStep, x, factors, steps: int) -> tuple[float, list[tuple[str, float]]]:
     """The share of a step's CPU time spent in matrix products, and the other operations' shares, largest first."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            stage.train_step(x, targets)
+            stage.train_step(x, factors)
     events = prof.key_averages()
     total = max(sum(e.self_cpu_time_total for e in events), 1e-9)
     products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / total
-    others = sorted(((e.key, e.self_cpu_time_total / total) for e in events if e.key not in MATRIX_PRODUCTS),
-                    key=lambda item: -item[1])  # fmt: skip
+    others = sorted(
+        ((e.key, e.self_cpu_time_total / total) for e in events if e.key not in MATRIX_PRODUCTS),
+        key=lambda item: -item[1],
+    )
     return products, others
 
 
@@ -80,26 +82,39 @@ def main(argv=None) -> dict:
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
 
-    print(f"# stage step vs threads ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"width {args.width}, batch 256, cca)\n")  # fmt: skip
-    print("| layers | threads | ms per step | speed-up | matrix products ms | their speed-up | the rest ms | its speed-up |")
+    print(
+        f"# stage step vs threads ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"width {args.width}, batch 256, cca)\n"
+    )
+    print(
+        "| layers | threads | ms per step | speed-up | matrix products ms | their speed-up | the rest ms | its "
+        "speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     results = []
     for layers in args.layers:
-        stage, x, targets = stage_and_input(layers, args.width)
+        stage, x, factors = stage_and_input(layers, args.width)
         base = None
         for threads in args.threads:
             torch.set_num_threads(threads)
-            seconds = time_step(stage, x, targets, args.steps, args.rounds)
-            share, others = profile_step(stage, x, targets, args.steps)
-            row = {"layers": layers, "threads": threads, "step_ms": 1e3 * seconds,
-                   "matrix_ms": 1e3 * seconds * share, "rest_ms": 1e3 * seconds * (1 - share),
-                   "other_ops_ms": {name: 1e3 * seconds * part for name, part in others[: args.top]}}  # fmt: skip
+            seconds = time_step(stage, x, factors, args.steps, args.rounds)
+            share, others = profile_step(stage, x, factors, args.steps)
+            row = {
+                "layers": layers,
+                "threads": threads,
+                "step_ms": 1e3 * seconds,
+                "matrix_ms": 1e3 * seconds * share,
+                "rest_ms": 1e3 * seconds * (1 - share),
+                "other_ops_ms": {name: 1e3 * seconds * part for name, part in others[: args.top]},
+            }
             base = base or row
             results.append(row)
-            print(f"| {layers} | {threads} | {row['step_ms']:.1f} | {base['step_ms'] / row['step_ms']:.2f}x "
-                  f"| {row['matrix_ms']:.1f} | {base['matrix_ms'] / row['matrix_ms']:.2f}x "
-                  f"| {row['rest_ms']:.1f} | {base['rest_ms'] / row['rest_ms']:.2f}x |", flush=True)  # fmt: skip
+            print(
+                f"| {layers} | {threads} | {row['step_ms']:.1f} | {base['step_ms'] / row['step_ms']:.2f}x "
+                f"| {row['matrix_ms']:.1f} | {base['matrix_ms'] / row['matrix_ms']:.2f}x "
+                f"| {row['rest_ms']:.1f} | {base['rest_ms'] / row['rest_ms']:.2f}x |",
+                flush=True,
+            )
     for row in results:
         if row["other_ops_ms"]:
             ops = ", ".join(f"{name} {ms:.1f}" for name, ms in row["other_ops_ms"].items())

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,11 +22,11 @@ from torch.nn import functional as F
 from hsic_ray import evaluation
 from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, split_chunks
-from hsic_ray.model_io import MODEL_FILE, model_bytes
 from hsic_ray.models import LayerwiseNet, build_head
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run.directory import RunDirectory
+from hsic_ray.run.model_io import MODEL_FILE, model_bytes
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.stage import make_sgd
+from hsic_ray.stage_step import make_sgd
 
 log = logging.getLogger("hsic_ray")
 
@@ -51,8 +52,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def backprop_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                  weight: float = 1.0) -> float:  # fmt: skip
+def backprop_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0
+) -> float:
     """One SGD step on the mean cross-entropy of (x, y), its gradient scaled by `weight`; returns the loss.
 
     A data-parallel worker that holds n of a global batch of B samples passes weight = world_size * n / B:
@@ -128,7 +130,14 @@ def train_epoch(
         stats.steps += 1
         stats.next_batch = batch.index + 1
         if verbose and ((batch.index + 1) % train.log_every == 0 or batch.index + 1 == total):
-            log.info("backprop epoch %d/%d  batch %d/%d  loss %.4f", epoch, train.epochs, batch.index + 1, total, stats.losses[-1])
+            log.info(
+                "backprop epoch %d/%d  batch %d/%d  loss %.4f",
+                epoch,
+                train.epochs,
+                batch.index + 1,
+                total,
+                stats.losses[-1],
+            )
     stats.seconds = time.perf_counter() - started
     return stats
 
@@ -143,8 +152,14 @@ def test_accuracy(model: nn.Module, data: ImageData, device: torch.device) -> fl
 
 def epoch_record(stats: EpochStats, accuracy: float) -> dict[str, Any]:
     """The metrics.jsonl line of an epoch."""
-    return {"kind": "epoch", "epoch": stats.epoch, "step": stats.steps, "loss": stats.mean_loss(),
-            "grad_norms": stats.mean_grad_norms(), "test_accuracy": accuracy}  # fmt: skip
+    return {
+        "kind": "epoch",
+        "epoch": stats.epoch,
+        "step": stats.steps,
+        "loss": stats.mean_loss(),
+        "grad_norms": stats.mean_grad_norms(),
+        "test_accuracy": accuracy,
+    }
 
 
 def final_metrics(record: dict[str, Any], train_seconds: float, steps: int, batch_size: int) -> dict[str, Any]:
@@ -162,7 +177,7 @@ def final_metrics(record: dict[str, Any], train_seconds: float, steps: int, batc
 
 def model_file(cfg: ExperimentConfig, data: ImageData, model_state: dict[str, Any]) -> bytes:
     """model.pt of a backprop run, from the state dict of `build_model`'s Sequential (network "0.", head "1.")."""
-    part = lambda prefix: {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)}  # noqa: E731
+    part = lambda prefix: {k[len(prefix) :]: v for k, v in model_state.items() if k.startswith(prefix)}  # noqa: E731
     return model_bytes(cfg, "backprop", data.input_shape, data.num_classes, part("0."), part("1."))
 
 
@@ -180,8 +195,17 @@ class BackpropTrainer:
         self.train_seconds = 0.0
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
-        stats = train_epoch(self.model, self.optimizer, self.net, self.data, self.cfg.train, epoch, self.steps,
-                            self.device, schedule=self.schedule)  # fmt: skip
+        stats = train_epoch(
+            self.model,
+            self.optimizer,
+            self.net,
+            self.data,
+            self.cfg.train,
+            epoch,
+            self.steps,
+            self.device,
+            schedule=self.schedule,
+        )
         self.steps = stats.steps
         self.train_seconds += stats.seconds
         return epoch_record(stats, self.test_accuracy())
@@ -196,7 +220,9 @@ class BackpropTrainer:
             record = self.train_epoch(epoch)
             if self.run is not None:
                 self.run.append_jsonl("metrics.jsonl", record)
-            log.info("backprop epoch %d: loss %.4f, test accuracy %.2f%%", epoch, record["loss"], record["test_accuracy"])
+            log.info(
+                "backprop epoch %d: loss %.4f, test accuracy %.2f%%", epoch, record["loss"], record["test_accuracy"]
+            )
             if on_epoch is not None:
                 on_epoch({**record, "train_seconds": self.train_seconds})
             if self.cfg.train.max_steps is not None and self.steps >= self.cfg.train.max_steps:

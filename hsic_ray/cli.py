@@ -6,25 +6,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
-from hsic_ray.checkpoint import CheckpointError
-from hsic_ray.config import ACTIVATIONS, DATASET_FAMILIES, INITS, NULL, PRESETS, ConfigError, ExperimentConfig, build_config
-from hsic_ray.data import DataError
-from hsic_ray.distributed.connect import ClusterConnectionError
-from hsic_ray.distributed.placement import PlacementError
-from hsic_ray.resources import ResourceError
-from hsic_ray.run_claim import NothingToResumeError, OutputExistsError
-from hsic_ray.run_dir import OutputLocationError
+from hsic_ray.config import ACTIVATIONS, DATASET_FAMILIES, INITS, NULL, PRESETS, ExperimentConfig, build_config
+from hsic_ray.errors import USER_ERRORS
 
-# Errors that name a problem in the user's input or environment and how to fix it.
-USER_ERRORS = (
-    ConfigError, DataError, OutputExistsError, OutputLocationError, NothingToResumeError, CheckpointError,
-    PlacementError, ClusterConnectionError, ResourceError,
-)  # fmt: skip
 DEFAULT_PRESET = "deep_mlp"
 # Config fields outside the sections, which KEY=VALUE may set too (preset=paper_mlp).
-TOP_LEVEL_FIELDS = tuple(f.name for f in dataclasses.fields(ExperimentConfig) if f.type in ("str", "Optional[str]"))
+TOP_LEVEL_FIELDS = tuple(
+    f.name for f in dataclasses.fields(ExperimentConfig) if f.default_factory is dataclasses.MISSING
+)
 
 
 class JobArgumentParser(argparse.ArgumentParser):
@@ -46,6 +38,7 @@ def run_job(body: Callable[[], int]) -> int:
 def build_run_config(args: argparse.Namespace, *flag_maps: dict[str, str]) -> ExperimentConfig:
     """The run's config from --preset, --config, --smoke-test, the flags and KEY=VALUE settings."""
     return build_config(args.preset, args.config, overrides(args, *flag_maps), default_preset=DEFAULT_PRESET)
+
 
 # flag dest -> config field, for the flags `add_run_arguments` defines.
 RUN_FLAGS = {
@@ -70,17 +63,30 @@ RUN_FLAGS = {
 # What --smoke-test sets (flags given beside it still win): a tiny network for a few steps, to check in
 # seconds that data, cluster and output work before a long run.
 SMOKE_TEST = {
-    "model.depth": 1, "model.width": 32, "train.epochs": 1, "train.max_steps": 4, "head.epochs": 1,
-    "train.eval_samples": 64, "train.log_every": 2,
-}  # fmt: skip
+    "model.depth": 1,
+    "model.width": 32,
+    "train.epochs": 1,
+    "train.max_steps": 4,
+    "head.epochs": 1,
+    "train.eval_samples": 64,
+    "train.log_every": 2,
+}
 
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     """Preset, config file, output, data, network shape, budget, seed, resume and cluster address."""
-    p.add_argument("--preset", choices=sorted(PRESETS), help=f"named starting config (default: the --config file's preset:, else {DEFAULT_PRESET})")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help=f"named starting config (default: the --config file's preset:, else {DEFAULT_PRESET})",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config sections applied over the preset")
     p.add_argument("--output", metavar="DIR", help="run directory (local path or pyarrow URI)")
-    p.add_argument("--dataset", metavar="SOURCE", help="mnist-sample (bundled), mnist, fashion-mnist, cifar10, npz:PATH, parquet:URI")
+    p.add_argument(
+        "--dataset",
+        metavar="SOURCE",
+        help="mnist-sample (bundled), mnist, fashion-mnist, cifar10, npz:PATH, parquet:URI",
+    )
     add_data_family_argument(p)
     p.add_argument("--data-root", metavar="DIR", help="where torchvision datasets are stored / downloaded")
     p.add_argument("--depth", type=int, help="hidden width x width blocks (depth 5 = 7 layers)")
@@ -94,16 +100,29 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--log-every", type=int, help="steps between progress lines")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
-    p.add_argument("--smoke-test", action="store_true", help="a tiny network for a few steps: checks the setup in seconds")
-    p.add_argument("settings", nargs="*", type=setting, metavar="KEY=VALUE",
-                   help="any config field, applied after the flags, e.g. hsic.eps=1e-4 train.cuda_graphs=off")  # fmt: skip
-    p.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)")
+    p.add_argument(
+        "--smoke-test", action="store_true", help="a tiny network for a few steps: checks the setup in seconds"
+    )
+    p.add_argument(
+        "settings",
+        nargs="*",
+        type=setting,
+        metavar="KEY=VALUE",
+        help="any config field, applied after the flags, e.g. hsic.eps=1e-4 train.cuda_graphs=off",
+    )
+    p.add_argument(
+        "--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)"
+    )
 
 
 def add_data_family_argument(p: argparse.ArgumentParser) -> None:
     """--data-family: whose per-dataset settings the presets apply to an npz: or parquet: source."""
-    p.add_argument("--data-family", choices=DATASET_FAMILIES, help="whose settings (beta) the preset applies to "
-                   "the data (default: inferred from a named --dataset, mnist for npz: and parquet: files)")  # fmt: skip
+    p.add_argument(
+        "--data-family",
+        choices=DATASET_FAMILIES,
+        help="whose settings (beta) the preset applies to "
+        "the data (default: inferred from a named --dataset, mnist for npz: and parquet: files)",
+    )
 
 
 def setting(text: str) -> tuple[str, Any]:

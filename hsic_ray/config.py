@@ -9,31 +9,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hsic_ray.hsic import ESTIMATORS
+from hsic_ray.errors import ConfigError
 
 ARCHITECTURES = ("mlp", "resconv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
 INITS = ("default", "orthogonal")
+ESTIMATORS = ("cca", "biased", "cka", "plausible")  # hsic_ray.hsic.make_estimator
 TRAINERS = ("local", "ray")
 CUDA_GRAPHS = ("auto", "on", "off")
 LR_SCHEDULES = ("constant", "cosine")  # hsic_ray.schedule
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-TARGETS_ON = ("coordinator", "first_stage")  # hsic_ray.distributed.pipeline
+FACTORS_ON = ("coordinator", "first_stage")  # hsic_ray.distributed.ray_pipeline
 DATASET_NAMES = ("mnist-sample", "mnist", "fashion-mnist", "cifar10")
 DATASET_PREFIXES = ("npz:", "parquet:")
 # Which of the authors' per-dataset settings (the presets' beta) a run gets; a file source names its own.
 DATASET_FAMILIES = ("mnist", "fashion-mnist", "cifar10")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what it accepts."""
 
 
 @dataclass
@@ -45,7 +43,7 @@ class DataConfig:
     split_seed: int = 1234  # fixes that split independently of the training seed
     # mnist | fashion-mnist | cifar10: whose settings the presets apply (beta). None: inferred from a named
     # source, mnist for npz: and parquet: files.
-    family: Optional[str] = None
+    family: str | None = None
 
 
 @dataclass
@@ -63,12 +61,12 @@ class ModelConfig:
 @dataclass
 class HSICConfig:
     estimator: str = "cca"
-    sigma: Optional[float] = 6.0  # None: median heuristic
+    sigma: float | None = 6.0  # None: median heuristic
     beta: float = 200.0
     eps: float = 1e-5  # cca regulariser
-    # Extensions beyond the paper (hsic_ray.objective, hsic_ray.stage), off unless set; off in the paper_* presets
+    # Extensions beyond the paper (hsic_ray.objective, hsic_ray.stage_step), off unless set; off in the paper_* presets
     # (deep_mlp sets leave_one_out).
-    layer_sigma: Optional[float] = None  # kernel width for the layers' outputs Z; None: sigma, as in the paper
+    layer_sigma: float | None = None  # kernel width for the layers' outputs Z; None: sigma, as in the paper
     # Weight on nHSIC(Z, X) at the first HSIC layer, rising linearly to 1 at the last; 1: the paper's
     # objective; below 0: early layers keep information about the input (InfoPro-like).
     input_weight_first: float = 1.0
@@ -106,7 +104,7 @@ class HeadConfig:
 class TrainConfig:
     batch_size: int = 256
     epochs: int = 5
-    max_steps: Optional[int] = None  # stop HSIC training after this many steps
+    max_steps: int | None = None  # stop HSIC training after this many steps
     seed: int = 1234
     log_every: int = 10  # steps between progress lines / metrics.jsonl records
     eval_samples: int = 512  # size of the fixed batch the information plane is measured on
@@ -124,28 +122,30 @@ class TrainConfig:
     bn_calibration_batches: int = 20
     # Each stage's training step as one CUDA graph, replayed per batch. auto: on CUDA devices; on: required.
     cuda_graphs: str = "auto"
-    tensorboard: bool = False  # HSIC runs: TensorBoard event files in <output>/tensorboard/ (needs the tensorboard package)
+    tensorboard: bool = (
+        False  # HSIC runs: TensorBoard event files in <output>/tensorboard/ (needs the tensorboard package)
+    )
 
 
 @dataclass
 class RayConfig:
     """How `--trainer ray` lays the layers out as stage actors and feeds them."""
 
-    address: Optional[str] = None  # None: RAY_ADDRESS, else a running local cluster, else start one
-    stages: Optional[int] = None  # None: one per GPU when the cluster has GPUs, else one per free CPU
-    gpus_per_stage: Optional[float] = None  # None: 1 when the cluster has GPUs, else 0
+    address: str | None = None  # None: RAY_ADDRESS, else a running local cluster, else start one
+    stages: int | None = None  # None: one per GPU when the cluster has GPUs, else one per free CPU
+    gpus_per_stage: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_stage: float = 1.0
     coordinator_cpus: float = 1.0
     strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (STRICT_SPREAD: one stage per node)
-    max_in_flight: Optional[int] = None  # batches submitted but not finished; None: 2 x stages x batches_per_call
+    max_in_flight: int | None = None  # batches submitted but not finished; None: 2 x stages x batches_per_call
     # Consecutive batches a stage takes per actor call (results equal one call per batch); None: chosen from
     # the first groups' measured step time and wait between calls, so that Ray's cost per call stays under a
-    # tenth of the call's compute (hsic_ray.distributed.pipeline.choose_batches_per_call).
-    batches_per_call: Optional[int] = None
-    # Where each batch's targets (the factors of X's and Y's kernels) are computed, once for every stage:
+    # tenth of the call's compute (hsic_ray.distributed.ray_pipeline.choose_batches_per_call).
+    batches_per_call: int | None = None
+    # Where each batch's factors (the factors of X's and Y's kernels) are computed, once for every stage:
     # coordinator (on its CPU, in a thread) or first_stage (on the first stage's device, in its step call).
     # None: first_stage when stages have GPUs, where the coordinator's CPU would bound the pipeline.
-    targets_on: Optional[str] = None
+    factors_on: str | None = None
     max_recoveries: int = 10  # stage actors recreated after failures before the run gives up
     placement_timeout_s: float = 120.0
     # Joining an existing cluster: ship this hsic_ray package to the workers (Ray runtime_env py_modules), so
@@ -155,9 +155,9 @@ class RayConfig:
 
 @dataclass
 class ExperimentConfig:
-    preset: Optional[str] = None
+    preset: str | None = None
     trainer: str = "ray"  # ray: stage actors on a Ray cluster; local: every layer in this process
-    output: Optional[str] = None  # run directory; None: runs/<preset or name>-<timestamp>
+    output: str | None = None  # run directory; None: runs/<preset or name>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     hsic: HSICConfig = field(default_factory=HSICConfig)
@@ -180,7 +180,7 @@ class ExperimentConfig:
 # --- presets ---------------------------------------------------------------------------------------------
 
 
-def dataset_family(source: str, family: Optional[str] = None) -> str:
+def dataset_family(source: str, family: str | None = None) -> str:
     """mnist, fashion-mnist or cifar10: which of the authors' per-dataset settings applies.
 
     `family` (data.family) names it for any source; None infers it from a named source, and gives the
@@ -190,12 +190,16 @@ def dataset_family(source: str, family: Optional[str] = None) -> str:
     if family is None:
         return named.get(source, "mnist")
     _check_choice("data.family", family, DATASET_FAMILIES)
-    check_setting(source not in named or named[source] == family, "data.family", family,
-                  f"{named.get(source)} (or null) for data.source={source!r}; another family applies to npz: and parquet: files")  # fmt: skip
+    check_setting(
+        source not in named or named[source] == family,
+        "data.family",
+        family,
+        f"{named.get(source)} (or null) for data.source={source!r}; another family applies to npz: and parquet: files",
+    )
     return family
 
 
-def paper_mlp(source: str = "mnist-sample", family: Optional[str] = None) -> ExperimentConfig:
+def paper_mlp(source: str = "mnist-sample", family: str | None = None) -> ExperimentConfig:
     """The unformatted 5 x 1024 MLP of the paper's Fig. 3/4, last layer 10 wide."""
     beta = {"mnist": 200.0, "fashion-mnist": 1000.0, "cifar10": 2500.0}[dataset_family(source, family)]
     return ExperimentConfig(
@@ -214,7 +218,7 @@ def paper_mlp(source: str = "mnist-sample", family: Optional[str] = None) -> Exp
     )
 
 
-def paper_resconv(source: str = "mnist-sample", family: Optional[str] = None) -> ExperimentConfig:
+def paper_resconv(source: str = "mnist-sample", family: str | None = None) -> ExperimentConfig:
     """The residual conv net of the paper's Fig. 7: 5 blocks of 64 channels, dense to 512, format head."""
     beta = {"mnist": 200.0, "fashion-mnist": 500.0, "cifar10": 500.0}[dataset_family(source, family)]
     return ExperimentConfig(
@@ -229,7 +233,7 @@ def paper_resconv(source: str = "mnist-sample", family: Optional[str] = None) ->
     )
 
 
-def deep_mlp(source: str = "mnist-sample", family: Optional[str] = None) -> ExperimentConfig:
+def deep_mlp(source: str = "mnist-sample", family: str | None = None) -> ExperimentConfig:
     """A deep MLP without skip connections, sized to train on the bundled digits in minutes on 2 cores."""
     beta = {"mnist": 2500.0, "fashion-mnist": 1000.0, "cifar10": 500.0}[dataset_family(source, family)]
     return ExperimentConfig(
@@ -254,7 +258,7 @@ def deep_mlp(source: str = "mnist-sample", family: Optional[str] = None) -> Expe
     )
 
 
-PRESETS: dict[str, Callable[[str, Optional[str]], ExperimentConfig]] = {
+PRESETS: dict[str, Callable[[str, str | None], ExperimentConfig]] = {
     "paper_mlp": paper_mlp,
     "paper_resconv": paper_resconv,
     "deep_mlp": deep_mlp,
@@ -312,8 +316,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         f"one of {', '.join(DATASET_NAMES)}, npz:PATH or parquet:URI",
     )
     dataset_family(source, cfg.data.family)
-    check_setting(0 <= cfg.data.split_seed <= MAX_SEED, "data.split_seed", cfg.data.split_seed, f"an integer in [0, {MAX_SEED}]")
-    check_setting(0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)")
+    check_setting(
+        0 <= cfg.data.split_seed <= MAX_SEED, "data.split_seed", cfg.data.split_seed, f"an integer in [0, {MAX_SEED}]"
+    )
+    check_setting(
+        0.0 < cfg.data.test_fraction < 1.0, "data.test_fraction", cfg.data.test_fraction, "a fraction in (0, 1)"
+    )
     _check_choice("model.arch", cfg.model.arch, ARCHITECTURES)
     _check_choice("model.activation", cfg.model.activation, ACTIVATIONS)
     _check_choice("model.init", cfg.model.init, INITS)
@@ -321,14 +329,27 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check_positive("model.width", cfg.model.width)
     _check_positive("model.last_width", cfg.model.last_width)
     _check_choice("hsic.estimator", cfg.hsic.estimator, ESTIMATORS)
-    check_setting(cfg.hsic.sigma is None or cfg.hsic.sigma > 0, "hsic.sigma", cfg.hsic.sigma, "a positive number or null (median heuristic)")
-    check_setting(cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0, "hsic.layer_sigma", cfg.hsic.layer_sigma,
-                  "a positive number or null (the same as hsic.sigma)")  # fmt: skip
+    check_setting(
+        cfg.hsic.sigma is None or cfg.hsic.sigma > 0,
+        "hsic.sigma",
+        cfg.hsic.sigma,
+        "a positive number or null (median heuristic)",
+    )
+    check_setting(
+        cfg.hsic.layer_sigma is None or cfg.hsic.layer_sigma > 0,
+        "hsic.layer_sigma",
+        cfg.hsic.layer_sigma,
+        "a positive number or null (the same as hsic.sigma)",
+    )
     check_setting(cfg.hsic.beta >= 0, "hsic.beta", cfg.hsic.beta, "a number >= 0")
     check_setting(cfg.hsic.lr_scale_last > 0, "hsic.lr_scale_last", cfg.hsic.lr_scale_last, "a positive number")
     check_setting(cfg.hsic.eps > 0, "hsic.eps", cfg.hsic.eps, "a positive number")
-    check_setting(not cfg.hsic.leave_one_out or cfg.hsic.estimator == "cca", "hsic.leave_one_out", cfg.hsic.leave_one_out,
-                  "false with hsic.estimator other than cca (the leave-one-out fit is cca's kernel ridge regression)")  # fmt: skip
+    check_setting(
+        not cfg.hsic.leave_one_out or cfg.hsic.estimator == "cca",
+        "hsic.leave_one_out",
+        cfg.hsic.leave_one_out,
+        "false with hsic.estimator other than cca (the leave-one-out fit is cca's kernel ridge regression)",
+    )
     for prefix, opt in (("optim", cfg.optim), ("head", cfg.head), ("backprop", cfg.backprop)):
         check_setting(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
         check_setting(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
@@ -340,40 +361,89 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     # HSIC compares samples within a batch: a batch of one has no pairs.
     _check_positive("train.batch_size", cfg.train.batch_size, minimum=2)
     _check_positive("train.epochs", cfg.train.epochs)
-    check_setting(cfg.train.max_steps is None or cfg.train.max_steps >= 1, "train.max_steps", cfg.train.max_steps, "a number >= 1 or null")
+    check_setting(
+        cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+        "train.max_steps",
+        cfg.train.max_steps,
+        "a number >= 1 or null",
+    )
     _check_positive("train.log_every", cfg.train.log_every)
-    check_setting(2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES, "train.eval_samples", cfg.train.eval_samples,
-                  f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)")  # fmt: skip
+    check_setting(
+        2 <= cfg.train.eval_samples <= MAX_EVAL_SAMPLES,
+        "train.eval_samples",
+        cfg.train.eval_samples,
+        f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)",
+    )
     _check_positive("train.probe_samples", cfg.train.probe_samples, minimum=0)
     check_setting(0 <= cfg.train.seed <= MAX_SEED, "train.seed", cfg.train.seed, f"an integer in [0, {MAX_SEED}]")
     _check_choice("train.device", cfg.train.device, ("auto", "cpu", "cuda"))
     _check_choice("train.cuda_graphs", cfg.train.cuda_graphs, CUDA_GRAPHS)
-    check_setting(not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"), "train.cuda_graphs",
-                  cfg.train.cuda_graphs, "auto or off with train.device=cpu (CUDA graphs need a CUDA device)")  # fmt: skip
+    check_setting(
+        not (cfg.train.cuda_graphs == "on" and cfg.train.device == "cpu"),
+        "train.cuda_graphs",
+        cfg.train.cuda_graphs,
+        "auto or off with train.device=cpu (CUDA graphs need a CUDA device)",
+    )
     _check_positive("train.checkpoint_every", cfg.train.checkpoint_every, minimum=0)
-    check_setting(cfg.train.checkpoint_seconds >= 0, "train.checkpoint_seconds", cfg.train.checkpoint_seconds,
-                  "seconds >= 0 between checkpoints (0: none by time)")  # fmt: skip
+    check_setting(
+        cfg.train.checkpoint_seconds >= 0,
+        "train.checkpoint_seconds",
+        cfg.train.checkpoint_seconds,
+        "seconds >= 0 between checkpoints (0: none by time)",
+    )
     _check_positive("train.bn_calibration_batches", cfg.train.bn_calibration_batches, minimum=0)
     _check_choice("trainer", cfg.trainer, TRAINERS)
-    check_setting(cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)")
-    check_setting(cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers, "ray.stages", cfg.ray.stages,
-                  f"at most the {cfg.num_hsic_layers} HSIC-trained layers (depth + 2)")  # fmt: skip
-    check_setting(cfg.ray.gpus_per_stage is None or cfg.ray.gpus_per_stage >= 0, "ray.gpus_per_stage",
-                  cfg.ray.gpus_per_stage, "a number >= 0 (fractions share a GPU) or null (auto)")  # fmt: skip
+    check_setting(
+        cfg.ray.stages is None or cfg.ray.stages >= 1, "ray.stages", cfg.ray.stages, "a number >= 1 or null (auto)"
+    )
+    check_setting(
+        cfg.ray.stages is None or cfg.ray.stages <= cfg.num_hsic_layers,
+        "ray.stages",
+        cfg.ray.stages,
+        f"at most the {cfg.num_hsic_layers} HSIC-trained layers (depth + 2)",
+    )
+    check_setting(
+        cfg.ray.gpus_per_stage is None or cfg.ray.gpus_per_stage >= 0,
+        "ray.gpus_per_stage",
+        cfg.ray.gpus_per_stage,
+        "a number >= 0 (fractions share a GPU) or null (auto)",
+    )
     check_setting(cfg.ray.cpus_per_stage > 0, "ray.cpus_per_stage", cfg.ray.cpus_per_stage, "a positive number")
     check_setting(cfg.ray.coordinator_cpus > 0, "ray.coordinator_cpus", cfg.ray.coordinator_cpus, "a positive number")
     _check_choice("ray.strategy", cfg.ray.strategy, STRATEGIES)
-    check_setting(cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1, "ray.max_in_flight",
-                  cfg.ray.max_in_flight, "a number >= 1 or null (2 x stages x batches per call)")  # fmt: skip
-    check_setting(cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1, "ray.batches_per_call",
-                  cfg.ray.batches_per_call, "a number >= 1 or null (chosen from measured times)")  # fmt: skip
-    if cfg.ray.targets_on is not None:
-        _check_choice("ray.targets_on", cfg.ray.targets_on, TARGETS_ON)
+    check_setting(
+        cfg.ray.max_in_flight is None or cfg.ray.max_in_flight >= 1,
+        "ray.max_in_flight",
+        cfg.ray.max_in_flight,
+        "a number >= 1 or null (2 x stages x batches per call)",
+    )
+    check_setting(
+        cfg.ray.batches_per_call is None or cfg.ray.batches_per_call >= 1,
+        "ray.batches_per_call",
+        cfg.ray.batches_per_call,
+        "a number >= 1 or null (chosen from measured times)",
+    )
+    if cfg.ray.factors_on is not None:
+        _check_choice("ray.factors_on", cfg.ray.factors_on, FACTORS_ON)
     _check_positive("ray.max_recoveries", cfg.ray.max_recoveries, minimum=0)
-    check_setting(cfg.ray.address is None or is_ray_address(cfg.ray.address), "ray.address", cfg.ray.address,
-                  "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null")  # fmt: skip
-    check_setting(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s", cfg.ray.placement_timeout_s, "a positive number of seconds")
-    check_setting(cfg.output is None or bool(cfg.output.strip()), "output", cfg.output, "a directory path or URI (or null: runs/<preset>-<time>)")
+    check_setting(
+        cfg.ray.address is None or is_ray_address(cfg.ray.address),
+        "ray.address",
+        cfg.ray.address,
+        "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null",
+    )
+    check_setting(
+        cfg.ray.placement_timeout_s > 0,
+        "ray.placement_timeout_s",
+        cfg.ray.placement_timeout_s,
+        "a positive number of seconds",
+    )
+    check_setting(
+        cfg.output is None or bool(cfg.output.strip()),
+        "output",
+        cfg.output,
+        "a directory path or URI (or null: runs/<preset>-<time>)",
+    )
     check_setting(cfg.preset is None or cfg.preset in PRESETS, "preset", cfg.preset, f"one of {', '.join(PRESETS)}")
     return cfg
 
@@ -414,7 +484,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # yaml's parser errors, UnicodeDecodeError for binary files, ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ConfigError(
-            f"config file {str(path)!r} is not valid YAML ({type(exc).__name__}: {detail}); fix it or pass another --config"
+            f"config file {str(path)!r} is not valid YAML ({type(exc).__name__}: {detail}); fix it or pass "
+            "another --config"
         ) from None
     if loaded is None:
         return {}
@@ -458,6 +529,7 @@ def build_config(
     file_tree.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"preset={preset!r} is invalid: expected one of {', '.join(PRESETS)}")
+
     def data_setting(key: str) -> Any:
         return override_tree.get("data", {}).get(key) or file_tree.get("data", {}).get(key)
 

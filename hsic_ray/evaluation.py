@@ -191,9 +191,7 @@ def unformatted_accuracy(
     test = _outputs(test_outputs, "test_outputs")
     _check_width(train.shape[1], num_classes)
     if test.shape[1] != train.shape[1]:
-        raise ValueError(
-            f"train_outputs have {train.shape[1]} units but test_outputs have {test.shape[1]}"
-        )
+        raise ValueError(f"train_outputs have {train.shape[1]} units but test_outputs have {test.shape[1]}")
     test_lab = _labels(test_labels, test.shape[0], "test_labels")
     _check_labels_in_range(test_lab, num_classes, "test_labels")
     assign = hungarian_assignment if method == "hungarian" else greedy_assignment
@@ -237,7 +235,7 @@ class RidgeReadout:
         self._xty += x.T @ onehot
         self._counts += onehot.sum(0)
 
-    def fit(self) -> "RidgeReadout":
+    def fit(self) -> RidgeReadout:
         if self._shift is None:
             raise ValueError("a readout needs training samples before it is fitted")
         n, d = self.samples, len(self._shift)

@@ -10,21 +10,22 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from hsic_ray import tensorboard_log
 from hsic_ray.backprop import BackpropTrainer
 from hsic_ray.config import ConfigError, ExperimentConfig
 from hsic_ray.data import ImageData, load_dataset
-from hsic_ray.local import LocalPipeline
+from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import check_memory, threads_for
-from hsic_ray.run_start import plan_start
+from hsic_ray.run import tensorboard_log
+from hsic_ray.run.start import plan_start
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.stage import layer_lr_scales
+from hsic_ray.stage_step import layer_lr_scales
 from hsic_ray.trainer import HSICTrainer, batches_between_drains
 
 log = logging.getLogger("hsic_ray")
@@ -68,8 +69,13 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
             )
         ray_cfg = dataclasses.replace(ray_cfg, stages=checkpoint_stages)
     stages = ray_cfg.stages or os.cpu_count() or 1
-    connect(ray_cfg.address, local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
-            processes=stages + 1, cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus), ship_package=ray_cfg.ship_package)  # fmt: skip
+    connect(
+        ray_cfg.address,
+        local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
+        processes=stages + 1,
+        cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus),
+        ship_package=ray_cfg.ship_package,
+    )
     specs = plan_stages(ray_cfg, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
     check_fits(specs, ray_cfg.coordinator_cpus, ray_cfg.strategy)
     return specs
@@ -84,9 +90,9 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
         lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, layers, len(layers))
         yield LocalPipeline(net, objective, cfg.optim, device, cfg.train.cuda_graphs, lr_scales, schedule)
         return
-    from hsic_ray.distributed.pipeline import RayPipeline
+    from hsic_ray.distributed.ray_pipeline import RayPipeline
 
-    # The coordinator computes each batch's targets while the stages train: keep it to its own CPUs so it
+    # The coordinator computes each batch's factors while the stages train: keep it to its own CPUs so it
     # does not fight the stage actors for cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(threads_for(cfg.ray.coordinator_cpus))
@@ -122,8 +128,14 @@ def run_hsic(
     specs = _plan_ray_stages(cfg, net, start.stages) if cfg.trainer == "ray" else None
     start.commit(cfg)
     run = start.run
-    log.info("run directory: %s  (%s, %d train / %d test samples, %s trainer)",
-             run.uri, data.name, len(data.y_train), len(data.y_test), cfg.trainer)  # fmt: skip
+    log.info(
+        "run directory: %s  (%s, %d train / %d test samples, %s trainer)",
+        run.uri,
+        data.name,
+        len(data.y_train),
+        len(data.y_test),
+        cfg.trainer,
+    )
     with _pipeline(cfg, data, net, specs, device) as pipeline:
         trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
         return trainer.fit(start.step)

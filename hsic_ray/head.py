@@ -14,10 +14,10 @@ from torch.nn import functional as F
 
 from hsic_ray.config import HeadConfig
 from hsic_ray.models import build_head
-from hsic_ray.stage import make_sgd
+from hsic_ray.stage_step import make_sgd
 
 
-class FormatHeadTrainer:
+class FormatHead:
     def __init__(self, in_features: int, num_classes: int, cfg: HeadConfig, device: torch.device | str = "cpu"):
         self.cfg = cfg
         self.device = torch.device(device)

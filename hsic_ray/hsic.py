@@ -15,11 +15,13 @@ Everything from the kernel on also accepts a batch of kernels, [..., m, m] (one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from hsic_ray.config import ESTIMATORS
 
 MEDIAN_SIGMA_FLOOR = 1e-2
 
@@ -286,13 +288,10 @@ class Estimator:
     name: str
     factor: Callable[[Tensor], Tensor]
     self_input: bool = False
-    factor_ex: Optional[Callable[[Tensor], tuple[Tensor, Tensor]]] = None
+    factor_ex: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
     def dependence(self, factor_a: Tensor, factor_b: Tensor) -> Tensor:
         return _inner(factor_a, factor_b)
-
-
-ESTIMATORS = ("cca", "biased", "cka", "plausible")
 
 
 def make_estimator(name: str, eps: float = 1e-5) -> Estimator:

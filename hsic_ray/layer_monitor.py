@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,9 +18,9 @@ from torch import Tensor
 from hsic_ray import probes
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import ImageData, to_tensor
-from hsic_ray.metrics_log import MetricsLog
-from hsic_ray.objective import BatchTargets, HSICObjective
-from hsic_ray.plots import plot_information_plane, plot_probes
+from hsic_ray.objective import HSICObjective, KernelFactors
+from hsic_ray.run.metrics_log import MetricsLog
+from hsic_ray.run.plots import plot_information_plane, plot_probes
 
 log = logging.getLogger("hsic_ray")
 
@@ -41,7 +41,7 @@ class LayerMonitor:
         self._record_information_plane(epoch, step)
         self._record_probes(epoch, step)
 
-    def final_probes(self) -> Optional[dict[str, Any]]:
+    def final_probes(self) -> dict[str, Any] | None:
         """Every layer's probe on the full splits (None with probes off), drawn into probes.png."""
         if self._probe_splits is None:
             return None
@@ -59,16 +59,16 @@ class LayerMonitor:
 
     # --- the information plane -------------------------------------------------------------------------
 
-    def _fixed_eval_batch(self, objective: HSICObjective) -> tuple[Tensor, BatchTargets]:
+    def _fixed_eval_batch(self, objective: HSICObjective) -> tuple[Tensor, KernelFactors]:
         n = len(self.data.y_train)
         size = min(self.cfg.train.eval_samples, n)
         idx = np.sort(np.random.default_rng(self.cfg.train.seed).choice(n, size, replace=False))
         x, y = to_tensor(self.data.x_train[idx]), torch.from_numpy(self.data.y_train[idx])
-        return x, objective.targets(x, y)
+        return x, objective.kernel_factors(x, y)
 
     def _record_information_plane(self, epoch: int, step: int) -> None:
-        x, targets = self._eval_batch
-        stats = self.pipeline.measure(x, targets).cpu()
+        x, factors = self._eval_batch
+        stats = self.pipeline.measure(x, factors).cpu()
         per_layer = [{"nhsic_zx": float(zx), "nhsic_zy": float(zy)} for zx, zy in stats.tolist()]
         record = {"kind": "epoch", "epoch": epoch, "step": step, "per_layer": per_layer}
         self.info_plane.append(record)
@@ -79,7 +79,7 @@ class LayerMonitor:
 
     # --- linear probes ---------------------------------------------------------------------------------
 
-    def _fixed_probe_splits(self) -> Optional[tuple[probes.Split, probes.Split]]:
+    def _fixed_probe_splits(self) -> tuple[probes.Split, probes.Split] | None:
         """The fixed (images, labels) of the training and test splits the per-epoch probes read:
         train.probe_samples of training samples and half as many test samples (at most each split)."""
         size = self.cfg.train.probe_samples
@@ -108,9 +108,16 @@ class LayerMonitor:
         self.out.append(record)
         self._plot_probes()
         test = record["test_accuracy"]
-        log.info("linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
-                 "(%.1fs)", epoch, test[0], max(test), test[-1], record["seconds"])  # fmt: skip
+        log.info(
+            "linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
+            "(%.1fs)",
+            epoch,
+            test[0],
+            max(test),
+            test[-1],
+            record["seconds"],
+        )
 
-    def _plot_probes(self, final: Optional[dict[str, Any]] = None) -> None:
+    def _plot_probes(self, final: dict[str, Any] | None = None) -> None:
         title = f"{self.cfg.preset or 'hsic'}: linear probe of each layer"
         self.out.plot("probes.png", lambda path: plot_probes(self.probes, path, title, final))

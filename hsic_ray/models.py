@@ -7,7 +7,7 @@ modules with known input and output shapes: any contiguous slice can be trained 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -64,7 +64,7 @@ class LayerwiseNet(nn.Module):
     def __len__(self) -> int:
         return len(self.layers)
 
-    def slice(self, start: int, stop: int) -> "LayerwiseNet":
+    def slice(self, start: int, stop: int) -> LayerwiseNet:
         """Layers [start, stop) as a network of their own (sharing the modules)."""
         return LayerwiseNet(list(self.layers)[start:stop], self.shapes[start : stop + 1])
 

@@ -3,7 +3,7 @@
 loss_i = dep(Z_i, X) - beta * dep(Z_i, Y), where dep is the chosen estimator (nHSIC for "cca").
 
 The kernels of X and Y (and their estimator factors: centring, and for cca a Cholesky solve) depend only
-on the batch, so `HSICObjective.targets` computes them once and every layer reuses them. The authors'
+on the batch, so `HSICObjective.kernel_factors` computes them once and every layer reuses them. The authors'
 schedule rebuilds the X and Y kernels and solves for every layer at every step: per layer it builds
 three kernels (X with 784-3072 features) and does four m x m solves; here a layer builds one kernel
 (its own Z), and `stage_losses` treats all of a stage's layers as one batched [layers, m, m] problem.
@@ -30,8 +30,8 @@ of the fit instead, it cannot (same Cholesky and inverse, one division more).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -42,24 +42,24 @@ from hsic_ray.hsic import Estimator, cca_inner, gaussian_kernel, make_estimator,
 
 
 @dataclass
-class BatchTargets:
+class KernelFactors:
     """The per-batch factors every layer's loss compares its output against."""
 
-    x_factor: Optional[Tensor]  # None when the estimator compresses against Z itself (plausible)
+    x_factor: Tensor | None  # None when the estimator compresses against Z itself (plausible)
     y_factor: Tensor
     # On a GPU: a bool on the device, True where a factor's kernel system was not positive definite, for the
-    # stage to check where it reads back anyway (`StageTrainer.check_solves`). None: checked already.
-    failed: Optional[Tensor] = None
+    # stage to check where it reads back anyway (`StageStep.check_solves`). None: checked already.
+    failed: Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "BatchTargets":
-        def move(t: Optional[Tensor]) -> Optional[Tensor]:
+    def to(self, device: torch.device | str) -> KernelFactors:
+        def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        return BatchTargets(move(self.x_factor), move(self.y_factor), move(self.failed))
+        return KernelFactors(move(self.x_factor), move(self.y_factor), move(self.failed))
 
 
-def targets_failed() -> FloatingPointError:
-    """The error for targets whose `failed` flag was set: float64 could not make their kernel system
+def factors_failed() -> FloatingPointError:
+    """The error for factors whose `failed` flag was set: float64 could not make their kernel system
     positive definite either."""
     return not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
 
@@ -83,9 +83,9 @@ def input_weights(first: float, layers: range, num_layers: int) -> list[float]:
 
 
 class HSICObjective:
-    def __init__(self, cfg: HSICConfig, num_classes: int, layers: Optional[range] = None, num_layers: int = 0):
+    def __init__(self, cfg: HSICConfig, num_classes: int, layers: range | None = None, num_layers: int = 0):
         """`layers` places a stage's layers among the network's `num_layers` HSIC layers, for their weights on
-        nHSIC(Z, X) (`hsic.input_weight_first`); an objective that computes targets and measures
+        nHSIC(Z, X) (`hsic.input_weight_first`); an objective that computes factors and measures
         dependence, but trains no layer, leaves it out."""
         self.cfg = cfg
         self.num_classes = num_classes
@@ -104,7 +104,7 @@ class HSICObjective:
             # restores it.
             return self.estimator.factor(gaussian_kernel(v.double(), self.cfg.sigma)).to(v.dtype)
 
-    def _factor_on_device(self, v: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def _factor_on_device(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
         """The factor computed in float64 from the start, with its failed flag left on the device.
 
         On a GPU, checking the solve on the host (for the float32 -> float64 retry of `_factor`) makes the
@@ -117,35 +117,38 @@ class HSICObjective:
         return factor.to(v.dtype), failed.any()
 
     @torch.no_grad()
-    def targets(self, x: Tensor, labels: Tensor, host_free: Optional[bool] = None) -> BatchTargets:
+    def kernel_factors(self, x: Tensor, labels: Tensor, host_free: bool | None = None) -> KernelFactors:
         """X's and Y's factors for one batch (x: raw inputs, labels: integer classes). Checked here, or with
         `host_free` (default: on CUDA) computed in float64 with their `failed` flag left on the device."""
         y = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
         if not (x.is_cuda if host_free is None else host_free):
             x_factor = None if self.estimator.self_input else self._factor(x)
-            return BatchTargets(x_factor, self._factor(y))
+            return KernelFactors(x_factor, self._factor(y))
         y_factor, y_failed = self._factor_on_device(y)
         if self.estimator.self_input:
-            return BatchTargets(None, y_factor, y_failed)
+            return KernelFactors(None, y_factor, y_failed)
         x_factor, x_failed = self._factor_on_device(x)
         failed = None if x_failed is None else x_failed | y_failed
-        return BatchTargets(x_factor, y_factor, failed)
+        return KernelFactors(x_factor, y_factor, failed)
 
-    def stage_losses(self, zs: Sequence[Tensor], targets: BatchTargets, dtype: torch.dtype | None = None) -> StageLosses:
+    def stage_losses(
+        self, zs: Sequence[Tensor], factors: KernelFactors, dtype: torch.dtype | None = None
+    ) -> StageLosses:
         """Every layer's loss from its output, as one batched computation; nothing is read back to the host.
 
         `dtype` computes the kernels and their algebra in another precision (float64 after float32 rounding
         cost a kernel its positive definiteness); the losses come back in that precision.
         """
-        zx, zy, failed = self._dependences(zs, targets, dtype, self.cfg.leave_one_out)
+        zx, zy, failed = self._dependences(zs, factors, dtype, self.cfg.leave_one_out)
         return StageLosses(self._weights_like(zx) * zx - self.cfg.beta * zy, zx.detach(), zy.detach(), failed)
 
-    def _dependences(self, zs: Sequence[Tensor], targets: BatchTargets, dtype: torch.dtype | None,
-                     leave_one_out: bool = False) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    def _dependences(
+        self, zs: Sequence[Tensor], factors: KernelFactors, dtype: torch.dtype | None, leave_one_out: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """[layers] nHSIC(Z, X) and nHSIC(Z, Y), both differentiable in Z, and the failed-solve flags."""
         kernels = torch.stack([gaussian_kernel(z if dtype is None else z.to(dtype), self.layer_sigma) for z in zs])
-        x_factor = None if targets.x_factor is None else targets.x_factor.to(kernels.dtype)
-        y_factor = targets.y_factor.to(kernels.dtype)
+        x_factor = None if factors.x_factor is None else factors.x_factor.to(kernels.dtype)
+        y_factor = factors.y_factor.to(kernels.dtype)
         if self.estimator.name == "cca":
             # <R_Z, T> = tr(T) - eps m <A^-1, T> for T = R_X, R_Y; left out: tr(T) - <diag(A^-1)^-1 A^-1, T>.
             factors = torch.stack([x_factor, y_factor])
@@ -162,8 +165,10 @@ class HSICObjective:
         if self.cfg.input_weight_first == 1.0:
             return 1.0
         if self._input_weights is None:
-            raise ValueError("hsic.input_weight_first needs each layer's place in the network: build the "
-                             "stage's HSICObjective with its layers and num_layers")  # fmt: skip
+            raise ValueError(
+                "hsic.input_weight_first needs each layer's place in the network: build the "
+                "stage's HSICObjective with its layers and num_layers"
+            )
         # Made once per device and precision, outside any CUDA graph capture (warm-up steps come first).
         key = (zx.device, zx.dtype)
         if key not in self._weight_tensors:
@@ -171,13 +176,13 @@ class HSICObjective:
         return self._weight_tensors[key]
 
     @torch.no_grad()
-    def dependence(self, zs: Sequence[Tensor], targets: BatchTargets) -> Tensor:
+    def dependence(self, zs: Sequence[Tensor], factors: KernelFactors) -> Tensor:
         """[layers, 2] of (nhsic_zx, nhsic_zy), checked: recomputed in float64 where float32 rounding broke a
         kernel's positive definiteness; FloatingPointError where float64 could not either. Always the paper's
         nHSIC, whatever the layers train on (hsic.leave_one_out), so information planes compare across runs."""
-        zx, zy, failed = self._dependences(zs, targets, None)
+        zx, zy, failed = self._dependences(zs, factors, None)
         if bool(failed.any()):
-            zx, zy, failed = self._dependences(zs, targets, torch.float64)
+            zx, zy, failed = self._dependences(zs, factors, torch.float64)
             if bool(failed.any()):
                 raise not_positive_definite("hsic_cca")
         return torch.stack([zx, zy], dim=1).to(zs[0].dtype)

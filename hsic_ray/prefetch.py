@@ -1,7 +1,7 @@
 """Run the next items of a loop ahead of it, in a background thread.
 
-The training loop computes each batch's targets (two kernels and their factors) before submitting it.
-When the pipeline runs elsewhere (stage actors on Ray), the loop's thread mostly waits, and targets
+The training loop computes each batch's factors (two kernels and their factors) before submitting it.
+When the pipeline runs elsewhere (stage actors on Ray), the loop's thread mostly waits, and factors
 computed meanwhile in another thread cost no wall time: `prefetched` keeps up to `depth` items ready.
 """
 
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 Item = TypeVar("Item")
 Prepared = TypeVar("Prepared")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

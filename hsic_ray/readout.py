@@ -4,7 +4,8 @@ least-squares readout, and the SGD-trained format head."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,14 +14,14 @@ from torch import Tensor
 from hsic_ray import evaluation
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import ImageData, split_chunks
-from hsic_ray.head import FormatHeadTrainer
-from hsic_ray.metrics_log import MetricsLog
+from hsic_ray.head import FormatHead
+from hsic_ray.run.metrics_log import MetricsLog
 
 log = logging.getLogger("hsic_ray")
 
 
 class Readout:
-    def __init__(self, cfg: ExperimentConfig, data: ImageData, forward: Callable[[Tensor], Tensor], head: FormatHeadTrainer):
+    def __init__(self, cfg: ExperimentConfig, data: ImageData, forward: Callable[[Tensor], Tensor], head: FormatHead):
         """`forward`: the whole network's eval-mode output of a batch of images, on the CPU."""
         self.cfg = cfg
         self.data = data
@@ -65,12 +66,17 @@ class Readout:
             "test_accuracy_unformatted_greedy": self._unformatted(train_features, test_features, "greedy"),
         }
 
-    def _unformatted(self, train_features: Tensor, test_features: Tensor, method: str = "hungarian") -> Optional[float]:
+    def _unformatted(self, train_features: Tensor, test_features: Tensor, method: str = "hungarian") -> float | None:
         """None when the last layer is narrower than the class count (it cannot be read without a head)."""
         data = self.data
         if train_features.shape[1] < data.num_classes:
             return None
         return evaluation.unformatted_accuracy(
-            train_features, data.y_train, test_features, data.y_test, data.num_classes,
-            method=method, balanced=method == "greedy",
-        )  # fmt: skip
+            train_features,
+            data.y_train,
+            test_features,
+            data.y_test,
+            data.num_classes,
+            method=method,
+            balanced=method == "greedy",
+        )

@@ -10,6 +10,7 @@ import psutil
 import torch
 
 from hsic_ray.config import ConfigError, ExperimentConfig
+from hsic_ray.errors import ResourceError
 from hsic_ray.models import Shape, build_network
 
 GIB = 1024**3
@@ -22,10 +23,6 @@ PARAMETER_COPIES = 4
 KERNEL_MATRICES = 6
 # Python objects per layer (modules, optimizer state, checkpoint entries), whatever its size.
 LAYER_OVERHEAD_BYTES = 64 * 1024
-
-
-class ResourceError(RuntimeError):
-    """A run asks for more than the machine it would run on has; the message names both and the fix."""
 
 
 def machine_cores() -> int:
@@ -58,7 +55,8 @@ def check_memory(cfg: ExperimentConfig, input_shape: Shape) -> None:
     need, have = estimated_bytes(cfg, input_shape), psutil.virtual_memory().total
     if need > have:
         raise ConfigError(
-            f"this run needs about {need / GIB:,.1f} GiB (model.depth={cfg.model.depth}, model.width={cfg.model.width}, "
+            f"this run needs about {need / GIB:,.1f} GiB (model.depth={cfg.model.depth}, "
+            f"model.width={cfg.model.width}, "
             f"train.batch_size={cfg.train.batch_size}, train.eval_samples={cfg.train.eval_samples}) and this machine "
             f"has {have / GIB:.1f} GiB; lower --width, --depth, --batch-size or train.eval_samples"
         )

@@ -35,7 +35,7 @@ class LRSchedule:
         return self.kind == "constant" or self.total_steps < 1
 
     @classmethod
-    def for_run(cls, optim: OptimConfig, train: TrainConfig, train_samples: int) -> "LRSchedule":
+    def for_run(cls, optim: OptimConfig, train: TrainConfig, train_samples: int) -> LRSchedule:
         """The schedule `optim` names, over the steps `train` plans on `train_samples` samples."""
         return cls(optim.schedule, planned_steps(train, train_samples))
 

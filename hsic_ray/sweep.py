@@ -16,22 +16,22 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from hsic_ray import run_claim
 from hsic_ray.config import ConfigError, ExperimentConfig, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
 from hsic_ray.experiment import check_batch_fits, run_backprop, run_hsic
-from hsic_ray.model_io import MODEL_FILE
-from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory
-from hsic_ray.run_claim import OutputExistsError
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run import claim as run_claim
+from hsic_ray.run.claim import OutputExistsError
+from hsic_ray.run.directory import RunDirectory
+from hsic_ray.run.model_io import MODEL_FILE
+from hsic_ray.run.plots import plot_curves
 
 log = logging.getLogger("hsic_ray")
 
@@ -71,8 +71,13 @@ def trial_config(params: dict[str, Any]) -> ExperimentConfig:
     return build_config(params["preset"], overrides=overrides)
 
 
-def _report(metrics: dict[str, Any], formatted: float | None, unformatted: float | None, readout: str,
-            run_dir: str | None = None) -> None:  # fmt: skip
+def _report(
+    metrics: dict[str, Any],
+    formatted: float | None,
+    unformatted: float | None,
+    readout: str,
+    run_dir: str | None = None,
+) -> None:
     """One Tune report. Every report of either method carries both accuracy keys (None where a method has
     none), so METRIC means the same thing, a linear readout's accuracy, in every trial at every epoch;
     `readout` says which. The final report hands Tune the run's model.pt as the trial's checkpoint."""
@@ -93,24 +98,52 @@ def hsic_trial(params: dict[str, Any]) -> None:
     cfg.trainer = "ray"
 
     def report(epoch: dict[str, Any]) -> None:
-        _report({"epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"], "final": False},
-                epoch["test_accuracy_least_squares"], epoch["test_accuracy_unformatted"], "least_squares")  # fmt: skip
+        _report(
+            {"epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"], "final": False},
+            epoch["test_accuracy_least_squares"],
+            epoch["test_accuracy_unformatted"],
+            "least_squares",
+        )
 
     metrics = run_hsic(cfg, on_epoch=report)
-    _report({"epoch": metrics["epochs"], "train_seconds": metrics["train_seconds"], "final": True},
-            metrics["test_accuracy_formatted"], metrics["test_accuracy_unformatted"], "format_head", cfg.output)  # fmt: skip
+    _report(
+        {"epoch": metrics["epochs"], "train_seconds": metrics["train_seconds"], "final": True},
+        metrics["test_accuracy_formatted"],
+        metrics["test_accuracy_unformatted"],
+        "format_head",
+        cfg.output,
+    )
 
 
 def backprop_trial(params: dict[str, Any]) -> None:
     cfg = trial_config(params)
 
     def report(epoch: dict[str, Any]) -> None:
-        _report({"epoch": epoch["epoch"], "train_seconds": epoch["train_seconds"], "final": False,
-                 "grad_norms": epoch["grad_norms"]}, epoch["test_accuracy"], None, "format_head")  # fmt: skip
+        _report(
+            {
+                "epoch": epoch["epoch"],
+                "train_seconds": epoch["train_seconds"],
+                "final": False,
+                "grad_norms": epoch["grad_norms"],
+            },
+            epoch["test_accuracy"],
+            None,
+            "format_head",
+        )
 
     metrics = run_backprop(cfg, on_epoch=report)
-    _report({"epoch": metrics["epochs"], "train_seconds": metrics["train_seconds"], "final": True,
-             "grad_norms": metrics["grad_norms"]}, metrics["test_accuracy_formatted"], None, "format_head", cfg.output)  # fmt: skip
+    _report(
+        {
+            "epoch": metrics["epochs"],
+            "train_seconds": metrics["train_seconds"],
+            "final": True,
+            "grad_norms": metrics["grad_norms"],
+        },
+        metrics["test_accuracy_formatted"],
+        None,
+        "format_head",
+        cfg.output,
+    )
 
 
 def run_trial(params: dict[str, Any]) -> None:
@@ -137,13 +170,22 @@ def _check_spec(spec: SweepSpec) -> None:
     """The sweep's own settings, each named by its flag."""
     checks = [
         (spec.depths and all(d >= 1 for d in spec.depths), "--depths", spec.depths, "one or more depths >= 1"),
-        (spec.methods and set(spec.methods) <= set(METHODS), "--methods", spec.methods, f"some of {', '.join(METHODS)}"),
+        (
+            spec.methods and set(spec.methods) <= set(METHODS),
+            "--methods",
+            spec.methods,
+            f"some of {', '.join(METHODS)}",
+        ),
         (spec.stages_per_trial >= 1, "--stages-per-trial", spec.stages_per_trial, "a number >= 1"),
-        (math.isfinite(spec.gpus_per_stage) and spec.gpus_per_stage >= 0, "--gpus-per-stage", spec.gpus_per_stage,
-         "a number >= 0 (fractions share a GPU)"),
+        (
+            math.isfinite(spec.gpus_per_stage) and spec.gpus_per_stage >= 0,
+            "--gpus-per-stage",
+            spec.gpus_per_stage,
+            "a number >= 0 (fractions share a GPU)",
+        ),
         (spec.max_concurrent_trials >= 1, "--max-concurrent", spec.max_concurrent_trials, "a number >= 1"),
         ("model.depth" not in spec.grid, "--grid", "model.depth", "other keys: give depths with --depths"),
-    ]  # fmt: skip
+    ]
     for ok, flag, value, expected in checks:
         if not ok:
             raise ConfigError(f"{flag} {value} is invalid: expected {expected}")
@@ -197,7 +239,7 @@ def _param_space(spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
     return space
 
 
-def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = None) -> list[dict[str, Any]]:
+def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return the rows
     (by method and grid settings, then depth)."""
     claim = run_claim.claim(spec.output, "sweep", resume)
@@ -223,8 +265,9 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: Optional[str] = No
         tuner = tune.Tuner(
             trainable,
             param_space=_param_space(spec, sweep_dir),
-            tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler,
-                                        max_concurrent_trials=spec.max_concurrent_trials),  # fmt: skip
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials
+            ),
             run_config=tune.RunConfig(storage_path=sweep_dir, name="tune", verbose=1),
         )
     started = time.perf_counter()
@@ -293,6 +336,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in (r[c] for c in columns)]
+        cells = [
+            f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in (r[c] for c in columns)
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

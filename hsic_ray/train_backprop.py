@@ -37,21 +37,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsic_ray import backprop, checkpoint, run_claim
-from hsic_ray.checkpoint import CheckpointError
+from hsic_ray import backprop
 from hsic_ray.config import ConfigError, ExperimentConfig, check_setting, config_from_yaml_text, save_config
 from hsic_ray.data import Batch, ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
 from hsic_ray.experiment import build_seeded_network, check_batch_fits
-from hsic_ray.model_io import MODEL_FILE
-from hsic_ray.plots import plot_curves
 from hsic_ray.resources import check_memory, threads_for
-from hsic_ray.run_claim import Claim
-from hsic_ray.run_start import check_resumable, default_output, saved_config
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run import checkpoint
+from hsic_ray.run import claim as run_claim
+from hsic_ray.run.checkpoint import CheckpointError
+from hsic_ray.run.claim import Claim
+from hsic_ray.run.directory import RunDirectory
+from hsic_ray.run.model_io import MODEL_FILE
+from hsic_ray.run.plots import plot_curves
+from hsic_ray.run.start import check_resumable, default_output, saved_config
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.stage import make_sgd
+from hsic_ray.stage_step import make_sgd
 
 log = logging.getLogger("hsic_ray")
 
@@ -79,7 +81,9 @@ def _shard_by_rank(rank: int, world: int, batch_size: int):
     return shard
 
 
-def _load_state(train_checkpoint, unreadable: tuple[str, ...] = (), fallback: str | None = None) -> dict[str, Any] | None:
+def _load_state(
+    train_checkpoint, unreadable: tuple[str, ...] = (), fallback: str | None = None
+) -> dict[str, Any] | None:
     """The state in Ray Train's checkpoint, or in `fallback` when that checkpoint is one of `unreadable`."""
     if train_checkpoint is None:
         return None
@@ -140,15 +144,32 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             epoch, start = epoch + 1, 0
         history.append({"kind": "resume", "epoch": state["epoch"], "step": steps, "next_batch": state["next_batch"]})
         if rank == 0:
-            log.info("resuming from the checkpoint of epoch %d (step %d): continuing at epoch %d, batch %d",
-                     state["epoch"], steps, epoch, start)  # fmt: skip
+            log.info(
+                "resuming from the checkpoint of epoch %d (step %d): continuing at epoch %d, batch %d",
+                state["epoch"],
+                steps,
+                epoch,
+                start,
+            )
 
     run = RunDirectory(config["run"]) if rank == 0 else None
     shard = _shard_by_rank(rank, world, train.batch_size)
     schedule = LRSchedule.for_run(cfg.backprop, cfg.train, len(data.y_train))
     while epoch <= train.epochs and (train.max_steps is None or steps < train.max_steps):
-        stats = backprop.train_epoch(model, optimizer, net, data, train, epoch, steps, device, start=start,
-                                     shard=shard, verbose=rank == 0, schedule=schedule)  # fmt: skip
+        stats = backprop.train_epoch(
+            model,
+            optimizer,
+            net,
+            data,
+            train,
+            epoch,
+            steps,
+            device,
+            start=start,
+            shard=shard,
+            verbose=rank == 0,
+            schedule=schedule,
+        )
         steps, train_seconds = stats.steps, train_seconds + stats.seconds
         if rank != 0:
             ray.train.report({"epoch": epoch, "step": steps}, checkpoint=None)
@@ -156,11 +177,23 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             record = backprop.epoch_record(stats, backprop.test_accuracy(backprop.unwrap(model), data, device))
             record.update(train_seconds=train_seconds, workers=world)
             history.append(record)
-            log.info("backprop epoch %d: loss %.4f, test accuracy %.2f%% (%d steps)", epoch, record["loss"],
-                     record["test_accuracy"], steps)  # fmt: skip
-            saved = {"model": backprop.unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "next_batch": stats.next_batch, "total_batches": stats.total, "steps": steps,
-                     "train_seconds": train_seconds, "history": history}  # fmt: skip
+            log.info(
+                "backprop epoch %d: loss %.4f, test accuracy %.2f%% (%d steps)",
+                epoch,
+                record["loss"],
+                record["test_accuracy"],
+                steps,
+            )
+            saved = {
+                "model": backprop.unwrap(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "next_batch": stats.next_batch,
+                "total_batches": stats.total,
+                "steps": steps,
+                "train_seconds": train_seconds,
+                "history": history,
+            }
             with tempfile.TemporaryDirectory() as directory:
                 torch.save(saved, os.path.join(directory, STATE_FILE))
                 ray.train.report(
@@ -246,8 +279,10 @@ def training_failure(exc: Exception) -> str:
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     if "OutOfMemoryError" in text or "memory" in text.lower():
         return f"Ray Train's workers ran out of memory ({first}); use fewer --workers or a smaller network"
-    return (f"training failed ({first}); its checkpoints are kept: rerun the same command to continue from the "
-            "latest one (--max-failures N lets Ray Train retry by itself)")  # fmt: skip
+    return (
+        f"training failed ({first}); its checkpoints are kept: rerun the same command to continue from the "
+        "latest one (--max-failures N lets Ray Train retry by itself)"
+    )
 
 
 def _check_worker_settings(cfg: ExperimentConfig, workers: int, cpus_per_worker: float, max_failures: int) -> None:
@@ -261,8 +296,9 @@ def _check_worker_settings(cfg: ExperimentConfig, workers: int, cpus_per_worker:
         )
 
 
-def _write_results(cfg: ExperimentConfig, data: ImageData, run: RunDirectory, state: dict[str, Any], workers: int,
-                   checkpoint_path: str) -> dict[str, Any]:  # fmt: skip
+def _write_results(
+    cfg: ExperimentConfig, data: ImageData, run: RunDirectory, state: dict[str, Any], workers: int, checkpoint_path: str
+) -> dict[str, Any]:
     """metrics.jsonl, the gradient-norm plot, model.pt and metrics.json (last: it marks the run finished)
     from the final Ray Train checkpoint's state; returns the metrics."""
     history = state["history"]
@@ -286,8 +322,10 @@ def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: st
         f"layer {i + 1}": [(r["epoch"], torch.tensor(max(r["grad_norms"][i], 1e-30)).log10().item()) for r in records]
         for i in range(layers)
     }
-    run.write_with_local_file(PLOT_FILE, lambda path: plot_curves(
-        series, path, "epoch", "log10 gradient norm (mean over the epoch's steps)", title))  # fmt: skip
+    run.write_with_local_file(
+        PLOT_FILE,
+        lambda path: plot_curves(series, path, "epoch", "log10 gradient norm (mean over the epoch's steps)", title),
+    )
 
 
 def train_backprop(
@@ -314,8 +352,14 @@ def train_backprop(
     check_batch_fits(cfg, data)
     check_memory(cfg, data.input_shape)
     claim, point = _open(cfg, resume)
-    connect(cfg.ray.address, local_cpus=workers * cpus_per_worker, processes=workers + 1, cpus_per_process=cpus_per_worker,
-            ship_package=cfg.ray.ship_package, state_api=True)
+    connect(
+        cfg.ray.address,
+        local_cpus=workers * cpus_per_worker,
+        processes=workers + 1,
+        cpus_per_process=cpus_per_worker,
+        ship_package=cfg.ray.ship_package,
+        state_api=True,
+    )
     _check_resources(workers, use_gpu, cpus_per_worker)
     claim.commit(save_config(cfg))
     run = claim.run
@@ -324,16 +368,30 @@ def train_backprop(
         for name, why in point.unreadable.items():
             log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, point.fallback)
     storage_path = f"{run.location.rstrip('/')}/{RAY_TRAIN_DIR}"
-    log.info("run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
-             run.uri, data.name, len(data.y_train), len(data.y_test), workers, "s" if workers > 1 else "",
-             " on GPUs" if use_gpu else "", storage_path, RUN_NAME)  # fmt: skip
+    log.info(
+        "run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
+        run.uri,
+        data.name,
+        len(data.y_train),
+        len(data.y_test),
+        workers,
+        "s" if workers > 1 else "",
+        " on GPUs" if use_gpu else "",
+        storage_path,
+        RUN_NAME,
+    )
 
     resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
     trainer = TorchTrainer(
         _train_loop_per_worker,
-        train_loop_config={"config": save_config(cfg), "data": ray.put(data), "run": run.location,
-                           "cpus_per_worker": cpus_per_worker, "unreadable": list(point.unreadable) if point else [],
-                           "fallback": point.fallback if point else None},  # fmt: skip
+        train_loop_config={
+            "config": save_config(cfg),
+            "data": ray.put(data),
+            "run": run.location,
+            "cpus_per_worker": cpus_per_worker,
+            "unreadable": list(point.unreadable) if point else [],
+            "fallback": point.fallback if point else None,
+        },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             storage_path=storage_path,
@@ -346,6 +404,11 @@ def train_backprop(
     if result.checkpoint is None:
         raise CheckpointError(f"Ray Train finished without a checkpoint in {storage_path}/{RUN_NAME}")
     metrics = _write_results(cfg, data, run, _load_state(result.checkpoint), workers, result.checkpoint.path)
-    log.info("backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
-             metrics["test_accuracy_formatted"], metrics["epochs"], metrics["steps"], metrics["train_seconds"])  # fmt: skip
+    log.info(
+        "backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
+        metrics["test_accuracy_formatted"],
+        metrics["epochs"],
+        metrics["steps"],
+        metrics["train_seconds"],
+    )
     return metrics

@@ -1,6 +1,6 @@
 """The HSIC training loop, independent of where the layers run.
 
-The loop reads batches, computes each batch's targets once, hands batch and targets to a `Pipeline`
+The loop reads batches, computes each batch's factors once, hands batch and factors to a `Pipeline`
 (every layer in this process, or stage actors on Ray) and bounds how many batches are in flight. Around
 it, a run checkpoints, looks at every layer after each epoch (hsic_ray.layer_monitor), and at the end
 trains the format head and reads the network (hsic_ray.readout).
@@ -11,78 +11,28 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from hsic_ray import checkpoint
 from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
-from hsic_ray.head import FormatHeadTrainer
+from hsic_ray.head import FormatHead
 from hsic_ray.layer_monitor import LayerMonitor
-from hsic_ray.metrics_log import MetricsLog
-from hsic_ray.model_io import MODEL_FILE, model_bytes
-from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.objective import HSICObjective, KernelFactors
+from hsic_ray.pipeline import Pipeline
 from hsic_ray.prefetch import prefetched
 from hsic_ray.readout import Readout
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run import checkpoint
+from hsic_ray.run.directory import RunDirectory
+from hsic_ray.run.metrics_log import MetricsLog
+from hsic_ray.run.model_io import MODEL_FILE, model_bytes
 
 log = logging.getLogger("hsic_ray")
-
-
-@dataclass
-class StepResult:
-    """What one training step of the whole pipeline gives back to the loop."""
-
-    layer_stats: Tensor  # [layers, 3]: (loss, nhsic_zx, nhsic_zy)
-    output: Optional[Tensor] = None  # the last layer's output (CPU), when asked for
-    stage_seconds: Optional[list[tuple[float, float]]] = None  # per stage (busy, idle) for this step
-    stage_transfer_seconds: Optional[list[float]] = None  # per stage, the part of busy spent moving arrays
-
-
-class Pipeline(Protocol):
-    """Where the HSIC layers live and train."""
-
-    max_in_flight: int
-    num_stages: int
-    # Where the loop computes each batch's targets and hands the batch over; None: the pipeline computes them
-    # itself from the batch (the loop hands over the batch on the CPU, and no targets).
-    targets_device: Optional[torch.device]
-    prefetch_targets: bool  # compute the next batches' targets in a thread while the pipeline works
-    placements: list[dict[str, Any]]  # per stage: layers, node, device (rewritten after recoveries)
-
-    def submit(self, batch: Batch, targets: Optional[BatchTargets]) -> Any:
-        """Start one training step of every layer on this batch (batch and targets on `targets_device`);
-        returns a handle for `result`."""
-
-    def result(self, handle: Any, want_output: bool, read_back: bool = True) -> StepResult:
-        """Wait for a submitted step. With read_back False the loop will not read `layer_stats`, so a
-        pipeline may leave the step running on its device (no host sync); True at log steps, where the
-        pipeline also checks its stages' health."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Eval-mode output of the whole network (CPU)."""
-
-    def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
-        """Recompute every layer's BatchNorm running statistics from `batches`, through the whole network."""
-
-    def layer_outputs(self, x: Tensor) -> list[Tensor]:
-        """Every layer's eval-mode output as its linear probe reads it (`hsic_ray.probes.probe_view`), CPU."""
-
-    def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
-        """Eval-mode per-layer [layers, 2] (nhsic_zx, nhsic_zy) on one batch."""
-
-    def save(self, run: RunDirectory, step: int) -> None:
-        """Write every stage's state into step's checkpoint (see hsic_ray.checkpoint)."""
-
-    def load(self, run: RunDirectory, step: int) -> None:
-        """Restore every stage from step's checkpoint."""
-
-    def events(self) -> list[dict[str, Any]]:
-        """Records of what happened since the last call (recoveries), for metrics.jsonl."""
 
 
 @dataclass
@@ -120,7 +70,7 @@ class HSICTrainer:
         output_features: int,
         run: RunDirectory | None = None,
         device: torch.device | str = "cpu",
-        on_epoch: Optional[Callable[[dict[str, Any]], None]] = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ):
         """`on_epoch`, if given, receives after each HSIC epoch its information-plane record plus the test
         accuracies at that point, unformatted and of a least-squares linear readout (e.g. to report to Ray
@@ -132,7 +82,7 @@ class HSICTrainer:
         self.run = run
         self.out = MetricsLog(run, tensorboard=cfg.train.tensorboard)
         self.objective = HSICObjective(cfg.hsic, data.num_classes)
-        self.head = FormatHeadTrainer(output_features, data.num_classes, cfg.head, device)
+        self.head = FormatHead(output_features, data.num_classes, cfg.head, device)
         self.monitor = LayerMonitor(cfg, data, self.objective, pipeline, self.out)
         self.readout = Readout(cfg, data, pipeline.forward, self.head)
         self.steps = 0
@@ -192,10 +142,10 @@ class HSICTrainer:
     def _train_epoch(self, position: _Position) -> None:
         pending: collections.deque[_InFlight] = collections.deque()
         clock = _Clock(time.perf_counter())
-        for batch, targets in self._batches_with_targets(position):
+        for batch, factors in self._batches_with_factors(position):
             if self._step_budget_spent():
                 break
-            pending.append(_InFlight(batch, self.pipeline.submit(batch, targets)))
+            pending.append(_InFlight(batch, self.pipeline.submit(batch, factors)))
             self.steps += 1  # counted when submitted, so max_steps bounds what is started
             while len(pending) >= self.pipeline.max_in_flight:
                 self._finish(pending.popleft(), len(pending), clock)
@@ -218,12 +168,12 @@ class HSICTrainer:
         by_time = train.checkpoint_seconds and since_last >= train.checkpoint_seconds
         return bool(by_steps or by_time)
 
-    def _batches_with_targets(self, position: _Position) -> Iterator[tuple[Batch, BatchTargets]]:
+    def _batches_with_factors(self, position: _Position) -> Iterator[tuple[Batch, KernelFactors]]:
         train = self.cfg.train
         batches = iterate_batches(
             self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
         )
-        return with_targets(batches, self.objective.targets, self.pipeline)
+        return with_factors(batches, self.objective.kernel_factors, self.pipeline)
 
     def _finish(self, item: _InFlight, in_flight: int, clock: _Clock) -> None:
         done = item.batch.index + 1
@@ -265,9 +215,17 @@ class HSICTrainer:
         log.info(
             "epoch %d/%d  batch %d/%d  step %d  loss %.4g  nHSIC(Z,X) %.3g  nHSIC(Z,Y) %.3g (last layer)  "
             "%.0f samples/s  epoch eta %.0fs",
-            batch.epoch, self.cfg.train.epochs, done, total, record["step"], record["loss"],
-            stats[-1, 1], stats[-1, 2], rate, eta,
-        )  # fmt: skip
+            batch.epoch,
+            self.cfg.train.epochs,
+            done,
+            total,
+            record["step"],
+            record["loss"],
+            stats[-1, 1],
+            stats[-1, 2],
+            rate,
+            eta,
+        )
 
     def _stage_time(self) -> dict[str, list[float]]:
         """Each stage's busy and idle seconds so far (a pipeline of one stage is never idle)."""
@@ -280,14 +238,18 @@ class HSICTrainer:
 
     def _calibrate_batchnorm(self) -> None:
         """BatchNorm statistics of the weights as they are now, from a fixed seeded set of training batches,
-        before anything reads the network in eval mode (see StageTrainer.calibrate_batchnorm)."""
+        before anything reads the network in eval mode (see StageStep.calibrate_batchnorm)."""
         count, size = self.cfg.train.bn_calibration_batches, self.cfg.train.batch_size
         n = len(self.data.y_train)
         if count == 0:
             return
         order = np.random.default_rng(self.cfg.train.seed + 1).permutation(n)[: min(n, count * size)]
-        self.pipeline.calibrate_batchnorm([to_tensor(self.data.x_train[np.sort(chunk)])
-                                           for chunk in np.array_split(order, max(1, len(order) // size))])  # fmt: skip
+        self.pipeline.calibrate_batchnorm(
+            [
+                to_tensor(self.data.x_train[np.sort(chunk)])
+                for chunk in np.array_split(order, max(1, len(order) // size))
+            ]
+        )
 
     # --- checkpoints -----------------------------------------------------------------------------------
 
@@ -313,7 +275,9 @@ class HSICTrainer:
         self.out.append({"kind": "checkpoint", "step": self.steps, "epoch": position.epoch, "batch": position.batch})
         self._checkpointed_at = time.perf_counter()
         self.checkpoint_write_seconds += self._checkpointed_at - started
-        log.info("checkpoint at step %d written to %s", self.steps, self.run.path(checkpoint.checkpoint_dir(self.steps)))
+        log.info(
+            "checkpoint at step %d written to %s", self.steps, self.run.path(checkpoint.checkpoint_dir(self.steps))
+        )
 
     def _restore(self, step: int) -> _Position:
         assert self.run is not None
@@ -353,9 +317,12 @@ class HSICTrainer:
         )
         log.info(
             "test accuracy: unformatted %s, formatted %.2f%%  (%d steps in %.1fs, %.0f samples/s)",
-            _percent(metrics["test_accuracy_unformatted"]), metrics["test_accuracy_formatted"],
-            self.steps, self.train_seconds, metrics["samples_per_second"],
-        )  # fmt: skip
+            _percent(metrics["test_accuracy_unformatted"]),
+            metrics["test_accuracy_formatted"],
+            self.steps,
+            self.train_seconds,
+            metrics["samples_per_second"],
+        )
         return metrics
 
     def _save_model(self) -> None:
@@ -364,8 +331,12 @@ class HSICTrainer:
         if self.run is None:
             return
         network = checkpoint.network_state(self.run, checkpoint.latest_step(self.run))
-        self.run.write_bytes(MODEL_FILE, model_bytes(self.cfg, "hsic", self.data.input_shape, self.data.num_classes,
-                                                     network, self.head.head.state_dict()))  # fmt: skip
+        self.run.write_bytes(
+            MODEL_FILE,
+            model_bytes(
+                self.cfg, "hsic", self.data.input_shape, self.data.num_classes, network, self.head.head.state_dict()
+            ),
+        )
 
 
 def batches_between_drains(train: TrainConfig, train_samples: int, seconds_per_batch: float) -> int:
@@ -380,19 +351,19 @@ def batches_between_drains(train: TrainConfig, train_samples: int, seconds_per_b
     return min(intervals)
 
 
-def with_targets(
-    batches: Iterable[Batch], targets: Callable[[Tensor, Tensor], BatchTargets], pipeline: Pipeline
-) -> Iterator[tuple[Batch, Optional[BatchTargets]]]:
-    """Each batch on the pipeline's `targets_device` with its targets (`targets(x, labels)`), computed
+def with_factors(
+    batches: Iterable[Batch], factors: Callable[[Tensor, Tensor], KernelFactors], pipeline: Pipeline
+) -> Iterator[tuple[Batch, KernelFactors | None]]:
+    """Each batch on the pipeline's `factors_device` with its factors (`factors(x, labels)`), computed
     ahead in a thread where the pipeline asks for it; None where the pipeline computes them itself."""
-    if pipeline.targets_device is None:
+    if pipeline.factors_device is None:
         return ((batch, None) for batch in batches)
 
-    def prepare(batch: Batch) -> tuple[Batch, BatchTargets]:
-        batch = batch.to(pipeline.targets_device)
-        return batch, targets(batch.x, batch.y)
+    def prepare(batch: Batch) -> tuple[Batch, KernelFactors]:
+        batch = batch.to(pipeline.factors_device)
+        return batch, factors(batch.x, batch.y)
 
-    if pipeline.prefetch_targets:
+    if pipeline.prefetch_factors:
         return prefetched(batches, prepare, depth=pipeline.max_in_flight)
     return map(prepare, batches)
 

@@ -3,7 +3,8 @@
     python jobs/sweep_depth.py --smoke-test                    # two depths x two methods, a few minutes on 2 CPUs
     python jobs/sweep_depth.py --depths 5 10 20 50 --epochs 5  # the full depth sweep
     python jobs/sweep_depth.py --output runs/sweep --resume    # continue an interrupted sweep
-    python jobs/sweep_depth.py --depths 5 50 --methods hsic --grid model.activation=relu,elu --grid train.batch_size=256,512
+    python jobs/sweep_depth.py --depths 5 50 --methods hsic \
+        --grid model.activation=relu,elu --grid train.batch_size=256,512
 
 Writes results.csv, results.md and accuracy_vs_depth.png to --output, and prints the table.
 """
@@ -19,8 +20,16 @@ from hsic_ray.cli import JobArgumentParser, add_data_family_argument, grid_axis,
 from hsic_ray.config import ESTIMATORS, PRESETS
 from hsic_ray.sweep import METHODS, SweepSpec, failed_trials, markdown_table, run_sweep
 
-SMOKE = {"depths": [2, 4], "overrides": {"model.width": 64, "train.epochs": 2, "train.batch_size": 256,
-                                         "head.epochs": 2, "train.log_every": 50}}  # fmt: skip
+SMOKE = {
+    "depths": [2, 4],
+    "overrides": {
+        "model.width": 64,
+        "train.epochs": 2,
+        "train.batch_size": 256,
+        "head.epochs": 2,
+        "train.log_every": 50,
+    },
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,8 +41,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sigmas", type=float, nargs="+", help="grid over hsic.sigma")
     p.add_argument("--lrs", type=float, nargs="+", help="grid over optim.lr (HSIC layers)")
     p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, help="grid over hsic.estimator")
-    p.add_argument("--grid", type=grid_axis, action="append", default=[], metavar="KEY=V1,V2",
-                   help="grid over any config setting, e.g. model.activation=relu,elu (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--grid",
+        type=grid_axis,
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="grid over any config setting, e.g. model.activation=relu,elu (repeatable)",
+    )
     p.add_argument("--dataset", help="data source for every trial (default: the preset's)")
     add_data_family_argument(p)
     p.add_argument("--width", type=int)
@@ -44,8 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-stage", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
     p.add_argument("--asha", action="store_true", help="stop weak trials early (ASHA, by epoch)")
-    p.add_argument("--smoke-test", "--smoke", dest="smoke", action="store_true",
-                   help="two small depths, tiny nets: a check that runs in minutes")  # fmt: skip
+    p.add_argument(
+        "--smoke-test",
+        "--smoke",
+        dest="smoke",
+        action="store_true",
+        help="two small depths, tiny nets: a check that runs in minutes",
+    )
     p.add_argument("--resume", action="store_true", help="restore the interrupted sweep in --output")
     p.add_argument("--ray-address")
     p.add_argument("--output", default=f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -54,11 +74,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_spec(args: argparse.Namespace) -> SweepSpec:
     overrides = dict(SMOKE["overrides"]) if args.smoke else {}
-    flags = {"data.source": args.dataset, "data.family": args.data_family, "model.width": args.width,
-             "train.epochs": args.epochs, "train.batch_size": args.batch_size, "train.max_steps": args.max_steps}  # fmt: skip
+    flags = {
+        "data.source": args.dataset,
+        "data.family": args.data_family,
+        "model.width": args.width,
+        "train.epochs": args.epochs,
+        "train.batch_size": args.batch_size,
+        "train.max_steps": args.max_steps,
+    }
     overrides.update({k: v for k, v in flags.items() if v is not None})
-    grid_flags = {"hsic.beta": args.betas, "hsic.sigma": args.sigmas, "optim.lr": args.lrs,
-                  "hsic.estimator": args.estimators}  # fmt: skip
+    grid_flags = {
+        "hsic.beta": args.betas,
+        "hsic.sigma": args.sigmas,
+        "optim.lr": args.lrs,
+        "hsic.estimator": args.estimators,
+    }
     return SweepSpec(
         preset=args.preset,
         depths=SMOKE["depths"] if args.smoke else args.depths,

@@ -22,19 +22,30 @@ from hsic_ray.cli import RUN_FLAGS, JobArgumentParser, add_run_arguments, build_
 from hsic_ray.config import LR_SCHEDULES
 from hsic_ray.train_backprop import train_backprop, training_failure
 
-BACKPROP_FLAGS = {"lr": "backprop.lr", "lr_schedule": "backprop.schedule"}  # the shared flags are in hsic_ray.cli.RUN_FLAGS
+BACKPROP_FLAGS = {
+    "lr": "backprop.lr",
+    "lr_schedule": "backprop.schedule",
+}  # the shared flags are in hsic_ray.cli.RUN_FLAGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p)
     p.add_argument("--lr", type=float, help="SGD learning rate of the end-to-end training (backprop.lr)")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help="constant, or cosine: annealed to 0 over the run (backprop.schedule)")
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help="constant, or cosine: annealed to 0 over the run (backprop.schedule)",
+    )
     ray = p.add_argument_group("ray train")
     ray.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (default %(default)s)")
     ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default %(default)s)")
-    ray.add_argument("--max-failures", type=int, default=0, help="worker failures Ray Train retries from the latest checkpoint")
+    ray.add_argument(
+        "--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per worker (default %(default)s)"
+    )
+    ray.add_argument(
+        "--max-failures", type=int, default=0, help="worker failures Ray Train retries from the latest checkpoint"
+    )
     return p.parse_intermixed_args(argv)  # KEY=VALUE settings may stand between flags
 
 
@@ -45,13 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     def train() -> int:
         cfg = build_run_config(args, RUN_FLAGS, BACKPROP_FLAGS)
         try:
-            metrics = train_backprop(cfg, resume=args.resume, workers=args.workers, use_gpu=args.use_gpu,
-                                     cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)  # fmt: skip
+            metrics = train_backprop(
+                cfg,
+                resume=args.resume,
+                workers=args.workers,
+                use_gpu=args.use_gpu,
+                cpus_per_worker=args.cpus_per_worker,
+                max_failures=args.max_failures,
+            )
         except TrainingFailedError as exc:
             print(f"error: {training_failure(exc)}", file=sys.stderr)
             return 1
-        print(f"test accuracy: formatted {metrics['test_accuracy_formatted']:.2f} after {metrics['epochs']} epochs "
-              f"({metrics['steps']} steps, {metrics['samples_per_second']:.0f} samples/s)")  # fmt: skip
+        print(
+            f"test accuracy: formatted {metrics['test_accuracy_formatted']:.2f} after {metrics['epochs']} epochs "
+            f"({metrics['steps']} steps, {metrics['samples_per_second']:.0f} samples/s)"
+        )
         return 0
 
     return run_job(train)

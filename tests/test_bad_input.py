@@ -20,8 +20,8 @@ from hsic_ray.cli import USER_ERRORS
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed import connect as connect_module
 from hsic_ray.distributed.connect import ClusterConnectionError, check_address
-from hsic_ray.run_claim import OutputExistsError, claim
-from hsic_ray.run_dir import OutputLocationError, check_location
+from hsic_ray.run.claim import OutputExistsError, claim
+from hsic_ray.run.directory import OutputLocationError, check_location
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "jobs"))
@@ -180,8 +180,10 @@ def test_random_bad_values_of_every_field_get_one_line_and_write_nothing(in_tmp,
         (["hsic.nope=1"], "Key 'nope' not in 'HSICConfig'"),
         (["model.depth=abc"], re.escape("could not be converted to Integer (key: model.depth)")),
         (["hsic.eps=-1"], "hsic.eps=-1.0 is invalid"),
-        (["--dataset", "cifar10", "--data-family", "mnist"],
-         re.escape("data.family='mnist' is invalid: expected cifar10 (or null)")),
+        (
+            ["--dataset", "cifar10", "--data-family", "mnist"],
+            re.escape("data.family='mnist' is invalid: expected cifar10 (or null)"),
+        ),
         (["data.family=svhn"], "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
     ],
 )
@@ -225,8 +227,13 @@ def test_an_interrupted_run_whose_config_is_missing_or_broken_is_one_line(in_tmp
 
 def _npz(path, y_train, y_test):
     rng = np.random.default_rng(0)
-    np.savez(path, x_train=rng.integers(0, 256, (len(y_train), 8, 8), dtype=np.uint8), y_train=np.asarray(y_train),
-             x_test=rng.integers(0, 256, (len(y_test), 8, 8), dtype=np.uint8), y_test=np.asarray(y_test))  # fmt: skip
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (len(y_train), 8, 8), dtype=np.uint8),
+        y_train=np.asarray(y_train),
+        x_test=rng.integers(0, 256, (len(y_test), 8, 8), dtype=np.uint8),
+        y_test=np.asarray(y_test),
+    )
     return f"npz:{path}"
 
 
@@ -285,10 +292,20 @@ def test_job_with_a_dead_address_or_no_cluster_exits_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     for address, message in (("127.0.0.1:1", "nothing answers at 127.0.0.1:1"), ("auto", "no Ray cluster runs")):
         proc = subprocess.run(
-            [sys.executable, str(ROOT / "jobs" / "train_deep.py"), "--smoke-test", "--ray-address", address,
-             "--output", str(tmp_path / "out")],
-            capture_output=True, text=True, timeout=120, env=env,
-        )  # fmt: skip
+            [
+                sys.executable,
+                str(ROOT / "jobs" / "train_deep.py"),
+                "--smoke-test",
+                "--ray-address",
+                address,
+                "--output",
+                str(tmp_path / "out"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=env,
+        )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
         assert not (tmp_path / "out").exists()
@@ -340,10 +357,16 @@ def test_sweep_settings_are_checked_before_ray_starts(in_tmp, capsys, argv, mess
 
 def test_user_errors_cover_every_error_the_checks_raise():
     from hsic_ray.resources import ResourceError
-    from hsic_ray.run_claim import NothingToResumeError
+    from hsic_ray.run.claim import NothingToResumeError
 
-    for error in (OutputLocationError, OutputExistsError, NothingToResumeError, ResourceError, ClusterConnectionError,
-                  config_module.ConfigError):  # fmt: skip
+    for error in (
+        OutputLocationError,
+        OutputExistsError,
+        NothingToResumeError,
+        ResourceError,
+        ClusterConnectionError,
+        config_module.ConfigError,
+    ):
         assert issubclass(error, USER_ERRORS)
 
 
@@ -353,8 +376,15 @@ def test_resume_with_another_stage_count_is_refused_before_any_actor_starts(tmp_
     from hsic_ray.experiment import run_hsic
 
     def config(stages):
-        overrides = {"model.depth": 2, "model.width": 16, "train.max_steps": 4, "train.eval_samples": 64,
-                     "head.epochs": 1, "ray.stages": stages, "output": str(tmp_path / "run")}  # fmt: skip
+        overrides = {
+            "model.depth": 2,
+            "model.width": 16,
+            "train.max_steps": 4,
+            "train.eval_samples": 64,
+            "head.epochs": 1,
+            "ray.stages": stages,
+            "output": str(tmp_path / "run"),
+        }
         return build_config("paper_mlp", overrides=overrides)
 
     ray.init(address="local", num_cpus=4, include_dashboard=False)

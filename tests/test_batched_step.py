@@ -13,32 +13,34 @@ from hsic_ray.config import ConfigError, HSICConfig, ModelConfig, OptimConfig, b
 from hsic_ray.data import Batch, iterate_batches
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import ESTIMATORS, cca_inner, center, gaussian_kernel, spd_inverse
-from hsic_ray.local import LocalPipeline
+from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network
-from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.stage import StageTrainer, use_cuda_graphs
+from hsic_ray.stage_step import StageStep, use_cuda_graphs
 from hsic_ray.step_graph import rolled_back
 
 CUDA = torch.cuda.is_available()
 
 
 def _net_and_batches(digits, depth=3, width=48, batch=64, activation="elu"):
-    cfg = build_config("paper_mlp", overrides={"model.depth": depth, "model.width": width, "model.activation": activation})
+    cfg = build_config(
+        "paper_mlp", overrides={"model.depth": depth, "model.width": width, "model.activation": activation}
+    )
     net = build_seeded_network(cfg, digits)
     batches = list(iterate_batches(digits.x_train, digits.y_train, batch, seed=0, epoch=1))
     return net, batches
 
 
-def _sequential_step(layers, optimizers, objective, x, targets):
+def _sequential_step(layers, optimizers, objective, x, factors):
     """The step as it was: each layer in turn, its own factor-form loss, backward and optimizer step."""
     est, beta, sigma = objective.estimator, objective.cfg.beta, objective.cfg.sigma
     stats = []
     for layer, optimizer in zip(layers, optimizers):
         z = layer.train()(x.detach())
         fz = est.factor(gaussian_kernel(z, sigma))
-        zx = est.dependence(fz, fz if targets.x_factor is None else targets.x_factor)
-        zy = est.dependence(fz, targets.y_factor)
+        zx = est.dependence(fz, fz if factors.x_factor is None else factors.x_factor)
+        zy = est.dependence(fz, factors.y_factor)
         loss = zx - beta * zy
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -58,13 +60,15 @@ def test_batched_step_equals_the_sequential_step(digits, estimator):
     beta = 2.0 if estimator == "plausible" else 50.0
     objective = HSICObjective(HSICConfig(estimator=estimator, sigma=6.0, beta=beta), num_classes=10)
     optim = OptimConfig(lr=0.01, momentum=0.9, weight_decay=1e-3)
-    stage = StageTrainer(list(net.layers), objective, optim)
-    optimizers = [torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3) for layer in reference.layers]
+    stage = StageStep(list(net.layers), objective, optim)
+    optimizers = [
+        torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-3) for layer in reference.layers
+    ]
     for batch in batches[:4]:
         x = batch.x.double()
-        targets = objective.targets(x, batch.y)
-        out, stats = stage.train_step(x, targets)
-        ref_out, ref_stats = _sequential_step(list(reference.layers), optimizers, objective, x, targets)
+        factors = objective.kernel_factors(x, batch.y)
+        out, stats = stage.train_step(x, factors)
+        ref_out, ref_stats = _sequential_step(list(reference.layers), optimizers, objective, x, factors)
         torch.testing.assert_close(stats, ref_stats, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-9)
     for (name, value), ref in zip(net.state_dict().items(), reference.state_dict().values()):
@@ -72,7 +76,7 @@ def test_batched_step_equals_the_sequential_step(digits, estimator):
     assert any("running_var" in name for name in net.state_dict())
 
 
-def _symmetric_targets(m, count, seed):
+def _symmetric_factors(m, count, seed):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(count, m, m, generator=g, dtype=torch.float64)
     return t + t.mT
@@ -82,14 +86,14 @@ def test_cca_inner_matches_explicit_inverse_and_passes_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
     kernels = torch.stack([gaussian_kernel(v, 1.0) for v in z])
-    targets = _symmetric_targets(7, 2, seed=1)
-    inner, failed = cca_inner(kernels, targets, 1e-2)
+    factors = _symmetric_factors(7, 2, seed=1)
+    inner, failed = cca_inner(kernels, factors, 1e-2)
     inverse = torch.linalg.inv(center(kernels) + 1e-2 * 7 * torch.eye(7, dtype=torch.float64))
-    torch.testing.assert_close(inner, torch.einsum("kij,tij->kt", inverse, targets))
+    torch.testing.assert_close(inner, torch.einsum("kij,tij->kt", inverse, factors))
     assert failed.tolist() == [False, False, False]
     # Kernels are symmetric, so the gradient is checked along symmetric perturbations.
     kernels = kernels.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda k: cca_inner(0.5 * (k + k.mT), targets, 1e-2)[0], (kernels,))
+    assert torch.autograd.gradcheck(lambda k: cca_inner(0.5 * (k + k.mT), factors, 1e-2)[0], (kernels,))
 
 
 def _leave_one_out_hat(kc, ridge):
@@ -108,15 +112,19 @@ def test_leave_one_out_cca_inner_scores_each_sample_by_a_fit_that_left_it_out_fl
     g = torch.Generator().manual_seed(4)
     z = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
     kernels = torch.stack([gaussian_kernel(v, 1.0) for v in z])
-    targets = _symmetric_targets(7, 2, seed=5)
-    inner, failed = cca_inner(kernels, targets, 1e-2, leave_one_out=True)
-    left_out = targets.diagonal(dim1=-2, dim2=-1).sum(-1) - inner
-    brute = torch.stack([torch.einsum("ij,tij->t", _leave_one_out_hat(kc, 1e-2 * 7), targets) for kc in center(kernels)])
+    factors = _symmetric_factors(7, 2, seed=5)
+    inner, failed = cca_inner(kernels, factors, 1e-2, leave_one_out=True)
+    left_out = factors.diagonal(dim1=-2, dim2=-1).sum(-1) - inner
+    brute = torch.stack(
+        [torch.einsum("ij,tij->t", _leave_one_out_hat(kc, 1e-2 * 7), factors) for kc in center(kernels)]
+    )
     torch.testing.assert_close(left_out, brute)
-    in_sample = targets.diagonal(dim1=-2, dim2=-1).sum(-1) - 1e-2 * 7 * cca_inner(kernels, targets, 1e-2)[0]
+    in_sample = factors.diagonal(dim1=-2, dim2=-1).sum(-1) - 1e-2 * 7 * cca_inner(kernels, factors, 1e-2)[0]
     assert not torch.allclose(left_out, in_sample, rtol=1e-2) and failed.tolist() == [False] * 3
     kernels = kernels.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda k: cca_inner(0.5 * (k + k.mT), targets, 1e-2, leave_one_out=True)[0], (kernels,))
+    assert torch.autograd.gradcheck(
+        lambda k: cca_inner(0.5 * (k + k.mT), factors, 1e-2, leave_one_out=True)[0], (kernels,)
+    )
 
 
 def test_both_routes_to_the_inverse_agree():
@@ -137,7 +145,7 @@ def test_both_routes_to_the_inverse_agree():
 def test_a_failed_solve_is_recorded_not_raised_and_never_yields_nan(leave_one_out):
     k = gaussian_kernel(torch.randn(6, 3, dtype=torch.float64), 1.0)
     kernels = torch.stack([k, -k - torch.eye(6, dtype=torch.float64)]).requires_grad_()  # the second: not PD
-    inner, failed = cca_inner(kernels, _symmetric_targets(6, 1, seed=2), 1e-3, leave_one_out=leave_one_out)
+    inner, failed = cca_inner(kernels, _symmetric_factors(6, 1, seed=2), 1e-3, leave_one_out=leave_one_out)
     assert failed.tolist() == [False, True]
     assert torch.isfinite(inner).all() and inner[1].abs().max() == 0
     (grad,) = torch.autograd.grad(inner.sum(), kernels)
@@ -166,43 +174,43 @@ def _near_duplicates(m=256, seed=3):
 
 def test_float32_failure_switches_the_stage_to_float64_at_the_next_check():
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
-    stage = StageTrainer([_Scale(3e4)], objective, OptimConfig(lr=1e-12))
+    stage = StageStep([_Scale(3e4)], objective, OptimConfig(lr=1e-12))
     x, y = _near_duplicates(), torch.arange(256) % 4
-    targets = objective.targets(torch.rand(256, 5), y)
+    factors = objective.kernel_factors(torch.rand(256, 5), y)
     for _ in range(2):
-        out, stats = stage.train_step(x, targets)  # no exception inside the step
+        out, stats = stage.train_step(x, factors)  # no exception inside the step
     assert torch.isfinite(stats).all() and torch.isfinite(stage.layers[0].weight).all()
     assert stage.kernel_dtype is None
     stage.check_solves()
     assert stage.kernel_dtype == torch.float64
-    stage.train_step(x, targets)
+    stage.train_step(x, factors)
     stage.check_solves()  # float64 keeps the system positive definite: nothing to report
     assert stage.state_dict()["kernel_dtype"] == "torch.float64"
 
 
 def test_failure_in_float64_raises_at_the_check_and_before_a_checkpoint():
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0, eps=-1.0), num_classes=4)  # never positive definite
-    stage = StageTrainer([nn.Linear(5, 5)], objective, OptimConfig(lr=0.1))
+    stage = StageStep([nn.Linear(5, 5)], objective, OptimConfig(lr=0.1))
     x = torch.rand(32, 5)
-    targets = BatchTargets(torch.eye(32) * 0.5, torch.eye(32) * 0.25)  # objective.targets would refuse eps < 0
-    stage.train_step(x, targets)
+    factors = KernelFactors(torch.eye(32) * 0.5, torch.eye(32) * 0.25)  # objective.kernel_factors would refuse eps < 0
+    stage.train_step(x, factors)
     stage.check_solves()  # float32 failure: switch to float64
-    stage.train_step(x, targets)
+    stage.train_step(x, factors)
     assert torch.isfinite(stage.layers[0].weight).all()
     with pytest.raises(FloatingPointError, match="not positive definite.*eps"):
         stage.state_dict()
 
 
-def test_targets_that_failed_on_the_device_raise_at_the_check_and_before_a_checkpoint():
-    # On a GPU, `objective.targets` leaves the solve's status with the factors (no host read in the loop);
+def test_factors_that_failed_on_the_device_raise_at_the_check_and_before_a_checkpoint():
+    # On a GPU, `objective.kernel_factors` leaves the solve's status with the factors (no host read in the loop);
     # the stage folds it into its own record, so the run stops at the next check, before any checkpoint.
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
-    stage = StageTrainer([nn.Linear(5, 5)], objective, OptimConfig(lr=0.1))
+    stage = StageStep([nn.Linear(5, 5)], objective, OptimConfig(lr=0.1))
     x, labels = torch.rand(32, 5), torch.arange(32) % 4
-    good = objective.targets(x, labels)
-    stage.train_step(x, BatchTargets(good.x_factor, good.y_factor, failed=torch.tensor(False)))
+    good = objective.kernel_factors(x, labels)
+    stage.train_step(x, KernelFactors(good.x_factor, good.y_factor, failed=torch.tensor(False)))
     stage.check_solves()  # a flag that says nothing failed is no failure
-    stage.train_step(x, BatchTargets(good.x_factor, good.y_factor, failed=torch.tensor(True)))
+    stage.train_step(x, KernelFactors(good.x_factor, good.y_factor, failed=torch.tensor(True)))
     stage.train_step(x, good)  # a later good batch does not clear it
     with pytest.raises(FloatingPointError, match="a batch's inputs or labels, in float64"):
         stage.state_dict()
@@ -213,15 +221,15 @@ def test_rolled_back_warm_up_leaves_the_next_step_as_if_it_never_ran(digits):
     leave weights, BatchNorm statistics and momentum exactly as they were (none yet, and then some)."""
     net, batches = _net_and_batches(digits)
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0), num_classes=10)
-    stage = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01))
-    twin = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01))
-    targets = [objective.targets(b.x, b.y) for b in batches[:3]]
+    stage = StageStep(list(net.layers), objective, OptimConfig(lr=0.01))
+    twin = StageStep(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01))
+    factors = [objective.kernel_factors(b.x, b.y) for b in batches[:3]]
     for i, batch in enumerate(batches[:3]):
         with rolled_back(stage.layers, stage.optimizer):
             for _ in range(3):
-                stage._step(batch.x, targets[i])
-        out, stats = stage.train_step(batch.x, targets[i])
-        twin_out, twin_stats = twin.train_step(batch.x, targets[i])
+                stage._step(batch.x, factors[i])
+        out, stats = stage.train_step(batch.x, factors[i])
+        twin_out, twin_stats = twin.train_step(batch.x, factors[i])
         assert torch.equal(out, twin_out) and torch.equal(stats, twin_stats)
     for a, b in zip(stage.optimizer.state.values(), twin.optimizer.state.values()):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
@@ -240,34 +248,38 @@ def test_cuda_graph_setting_is_checked():
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device (their logic is tested above on CPU)")
-@pytest.mark.parametrize("schedule, leave_one_out", [
-    (None, False),
-    (LRSchedule("cosine", 6), False),  # the graph reads each step's factor
-    (None, True),  # the left-out fit divides by the inverse's diagonal, inside the graph
-])
+@pytest.mark.parametrize(
+    "schedule, leave_one_out",
+    [
+        (None, False),
+        (LRSchedule("cosine", 6), False),  # the graph reads each step's factor
+        (None, True),  # the left-out fit divides by the inverse's diagonal, inside the graph
+    ],
+)
 def test_cuda_graph_step_equals_the_eager_step(digits, schedule, leave_one_out):
     net, batches = _net_and_batches(digits)
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=50.0, leave_one_out=leave_one_out), num_classes=10)
-    graphed = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="on", schedule=schedule)
-    eager = StageTrainer(list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="off",
-                         schedule=schedule)  # fmt: skip
+    graphed = StageStep(list(net.layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="on", schedule=schedule)
+    eager = StageStep(
+        list(copy.deepcopy(net).layers), objective, OptimConfig(lr=0.01), "cuda", cuda_graphs="off", schedule=schedule
+    )
     for batch in batches[:4] + [batches[-1]]:  # the last batch is partial: it runs eagerly
-        targets = objective.targets(batch.x, batch.y)
-        out, stats = graphed.train_step(batch.x, targets)
-        ref_out, ref_stats = eager.train_step(batch.x, targets)
+        factors = objective.kernel_factors(batch.x, batch.y)
+        out, stats = graphed.train_step(batch.x, factors)
+        ref_out, ref_stats = eager.train_step(batch.x, factors)
         torch.testing.assert_close(stats, ref_stats, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     graphed.load_state_dict(eager.state_dict())  # recapture after a load
-    out, _ = graphed.train_step(batches[0].x, objective.targets(batches[0].x, batches[0].y))
-    ref_out, _ = eager.train_step(batches[0].x, objective.targets(batches[0].x, batches[0].y))
+    out, _ = graphed.train_step(batches[0].x, objective.kernel_factors(batches[0].x, batches[0].y))
+    ref_out, _ = eager.train_step(batches[0].x, objective.kernel_factors(batches[0].x, batches[0].y))
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
 
 
 def test_the_in_process_pipeline_checks_solves_only_where_the_loop_reads_back():
     objective = HSICObjective(HSICConfig(sigma=6.0, beta=10.0), num_classes=4)
     pipeline = LocalPipeline(LayerwiseNet([_Scale(3e4)], [(10,), (10,)]), objective, OptimConfig(lr=1e-12), "cpu")
-    x, targets = _near_duplicates(), objective.targets(torch.rand(256, 5), torch.arange(256) % 4)
-    handle = pipeline.submit(Batch(x, torch.arange(256) % 4, epoch=1, index=0), targets)
+    x, factors = _near_duplicates(), objective.kernel_factors(torch.rand(256, 5), torch.arange(256) % 4)
+    handle = pipeline.submit(Batch(x, torch.arange(256) % 4, epoch=1, index=0), factors)
     pipeline.result(handle, want_output=False, read_back=False)
     assert pipeline.stage.kernel_dtype is None  # the failure is recorded, not yet read
     result = pipeline.result(handle, want_output=False, read_back=True)
@@ -277,7 +289,7 @@ def test_the_in_process_pipeline_checks_solves_only_where_the_loop_reads_back():
 def test_batchnorm_calibration_averages_the_batches_statistics_with_the_current_weights():
     torch.manual_seed(0)
     net = build_network(ModelConfig(depth=1, width=16, last_width=4), (1, 4, 4))
-    stage = StageTrainer(list(net.layers), HSICObjective(HSICConfig(sigma=6.0), num_classes=4), OptimConfig(), "cpu")
+    stage = StageStep(list(net.layers), HSICObjective(HSICConfig(sigma=6.0), num_classes=4), OptimConfig(), "cpu")
     batches = [torch.rand(32, 1, 4, 4) for _ in range(3)]
     first = net.layers[0]
     linear, norm = first[1], first[2]

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-from hsic_ray import checkpoint, experiment
+from hsic_ray import experiment
 from hsic_ray.config import ConfigError, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.experiment import run_hsic
-from hsic_ray.local import LocalPipeline
-from hsic_ray.run_claim import NothingToResumeError
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.local_pipeline import LocalPipeline
+from hsic_ray.run import checkpoint
+from hsic_ray.run.claim import NothingToResumeError
+from hsic_ray.run.directory import RunDirectory
 
 
 class Crash(RuntimeError):
@@ -25,9 +26,17 @@ def digits():
 
 def config(out, **extra):
     overrides = {
-        "model.depth": 1, "model.width": 32, "train.batch_size": 128, "train.epochs": 2, "head.epochs": 2,
-        "train.checkpoint_every": 4, "train.checkpoint_seconds": 0, "train.eval_samples": 128, "output": str(out), "trainer": "local",
-    }  # fmt: skip
+        "model.depth": 1,
+        "model.width": 32,
+        "train.batch_size": 128,
+        "train.epochs": 2,
+        "head.epochs": 2,
+        "train.checkpoint_every": 4,
+        "train.checkpoint_seconds": 0,
+        "train.eval_samples": 128,
+        "output": str(out),
+        "trainer": "local",
+    }
     return build_config("paper_mlp", overrides={**overrides, **extra})
 
 
@@ -35,11 +44,11 @@ def crash_after(monkeypatch, steps):
     class CrashingPipeline(LocalPipeline):
         submitted = 0
 
-        def submit(self, batch, targets):
+        def submit(self, batch, factors):
             if CrashingPipeline.submitted == steps:
                 raise Crash(f"killed after {steps} steps")
             CrashingPipeline.submitted += 1
-            return super().submit(batch, targets)
+            return super().submit(batch, factors)
 
     monkeypatch.setattr(experiment, "LocalPipeline", CrashingPipeline)
 
@@ -132,7 +141,10 @@ def test_rerun_of_a_run_that_crashed_before_its_first_checkpoint_says_so(tmp_pat
         run_hsic(config(tmp_path / "run", **{"optim.lr": 0.5}), digits)
     run_hsic(config(tmp_path / "run"), digits)
     log = records(tmp_path / "run")
-    assert log[: len(crashed)] == crashed and log[len(crashed)] == {"kind": "restart", "reason": "no complete checkpoint"}
+    assert log[: len(crashed)] == crashed and log[len(crashed)] == {
+        "kind": "restart",
+        "reason": "no complete checkpoint",
+    }
 
 
 def test_resume_refuses_different_settings(tmp_path, digits, monkeypatch):

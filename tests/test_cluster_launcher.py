@@ -40,8 +40,14 @@ CLUSTER_YAML = REPO / "cluster.yaml"
 ENV_LINE = re.compile(r'HSIC_RAY_ENV="[^"]*"')
 # What the node needs of the project to `pip install -e` it and run the job.
 PROJECT_FILES = ["hsic_ray", "jobs", "pyproject.toml", "README.md", "cluster.yaml"]
-SYSTEM_TOOLS = {"sshd": "openssh-server", "ssh": "openssh-client", "ssh-keygen": "openssh-client", "rsync": "rsync",
-                "ip": "iproute2", "unshare": "util-linux"}
+SYSTEM_TOOLS = {
+    "sshd": "openssh-server",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "rsync": "rsync",
+    "ip": "iproute2",
+    "unshare": "util-linux",
+}
 TOKEN_MOUNT = "~/.ray/auth_token"
 
 
@@ -50,8 +56,16 @@ def load_cluster_yaml() -> dict:
         return yaml.safe_load(f)
 
 
-def fill(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str, ssh_key: str,
-         env_dir: str | None = None, cluster_name: str | None = None) -> dict:
+def fill(
+    config: dict,
+    *,
+    head_ip: str,
+    worker_ips: list[str],
+    ssh_user: str,
+    ssh_key: str,
+    env_dir: str | None = None,
+    cluster_name: str | None = None,
+) -> dict:
     """cluster.yaml with its placeholders filled in, as a user would."""
     config = copy.deepcopy(config)
     config["provider"]["head_ip"] = head_ip
@@ -62,7 +76,7 @@ def fill(config: dict, *, head_ip: str, worker_ips: list[str], ssh_user: str, ss
         config["cluster_name"] = cluster_name
     if env_dir:
         hits = [i for i, c in enumerate(config["setup_commands"]) if ENV_LINE.search(c)]
-        assert len(hits) == 1, "cluster.yaml: expected one setup command that sets HSIC_RAY_ENV=\"...\""
+        assert len(hits) == 1, 'cluster.yaml: expected one setup command that sets HSIC_RAY_ENV="..."'
         config["setup_commands"][hits[0]] = ENV_LINE.sub(f'HSIC_RAY_ENV="{env_dir}"', config["setup_commands"][hits[0]])
     return config
 
@@ -96,8 +110,9 @@ def test_cluster_yaml_has_placeholders_and_passes_ray_validation(tmp_path):
     key = tmp_path / "id_test"
     key.write_text("not a key\n")
     for workers in ([], ["10.0.0.11", "10.0.0.12"]):
-        config = fill(raw, head_ip="10.0.0.10", worker_ips=workers, ssh_user="ubuntu", ssh_key=str(key),
-                      env_dir="/opt/envs/hsic")
+        config = fill(
+            raw, head_ip="10.0.0.10", worker_ips=workers, ssh_user="ubuntu", ssh_key=str(key), env_dir="/opt/envs/hsic"
+        )
         prepared = prepare_config(config)
         validate_config(prepared)
         node_type = prepared["available_node_types"][prepared["head_node_type"]]
@@ -134,12 +149,21 @@ no-build-isolation = false
 """
 
 
-def run(cmd, *, timeout: float, cwd=None, env=None, log: Path | None = None,
-        check: bool = True) -> tuple[int | None, str]:
+def run(
+    cmd, *, timeout: float, cwd=None, env=None, log: Path | None = None, check: bool = True
+) -> tuple[int | None, str]:
     """Run a command with a hard timeout; its output goes to `log` (and into the failure message)."""
     try:
-        proc = subprocess.run(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
         out, rc = proc.stdout, proc.returncode
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -214,16 +238,45 @@ class Hosts:
     def client(self, cmd: list[str]) -> list[str]:
         """`cmd` run on the client: in its network namespace, with its own home and /tmp/ray."""
         script = private_home_script(self.client_home, self.root / "client" / "tmp-ray", 'exec "$@"')
-        return ["ip", "netns", "exec", self.netns["client"], "unshare", "--mount", "--", "sh", "-c", script,
-                "client", *map(str, cmd)]
+        return [
+            "ip",
+            "netns",
+            "exec",
+            self.netns["client"],
+            "unshare",
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "client",
+            *map(str, cmd),
+        ]
 
     def ssh(self, host: str, command: str) -> list[str]:
-        return self.client(["ssh", "-i", self.key, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
-                            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5",
-                            f"{self.user}@{HOST_IPS[host]}", command])
+        return self.client(
+            [
+                "ssh",
+                "-i",
+                self.key,
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=5",
+                f"{self.user}@{HOST_IPS[host]}",
+                command,
+            ]
+        )
 
     def link(self) -> None:
         """The bridge in the client's namespace, and a veth pair from it to each host's eth0."""
+
         def ip(ns, *args):
             run(["ip", "-n", self.netns[ns], *args], timeout=30)
 
@@ -232,8 +285,7 @@ class Hosts:
         ip("client", "link", "add", "br0", "type", "bridge")
         ip("client", "addr", "add", f"{CLIENT_IP}/24", "dev", "br0")
         for host, addr in HOST_IPS.items():
-            ip("client", "link", "add", f"v-{host}", "type", "veth", "peer", "name", "eth0",
-               "netns", self.netns[host])
+            ip("client", "link", "add", f"v-{host}", "type", "veth", "peer", "name", "eth0", "netns", self.netns[host])
             ip("client", "link", "set", f"v-{host}", "master", "br0", "up")
             ip(host, "addr", "add", f"{addr}/24", "dev", "eth0")
             ip(host, "link", "set", "eth0", "up")
@@ -252,7 +304,8 @@ class Hosts:
         (home / ".bashrc").write_text(NODE_BASHRC)
         (home / ".config" / "pip" / "pip.conf").write_text(PIP_CONF)
         config = node / "sshd_config"
-        config.write_text(textwrap.dedent(f"""\
+        config.write_text(
+            textwrap.dedent(f"""\
             ListenAddress {HOST_IPS[host]}:22
             HostKey {host_key}
             PidFile {node}/sshd.pid
@@ -268,29 +321,51 @@ class Hosts:
             MaxSessions 100
             MaxStartups 100
             Subsystem sftp internal-sftp
-            """))
+            """)
+        )
         sshd = shutil.which("sshd") or "/usr/sbin/sshd"
         run([sshd, "-t", "-f", str(config)], timeout=30)
         log = open(node / "sshd.log", "w")
         self._logs.append(log)
         init = private_home_script(home, raytmp, f"exec {sshd} -D -e -f {config}")
         self.sshd[host] = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns[host], "unshare", "--pid", "--fork", "--mount-proc", "--kill-child",
-             "--", "sh", "-c", init], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns[host],
+                "unshare",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "--kill-child",
+                "--",
+                "sh",
+                "-c",
+                init,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     def wait_for_sshd(self, host: str) -> None:
         deadline = time.monotonic() + 30
         while True:
             if self.sshd[host].poll() is not None:
-                pytest.fail(f"{host}'s sshd exited with {self.sshd[host].returncode}: "
-                            f"{(self.root / host / 'sshd.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"{host}'s sshd exited with {self.sshd[host].returncode}: "
+                    f"{(self.root / host / 'sshd.log').read_text()[-3000:]}"
+                )
             rc, out = run(self.ssh(host, "echo ok; cat /proc/1/comm; hostname -I"), timeout=15, check=False)
             if rc == 0 and out.startswith("ok"):
                 break
             if time.monotonic() > deadline:
-                pytest.fail(f"{host}'s sshd on {HOST_IPS[host]} did not accept the key: {out[-2000:]}\n"
-                            f"{(self.root / host / 'sshd.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"{host}'s sshd on {HOST_IPS[host]} did not accept the key: {out[-2000:]}\n"
+                    f"{(self.root / host / 'sshd.log').read_text()[-3000:]}"
+                )
             time.sleep(0.3)
         _, init_comm, addr = out.split()
         # Each host sees its own processes only (sshd is its init) and has its one address.
@@ -302,7 +377,7 @@ class Hosts:
     def close(self) -> list[str]:
         """Stop every host (and all left in it), delete the namespaces; returns what was left running."""
         problems = []
-        for host, proc in self.sshd.items():
+        for proc in self.sshd.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)  # unshare, then (--kill-child) sshd, then the whole host
                 try:
@@ -318,8 +393,9 @@ class Hosts:
                 problems.append(f"processes of {host} still running: {processes_in_namespace(ns)}")
         for ns in self.netns.values():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its veths go with it
-        left = set(self.netns.values()) & set(subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                                             text=True).stdout.split())
+        left = set(self.netns.values()) & set(
+            subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        )
         if left:
             problems.append(f"network namespaces left: {sorted(left)}")
         for log in self._logs:
@@ -331,11 +407,16 @@ class Hosts:
 def hosts(tmp_path):
     """A client and three hosts (head, worker1, worker2), each with its sshd; all stopped and deleted at the
     end, whatever happened."""
-    missing = [f"{tool} (apt package {pkg})" for tool, pkg in SYSTEM_TOOLS.items()
-               if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists())]
+    missing = [
+        f"{tool} (apt package {pkg})"
+        for tool, pkg in SYSTEM_TOOLS.items()
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists())
+    ]
     if missing:
-        pytest.fail("the cluster launcher test needs " + ", ".join(missing) + ": run the suite with "
-                    "`scripts/test.sh` as root, which installs them (apt-get)")
+        pytest.fail(
+            "the cluster launcher test needs " + ", ".join(missing) + ": run the suite with "
+            "`scripts/test.sh` as root, which installs them (apt-get)"
+        )
     if os.geteuid() != 0:
         pytest.fail("the cluster launcher test makes network namespaces and runs sshd in them: it needs root")
     h = Hosts(tmp_path / "hosts")
@@ -402,9 +483,31 @@ def port_open(h: Hosts, addr: str, port: int) -> bool:
 # bundle (a reservation for the driver) smaller than a stage's, the 3 stages get the 3 nodes. Each host has
 # 2 CPUs, so after one is lost the other two still hold 3.5 CPUs of bundles.
 MAX_STEPS = 200
-JOB = ["--trainer", "ray", "--preset", "paper_mlp", "--depth", "1", "--width", "128", "--epochs", "20",
-       "--max-steps", str(MAX_STEPS), "--checkpoint-every", "10", "--log-every", "5", "--format-epochs", "1",
-       "--stages", "3", "--strategy", "SPREAD", "ray.coordinator_cpus=0.5"]  # fmt: skip
+JOB = [
+    "--trainer",
+    "ray",
+    "--preset",
+    "paper_mlp",
+    "--depth",
+    "1",
+    "--width",
+    "128",
+    "--epochs",
+    "20",
+    "--max-steps",
+    str(MAX_STEPS),
+    "--checkpoint-every",
+    "10",
+    "--log-every",
+    "5",
+    "--format-epochs",
+    "1",
+    "--stages",
+    "3",
+    "--strategy",
+    "SPREAD",
+    "ray.coordinator_cpus=0.5",
+]
 
 
 @pytest.mark.slow
@@ -430,8 +533,10 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
     for host in HOST_IPS:
         env_dir = h.home(host) / "hsic-ray-env"
         run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], timeout=60)
-        (env_dir / "bin" / "ray").write_text(f"#!{real_home}/hsic-ray-env/bin/python\nimport sys\n"
-                                             "from ray.scripts.scripts import main\nsys.exit(main())\n")
+        (env_dir / "bin" / "ray").write_text(
+            f"#!{real_home}/hsic-ray-env/bin/python\nimport sys\n"
+            "from ray.scripts.scripts import main\nsys.exit(main())\n"
+        )
         (env_dir / "bin" / "ray").chmod(0o755)
 
     ray_cli = Path(sys.executable).parent / "ray"
@@ -447,8 +552,14 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
     token = (h.client_home / ".ray" / "auth_token").read_text().strip()
     assert len(token) >= 32, token
 
-    config = fill(load_cluster_yaml(), head_ip=HOST_IPS["head"], worker_ips=[HOST_IPS["worker1"], HOST_IPS["worker2"]],
-                  ssh_user=h.user, ssh_key=str(h.key), cluster_name=name)
+    config = fill(
+        load_cluster_yaml(),
+        head_ip=HOST_IPS["head"],
+        worker_ips=[HOST_IPS["worker1"], HOST_IPS["worker2"]],
+        ssh_user=h.user,
+        ssh_key=str(h.key),
+        cluster_name=name,
+    )
     config_file = project / "cluster.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     launcher = [ray_cli]
@@ -457,32 +568,54 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
     dashboard = job = job_log = None
     started = time.monotonic()
     try:
-        _, up = run(h.client(launcher + ["up", "-y", *common, "--no-config-cache", config_file]), cwd=project,
-                    env=env, timeout=300, log=logs / "up.log")
+        _, up = run(
+            h.client(launcher + ["up", "-y", *common, "--no-config-cache", config_file]),
+            cwd=project,
+            env=env,
+            timeout=300,
+            log=logs / "up.log",
+        )
         t_up = time.monotonic() - started
         # setup_commands installed the head's own copy of the project (~ is each host's own).
         assert f"hsic-ray from {real_home}/hsic-ray/hsic_ray/__init__.py" in up, up[-3000:]
         # The head's autoscaler sets up the workers over ssh: wait until all three nodes have joined.
         status_cmd = h.ssh("head", "ray status")
-        wait_for("3 nodes in `ray status` on the head",
-                 lambda: alive_nodes(run(status_cmd, timeout=60, check=False)[1]) == 3, timeout=300, interval=3)
+        wait_for(
+            "3 nodes in `ray status` on the head",
+            lambda: alive_nodes(run(status_cmd, timeout=60, check=False)[1]) == 3,
+            timeout=300,
+            interval=3,
+        )
         t_nodes = time.monotonic() - started
 
         for host in HOST_IPS:
             # A plain (non-interactive) ssh shell has the environment's python and ray and token mode; the token
             # arrived, private to the ssh user; Ray runs there.
-            _, found = run(h.ssh(host, "command -v python; command -v ray; echo $RAY_AUTH_MODE; "
-                                       "stat -c %a ~/.ray/auth_token; cat ~/.ray/auth_token"), timeout=30)
-            assert found.split() == [f"{real_home}/hsic-ray-env/bin/python", f"{real_home}/hsic-ray-env/bin/ray",
-                                     "token", "600", token], (host, found)
+            _, found = run(
+                h.ssh(
+                    host,
+                    "command -v python; command -v ray; echo $RAY_AUTH_MODE; "
+                    "stat -c %a ~/.ray/auth_token; cat ~/.ray/auth_token",
+                ),
+                timeout=30,
+            )
+            assert found.split() == [
+                f"{real_home}/hsic-ray-env/bin/python",
+                f"{real_home}/hsic-ray-env/bin/ray",
+                "token",
+                "600",
+                token,
+            ], (host, found)
             wanted = {"gcs_server", "raylet"} if host == "head" else {"raylet"}
             assert wanted <= set(processes_in_namespace(h.pidns[host]).values()), host
 
         # Token authentication, seen from the client's machine on the cluster's network. The GCS: refused
         # without the token (a wrong one, or none with the old RAY_AUTH_MODE=disabled), served with it.
         gcs = f"{HOST_IPS['head']}:6379"
-        for label, client_env in [("a wrong token", {**token_env, "RAY_AUTH_TOKEN": "0" * 32}),
-                                  ("no token", {**env, "RAY_AUTH_MODE": "disabled"})]:
+        for label, client_env in [
+            ("a wrong token", {**token_env, "RAY_AUTH_TOKEN": "0" * 32}),
+            ("no token", {**env, "RAY_AUTH_MODE": "disabled"}),
+        ]:
             rc, out = run(h.client([ray_cli, "status", "--address", gcs]), env=client_env, timeout=120, check=False)
             assert rc != 0 and "auth" in out.lower(), f"`ray status` with {label} was not refused: {out[-2000:]}"
         _, out = run(h.client([ray_cli, "status", "--address", gcs]), env=token_env, timeout=120)
@@ -490,10 +623,15 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
         # The dashboard (and its job API) listens on the head's localhost only; `ray dashboard cluster.yaml`
         # tunnels it to the client, where `ray job submit` needs the token as well.
         assert not port_open(h, HOST_IPS["head"], 8265), "the dashboard is reachable from the network"
-        dashboard = subprocess.Popen(h.client(launcher + ["dashboard", "--no-config-cache", config_file]),
-                                     cwd=project, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=open(logs / "dashboard.log", "w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        dashboard = subprocess.Popen(
+            h.client(launcher + ["dashboard", "--no-config-cache", config_file]),
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=open(logs / "dashboard.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def forwarded():
             assert dashboard.poll() is None, f"ray dashboard ended: {(logs / 'dashboard.log').read_text()[-3000:]}"
@@ -501,21 +639,42 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
 
         wait_for("`ray dashboard` to forward port 8265", forwarded, timeout=60)
         submit = [ray_cli, "job", "submit", "--address", "http://127.0.0.1:8265", "--", "echo", "served-by-the-head"]
-        for label, client_env in [("a wrong token", {**token_env, "RAY_AUTH_TOKEN": "0" * 32}),
-                                  ("no token", {**env, "RAY_AUTH_MODE": "disabled"})]:
+        for label, client_env in [
+            ("a wrong token", {**token_env, "RAY_AUTH_TOKEN": "0" * 32}),
+            ("no token", {**env, "RAY_AUTH_MODE": "disabled"}),
+        ]:
             rc, out = run(h.client(submit), env=client_env, timeout=120, check=False)
-            assert rc != 0 and "served-by-the-head" not in out and "auth" in out.lower(), \
+            assert rc != 0 and "served-by-the-head" not in out and "auth" in out.lower(), (
                 f"`ray job submit` with {label} was not refused: {out[-2000:]}"
+            )
         _, out = run(h.client(submit), env=token_env, timeout=120, log=logs / "job-submit.log")
         assert "served-by-the-head" in out and "succeeded" in out, out[-3000:]
         t_auth = time.monotonic() - started
 
         # The training job, through `ray submit`; a worker host loses Ray in the middle of the run.
         job_log = open(logs / "submit.log", "w")
-        job = subprocess.Popen(h.client(launcher + ["submit", *common, "--no-config-cache", config_file,
-                                                    "jobs/train_deep.py", "--", *JOB, "--output", out_dir]),
-                               cwd=project, env=env, stdin=subprocess.DEVNULL, stdout=job_log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen(
+            h.client(
+                launcher
+                + [
+                    "submit",
+                    *common,
+                    "--no-config-cache",
+                    config_file,
+                    "jobs/train_deep.py",
+                    "--",
+                    *JOB,
+                    "--output",
+                    out_dir,
+                ]
+            ),
+            cwd=project,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=job_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
         def progress():
             assert job.poll() is None, f"the job ended early:\n{(logs / 'submit.log').read_text()[-4000:]}"
@@ -554,8 +713,14 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
         if job_log is not None:
             job_log.close()
         caches = set(Path(tempfile.gettempdir()).glob("ray-config-*"))
-        _, down = run(h.client(launcher + ["down", "-y", *common, config_file]), cwd=project, env=env, timeout=120,
-                      log=logs / "down.log", check=False)
+        _, down = run(
+            h.client(launcher + ["down", "-y", *common, config_file]),
+            cwd=project,
+            env=env,
+            timeout=120,
+            log=logs / "down.log",
+            check=False,
+        )
         # What the launcher keeps on the client's side (its /tmp/ray is the test's): the config `ray down`
         # cached, the ssh control sockets.
         for f in set(Path(tempfile.gettempdir()).glob("ray-config-*")) - caches:
@@ -572,5 +737,7 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
         assert time.monotonic() < deadline, f"processes left 90 s after `ray down`: {left}\n{down[-3000:]}"
         time.sleep(1)
     t_down = time.monotonic() - t_down0
-    print(f"ray up {t_up:.0f} s, 3 nodes {t_nodes:.0f} s, auth checks {t_auth:.0f} s, kill at {t_kill:.0f} s, "
-          f"job done {t_job:.0f} s; nothing left on the hosts {t_down:.0f} s after `ray down`")
+    print(
+        f"ray up {t_up:.0f} s, 3 nodes {t_nodes:.0f} s, auth checks {t_auth:.0f} s, kill at {t_kill:.0f} s, "
+        f"job done {t_job:.0f} s; nothing left on the hosts {t_down:.0f} s after `ray down`"
+    )

@@ -52,8 +52,10 @@ def test_null_override_sets_a_field_to_none():
         ({"hsic.estimator": "nope"}, "hsic.estimator='nope' is invalid: expected one of cca, biased, cka, plausible"),
         ({"hsic.beta": -1.0}, "hsic.beta=-1.0 is invalid"),
         ({"hsic.sigma": 0.0}, "hsic.sigma=0.0 is invalid"),
-        ({"hsic.estimator": "cka", "hsic.leave_one_out": True},
-         "hsic.leave_one_out=True is invalid: expected false with hsic.estimator other than cca"),
+        (
+            {"hsic.estimator": "cka", "hsic.leave_one_out": True},
+            "hsic.leave_one_out=True is invalid: expected false with hsic.estimator other than cca",
+        ),
         ({"data.source": "imagenet"}, "data.source='imagenet' is invalid"),
         ({"train.batch_size": 1}, "train.batch_size=1 is invalid"),
         ({"optim.momentum": 1.0}, "optim.momentum=1.0 is invalid"),
@@ -64,9 +66,11 @@ def test_null_override_sets_a_field_to_none():
         ({"model.depth": "deep"}, "model.depth"),
         ({"model.size": 3}, "Key 'size' not in 'ModelConfig'"),
         ({"preset": "tiny"}, "preset='tiny' is invalid"),
-        ({"ray.targets_on": "gpu"}, "ray.targets_on='gpu' is invalid: expected one of coordinator, first_stage"),
-        ({"train.checkpoint_seconds": -5},
-         "train.checkpoint_seconds=-5.0 is invalid: expected seconds >= 0 between checkpoints (0: none by time)"),
+        ({"ray.factors_on": "gpu"}, "ray.factors_on='gpu' is invalid: expected one of coordinator, first_stage"),
+        (
+            {"train.checkpoint_seconds": -5},
+            "train.checkpoint_seconds=-5.0 is invalid: expected seconds >= 0 between checkpoints (0: none by time)",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(overrides, message):
@@ -92,10 +96,16 @@ def test_default_config_is_valid():
 FASHION_FILE = "npz:/work/shared/datasets/fashion-mnist-dev.npz"
 
 
-@pytest.mark.parametrize("preset, family, beta", [
-    ("paper_mlp", None, 200.0), ("paper_mlp", "fashion-mnist", 1000.0), ("paper_mlp", "cifar10", 2500.0),
-    ("deep_mlp", "fashion-mnist", 1000.0), ("paper_resconv", "cifar10", 500.0),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "preset, family, beta",
+    [
+        ("paper_mlp", None, 200.0),
+        ("paper_mlp", "fashion-mnist", 1000.0),
+        ("paper_mlp", "cifar10", 2500.0),
+        ("deep_mlp", "fashion-mnist", 1000.0),
+        ("paper_resconv", "cifar10", 500.0),
+    ],
+)
 def test_a_file_source_gets_the_settings_of_its_data_family(preset, family, beta):
     cfg = build_config(preset, overrides={"data.source": FASHION_FILE, "data.family": family})
     assert cfg.hsic.beta == beta and cfg.data.family == family  # None: the MNIST settings, as before
@@ -108,20 +118,29 @@ def test_the_data_family_is_read_from_the_config_file_as_the_source_is(tmp_path)
     assert build_config(None, path, {"data.family": "fashion-mnist"}).hsic.beta == 1000.0  # the override wins
 
 
-@pytest.mark.parametrize("source, family", [("mnist-sample", "mnist"), ("fashion-mnist", "fashion-mnist"), ("cifar10", "cifar10")])
+@pytest.mark.parametrize(
+    "source, family", [("mnist-sample", "mnist"), ("fashion-mnist", "fashion-mnist"), ("cifar10", "cifar10")]
+)
 def test_a_named_source_infers_its_family_and_accepts_it_spelled_out(source, family):
     inferred = build_config("deep_mlp", overrides={"data.source": source})
     spelled = build_config("deep_mlp", overrides={"data.source": source, "data.family": family})
     assert dataset_family(source) == family and inferred.hsic.beta == spelled.hsic.beta
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data.source": "cifar10", "data.family": "mnist"},
-     "data.family='mnist' is invalid: expected cifar10 (or null) for data.source='cifar10'"),
-    ({"data.family": "fashion-mnist"}, "expected mnist (or null) for data.source='mnist-sample'"),
-    ({"data.source": FASHION_FILE, "data.family": "svhn"},
-     "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"data.source": "cifar10", "data.family": "mnist"},
+            "data.family='mnist' is invalid: expected cifar10 (or null) for data.source='cifar10'",
+        ),
+        ({"data.family": "fashion-mnist"}, "expected mnist (or null) for data.source='mnist-sample'"),
+        (
+            {"data.source": FASHION_FILE, "data.family": "svhn"},
+            "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10",
+        ),
+    ],
+)
 def test_a_bad_or_contradicting_family_is_refused_in_one_line(overrides, message):
     for preset in ("paper_mlp", None):  # built into the preset, or only validated
         with pytest.raises(ConfigError) as err:
@@ -165,14 +184,28 @@ def test_train_deep_pipeline_flags_reach_the_ray_config():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     import train_deep
 
-    argv = ["--stages", "3", "--gpus-per-stage", "0.5", "--cpus-per-stage", "2", "--strategy", "SPREAD",
-            "--max-in-flight", "7", "--batches-per-call", "4", "--targets-on", "first_stage"]  # fmt: skip
+    argv = [
+        "--stages",
+        "3",
+        "--gpus-per-stage",
+        "0.5",
+        "--cpus-per-stage",
+        "2",
+        "--strategy",
+        "SPREAD",
+        "--max-in-flight",
+        "7",
+        "--batches-per-call",
+        "4",
+        "--factors-on",
+        "first_stage",
+    ]
     ray = build_run_config(train_deep.parse_args(argv), RUN_FLAGS, train_deep.HSIC_FLAGS).ray
     assert (ray.stages, ray.gpus_per_stage, ray.cpus_per_stage, ray.strategy) == (3, 0.5, 2.0, "SPREAD")
-    assert (ray.max_in_flight, ray.batches_per_call, ray.targets_on) == (7, 4, "first_stage")
-    assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, train_deep.HSIC_FLAGS).ray.targets_on is None
+    assert (ray.max_in_flight, ray.batches_per_call, ray.factors_on) == (7, 4, "first_stage")
+    assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, train_deep.HSIC_FLAGS).ray.factors_on is None
     with pytest.raises(SystemExit):
-        train_deep.parse_args(["--targets-on", "gpu"])
+        train_deep.parse_args(["--factors-on", "gpu"])
 
 
 def test_train_deep_checkpoint_flags_reach_the_train_config():

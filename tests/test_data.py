@@ -165,7 +165,9 @@ def test_iterate_batches_resumes_at_start():
     full = list(iterate_batches(x, y, 8, seed=9, epoch=4))
     resumed = list(iterate_batches(x, y, 8, seed=9, epoch=4, start=5))
     assert [b.index for b in resumed] == [5, 6, 7]
-    assert all(torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.index == b.index for a, b in zip(full[5:], resumed))
+    assert all(
+        torch.equal(a.x, b.x) and torch.equal(a.y, b.y) and a.index == b.index for a, b in zip(full[5:], resumed)
+    )
     assert list(iterate_batches(x, y, 8, seed=9, epoch=4, start=8)) == []
     with pytest.raises(ValueError, match="start=9"):
         list(iterate_batches(x, y, 8, seed=9, epoch=4, start=9))
@@ -228,7 +230,10 @@ def _bad(**changes):
         ({"y_test": np.full(6, 5), "num_classes": 3}, r"y_test has label 5 but num_classes is 3.*\[0, 3\)"),
         ({"x_train": np.full((12, 1, 4, 4), np.nan, np.float32)}, r"x_train holds 192 NaN/inf values"),
         ({"x_test": np.full((6, 1, 4, 4), np.inf, np.float32)}, r"x_test holds 96 NaN/inf"),
-        ({"x_train": np.full((12, 1, 4, 4), 255.0, np.float32)}, r"x_train has float values in \[255, 255\]: expected floats in \[0, 1\]"),
+        (
+            {"x_train": np.full((12, 1, 4, 4), 255.0, np.float32)},
+            r"x_train has float values in \[255, 255\]: expected floats in \[0, 1\]",
+        ),
         ({"x_test": np.zeros((0, 1, 4, 4), np.uint8), "y_test": np.zeros(0, np.int64)}, r"x_test is empty"),
         ({"x_test": np.zeros((6, 1, 5, 5), np.uint8)}, r"train images are \(1, 4, 4\).*test images are \(1, 5, 5\)"),
         ({"x_train": np.zeros((12, 1, 4, 4), np.int32)}, r"x_train has unsupported dtype int32: expected uint8"),
@@ -271,12 +276,22 @@ def test_npz_channels_last_is_converted(tmp_path):
 
 def test_npz_grey_and_float_images(tmp_path):
     grey = tmp_path / "grey.npz"
-    np.savez(grey, x_train=np.zeros((5, 7, 7), np.uint8), y_train=np.arange(5, dtype=np.int32) % 2,
-             x_test=np.ones((2, 7, 7), np.uint8), y_test=np.ones(2, np.int32))
+    np.savez(
+        grey,
+        x_train=np.zeros((5, 7, 7), np.uint8),
+        y_train=np.arange(5, dtype=np.int32) % 2,
+        x_test=np.ones((2, 7, 7), np.uint8),
+        y_test=np.ones(2, np.int32),
+    )
     assert load_dataset(DataConfig(source=f"npz:{grey}")).input_shape == (1, 7, 7)
     floats = tmp_path / "floats.npz"
-    np.savez(floats, x_train=np.full((5, 7, 7, 1), 0.25), y_train=np.arange(5) % 2,
-             x_test=np.full((2, 7, 7, 1), 1.0), y_test=np.ones(2, np.int64))
+    np.savez(
+        floats,
+        x_train=np.full((5, 7, 7, 1), 0.25),
+        y_train=np.arange(5) % 2,
+        x_test=np.full((2, 7, 7, 1), 1.0),
+        y_test=np.ones(2, np.int64),
+    )
     data = load_dataset(DataConfig(source=f"npz:{floats}"))
     assert data.x_train.dtype == np.float32 and data.input_shape == (1, 7, 7) and data.x_test.max() == 1.0
 
@@ -290,8 +305,13 @@ def test_npz_missing_file_and_keys(tmp_path):
     with pytest.raises(DataError, match=r"lacks y_train, x_test, y_test: it needs arrays .* found images, x_train"):
         load_dataset(DataConfig(source=f"npz:{partial}"))
     bad = tmp_path / "bad.npz"
-    np.savez(bad, x_train=np.zeros((3, 4, 4), np.uint8), y_train=np.zeros(3), x_test=np.zeros((3, 4, 4), np.uint8),
-             y_test=np.zeros(3, np.int64))
+    np.savez(
+        bad,
+        x_train=np.zeros((3, 4, 4), np.uint8),
+        y_train=np.zeros(3),
+        x_test=np.zeros((3, 4, 4), np.uint8),
+        y_test=np.zeros(3, np.int64),
+    )
     with pytest.raises(DataError, match=r"dataset 'bad': y_train has dtype float64"):
         load_dataset(DataConfig(source=f"npz:{bad}"))
 
@@ -334,7 +354,10 @@ def test_parquet_schema_and_rewrite(tmp_path):
 
 def test_parquet_missing_dataset_and_missing_shard(tmp_path):
     missing = tmp_path / "absent"
-    with pytest.raises(DataError, match=r"parquet dataset .*absent' does not exist.*python -m hsic_ray.data prepare --source .* --output"):
+    with pytest.raises(
+        DataError,
+        match=r"parquet dataset .*absent' does not exist.*python -m hsic_ray.data prepare --source .* --output",
+    ):
         load_dataset(DataConfig(source=f"parquet:{missing}"))
     out = tmp_path / "toy"
     write_parquet(check_arrays("toy", *_arrays(n_train=20, n_test=4)), str(out), shard_size=4)
@@ -380,7 +403,12 @@ def test_torchvision_mnist_loads_placed_files(tmp_path):
     rng = np.random.default_rng(0)
     x_train, x_test = rng.integers(0, 256, (12, 28, 28)), rng.integers(0, 256, (5, 28, 28))
     y_train, y_test = np.arange(12) % 10, np.array([9, 8, 7, 6, 5])
-    for name, arr in (("train-images", x_train), ("train-labels", y_train), ("t10k-images", x_test), ("t10k-labels", y_test)):
+    for name, arr in (
+        ("train-images", x_train),
+        ("train-labels", y_train),
+        ("t10k-images", x_test),
+        ("t10k-labels", y_test),
+    ):
         _write_idx(raw / f"{name}-idx{arr.ndim}-ubyte", arr)
     data = load_dataset(DataConfig(source="mnist", root=str(tmp_path), download=False))
     assert data.name == "mnist" and data.num_classes == 10 and data.input_shape == (1, 28, 28)

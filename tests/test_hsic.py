@@ -54,9 +54,7 @@ def randn(*shape: int, seed: int, dtype: torch.dtype = F64) -> torch.Tensor:
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, atol: float = 0.0) -> None:
-    torch.testing.assert_close(
-        actual.detach().cpu().to(F64), expected.detach().cpu().to(F64), rtol=rtol, atol=atol
-    )
+    torch.testing.assert_close(actual.detach().cpu().to(F64), expected.detach().cpu().to(F64), rtol=rtol, atol=atol)
 
 
 # --- slow textbook references (pure python floats / explicit matrices) -----------------------------------
@@ -76,11 +74,7 @@ def ref_squared_distances(x: torch.Tensor) -> torch.Tensor:
 def ref_median_sigma(x: torch.Tensor) -> float:
     rows = _rows(x)
     m = len(rows)
-    dists = [
-        math.sqrt(sum((p - q) ** 2 for p, q in zip(rows[a], rows[b])))
-        for a in range(m)
-        for b in range(a + 1, m)
-    ]
+    dists = [math.sqrt(sum((p - q) ** 2 for p, q in zip(rows[a], rows[b]))) for a in range(m) for b in range(a + 1, m)]
     return max(statistics.median(dists), MEDIAN_SIGMA_FLOOR)
 
 
@@ -313,8 +307,9 @@ def test_estimator_dependence_matches_hsic_functions(name):
         "plausible": ref_biased(k, l),  # the plausible variant measures both terms with biased HSIC
     }[name]
     close(got, expected)
-    match = {"cca": lambda a, b: hsic_cca(a, b, eps), "biased": hsic_biased, "cka": hsic_cka,
-             "plausible": hsic_biased}[name]
+    match = {"cca": lambda a, b: hsic_cca(a, b, eps), "biased": hsic_biased, "cka": hsic_cka, "plausible": hsic_biased}[
+        name
+    ]
     close(got, match(k, l), rtol=1e-10)
     if name == "plausible":
         fz, fy = est.factor(k), est.factor(l)
@@ -571,8 +566,11 @@ def test_dtypes_and_devices_agree(device, dtype):
             est = make_estimator(name)
             v = est.dependence(est.factor(k), est.factor(l))
             assert v.dtype == dtype and v.device.type == device
-            close(v, make_estimator(name).dependence(make_estimator(name).factor(k64),
-                                                     make_estimator(name).factor(l64)), rtol=rtol)
+            close(
+                v,
+                make_estimator(name).dependence(make_estimator(name).factor(k64), make_estimator(name).factor(l64)),
+                rtol=rtol,
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -607,8 +605,11 @@ def test_unknown_estimator_raises_listing_valid_names(name):
 @pytest.mark.parametrize("eps", [-0.1, -1.0])
 def test_cca_non_positive_definite_system_raises(eps):
     k = gaussian_kernel(randn(10, 3, seed=37), 1.0)
-    for call in (lambda: cca_factor(k, eps), lambda: hsic_cca(k, k, eps),
-                 lambda: make_estimator("cca", eps=eps).factor(k)):
+    for call in (
+        lambda: cca_factor(k, eps),
+        lambda: hsic_cca(k, k, eps),
+        lambda: make_estimator("cca", eps=eps).factor(k),
+    ):
         with pytest.raises(FloatingPointError, match="not positive definite") as info:
             call()
         assert "eps" in str(info.value) and "float64" in str(info.value)

@@ -14,8 +14,9 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "train_backprop.py"
 def test_job_bad_input_is_one_clear_line(tmp_path):
     # As a user sees it; which input gets which message is tested in process (tests/test_bad_input.py).
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(JOB), "--workers", "0", "--output", str(out)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(JOB), "--workers", "0", "--output", str(out)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "workers=0 is invalid" in lines[-1]
@@ -26,8 +27,9 @@ def test_job_bad_input_is_one_clear_line(tmp_path):
 @pytest.mark.slow
 def test_job_smoke_test_runs_a_tiny_baseline(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(JOB), "--smoke-test", "--output", str(out)], capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(JOB), "--smoke-test", "--output", str(out)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     assert "started a local Ray cluster" in proc.stderr
     # The local cluster serves the state API that Ray Train's placement-group cleaner polls every second.

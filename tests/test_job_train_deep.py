@@ -24,14 +24,38 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
     cfg.write_text("model:\n  width: 64\ntrain:\n  log_every: 5\n")
     out = tmp_path / "run"
     proc = run_job(
-        "--preset", "paper_mlp", "--trainer", "local", "--config", str(cfg), "--depth", "2", "--epochs", "1", "--max-steps", "12",
-        "--format-epochs", "2", "--estimator", "cka", "--sigma", "median", "--output", str(out),
-    )  # fmt: skip
+        "--preset",
+        "paper_mlp",
+        "--trainer",
+        "local",
+        "--config",
+        str(cfg),
+        "--depth",
+        "2",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "12",
+        "--format-epochs",
+        "2",
+        "--estimator",
+        "cka",
+        "--sigma",
+        "median",
+        "--output",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "batch 10/31" in proc.stderr  # progress lines while it trains
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12
-    for key in ("test_accuracy_unformatted", "test_accuracy_formatted", "train_seconds", "samples_per_second", "per_layer"):
+    for key in (
+        "test_accuracy_unformatted",
+        "test_accuracy_formatted",
+        "train_seconds",
+        "samples_per_second",
+        "per_layer",
+    ):
         assert key in metrics
     assert len(metrics["per_layer"]) == 4
     saved = (out / "config.yaml").read_text()
@@ -80,10 +104,31 @@ def test_missing_parquet_directory_is_named(tmp_path):
 @pytest.mark.slow
 def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
     out = tmp_path / "run"
-    args = ["--trainer", "ray", "--preset", "paper_mlp", "--depth", "2", "--width", "256", "--epochs", "2",
-            "--checkpoint-every", "10", "--checkpoint-seconds", "0", "--stages", "2", "--format-epochs", "2", "--output", str(out)]  # fmt: skip
-    first = subprocess.Popen([sys.executable, str(JOB), *args], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    args = [
+        "--trainer",
+        "ray",
+        "--preset",
+        "paper_mlp",
+        "--depth",
+        "2",
+        "--width",
+        "256",
+        "--epochs",
+        "2",
+        "--checkpoint-every",
+        "10",
+        "--checkpoint-seconds",
+        "0",
+        "--stages",
+        "2",
+        "--format-epochs",
+        "2",
+        "--output",
+        str(out),
+    ]
+    first = subprocess.Popen(
+        [sys.executable, str(JOB), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 300
         latest = out / "checkpoints" / "LATEST"
@@ -118,8 +163,17 @@ def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
 def test_smoke_test_is_a_tiny_run_and_flags_and_settings_beside_it_win(tmp_path):
     out = tmp_path / "run"
     started = time.perf_counter()
-    proc = run_job("--smoke-test", "--trainer", "local", "hsic.eps=1e-4", "--width", "48", "--output", str(out),
-                   "train.cuda_graphs=off")  # fmt: skip
+    proc = run_job(
+        "--smoke-test",
+        "--trainer",
+        "local",
+        "hsic.eps=1e-4",
+        "--width",
+        "48",
+        "--output",
+        str(out),
+        "train.cuda_graphs=off",
+    )
     assert proc.returncode == 0, proc.stderr
     assert time.perf_counter() - started < 120  # seconds of work; most of it is importing torch
     metrics = json.loads((out / "metrics.json").read_text())

@@ -15,8 +15,22 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL_RUN = ["--trainer", "ray", "--preset", "paper_mlp", "--depth", "1", "--width", "64", "--epochs", "1",
-             "--max-steps", "8", "--format-epochs", "1"]  # fmt: skip
+SMALL_RUN = [
+    "--trainer",
+    "ray",
+    "--preset",
+    "paper_mlp",
+    "--depth",
+    "1",
+    "--width",
+    "64",
+    "--epochs",
+    "1",
+    "--max-steps",
+    "8",
+    "--format-epochs",
+    "1",
+]
 
 
 def free_port() -> int:
@@ -33,10 +47,23 @@ def head(request):
     env["RAY_AUTH_MODE"] = request.param  # what the README asks of every shell that runs `ray ...`
     port, dashboard = free_port(), free_port()
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}",
-         "--num-cpus=4", "--num-gpus=2", "--include-dashboard=true", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=4",
+            "--num-gpus=2",
+            "--include-dashboard=true",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -68,8 +95,13 @@ def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_p
     env = dict(head["env"])
     if head["mode"] == "token":
         del env["RAY_AUTH_MODE"]  # the job copes without the setting: it uses the token `ray start` wrote
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "connected to the Ray cluster running on this machine" in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -80,10 +112,26 @@ def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_p
 def test_ray_job_submit_runs_the_job_on_the_cluster(head, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        ["ray", "job", "submit", "--address", head["dashboard"], "--working-dir", str(ROOT), "--",
-         "python", "jobs/train_deep.py", *SMALL_RUN, "--output", str(out)],
-        env=head["env"], capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            "ray",
+            "job",
+            "submit",
+            "--address",
+            head["dashboard"],
+            "--working-dir",
+            str(ROOT),
+            "--",
+            "python",
+            "jobs/train_deep.py",
+            *SMALL_RUN,
+            "--output",
+            str(out),
+        ],
+        env=head["env"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert "succeeded" in proc.stdout
     assert json.loads((out / "metrics.json").read_text())["stages"] == 2

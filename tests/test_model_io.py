@@ -10,13 +10,22 @@ from hsic_ray.config import build_config
 from hsic_ray.data import to_tensor
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop, run_hsic
-from hsic_ray.model_io import ModelFileError
+from hsic_ray.run.model_io import ModelFileError
 
 
 def tiny(out, preset="paper_mlp", **extra):
-    overrides = {"output": str(out), "model.depth": 1, "model.width": 32, "train.batch_size": 128,
-                 "train.epochs": 1, "train.max_steps": 6, "head.epochs": 2, "train.eval_samples": 128,
-                 "train.log_every": 3, **extra}  # fmt: skip
+    overrides = {
+        "output": str(out),
+        "model.depth": 1,
+        "model.width": 32,
+        "train.batch_size": 128,
+        "train.epochs": 1,
+        "train.max_steps": 6,
+        "head.epochs": 2,
+        "train.eval_samples": 128,
+        "train.log_every": 3,
+        **extra,
+    }
     return build_config(preset, overrides=overrides)
 
 
@@ -42,13 +51,17 @@ def test_hsic_run_on_the_ray_pipeline_loads_and_reproduces_its_accuracy(tmp_path
     metrics = run_hsic(tiny(out, trainer="ray", **{"ray.stages": 2}), digits)
     assert metrics["stages"] == 2
     # The layers come from two stage actors' checkpoint files; float rounding may move at most one sample.
-    assert loaded_accuracy(out, digits) == pytest.approx(metrics["test_accuracy_formatted"], abs=100 / len(digits.y_test))
+    assert loaded_accuracy(out, digits) == pytest.approx(
+        metrics["test_accuracy_formatted"], abs=100 / len(digits.y_test)
+    )
     assert hsic_ray.load_model(out).method == "hsic"
 
 
 def test_hsic_resconv_in_process_loads_and_reproduces_its_accuracy(tmp_path, digits):
     out = tmp_path / "run"
-    metrics = run_hsic(tiny(out, "paper_resconv", trainer="local", **{"model.width": 4, "model.last_width": 16}), digits)
+    metrics = run_hsic(
+        tiny(out, "paper_resconv", trainer="local", **{"model.width": 4, "model.last_width": 16}), digits
+    )
     assert loaded_accuracy(out, digits) == metrics["test_accuracy_formatted"]
 
 

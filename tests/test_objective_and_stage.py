@@ -11,7 +11,7 @@ from hsic_ray.config import HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.hsic import biased_factor, center, gaussian_kernel, hsic_biased, hsic_cca, hsic_cka
 from hsic_ray.models import build_network
 from hsic_ray.objective import HSICObjective, input_weights
-from hsic_ray.stage import StageTrainer, layer_lr_scales
+from hsic_ray.stage_step import StageStep, layer_lr_scales
 
 
 def _batch(m=32, classes=4, seed=0):
@@ -27,13 +27,13 @@ def _net(depth=2, width=16, last=4, seed=0):
 
 
 @pytest.mark.parametrize("estimator, direct", [("cca", hsic_cca), ("biased", hsic_biased), ("cka", hsic_cka)])
-def test_stage_losses_with_shared_targets_equal_direct_estimates(estimator, direct):
+def test_stage_losses_with_shared_factors_equal_direct_estimates(estimator, direct):
     x, y = _batch()
     g = torch.Generator().manual_seed(5)
     zs = [torch.randn(32, 8, generator=g), torch.randn(32, 3, generator=g), torch.randn(32, 1, 2, 2, generator=g)]
     cfg = HSICConfig(estimator=estimator, sigma=2.0, beta=7.0)
     objective = HSICObjective(cfg, num_classes=4)
-    terms = objective.stage_losses(zs, objective.targets(x, y))
+    terms = objective.stage_losses(zs, objective.kernel_factors(x, y))
     kx, ky = gaussian_kernel(x, 2.0), gaussian_kernel(F.one_hot(y, 4).float(), 2.0)
     assert not terms.failed.any()
     for i, z in enumerate(zs):
@@ -50,9 +50,9 @@ def test_plausible_compresses_against_the_layer_itself():
     x, y = _batch()
     z = torch.randn(32, 8)
     objective = HSICObjective(HSICConfig(estimator="plausible", sigma=None, beta=2.0), num_classes=4)
-    targets = objective.targets(x, y)
-    assert targets.x_factor is None
-    terms = objective.stage_losses([z], targets)
+    factors = objective.kernel_factors(x, y)
+    assert factors.x_factor is None
+    terms = objective.stage_losses([z], factors)
     kz = gaussian_kernel(z, None)
     ky = gaussian_kernel(F.one_hot(y, 4).float(), None)
     assert terms.nhsic_zx.item() == pytest.approx(hsic_biased(kz, kz).item(), rel=1e-5)
@@ -65,11 +65,11 @@ def test_closed_form_cca_loss_has_the_gradient_of_the_factor_form():
     x, y = _batch(m=24)
     x, z = x.double(), torch.randn(24, 5, dtype=torch.float64, requires_grad=True)
     objective = HSICObjective(HSICConfig(sigma=1.5, beta=3.0, eps=1e-3), num_classes=4)
-    targets = objective.targets(x, y)
-    closed = objective.stage_losses([z], targets).loss[0]
+    factors = objective.kernel_factors(x, y)
+    closed = objective.stage_losses([z], factors).loss[0]
     (g_closed,) = torch.autograd.grad(closed, z)
     factor = objective.estimator.factor(gaussian_kernel(z, 1.5))
-    direct = (factor * targets.x_factor).sum() - 3.0 * (factor * targets.y_factor).sum()
+    direct = (factor * factors.x_factor).sum() - 3.0 * (factor * factors.y_factor).sum()
     (g_direct,) = torch.autograd.grad(direct, z)
     torch.testing.assert_close(closed, direct, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(g_closed, g_direct, rtol=1e-8, atol=1e-10)
@@ -91,25 +91,26 @@ def test_input_weights_weigh_each_layers_compression_term_in_value_and_gradient(
     zs = [torch.randn(24, 5, dtype=torch.float64, generator=g).requires_grad_() for _ in range(4)]
     cfg = HSICConfig(sigma=1.5, beta=3.0, eps=1e-3, input_weight_first=-2.0)
     whole = HSICObjective(cfg, num_classes=4, layers=range(4), num_layers=4)
-    targets = whole.targets(x, y)
-    losses = whole.stage_losses(zs, targets).loss
+    factors = whole.kernel_factors(x, y)
+    losses = whole.stage_losses(zs, factors).loss
     for z, w, loss in zip(zs, [-2.0, -1.0, 0.0, 1.0], losses):
         factor = whole.estimator.factor(gaussian_kernel(z, 1.5))
-        direct = w * (factor * targets.x_factor).sum() - 3.0 * (factor * targets.y_factor).sum()
+        direct = w * (factor * factors.x_factor).sum() - 3.0 * (factor * factors.y_factor).sum()
         torch.testing.assert_close(loss, direct, rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(direct, z)[0],
-                                   rtol=1e-8, atol=1e-10)  # fmt: skip
+        torch.testing.assert_close(
+            torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(direct, z)[0], rtol=1e-8, atol=1e-10
+        )
     tail = HSICObjective(cfg, num_classes=4, layers=range(2, 4), num_layers=4)
-    torch.testing.assert_close(tail.stage_losses(zs[2:], targets).loss, losses[2:])
+    torch.testing.assert_close(tail.stage_losses(zs[2:], factors).loss, losses[2:])
     with pytest.raises(ValueError, match="layers and num_layers"):
-        HSICObjective(cfg, num_classes=4).stage_losses(zs, targets)
+        HSICObjective(cfg, num_classes=4).stage_losses(zs, factors)
 
 
 def test_layer_sigma_sets_the_width_of_the_layers_kernels_only():
     x, y = _batch()
     z = torch.randn(32, 8, generator=torch.Generator().manual_seed(9))
     objective = HSICObjective(HSICConfig(sigma=2.0, layer_sigma=0.7, beta=7.0), num_classes=4)
-    terms = objective.stage_losses([z], objective.targets(x, y))
+    terms = objective.stage_losses([z], objective.kernel_factors(x, y))
     kz, kx, ky = gaussian_kernel(z, 0.7), gaussian_kernel(x, 2.0), gaussian_kernel(F.one_hot(y, 4).float(), 2.0)
     assert terms.nhsic_zx.item() == pytest.approx(hsic_cca(kz, kx).item(), rel=3e-4)
     assert terms.nhsic_zy.item() == pytest.approx(hsic_cca(kz, ky).item(), rel=3e-4)
@@ -124,19 +125,20 @@ def test_leave_one_out_trains_on_the_left_out_fit_and_measures_the_papers_nhsic(
     z = torch.randn(24, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(8)).requires_grad_()
     cfg = HSICConfig(sigma=1.5, beta=3.0, eps=1e-3, leave_one_out=True)
     objective = HSICObjective(cfg, num_classes=4)
-    targets = objective.targets(x, y)
-    loss = objective.stage_losses([z], targets).loss[0]
+    factors = objective.kernel_factors(x, y)
+    loss = objective.stage_losses([z], factors).loss[0]
     kc = center(gaussian_kernel(z, 1.5))
     # H_loo = I - diag(B)^-1 B, B = (Kc + eps m I)^-1: the leave-one-out hat matrix of the ridge fit.
     inverse = torch.linalg.inv(kc + 1e-3 * 24 * torch.eye(24, dtype=torch.float64))
     hat = torch.eye(24, dtype=torch.float64) - inverse / inverse.diagonal().unsqueeze(-1)
-    direct = (hat * targets.x_factor).sum() - 3.0 * (hat * targets.y_factor).sum()
+    direct = (hat * factors.x_factor).sum() - 3.0 * (hat * factors.y_factor).sum()
     torch.testing.assert_close(loss, direct, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(direct, z)[0],
-                               rtol=1e-7, atol=1e-9)  # fmt: skip
+    torch.testing.assert_close(
+        torch.autograd.grad(loss, z, retain_graph=True)[0], torch.autograd.grad(direct, z)[0], rtol=1e-7, atol=1e-9
+    )
     paper = HSICObjective(HSICConfig(sigma=1.5, beta=3.0, eps=1e-3), num_classes=4)
-    assert loss.item() != pytest.approx(paper.stage_losses([z], targets).loss.item(), rel=1e-2)
-    torch.testing.assert_close(objective.dependence([z.detach()], targets), paper.dependence([z.detach()], targets))
+    assert loss.item() != pytest.approx(paper.stage_losses([z], factors).loss.item(), rel=1e-2)
+    torch.testing.assert_close(objective.dependence([z.detach()], factors), paper.dependence([z.detach()], factors))
 
 
 def test_each_layer_steps_on_its_own_loss_only():
@@ -146,15 +148,15 @@ def test_each_layer_steps_on_its_own_loss_only():
     objective = HSICObjective(HSICConfig(sigma=2.0, beta=5.0), num_classes=4)
     optim = OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-3)
     reference = copy.deepcopy(net)
-    stage = StageTrainer(list(net.layers), objective, optim)
-    targets = objective.targets(x, y)
-    stage.train_step(x, targets)
+    stage = StageStep(list(net.layers), objective, optim)
+    factors = objective.kernel_factors(x, y)
+    stage.train_step(x, factors)
 
     inp = x
     for before, after in zip(reference.layers, net.layers):
         z = before(inp)
         params = list(before.parameters())
-        grads = torch.autograd.grad(objective.stage_losses([z], targets).loss[0], params)
+        grads = torch.autograd.grad(objective.stage_losses([z], factors).loss[0], params)
         for p0, g, p1 in zip(params, grads, after.parameters()):
             assert torch.allclose(p1, p0 - 0.1 * (g + 1e-3 * p0), atol=1e-6)
         inp = z.detach()
@@ -166,21 +168,21 @@ def test_one_forward_per_layer_per_step():
     for i, layer in enumerate(net.layers):
         layer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     objective = HSICObjective(HSICConfig(sigma=2.0), num_classes=4)
-    stage = StageTrainer(list(net.layers), objective, OptimConfig())
+    stage = StageStep(list(net.layers), objective, OptimConfig())
     x, y = _batch()
     for _ in range(3):
-        stage.train_step(x, objective.targets(x, y))
+        stage.train_step(x, objective.kernel_factors(x, y))
     assert calls == [3] * len(net)
 
 
 def test_momentum_persists_across_steps():
     net = _net()
     objective = HSICObjective(HSICConfig(sigma=2.0), num_classes=4)
-    stage = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.01, momentum=0.9))
+    stage = StageStep(list(net.layers), objective, OptimConfig(lr=0.01, momentum=0.9))
     x, y = _batch()
-    stage.train_step(x, objective.targets(x, y))
+    stage.train_step(x, objective.kernel_factors(x, y))
     first = stage.optimizer.state[next(net.layers[0].parameters())]["momentum_buffer"].clone()
-    stage.train_step(x, objective.targets(x, y))
+    stage.train_step(x, objective.kernel_factors(x, y))
     second = stage.optimizer.state[next(net.layers[0].parameters())]["momentum_buffer"]
     assert not torch.equal(first, second)
     assert second.abs().sum() > first.abs().sum() * 0.5  # accumulated, not rebuilt from zero
@@ -189,30 +191,30 @@ def test_momentum_persists_across_steps():
 def test_training_raises_dependence_on_labels():
     net = _net(depth=1, width=32)
     objective = HSICObjective(HSICConfig(sigma=2.0, beta=50.0), num_classes=4)
-    stage = StageTrainer(list(net.layers), objective, OptimConfig(lr=0.05))
+    stage = StageStep(list(net.layers), objective, OptimConfig(lr=0.05))
     x, y = _batch(m=64)
-    targets = objective.targets(x, y)
-    _, before = stage.measure(x, targets)
+    factors = objective.kernel_factors(x, y)
+    _, before = stage.measure(x, factors)
     for _ in range(30):
-        stage.train_step(x, targets)
-    _, after = stage.measure(x, targets)
+        stage.train_step(x, factors)
+    _, after = stage.measure(x, factors)
     assert after[-1, 1] > before[-1, 1] + 0.5
 
 
 def test_state_dict_round_trip_restores_weights_optimizer_and_batchnorm():
     objective = HSICObjective(HSICConfig(sigma=2.0), num_classes=4)
     x, y = _batch()
-    trained = StageTrainer(list(_net(seed=0).layers), objective, OptimConfig())
+    trained = StageStep(list(_net(seed=0).layers), objective, OptimConfig())
     for _ in range(2):
-        trained.train_step(x, objective.targets(x, y))
-    fresh = StageTrainer(list(_net(seed=1).layers), objective, OptimConfig())
+        trained.train_step(x, objective.kernel_factors(x, y))
+    fresh = StageStep(list(_net(seed=1).layers), objective, OptimConfig())
     fresh.load_state_dict(copy.deepcopy(trained.state_dict()))
     assert fresh.steps == 2
-    out_a, stats_a = trained.train_step(x, objective.targets(x, y))
-    out_b, stats_b = fresh.train_step(x, objective.targets(x, y))
+    out_a, stats_a = trained.train_step(x, objective.kernel_factors(x, y))
+    out_b, stats_b = fresh.train_step(x, objective.kernel_factors(x, y))
     assert torch.equal(out_a, out_b) and torch.equal(stats_a, stats_b)
     with pytest.raises(ValueError, match="layers"):
-        StageTrainer(list(_net(depth=1).layers), objective, OptimConfig()).load_state_dict(trained.state_dict())
+        StageStep(list(_net(depth=1).layers), objective, OptimConfig()).load_state_dict(trained.state_dict())
 
 
 def test_badly_scaled_float32_activations_fall_back_to_float64():
@@ -223,22 +225,22 @@ def test_badly_scaled_float32_activations_fall_back_to_float64():
     z[:128] = z[0] + torch.randn(128, 10, generator=g)  # many near-duplicates: kernel entries strictly in (0, 1)
     x, y = _batch(m=256)
     objective = HSICObjective(HSICConfig(sigma=6.0), num_classes=4)
-    targets = objective.targets(x, y)
+    factors = objective.kernel_factors(x, y)
     with pytest.raises(FloatingPointError):
         hsic_cca(gaussian_kernel(z, 6.0), gaussian_kernel(z, 6.0))
-    (zx, zy), = objective.dependence([z], targets).tolist()
-    exact = HSICObjective(HSICConfig(sigma=6.0), 4).dependence([z.double()], objective.targets(x.double(), y))
-    assert objective.dependence([z], targets).dtype == torch.float32
+    ((zx, zy),) = objective.dependence([z], factors).tolist()
+    exact = HSICObjective(HSICConfig(sigma=6.0), 4).dependence([z.double()], objective.kernel_factors(x.double(), y))
+    assert objective.dependence([z], factors).dtype == torch.float32
     assert zy == pytest.approx(exact[0, 1].item(), rel=1e-3)
 
 
 @pytest.mark.parametrize("estimator", ["cca", "cka", "plausible"])
-def test_host_free_targets_are_float64_factors_with_their_failure_flag_left_unread(estimator):
+def test_host_free_factors_are_float64_factors_with_their_failure_flag_left_unread(estimator):
     # What a GPU computes (no host read in the loop), run here on the CPU: the factors of the float64
     # kernels in the inputs' precision, and a flag where the estimator's solve can fail.
     x, y = _batch(m=64)
     objective = HSICObjective(HSICConfig(sigma=2.0, estimator=estimator), num_classes=4)
-    free, exact = objective.targets(x, y, host_free=True), objective.targets(x.double(), y)
+    free, exact = objective.kernel_factors(x, y, host_free=True), objective.kernel_factors(x.double(), y)
     assert free.y_factor.dtype == torch.float32
     torch.testing.assert_close(free.y_factor.double(), exact.y_factor, rtol=0, atol=1e-6)
     if estimator == "plausible":
@@ -248,9 +250,9 @@ def test_host_free_targets_are_float64_factors_with_their_failure_flag_left_unre
     assert (free.failed is not None and not bool(free.failed)) if estimator == "cca" else free.failed is None
     broken = HSICObjective(HSICConfig(sigma=2.0, estimator=estimator, eps=-1.0), num_classes=4)
     if estimator == "cca":  # a system that is never positive definite: flagged, not raised
-        assert bool(broken.targets(x, y, host_free=True).failed)
+        assert bool(broken.kernel_factors(x, y, host_free=True).failed)
         with pytest.raises(FloatingPointError, match="not positive definite"):
-            broken.targets(x, y)
+            broken.kernel_factors(x, y)
 
 
 def test_lr_scales_fall_geometrically_and_each_layer_steps_at_its_own_rate():
@@ -262,15 +264,15 @@ def test_lr_scales_fall_geometrically_and_each_layer_steps_at_its_own_rate():
     net = _net(depth=1)
     objective = HSICObjective(HSICConfig(sigma=2.0, beta=5.0), num_classes=4)
     optim = OptimConfig(lr=0.05, momentum=0.0, weight_decay=0.0)
-    uniform = StageTrainer([copy.deepcopy(layer) for layer in net.layers], objective, optim)
-    scaled = StageTrainer([copy.deepcopy(layer) for layer in net.layers], objective, optim, lr_scales=[1.0, 0.1, 0.01])
+    uniform = StageStep([copy.deepcopy(layer) for layer in net.layers], objective, optim)
+    scaled = StageStep([copy.deepcopy(layer) for layer in net.layers], objective, optim, lr_scales=[1.0, 0.1, 0.01])
     before = [[p.detach().clone() for p in layer.parameters()] for layer in net.layers]
-    targets = objective.targets(x, y)
-    uniform.train_step(x, targets)
-    scaled.train_step(x, targets)
+    factors = objective.kernel_factors(x, y)
+    uniform.train_step(x, factors)
+    scaled.train_step(x, factors)
     for scale, start, a, b in zip([1.0, 0.1, 0.01], before, uniform.layers, scaled.layers):
         for p0, pa, pb in zip(start, a.parameters(), b.parameters()):
             torch.testing.assert_close(pb - p0, scale * (pa - p0), rtol=1e-4, atol=1e-7)  # BN makes bias steps ~0
         assert any((pa - p0).abs().max() > 0 for p0, pa in zip(start, a.parameters()))
     with pytest.raises(ValueError, match="3 layers"):
-        StageTrainer(list(net.layers), objective, optim, lr_scales=[1.0])
+        StageStep(list(net.layers), objective, optim, lr_scales=[1.0])

@@ -4,17 +4,20 @@ import numpy as np
 import pytest
 import torch
 
-from hsic_ray.distributed.pipeline import CALL_SHARE, MAX_BATCHES_PER_CALL, choose_batches_per_call
+from hsic_ray.distributed.ray_pipeline import CALL_SHARE, MAX_BATCHES_PER_CALL, choose_batches_per_call
 from hsic_ray.distributed.transport import Transport
 
 
-@pytest.mark.parametrize("busy_ms, overhead_ms, expected", [
-    (130.0, 6.5, 1),  # a 1024-wide stage on one core of the 2-core machine: Ray's cost is already small
-    (20.0, 6.0, 3),
-    (2.0, 1.5, 8),
-    (0.5, 2.0, MAX_BATCHES_PER_CALL),  # capped: the object store holds 2 x stages x k batches per stage
-    (5.0, 0.0, 1),  # no wait between calls: nothing to amortise
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "busy_ms, overhead_ms, expected",
+    [
+        (130.0, 6.5, 1),  # a 1024-wide stage on one core of the 2-core machine: Ray's cost is already small
+        (20.0, 6.0, 3),
+        (2.0, 1.5, 8),
+        (0.5, 2.0, MAX_BATCHES_PER_CALL),  # capped: the object store holds 2 x stages x k batches per stage
+        (5.0, 0.0, 1),  # no wait between calls: nothing to amortise
+    ],
+)
 def test_batches_per_call_keep_the_wait_between_calls_under_a_tenth_of_the_compute(busy_ms, overhead_ms, expected):
     k = choose_batches_per_call(busy_ms / 1e3, overhead_ms / 1e3, stages=4)
     assert k == expected
@@ -52,7 +55,9 @@ def test_cuda_transport_round_trip_through_pinned_buffers():
     wires = [np.random.default_rng(i).random((256, 512), dtype=np.float32) for i in range(4)]
     # Two batches through one named buffer, then two through buffers of their own, nothing waited for in
     # between: a buffer is not overwritten before its copy to the device is done.
-    received = [transport.receive(w, "x") for w in wires[:2]] + [transport.receive(w, f"x{i}") for i, w in enumerate(wires[2:])]
+    received = [transport.receive(w, "x") for w in wires[:2]] + [
+        transport.receive(w, f"x{i}") for i, w in enumerate(wires[2:])
+    ]
     sent = transport.send([t * 2 for t in received])  # one buffer per slot, one wait
     for w, s in zip(wires, sent):
         np.testing.assert_allclose(s, 2 * w)

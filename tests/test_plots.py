@@ -3,7 +3,7 @@ import os
 import pytest
 from matplotlib.image import imread
 
-from hsic_ray.plots import plot_curves, plot_information_plane
+from hsic_ray.run.plots import plot_curves, plot_information_plane
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -13,8 +13,7 @@ def _records(n_epochs=4, n_layers=3):
         {
             "epoch": e,
             "per_layer": [
-                {"nhsic_zx": 0.9 - 0.1 * l - 0.02 * e, "nhsic_zy": 0.3 + 0.1 * l + 0.05 * e}
-                for l in range(n_layers)
+                {"nhsic_zx": 0.9 - 0.1 * l - 0.02 * e, "nhsic_zy": 0.3 + 0.1 * l + 0.05 * e} for l in range(n_layers)
             ],
         }
         for e in range(n_epochs)

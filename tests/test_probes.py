@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from hsic_ray import probes
 from hsic_ray.config import build_config
 from hsic_ray.evaluation import RidgeReadout
 from hsic_ray.experiment import run_hsic
-from hsic_ray import probes
-from hsic_ray.plots import plot_probes
 from hsic_ray.probes import MAX_PROBE_FEATURES, probe_layers, probe_view
+from hsic_ray.run.plots import plot_probes
 
 
 def _coded_classes(rng, n, dims=32):
@@ -34,7 +34,9 @@ def test_probe_fit_reads_separable_features_and_not_noise(monkeypatch):
 
     def probe():
         calls.clear()
-        return probe_layers(layer_outputs, (images[:2000], labels[:2000]), (images[2000:], labels[2000:]), 10, chunk=300)
+        return probe_layers(
+            layer_outputs, (images[:2000], labels[:2000]), (images[2000:], labels[2000:]), 10, chunk=300
+        )
 
     result = probe()
     separable_train, noise_train = result["train_accuracy"]
@@ -85,10 +87,17 @@ def records(run, kind):
 
 def test_a_run_probes_every_layer_each_epoch_and_at_the_end(tmp_path, digits):
     overrides = {
-        "trainer": "local", "output": str(tmp_path / "run"), "model.depth": 2, "model.width": 64,
-        "train.batch_size": 128, "train.epochs": 2, "train.max_steps": 20, "head.epochs": 1,
-        "train.eval_samples": 128, "train.probe_samples": 800,
-    }  # fmt: skip
+        "trainer": "local",
+        "output": str(tmp_path / "run"),
+        "model.depth": 2,
+        "model.width": 64,
+        "train.batch_size": 128,
+        "train.epochs": 2,
+        "train.max_steps": 20,
+        "head.epochs": 1,
+        "train.eval_samples": 128,
+        "train.probe_samples": 800,
+    }
     summaries = []
     metrics = run_hsic(build_config("paper_mlp", overrides=overrides), digits, on_epoch=summaries.append)
     run = tmp_path / "run"
@@ -108,8 +117,16 @@ def test_a_run_probes_every_layer_each_epoch_and_at_the_end(tmp_path, digits):
 
 
 def test_probe_samples_zero_turns_probes_off(tmp_path, digits):
-    overrides = {"trainer": "local", "output": str(tmp_path / "run"), "model.depth": 1, "model.width": 16,
-                 "train.max_steps": 2, "head.epochs": 1, "train.eval_samples": 64, "train.probe_samples": 0}  # fmt: skip
+    overrides = {
+        "trainer": "local",
+        "output": str(tmp_path / "run"),
+        "model.depth": 1,
+        "model.width": 16,
+        "train.max_steps": 2,
+        "head.epochs": 1,
+        "train.eval_samples": 64,
+        "train.probe_samples": 0,
+    }
     metrics = run_hsic(build_config("paper_mlp", overrides=overrides), digits)
     assert "probes" not in metrics and not records(tmp_path / "run", "probes")
     assert not (tmp_path / "run" / "probes.png").exists()

@@ -26,10 +26,17 @@ def cluster():
 
 def config(out, **extra):
     overrides = {
-        "trainer": "ray", "output": str(out), "model.depth": 2, "model.width": 256, "train.batch_size": 256,
-        "train.epochs": 2, "head.epochs": 3, "train.checkpoint_every": 20, "ray.stages": 2,
+        "trainer": "ray",
+        "output": str(out),
+        "model.depth": 2,
+        "model.width": 256,
+        "train.batch_size": 256,
+        "train.epochs": 2,
+        "head.epochs": 3,
+        "train.checkpoint_every": 20,
+        "ray.stages": 2,
         "ray.strategy": "SPREAD",
-    }  # fmt: skip
+    }
     return build_config("paper_mlp", overrides={**overrides, **extra})
 
 
@@ -77,8 +84,13 @@ def test_logical_gpus_get_one_stage_each_and_train_on_cpu_without_cuda(tmp_path,
     cluster.add_node(num_cpus=5, num_gpus=4)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    overrides = {"ray.stages": None, "ray.strategy": "PACK", "model.width": 64, "train.batch_size": 128,
-                 "train.epochs": 1}  # fmt: skip
+    overrides = {
+        "ray.stages": None,
+        "ray.strategy": "PACK",
+        "model.width": 64,
+        "train.batch_size": 128,
+        "train.epochs": 1,
+    }
     metrics = run_hsic(config(tmp_path / "run", **overrides), digits)
     placements = json.loads((tmp_path / "run" / "placements.json").read_text())
     assert metrics["stages"] == 4 and len(placements) == 4

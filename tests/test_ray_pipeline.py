@@ -13,8 +13,8 @@ import torch
 
 from hsic_ray.config import build_config
 from hsic_ray.data import iterate_batches
-from hsic_ray.distributed.pipeline import GROUPS_BEFORE_CHOOSING, RayPipeline, choose_batches_per_call
 from hsic_ray.distributed.placement import plan_stages
+from hsic_ray.distributed.ray_pipeline import GROUPS_BEFORE_CHOOSING, RayPipeline, choose_batches_per_call
 from hsic_ray.experiment import build_seeded_network, run_hsic
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
@@ -29,10 +29,17 @@ def local_ray():
 
 def config(out, trainer, **extra):
     overrides = {
-        "trainer": trainer, "output": str(out), "model.depth": 2, "model.width": 64, "train.batch_size": 128,
-        "train.epochs": 1, "head.epochs": 2, "train.eval_samples": 256, "train.log_every": 5,
+        "trainer": trainer,
+        "output": str(out),
+        "model.depth": 2,
+        "model.width": 64,
+        "train.batch_size": 128,
+        "train.epochs": 1,
+        "head.epochs": 2,
+        "train.eval_samples": 256,
+        "train.log_every": 5,
         "ray.stages": 2,
-    }  # fmt: skip
+    }
     return build_config("paper_mlp", overrides={**overrides, **extra})
 
 
@@ -69,19 +76,29 @@ def assert_same_training(tmp_path, local, piped, rel=1e-4):
     assert piped["test_accuracy_unformatted"] == pytest.approx(local["test_accuracy_unformatted"], abs=0.5)
 
 
-@pytest.mark.parametrize("grouping", [
-    {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
-    {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
-    {"ray.batches_per_call": 2},  # groups of two, 2 x 2 x 2 batches in flight
-    # Targets computed by the first stage (the default with GPU stages) rather than the coordinator.
-    {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "ray.targets_on": "first_stage"},
-    {"ray.batches_per_call": 2, "ray.targets_on": "first_stage"},
-    {"ray.stages": 1, "ray.batches_per_call": 2, "ray.targets_on": "first_stage"},  # first and last: 3 returns
-    # The objective's extensions (the leave-one-out fit among them): each stage weighs its layers by their
-    # place in the whole network; and each stage follows the learning-rate schedule from its own step count.
-    {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "hsic.input_weight_first": -50.0, "hsic.layer_sigma": 3.0,
-     "hsic.lr_scale_last": 0.1, "optim.schedule": "cosine", "hsic.leave_one_out": True},
-])
+@pytest.mark.parametrize(
+    "grouping",
+    [
+        {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
+        {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
+        {"ray.batches_per_call": 2},  # groups of two, 2 x 2 x 2 batches in flight
+        # Factors computed by the first stage (the default with GPU stages) rather than the coordinator.
+        {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "ray.factors_on": "first_stage"},
+        {"ray.batches_per_call": 2, "ray.factors_on": "first_stage"},
+        {"ray.stages": 1, "ray.batches_per_call": 2, "ray.factors_on": "first_stage"},  # first and last: 3 returns
+        # The objective's extensions (the leave-one-out fit among them): each stage weighs its layers by their
+        # place in the whole network; and each stage follows the learning-rate schedule from its own step count.
+        {
+            "ray.max_in_flight": 1,
+            "ray.batches_per_call": 1,
+            "hsic.input_weight_first": -50.0,
+            "hsic.layer_sigma": 3.0,
+            "hsic.lr_scale_last": 0.1,
+            "optim.schedule": "cosine",
+            "hsic.leave_one_out": True,
+        },
+    ],
+)
 def test_the_pipeline_reproduces_the_in_process_trainer(tmp_path, digits, grouping):
     local, piped = run_local_and_ray(tmp_path, digits, config, grouping)
     assert piped["stages"] == grouping.get("ray.stages", 2)
@@ -130,7 +147,7 @@ def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups
         batches = iterate_batches(digits.x_train, digits.y_train, cfg.train.batch_size, seed=0, epoch=1)
         for _, batch in zip(range(GROUPS_BEFORE_CHOOSING), batches):
             assert not pipeline.settled
-            pipeline.result(pipeline.submit(batch, objective.targets(batch.x, batch.y)), want_output=False)
+            pipeline.result(pipeline.submit(batch, objective.kernel_factors(batch.x, batch.y)), want_output=False)
         assert pipeline.settled  # chosen from the steps timed: final for the rest of the run
         assert pipeline.max_in_flight == 2 * 2 * pipeline.batches_per_call
         # What the choice was made from, reported once for metrics.jsonl: the choice follows from it.
@@ -174,13 +191,23 @@ def kill_a_stage_after_checkpoint(run_dir, killed, stage):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("targets_on, stage", [
-    ("coordinator", 1),
-    ("first_stage", 0),  # the stage that computes every stage's targets: they are computed again
-])
-def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path, all_digits, targets_on, stage):
-    common = {"train.epochs": 2, "model.width": 256, "train.batch_size": 256, "head.epochs": 3,
-              "train.checkpoint_every": 20, "train.checkpoint_seconds": 0, "ray.targets_on": targets_on}  # fmt: skip
+@pytest.mark.parametrize(
+    "factors_on, stage",
+    [
+        ("coordinator", 1),
+        ("first_stage", 0),  # the stage that computes every stage's factors: they are computed again
+    ],
+)
+def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path, all_digits, factors_on, stage):
+    common = {
+        "train.epochs": 2,
+        "model.width": 256,
+        "train.batch_size": 256,
+        "head.epochs": 3,
+        "train.checkpoint_every": 20,
+        "train.checkpoint_seconds": 0,
+        "ray.factors_on": factors_on,
+    }
     undisturbed = run_hsic(config(tmp_path / "calm", "ray", **common), all_digits)
     killed: list[int] = []
     killer = threading.Thread(target=kill_a_stage_after_checkpoint, args=(tmp_path / "hit", killed, stage))
@@ -197,10 +224,10 @@ def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path
 def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoints(tmp_path, digits):
     # A stage can die while the coordinator evaluates or checkpoints (a node lost at the end of an epoch):
     # those requests recover it from the checkpoint and run again, as training steps do.
-    from hsic_ray.distributed.pipeline import RayPipeline
     from hsic_ray.distributed.placement import cluster_totals, plan_stages
+    from hsic_ray.distributed.ray_pipeline import RayPipeline
     from hsic_ray.models import build_network, layer_step_costs
-    from hsic_ray.run_dir import RunDirectory
+    from hsic_ray.run.directory import RunDirectory
 
     cfg = config(tmp_path / "run", "ray")
     net = build_network(cfg.model, digits.input_shape)
@@ -216,7 +243,9 @@ def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoint
         ray.kill(pipeline.actors[0], no_restart=True)
         pipeline.save(run, 1)
         assert [(e["kind"], e["stage"], e["restored_from_step"]) for e in pipeline.events()] == [
-            ("recovery", 1, 0), ("recovery", 0, 0)]
+            ("recovery", 1, 0),
+            ("recovery", 0, 0),
+        ]
         assert len(list((tmp_path / "run" / "checkpoints").rglob("*"))) > 0
         assert torch.equal(pipeline.forward(x), before)
     finally:

@@ -2,7 +2,7 @@
 
 import os
 
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run.directory import RunDirectory
 
 
 def test_local_records_are_appended_not_rewritten(tmp_path):

@@ -10,7 +10,7 @@ from hsic_ray.config import HSICConfig, ModelConfig, OptimConfig, TrainConfig
 from hsic_ray.models import build_network
 from hsic_ray.objective import HSICObjective
 from hsic_ray.schedule import LRSchedule, planned_steps
-from hsic_ray.stage import StageTrainer, make_sgd
+from hsic_ray.stage_step import StageStep, make_sgd
 
 
 def test_cosine_falls_from_one_to_zero_over_the_planned_steps():
@@ -31,21 +31,29 @@ def test_planned_steps_count_every_batch_of_every_epoch_up_to_max_steps():
     assert planned_steps(TrainConfig(batch_size=256, epochs=5), 50_000) == 5 * 195  # the partial last batch is dropped
     assert planned_steps(TrainConfig(batch_size=100, epochs=30, max_steps=250), 1000) == 250
     assert planned_steps(TrainConfig(batch_size=100, epochs=3, max_steps=250), 1000) == 30
-    assert LRSchedule.for_run(OptimConfig(schedule="cosine"), TrainConfig(batch_size=100, epochs=3), 1000) == LRSchedule("cosine", 30)
+    assert LRSchedule.for_run(
+        OptimConfig(schedule="cosine"), TrainConfig(batch_size=100, epochs=3), 1000
+    ) == LRSchedule("cosine", 30)
 
 
-def _stage(schedule=None, optim=OptimConfig(lr=0.05, momentum=0.0, weight_decay=0.0)):
+PLAIN_SGD = OptimConfig(lr=0.05, momentum=0.0, weight_decay=0.0)
+
+
+def _stage(schedule=None, optim=PLAIN_SGD):
     """A stage of three layers in float64: the cca loss's backward amplifies float32 rounding (a gradient
     scaled by f differs from f times the gradient by up to 5e-5), float64 keeps the comparison tight."""
     torch.manual_seed(0)
     net = build_network(ModelConfig(depth=1, width=16, last_width=4), (1, 6, 6)).double()
     objective = HSICObjective(HSICConfig(sigma=2.0, beta=5.0), num_classes=4)
-    return StageTrainer(list(net.layers), objective, optim, schedule=schedule), objective
+    return StageStep(list(net.layers), objective, optim, schedule=schedule), objective
 
 
 def _batches(n, m=32):
     g = torch.Generator().manual_seed(1)
-    return [(torch.rand(m, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (m,), generator=g)) for _ in range(n)]
+    return [
+        (torch.rand(m, 1, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 4, (m,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def _params(stage):
@@ -60,12 +68,12 @@ def test_a_scheduled_stage_steps_as_sgd_at_the_scheduled_learning_rate():
     manual, _ = _stage()
     constant, _ = _stage()
     for step, (x, y) in enumerate(_batches(3)):
-        targets = objective.targets(x, y)
+        factors = objective.kernel_factors(x, y)
         for group in manual.optimizer.param_groups:
             group["lr"] = 0.05 * schedule.factor(step)
-        _, stats = scheduled.train_step(x, targets)
-        _, manual_stats = manual.train_step(x, targets)
-        constant.train_step(x, targets)
+        _, stats = scheduled.train_step(x, factors)
+        _, manual_stats = manual.train_step(x, factors)
+        constant.train_step(x, factors)
         torch.testing.assert_close(stats, manual_stats)
         for a, b in zip(_params(scheduled), _params(manual)):
             # lr x (f x g) against (lr x f) x g, f held as a float32 scalar on the stage
@@ -81,7 +89,7 @@ def test_a_restored_stage_continues_the_schedule_where_the_checkpoint_left_it():
     batches = _batches(4)
     straight, objective = _stage(schedule, optim)
     for x, y in batches[:2]:
-        straight.train_step(x, objective.targets(x, y))
+        straight.train_step(x, objective.kernel_factors(x, y))
     restored, _ = _stage(schedule, optim)
     restored.load_state_dict(copy.deepcopy(straight.state_dict()))
     fresh_count, _ = _stage(LRSchedule("cosine", 6), optim)  # same weights, but its step count starts at 0
@@ -89,7 +97,7 @@ def test_a_restored_stage_continues_the_schedule_where_the_checkpoint_left_it():
     fresh_count.steps = 0
     for x, y in batches[2:]:
         for stage in (straight, restored, fresh_count):
-            stage.train_step(x, objective.targets(x, y))
+            stage.train_step(x, objective.kernel_factors(x, y))
     for a, b in zip(_params(straight), _params(restored)):
         torch.testing.assert_close(a, b)
     assert any(not torch.allclose(a, b) for a, b in zip(_params(straight), _params(fresh_count)))

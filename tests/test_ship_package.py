@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_local_cluster import free_port
 
 from hsic_ray.distributed.connect import PACKAGE_DIR, package_runtime_env
-from test_local_cluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run in a driver process of its own (a fresh ray.init), from a directory without hsic_ray in it.
@@ -46,11 +46,22 @@ def cluster_without_hsic_ray(tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=3", "--include-dashboard=false",
-         "--disable-usage-stats"],
-        env={**env, "PYTHONPATH": str(tmp_path / "shadow")}, cwd=tmp_path, stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            "ray",
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=3",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env={**env, "PYTHONPATH": str(tmp_path / "shadow")},
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -76,8 +87,14 @@ def cluster_without_hsic_ray(tmp_path):
 
 
 def probe(cluster, mode: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", PROBE, cluster["address"], mode], env=cluster["env"],
-                          cwd=cluster["cwd"], capture_output=True, text=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, cluster["address"], mode],
+        env=cluster["env"],
+        cwd=cluster["cwd"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()[-1]
 
@@ -95,10 +112,25 @@ def test_workers_import_the_shipped_package_and_a_job_trains_on_them(cluster_wit
     # A whole job: two stage actors on those workers train and report.
     out = cluster["cwd"] / "run"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train_deep.py"), "--smoke-test", "--trainer", "ray", "--stages", "2",
-         "--ray-address", cluster["address"], "--output", str(out)],
-        env=cluster["env"], cwd=cluster["cwd"], capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "jobs" / "train_deep.py"),
+            "--smoke-test",
+            "--trainer",
+            "ray",
+            "--stages",
+            "2",
+            "--ray-address",
+            cluster["address"],
+            "--output",
+            str(out),
+        ],
+        env=cluster["env"],
+        cwd=cluster["cwd"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["stages"] == 2 and (out / "model.pt").is_file()
 

@@ -37,14 +37,21 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r["method"], r["depth"]) for r in rows) == [("backprop", "2"), ("backprop", "4"), ("hsic", "2"), ("hsic", "4")]
+    assert sorted((r["method"], r["depth"]) for r in rows) == [
+        ("backprop", "2"),
+        ("backprop", "4"),
+        ("hsic", "2"),
+        ("hsic", "4"),
+    ]
     assert all(r["finished"] == "True" and 10 < float(r["test_accuracy"]) <= 100 for r in rows)
     assert all(float(r["test_accuracy_unformatted"]) > 10 for r in rows if r["method"] == "hsic")
     table = (out / "results.md").read_text()
     assert table.startswith("| depth | method |") and table in proc.stdout
     assert (out / "accuracy_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
     trials = sorted(p.name for p in (out / "trials").iterdir())
-    assert len(trials) == 4 and all((out / "trials" / t / "metrics.json").exists() or t.startswith("backprop") for t in trials)
+    assert len(trials) == 4 and all(
+        (out / "trials" / t / "metrics.json").exists() or t.startswith("backprop") for t in trials
+    )
 
     assert not (Path.cwd() / "file:").exists()
     resumed = run_sweep("--smoke", "--output", uri, "--resume")
@@ -76,15 +83,32 @@ def test_resume_without_a_sweep_is_refused(tmp_path):
 @pytest.mark.slow
 def test_grid_over_any_setting_runs_one_trial_per_value(tmp_path):
     out = tmp_path / "grid"
-    proc = run_sweep("--depths", "2", "--methods", "hsic", "--width", "64", "--epochs", "1",
-                     "--grid", "model.activation=relu,tanh", "--grid", "head.epochs=1", "--output", str(out))  # fmt: skip
+    proc = run_sweep(
+        "--depths",
+        "2",
+        "--methods",
+        "hsic",
+        "--width",
+        "64",
+        "--epochs",
+        "1",
+        "--grid",
+        "model.activation=relu,tanh",
+        "--grid",
+        "head.epochs=1",
+        "--output",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["model.activation"] for r in rows) == ["relu", "tanh"]
     assert all(r["finished"] == "True" and r["head.epochs"] == "1" for r in rows)
     configs = [(t / "config.yaml").read_text() for t in (out / "trials").iterdir()]
-    assert sorted(line.split()[-1] for c in configs for line in c.splitlines() if "activation:" in line) == ["relu", "tanh"]
+    assert sorted(line.split()[-1] for c in configs for line in c.splitlines() if "activation:" in line) == [
+        "relu",
+        "tanh",
+    ]
     assert (out / "accuracy_vs_depth.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -116,15 +140,28 @@ def test_grid_axis_parses_typed_values():
 @pytest.mark.slow
 def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial_holds_its_model(tmp_path):
     out = tmp_path / "asha"
-    proc = run_sweep("--depths", "2", "--width", "32", "--epochs", "2", "--batch-size", "256",
-                     "--grid", "head.epochs=5", "--asha", "--output", str(out))  # fmt: skip
+    proc = run_sweep(
+        "--depths",
+        "2",
+        "--width",
+        "32",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "256",
+        "--grid",
+        "head.epochs=5",
+        "--asha",
+        "--output",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = {}  # method -> every report of its trial, in order
     for result in (out / "tune").glob("*/result.json"):
         lines = [json.loads(line) for line in result.read_text().splitlines()]
         reports[lines[0]["config"]["method"]] = lines
     assert sorted(reports) == ["backprop", "hsic"]
-    for method, lines in reports.items():
+    for lines in reports.values():
         epochs = [r for r in lines if not r["final"]]
         assert [r["epoch"] for r in epochs][:1] == [1]  # ASHA's first rung (grace period 1) saw every trial
         # The key ASHA and the Tuner rank by is in every report of both methods, a real accuracy each time.
@@ -163,8 +200,10 @@ def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial
 def test_failed_trials_are_named_and_stopped_ones_are_not_failures():
     from hsic_ray.sweep import failed_trials
 
-    rows = [{"depth": 2, "method": "hsic", "model.activation": "elu", "finished": True, "error": None},
-            {"depth": 4, "method": "hsic", "model.activation": "elu", "finished": False, "error": "RayTaskError"},
-            {"depth": 4, "method": "backprop", "model.activation": "elu", "finished": False, "error": None}]  # fmt: skip
+    rows = [
+        {"depth": 2, "method": "hsic", "model.activation": "elu", "finished": True, "error": None},
+        {"depth": 4, "method": "hsic", "model.activation": "elu", "finished": False, "error": "RayTaskError"},
+        {"depth": 4, "method": "backprop", "model.activation": "elu", "finished": False, "error": None},
+    ]
     assert failed_trials(rows[::2]) is None  # the second one: stopped early by ASHA
     assert failed_trials(rows) == "1 of 3 trials failed: hsic activation=elu depth 4 (RayTaskError)"

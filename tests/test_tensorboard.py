@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hsic_ray.config import ConfigError, build_config
@@ -17,8 +16,12 @@ JOB = Path(__file__).resolve().parents[1] / "jobs" / "train_deep.py"
 
 def test_tensorboard_flag_writes_per_layer_nhsic_and_final_accuracy(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(JOB), "--smoke-test", "--trainer", "local", "--tensorboard",
-                           "--output", str(out)], capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(JOB), "--smoke-test", "--trainer", "local", "--tensorboard", "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     layers = len(metrics["per_layer"])  # smoke test: depth 1, so 3 HSIC-trained layers
@@ -36,7 +39,9 @@ def test_tensorboard_flag_writes_per_layer_nhsic_and_final_accuracy(tmp_path):
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4]  # every log step (log_every 2)
 
 
-def test_tensorboard_is_off_unless_asked_and_missing_package_stops_the_run_before_any_file(tmp_path, monkeypatch, digits):
+def test_tensorboard_is_off_unless_asked_and_missing_package_stops_the_run_before_any_file(
+    tmp_path, monkeypatch, digits
+):
     assert build_config().train.tensorboard is False
     cfg = build_config(overrides={"train.tensorboard": True, "trainer": "local", "output": str(tmp_path / "run")})
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: importing it raises ImportError

@@ -17,12 +17,18 @@ from hsic_ray.config import ConfigError, build_config, save_config
 from hsic_ray.data import to_tensor
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop
-from hsic_ray.run_claim import OutputExistsError
-from hsic_ray.run_claim import NothingToResumeError
+from hsic_ray.run.claim import NothingToResumeError, OutputExistsError
 from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
 
-KEYS = ("test_accuracy_formatted", "test_accuracy_unformatted", "train_seconds", "steps", "samples_per_second",
-        "epochs", "grad_norms")  # fmt: skip
+KEYS = (
+    "test_accuracy_formatted",
+    "test_accuracy_unformatted",
+    "train_seconds",
+    "steps",
+    "samples_per_second",
+    "epochs",
+    "grad_norms",
+)
 STEPS_PER_EPOCH = 2000 // 128  # the `digits` fixture's 2000 training samples in full batches of 128
 
 
@@ -42,8 +48,15 @@ def ray_cluster():
 
 
 def small_config(out, **extra):
-    overrides = {"model.depth": 2, "model.width": 64, "train.batch_size": 128, "train.epochs": 3, "backprop.lr": 0.05,
-                 "train.log_every": 5, "output": str(out)}  # fmt: skip
+    overrides = {
+        "model.depth": 2,
+        "model.width": 64,
+        "train.batch_size": 128,
+        "train.epochs": 3,
+        "backprop.lr": 0.05,
+        "train.log_every": 5,
+        "output": str(out),
+    }
     overrides.update(extra)
     return build_config("paper_mlp", overrides=overrides)
 

@@ -7,23 +7,29 @@ import numpy as np
 import pytest
 import torch
 
-from hsic_ray.config import build_config
-from hsic_ray.experiment import build_seeded_network, run_backprop, run_hsic
-from hsic_ray.head import FormatHeadTrainer
-from hsic_ray.run_claim import OutputExistsError
-from hsic_ray.local import LocalPipeline
-from hsic_ray.objective import HSICObjective
+from hsic_ray.config import TrainConfig, build_config
 from hsic_ray.data import iterate_batches
+from hsic_ray.experiment import build_seeded_network, run_backprop, run_hsic
+from hsic_ray.head import FormatHead
+from hsic_ray.local_pipeline import LocalPipeline
+from hsic_ray.objective import HSICObjective
+from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.config import TrainConfig
-from hsic_ray.trainer import HSICTrainer, batches_between_drains, with_targets
+from hsic_ray.trainer import HSICTrainer, batches_between_drains, with_factors
 
 
 def small_config(tmp_path, **extra):
     overrides = {
-        "model.depth": 2, "model.width": 64, "train.batch_size": 128, "train.epochs": 2,
-        "head.epochs": 3, "train.eval_samples": 256, "train.log_every": 5, "output": str(tmp_path / "run"), "trainer": "local",
-    }  # fmt: skip
+        "model.depth": 2,
+        "model.width": 64,
+        "train.batch_size": 128,
+        "train.epochs": 2,
+        "head.epochs": 3,
+        "train.eval_samples": 256,
+        "train.log_every": 5,
+        "output": str(tmp_path / "run"),
+        "trainer": "local",
+    }
     overrides.update(extra)
     return build_config("paper_mlp", overrides=overrides)
 
@@ -48,63 +54,73 @@ def test_run_writes_metrics_config_and_plot(tmp_path, digits):
 
 @pytest.mark.parametrize(
     "device",
-    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))],
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
 )
-def test_the_loop_computes_targets_where_the_in_process_step_runs(digits, device):
+def test_the_loop_computes_factors_where_the_in_process_step_runs(digits, device):
     cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, device)
     batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:3]
-    items = list(with_targets(batches, objective.targets, pipeline))
+    items = list(with_factors(batches, objective.kernel_factors, pipeline))
     assert [batch.index for batch, _ in items] == [0, 1, 2]
-    for (batch, targets), original in zip(items, batches):
-        assert batch.x.device.type == batch.y.device.type == targets.y_factor.device.type == device
+    for (batch, factors), original in zip(items, batches):
+        assert batch.x.device.type == batch.y.device.type == factors.y_factor.device.type == device
         assert torch.equal(batch.x.cpu(), original.x) and torch.equal(batch.y.cpu(), original.y)
         # The factors are ill-conditioned (cca's ridge is about as large as the kernel's eigenvalues), so two
         # float32 backends disagree in low bits: each is held to a float64 reference instead, the step's
         # device no further from it than the host (ten times the host's error, with a float32 floor).
-        host = objective.targets(original.x, original.y)
-        exact = objective.targets(original.x.double(), original.y)
+        host = objective.kernel_factors(original.x, original.y)
+        exact = objective.kernel_factors(original.x.double(), original.y)
         for name in ("x_factor", "y_factor"):
             reference = getattr(exact, name)
-            error_here = (getattr(targets, name).cpu().double() - reference).abs().max().item()
+            error_here = (getattr(factors, name).cpu().double() - reference).abs().max().item()
             error_host = (getattr(host, name).double() - reference).abs().max().item()
-            assert error_here <= 10 * error_host + 1e-6, f"{name}: {error_here:.3g} from float64 on {device}, host {error_host:.3g}"
-        # On a GPU the targets' solve status stays there for the stage to check (no host read in the loop).
-        assert (targets.failed is not None and not bool(targets.failed)) if device == "cuda" else targets.failed is None
-        pipeline.submit(batch, targets)  # the step takes the batch where the loop left it
+            assert error_here <= 10 * error_host + 1e-6, (
+                f"{name}: {error_here:.3g} from float64 on {device}, host {error_host:.3g}"
+            )
+        # On a GPU the factors' solve status stays there for the stage to check (no host read in the loop).
+        assert (factors.failed is not None and not bool(factors.failed)) if device == "cuda" else factors.failed is None
+        pipeline.submit(batch, factors)  # the step takes the batch where the loop left it
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a GPU's cost (the loop's logic is tested on CPU)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="host syncs are a GPU's cost (the loop's logic is tested on CPU)"
+)
 def test_the_in_process_loop_on_a_gpu_never_waits_for_the_device_between_log_steps(digits):
     # A host read in the loop (a solve's status, a pageable copy) makes each step wait for the one before:
     # torch's sync debug mode raises on any of them.
     cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
     objective = HSICObjective(cfg.hsic, 10)
-    pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cuda",
-                             schedule=LRSchedule("cosine", 100))  # each step writes its factor to the device
-    items = with_targets(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1), objective.targets, pipeline)
-    for batch, targets in itertools.islice(items, 3):  # the first step captures the graph
-        pipeline.result(pipeline.submit(batch, targets), want_output=False, read_back=True)
+    pipeline = LocalPipeline(
+        build_seeded_network(cfg, digits), objective, cfg.optim, "cuda", schedule=LRSchedule("cosine", 100)
+    )  # each step writes its factor to the device
+    items = with_factors(
+        iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1), objective.kernel_factors, pipeline
+    )
+    for batch, factors in itertools.islice(items, 3):  # the first step captures the graph
+        pipeline.result(pipeline.submit(batch, factors), want_output=False, read_back=True)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for batch, targets in itertools.islice(items, 8):
-            pipeline.result(pipeline.submit(batch, targets), want_output=False, read_back=False)
+        for batch, factors in itertools.islice(items, 8):
+            pipeline.result(pipeline.submit(batch, factors), want_output=False, read_back=False)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     result = pipeline.result(pipeline.submit(*next(items)), want_output=False, read_back=True)
     assert torch.isfinite(result.layer_stats).all() and pipeline.stage.steps == 12
 
 
-def test_targets_computed_ahead_in_a_thread_arrive_in_order_and_unchanged(digits):
+def test_factors_computed_ahead_in_a_thread_arrive_in_order_and_unchanged(digits):
     cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cpu")
     batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:4]
-    inline = list(with_targets(batches, objective.targets, pipeline))
-    pipeline.prefetch_targets, pipeline.max_in_flight = True, 2  # as the Ray pipeline's coordinator does
-    ahead = list(with_targets(batches, objective.targets, pipeline))
+    inline = list(with_factors(batches, objective.kernel_factors, pipeline))
+    pipeline.prefetch_factors, pipeline.max_in_flight = True, 2  # as the Ray pipeline's coordinator does
+    ahead = list(with_factors(batches, objective.kernel_factors, pipeline))
     assert [b.index for b, _ in ahead] == [b.index for b, _ in inline] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(ahead, inline):
         assert torch.equal(a.x_factor, b.x_factor) and torch.equal(a.y_factor, b.y_factor)
@@ -125,7 +141,9 @@ def test_max_steps_stops_hsic_training(tmp_path, digits):
 
 def test_concurrent_head_never_changes_the_hsic_layers(tmp_path, digits):
     def trained_layers(concurrent):
-        cfg = small_config(tmp_path / str(concurrent), **{"head.concurrent": concurrent, "train.epochs": 1, "head.epochs": 0})
+        cfg = small_config(
+            tmp_path / str(concurrent), **{"head.concurrent": concurrent, "train.epochs": 1, "head.epochs": 0}
+        )
         net = build_seeded_network(cfg, digits)
         pipeline = LocalPipeline(net, HSICObjective(cfg.hsic, 10), cfg.optim, "cpu")
         trainer = HSICTrainer(cfg, digits, pipeline, net.output_features)
@@ -136,14 +154,14 @@ def test_concurrent_head_never_changes_the_hsic_layers(tmp_path, digits):
     _, weights_without = trained_layers(False)
     assert all(torch.equal(a, b) for a, b in zip(weights_with, weights_without))
     # ...while the concurrent head did train.
-    fresh = FormatHeadTrainer(10, 10, with_head.cfg.head)
+    fresh = FormatHead(10, 10, with_head.cfg.head)
     assert not torch.equal(fresh.head[1].weight, with_head.head.head[1].weight)
 
 
 def test_head_gradient_never_reaches_the_network(digits):
     cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 16})
     net = build_seeded_network(cfg, digits)
-    head = FormatHeadTrainer(net.output_features, 10, cfg.head)
+    head = FormatHead(net.output_features, 10, cfg.head)
     x = torch.from_numpy(digits.x_train[:64]).float() / 255
     head.step(net(x), torch.from_numpy(digits.y_train[:64]))
     assert all(p.grad is None for p in net.parameters())
@@ -185,29 +203,43 @@ def checkpoint_steps(run):
     return [r["step"] for r in records if r["kind"] == "checkpoint"]
 
 
-@pytest.mark.parametrize("every, seconds, expected", [
-    # Each step comes more than that after the last checkpoint. The end of HSIC training writes one more,
-    # holding what the epoch's end changed (BatchNorm statistics).
-    (0, 1e-9, [1, 2, 3, 4, 5, 6, 7, 7]),
-    (3, 0, [3, 6, 7]),
-    (0, 3600, [7]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "every, seconds, expected",
+    [
+        # Each step comes more than that after the last checkpoint. The end of HSIC training writes one more,
+        # holding what the epoch's end changed (BatchNorm statistics).
+        (0, 1e-9, [1, 2, 3, 4, 5, 6, 7, 7]),
+        (3, 0, [3, 6, 7]),
+        (0, 3600, [7]),
+    ],
+)
 def test_checkpoints_come_by_time_since_the_last_and_by_steps(tmp_path, digits, every, seconds, expected):
-    cfg = small_config(tmp_path, **{"train.max_steps": 7, "head.epochs": 1, "train.probe_samples": 0,
-                                    "train.checkpoint_every": every, "train.checkpoint_seconds": seconds})  # fmt: skip
+    cfg = small_config(
+        tmp_path,
+        **{
+            "train.max_steps": 7,
+            "head.epochs": 1,
+            "train.probe_samples": 0,
+            "train.checkpoint_every": every,
+            "train.checkpoint_seconds": seconds,
+        },
+    )
     metrics = run_hsic(cfg, digits)
     assert checkpoint_steps(tmp_path / "run") == expected
     assert metrics["checkpoint_write_seconds"] > 0  # kept apart from train_seconds
 
 
-@pytest.mark.parametrize("every, seconds, seconds_per_batch, expected", [
-    (0, 0, 0.1, 31),  # only the epoch's end
-    (10, 0, 0.1, 10),
-    (0, 60, 0.1, 31),  # 600 batches a checkpoint: the epoch ends first
-    (0, 60, 5.0, 12),
-    (10, 0.5, 0.1, 5),
-    (0, 1e-6, 0.1, 1),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "every, seconds, seconds_per_batch, expected",
+    [
+        (0, 0, 0.1, 31),  # only the epoch's end
+        (10, 0, 0.1, 10),
+        (0, 60, 0.1, 31),  # 600 batches a checkpoint: the epoch ends first
+        (0, 60, 5.0, 12),
+        (10, 0.5, 0.1, 5),
+        (0, 1e-6, 0.1, 1),
+    ],
+)
 def test_the_loop_drains_at_each_epoch_end_and_checkpoint(every, seconds, seconds_per_batch, expected):
     # 8,000 samples in batches of 256: 31 full batches an epoch (the short one is dropped).
     train = TrainConfig(batch_size=256, checkpoint_every=every, checkpoint_seconds=seconds)

@@ -20,7 +20,15 @@ on any filesystem), `batches` (seeded batches), `prepare` (the command line that
 """
 
 from hsic_ray.data.arrays import DataError, ImageData, check_arrays
-from hsic_ray.data.batches import EVAL_CHUNK, Batch, epoch_permutation, iterate_batches, num_batches, split_chunks, to_tensor
+from hsic_ray.data.batches import (
+    EVAL_CHUNK,
+    Batch,
+    epoch_permutation,
+    iterate_batches,
+    num_batches,
+    split_chunks,
+    to_tensor,
+)
 from hsic_ray.data.parquet import read_parquet, write_parquet
 from hsic_ray.data.prepare import main
 from hsic_ray.data.sources import load_dataset, stratified_split

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-
-class DataError(ValueError):
-    """The data or its source is wrong; the message names the problem and how to fix it."""
+from hsic_ray.errors import DataError
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing arrays element-wise has no single truth value
@@ -31,8 +29,6 @@ class ImageData:
         """(C, H, W) of one image."""
         c, h, w = self.x_train.shape[1:]
         return int(c), int(h), int(w)
-
-
 
 
 def _check_images(name: str, split: str, x: Any) -> np.ndarray:
@@ -61,9 +57,7 @@ def _check_images(name: str, split: str, x: Any) -> np.ndarray:
                 "(divide 0-255 pixels by 255, or store them as uint8)"
             )
     else:
-        raise DataError(
-            f"{where} has unsupported dtype {x.dtype}: expected uint8 pixels (0-255) or floats in [0, 1]"
-        )
+        raise DataError(f"{where} has unsupported dtype {x.dtype}: expected uint8 pixels (0-255) or floats in [0, 1]")
     if x.ndim == 3:
         x = x[:, None, :, :]
     elif x.shape[1] not in (1, 3, 4):
@@ -92,7 +86,10 @@ def _check_labels(name: str, split: str, y: Any, count: int) -> np.ndarray:
             "not one-hot vectors, floats or strings; convert them with y.astype(np.int64)"
         )
     if y.shape[0] != count:
-        raise DataError(f"dataset {name!r}: x_{split} has {count} images but y_{split} has {y.shape[0]} labels: expected one label per image")
+        raise DataError(
+            f"dataset {name!r}: x_{split} has {count} images but y_{split} has {y.shape[0]} labels: expected "
+            "one label per image"
+        )
     return np.ascontiguousarray(y, dtype=np.int64)
 
 
@@ -102,7 +99,7 @@ def check_arrays(
     y_train: Any,
     x_test: Any,
     y_test: Any,
-    num_classes: Optional[int] = None,
+    num_classes: int | None = None,
 ) -> ImageData:
     """Validate a train/test split and normalise its layout.
 
@@ -113,7 +110,9 @@ def check_arrays(
     Raises DataError naming the split, what is wrong and what is expected.
     """
     xs = {split: _check_images(name, split, x) for split, x in (("train", x_train), ("test", x_test))}
-    ys = {split: _check_labels(name, split, y, xs[split].shape[0]) for split, y in (("train", y_train), ("test", y_test))}
+    ys = {
+        split: _check_labels(name, split, y, xs[split].shape[0]) for split, y in (("train", y_train), ("test", y_test))
+    }
     if xs["train"].shape[1:] != xs["test"].shape[1:]:
         raise DataError(
             f"dataset {name!r}: train images are {xs['train'].shape[1:]} (C, H, W) but test images are "
@@ -134,7 +133,9 @@ def check_arrays(
     for split, y in ys.items():
         lo, hi = int(y.min()), int(y.max())
         if lo < 0:
-            raise DataError(f"dataset {name!r}: y_{split} has negative label {lo}: expected class indices in [0, {num_classes})")
+            raise DataError(
+                f"dataset {name!r}: y_{split} has negative label {lo}: expected class indices in [0, {num_classes})"
+            )
         if hi >= num_classes:
             raise DataError(
                 f"dataset {name!r}: y_{split} has label {hi} but num_classes is {num_classes}: expected class "
@@ -156,7 +157,9 @@ def _check_classes(name: str, y_train: np.ndarray, y_test: np.ndarray, num_class
     count comes from the largest label, no gaps (sparse labels 0, 1000, ... would make empty classes)."""
     present = np.unique(y_train)
     if len(present) < 2:
-        raise DataError(f"dataset {name!r}: y_train holds only class {present[0]}: a classifier needs at least 2 classes")
+        raise DataError(
+            f"dataset {name!r}: y_train holds only class {present[0]}: a classifier needs at least 2 classes"
+        )
     unseen = np.setdiff1d(np.unique(y_test), present)
     if len(unseen):
         raise DataError(
@@ -165,6 +168,7 @@ def _check_classes(name: str, y_train: np.ndarray, y_test: np.ndarray, num_class
         )
     if inferred and len(present) < num_classes:
         raise DataError(
-            f"dataset {name!r}: labels run up to {num_classes - 1} but y_train has only {len(present)} distinct classes; "
+            f"dataset {name!r}: labels run up to {num_classes - 1} but y_train has only {len(present)} distinct "
+            "classes; "
             "labels must be class indices 0..K-1 without gaps (renumber them with np.unique(y, return_inverse=True))"
         )

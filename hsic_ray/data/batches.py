@@ -3,8 +3,8 @@ size), in an order fixed by (seed, epoch), resumable at any batch index within a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ class Batch:
     epoch: int
     index: int  # batch index within the epoch
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         """The same batch with its images and labels on `device`, copied asynchronously.
 
         To a GPU the copy goes from page-locked memory (torch's cached pinned blocks): from pageable memory
@@ -95,7 +95,9 @@ def iterate_batches(
             f"{n} samples make no full batch of batch_size={batch_size}: lower train.batch_size to at most {n}"
         )
     if not 0 <= start <= total:
-        raise ValueError(f"start={start} is invalid: an epoch of {n} samples has batches 0..{total - 1} (start <= {total})")
+        raise ValueError(
+            f"start={start} is invalid: an epoch of {n} samples has batches 0..{total - 1} (start <= {total})"
+        )
     order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
     for index in range(start, total):
         rows = order[index * batch_size : (index + 1) * batch_size]

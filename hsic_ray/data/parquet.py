@@ -121,7 +121,10 @@ def write_parquet(data: ImageData, uri: str, shard_size: int = 5000) -> None:
 
 
 def _prepare_hint(uri: str) -> str:
-    return f"write it first with: python -m hsic_ray.data prepare --source SOURCE --output {uri} (SOURCE: {', '.join(DATASET_NAMES)} or npz:PATH)"
+    return (
+        f"write it first with: python -m hsic_ray.data prepare --source SOURCE --output {uri} (SOURCE: "
+        f"{', '.join(DATASET_NAMES)} or npz:PATH)"
+    )
 
 
 def _read_parquet_split(filesystem, root: str, uri: str, split: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
@@ -144,7 +147,9 @@ def _read_parquet_split(filesystem, root: str, uri: str, split: str) -> tuple[np
         try:
             table = pq.read_table(path, filesystem=filesystem)
         except Exception as exc:
-            raise DataError(f"{where}: cannot read shard {path} ({type(exc).__name__}: {exc}); rewrite the dataset") from None
+            raise DataError(
+                f"{where}: cannot read shard {path} ({type(exc).__name__}: {exc}); rewrite the dataset"
+            ) from None
         raw = (table.schema.metadata or {}).get(_METADATA_KEY)
         if raw is None or not {"image", "label"} <= set(table.column_names):
             raise DataError(
@@ -155,7 +160,9 @@ def _read_parquet_split(filesystem, root: str, uri: str, split: str) -> tuple[np
         if meta is None:
             meta = info
         elif any(info.get(k) != meta.get(k) for k in ("shape", "dtype", "num_classes", "name", "num_rows")):
-            raise DataError(f"{where}: shard {path} was written for another dataset than {files[0]}; rewrite the dataset")
+            raise DataError(
+                f"{where}: shard {path} was written for another dataset than {files[0]}; rewrite the dataset"
+            )
         images.append(_binary_to_images(table.column("image"), tuple(meta["shape"]), np.dtype(meta["dtype"]), where))
         labels.append(table.column("label").to_numpy())
     x, y = np.concatenate(images), np.concatenate(labels)
@@ -175,7 +182,9 @@ def read_parquet(uri: str) -> ImageData:
     try:
         found = filesystem.get_file_info(root).type
     except Exception as exc:
-        raise DataError(f"cannot reach parquet dataset {uri!r} ({type(exc).__name__}: {exc}); check the URI and credentials") from None
+        raise DataError(
+            f"cannot reach parquet dataset {uri!r} ({type(exc).__name__}: {exc}); check the URI and credentials"
+        ) from None
     if found != pafs.FileType.Directory:
         raise DataError(f"parquet dataset {uri!r} does not exist; " + _prepare_hint(uri))
     x_train, y_train, meta = _read_parquet_split(filesystem, root, uri, "train")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from hsic_ray.config import DATASET_NAMES, DataConfig
 from hsic_ray.data.arrays import DataError
 from hsic_ray.data.parquet import write_parquet
 from hsic_ray.data.sources import load_dataset
-from hsic_ray.run_dir import OutputLocationError, check_location
+from hsic_ray.run.directory import OutputLocationError, check_location
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hsic_ray.data prepare --source SOURCE --output URI [--root DIR] [--shard-size N]`."""
     args = _parser().parse_args(argv)
     cfg = DataConfig(

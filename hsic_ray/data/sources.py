@@ -22,7 +22,15 @@ _MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-_CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch", "batches.meta")
+_CIFAR10_FILES = (
+    "data_batch_1",
+    "data_batch_2",
+    "data_batch_3",
+    "data_batch_4",
+    "data_batch_5",
+    "test_batch",
+    "batches.meta",
+)
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +99,10 @@ def _load_torchvision(cfg: DataConfig) -> ImageData:
     except Exception as exc:  # torchvision raises RuntimeError, URLError, OSError, ... for missing data
         detail = " ".join(str(exc).split())[:300]
         what = "could not be downloaded" if cfg.download else "is not on disk (data.download=false)"
-        raise DataError(f"dataset {source!r} {what} under {root!r} ({type(exc).__name__}: {detail}); "
-                        + _torchvision_help(source, root)) from None
+        raise DataError(
+            f"dataset {source!r} {what} under {root!r} ({type(exc).__name__}: {detail}); "
+            + _torchvision_help(source, root)
+        ) from None
     arrays = []
     for split in splits:
         x = split.data.numpy() if isinstance(split.data, torch.Tensor) else np.asarray(split.data)
@@ -141,4 +151,6 @@ def load_dataset(cfg: DataConfig) -> ImageData:
         return _load_npz(source[4:])
     if source.startswith("parquet:") and len(source) > 8:
         return read_parquet(source[8:])
-    raise DataError(f"data.source={source!r} is unknown: expected one of {', '.join(DATASET_NAMES)}, npz:PATH or parquet:URI")
+    raise DataError(
+        f"data.source={source!r} is unknown: expected one of {', '.join(DATASET_NAMES)}, npz:PATH or parquet:URI"
+    )

@@ -18,16 +18,13 @@ from typing import Any
 import ray
 
 from hsic_ray.config import is_ray_address
+from hsic_ray.errors import ClusterConnectionError
 from hsic_ray.resources import check_local_cluster
 
 log = logging.getLogger("hsic_ray")
 
 CONNECT_TIMEOUT_S = 10.0  # for the head's port to accept; Ray itself retries a dead address for minutes
 GCS_TIMEOUT_S = 20.0  # for the head's GCS to answer once the port accepts
-
-
-class ClusterConnectionError(RuntimeError):
-    """A cluster was found but this process could not join it."""
 
 
 def default_auth_mode() -> None:
@@ -118,7 +115,7 @@ def _answers_as_ray_head(address: str) -> bool:
 
     def ask() -> None:
         try:
-            GcsClient(address=address).cluster_id
+            _ = GcsClient(address=address).cluster_id  # the first request to the GCS
         except Exception:
             pass
         answered.set()

@@ -6,17 +6,15 @@ declares the same layout up front (see `bundles`), and the pipeline then uses th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, get_current_placement_group, placement_group
 
 from hsic_ray.config import RayConfig
-
-
-class PlacementError(RuntimeError):
-    """The run cannot be placed on this cluster; the message names what it needs and what there is."""
+from hsic_ray.errors import PlacementError
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
 
-from hsic_ray import checkpoint
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport
 from hsic_ray.models import Shape, build_network
-from hsic_ray.objective import BatchTargets, HSICObjective
+from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.resources import threads_for
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run import checkpoint
+from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.stage import StageTrainer, layer_lr_scales
+from hsic_ray.stage_step import StageStep, layer_lr_scales
 
-WireTargets = tuple[Optional[np.ndarray], np.ndarray]
+WireFactors = tuple[np.ndarray | None, np.ndarray]
 
 
 class Hop(NamedTuple):
@@ -38,9 +38,9 @@ class Hop(NamedTuple):
     reports: list[dict[str, Any]]
 
 
-def targets_to_numpy(targets: BatchTargets) -> WireTargets:
-    x = None if targets.x_factor is None else targets.x_factor.cpu().numpy()
-    return x, targets.y_factor.cpu().numpy()
+def factors_to_numpy(factors: KernelFactors) -> WireFactors:
+    x = None if factors.x_factor is None else factors.x_factor.cpu().numpy()
+    return x, factors.y_factor.cpu().numpy()
 
 
 @ray.remote
@@ -51,8 +51,8 @@ class StageActor:
         cfg: ExperimentConfig,
         input_shape: Shape,
         num_classes: int,
-        schedule: Optional[LRSchedule] = None,
-        restore: Optional[tuple[str, int]] = None,
+        schedule: LRSchedule | None = None,
+        restore: tuple[str, int] | None = None,
     ):
         torch.set_num_threads(threads_for(spec.num_cpus))
         self.spec = spec
@@ -65,32 +65,35 @@ class StageActor:
         layers = list(net.layers)[spec.start : spec.stop]
         objective = HSICObjective(cfg.hsic, num_classes, spec.layers, cfg.num_hsic_layers)
         lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, spec.layers, cfg.num_hsic_layers)
-        self.trainer = StageTrainer(layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales, schedule)
-        self._last_end: Optional[float] = None
+        self.stage_step = StageStep(
+            layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales, schedule
+        )
+        self._last_end: float | None = None
         if restore is not None:
             self.load(*restore)
 
-    def step(self, hop: Hop, targets: list[WireTargets]) -> Hop:
+    def step(self, hop: Hop, factors: list[WireFactors]) -> Hop:
         """One local HSIC step of this stage's layers on each batch of the group, in order. On a GPU the
         batches' copies and steps are queued back to back, and the call waits for the device once."""
-        return self._steps(hop, targets=targets)[0]
+        return self._steps(hop, factors=factors)[0]
 
-    def step_last(self, hop: Hop, targets: list[WireTargets]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    def step_last(self, hop: Hop, factors: list[WireFactors]) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
         """`step` for the last stage: output and reports as two objects, so the coordinator can fetch the
         small one alone."""
-        return tuple(self.step(hop, targets))
+        return tuple(self.step(hop, factors))
 
     def step_first(self, hop: Hop, labels: list[np.ndarray], last: bool) -> tuple:
-        """`step` for a first stage that computes every stage's targets on its device (ray.targets_on=
+        """`step` for a first stage that computes every stage's factors on its device (ray.factors_on=
         first_stage): from each batch's inputs, received once for both, and labels. It steps on them where
-        they are, and returns them for the stages after it as one more object: (hop, targets), or
-        (outputs, reports, targets) when it is also the last stage."""
-        out, targets = self._steps(hop, labels=labels)
-        return (*out, targets) if last else (out, targets)
+        they are, and returns them for the stages after it as one more object: (hop, factors), or
+        (outputs, reports, factors) when it is also the last stage."""
+        out, factors = self._steps(hop, labels=labels)
+        return (*out, factors) if last else (out, factors)
 
-    def _steps(self, hop: Hop, targets: Optional[list[WireTargets]] = None,
-               labels: Optional[list[np.ndarray]] = None) -> tuple[Hop, Optional[list[WireTargets]]]:  # fmt: skip
-        """The group's steps on the given `targets`, or on targets computed here from `labels` (then also
+    def _steps(
+        self, hop: Hop, factors: list[WireFactors] | None = None, labels: list[np.ndarray] | None = None
+    ) -> tuple[Hop, list[WireFactors] | None]:
+        """The group's steps on the given `factors`, or on factors computed here from `labels` (then also
         returned, for the wire)."""
         started = time.perf_counter()
         idle = 0.0 if self._last_end is None else max(0.0, started - self._last_end)
@@ -99,59 +102,64 @@ class StageActor:
             moved = time.perf_counter()
             x = self.transport.receive(x, f"x{slot}")
             if labels is None:
-                batch_targets = self._receive_targets(targets[slot], slot)
+                batch_factors = self._receive_factors(factors[slot], slot)
             else:
                 y = self.transport.receive(labels[slot], f"y{slot}")
             transfer += time.perf_counter() - moved
             if labels is not None:
-                batch_targets = self.trainer.objective.targets(x, y)
-                computed.append(batch_targets)
-            results.append(self.trainer.train_step(x, batch_targets))
+                batch_factors = self.stage_step.objective.kernel_factors(x, y)
+                computed.append(batch_factors)
+            results.append(self.stage_step.train_step(x, batch_factors))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies back wait for the steps anyway: time them apart
         moved = time.perf_counter()
         outputs = self.transport.send([out for out, _ in results])
         stats = torch.stack([layer_stats for _, layer_stats in results]).cpu().numpy()
-        wire = [targets_to_numpy(t) for t in computed] if labels is not None else None
+        wire = [factors_to_numpy(t) for t in computed] if labels is not None else None
         transfer += time.perf_counter() - moved
-        self.trainer.check_solves()  # the copies above synchronised already: checking costs nothing more
+        self.stage_step.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
-        report = {"stage": self.spec.index, "stats": stats, "busy": self._last_end - started,
-                  "idle": idle, "transfer": transfer}  # fmt: skip
+        report = {
+            "stage": self.spec.index,
+            "stats": stats,
+            "busy": self._last_end - started,
+            "idle": idle,
+            "transfer": transfer,
+        }
         return Hop(outputs, hop.reports + [report]), wire
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
-        return self.trainer.forward(self.transport.receive(x)).cpu().numpy()
+        return self.stage_step.forward(self.transport.receive(x)).cpu().numpy()
 
     def calibrate_batchnorm(self, batches: list[np.ndarray]) -> list[np.ndarray]:
         self._last_end = None
-        outputs = self.trainer.calibrate_batchnorm([self.transport.receive(x) for x in batches])
+        outputs = self.stage_step.calibrate_batchnorm([self.transport.receive(x) for x in batches])
         return [out.cpu().numpy() for out in outputs]
 
     def layer_outputs(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """The stage's eval-mode output (for the next stage) and its layers' probe views (for the driver)."""
         self._last_end = None
-        out, views = self.trainer.layer_outputs(self.transport.receive(x))
+        out, views = self.stage_step.layer_outputs(self.transport.receive(x))
         return out.cpu().numpy(), [view.cpu().numpy() for view in views]
 
-    def measure(self, x: np.ndarray, targets: WireTargets) -> tuple[np.ndarray, np.ndarray]:
+    def measure(self, x: np.ndarray, factors: WireFactors) -> tuple[np.ndarray, np.ndarray]:
         self._last_end = None
-        out, stats = self.trainer.measure(self.transport.receive(x), self._receive_targets(targets))
+        out, stats = self.stage_step.measure(self.transport.receive(x), self._receive_factors(factors))
         return out.cpu().numpy(), stats.cpu().numpy()
 
-    def _receive_targets(self, wire: WireTargets, slot: int = 0) -> BatchTargets:
+    def _receive_factors(self, wire: WireFactors, slot: int = 0) -> KernelFactors:
         x_factor, y_factor = wire
         x_factor = None if x_factor is None else self.transport.receive(x_factor, f"x_factor{slot}")
-        return BatchTargets(x_factor, self.transport.receive(y_factor, f"y_factor{slot}"))
+        return KernelFactors(x_factor, self.transport.receive(y_factor, f"y_factor{slot}"))
 
     def save(self, run_location: str, step: int) -> None:
         run = RunDirectory(run_location)
-        checkpoint.save_state(run, checkpoint.stage_file(step, self.spec.index), self.trainer.state_dict())
+        checkpoint.save_state(run, checkpoint.stage_file(step, self.spec.index), self.stage_step.state_dict())
 
     def load(self, run_location: str, step: int) -> None:
         run = RunDirectory(run_location)
-        self.trainer.load_state_dict(checkpoint.load_state(run, checkpoint.stage_file(step, self.spec.index)))
+        self.stage_step.load_state_dict(checkpoint.load_state(run, checkpoint.stage_file(step, self.spec.index)))
 
     def where(self) -> dict[str, Any]:
         context = ray.get_runtime_context()

@@ -10,7 +10,6 @@ transport, once it is out of alpha) would replace this module and nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ class _Staging:
     """A page-locked buffer, and its last copy to the device (to wait for before it is written again)."""
 
     host: Tensor
-    copied: Optional[torch.cuda.Event] = None
+    copied: torch.cuda.Event | None = None
 
 
 class Transport:

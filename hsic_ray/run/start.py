@@ -9,10 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from hsic_ray import checkpoint, run_claim
 from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
-from hsic_ray.run_claim import Claim
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run import checkpoint
+from hsic_ray.run import claim as run_claim
+from hsic_ray.run.claim import Claim
+from hsic_ray.run.directory import RunDirectory
 
 log = logging.getLogger("hsic_ray")
 
@@ -73,8 +74,13 @@ class RunStart:
         self.claim.commit(save_config(cfg))
         for step, why in self.unreadable.items():
             name = checkpoint.set_aside(self.run, step)
-            log.warning("checkpoint at step %d cannot be loaded (%s): kept as %s, resuming from step %s",
-                        step, why, name, self.step)  # fmt: skip
+            log.warning(
+                "checkpoint at step %d cannot be loaded (%s): kept as %s, resuming from step %s",
+                step,
+                why,
+                name,
+                self.step,
+            )
         if self.claim.interrupted and self.step is None:
             self.run.append_jsonl("metrics.jsonl", {"kind": "restart", "reason": "no complete checkpoint"})
 
@@ -83,7 +89,7 @@ def plan_start(cfg: ExperimentConfig, method: str, resume: bool = False) -> RunS
     """Claim the output directory and find the checkpoint to continue from; reads only.
 
     A directory with an unfinished run of the same kind is continued (from its newest checkpoint that
-    loads, or from step 0 when it has none), if its settings match. See `hsic_ray.run_claim`.
+    loads, or from step 0 when it has none), if its settings match. See `hsic_ray.run.claim`.
     """
     claim = run_claim.claim(cfg.output or default_output(cfg, method), method, resume)
     if not claim.interrupted:

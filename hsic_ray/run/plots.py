@@ -117,13 +117,19 @@ def plot_information_plane(records: list[dict], path: str | os.PathLike, title: 
         colour = cmap(norm(j + 1))
         ax.plot(zx[:, j], zy[:, j], "-o", color=colour, markersize=4, linewidth=1.5, alpha=0.9)
         ax.plot(
-            zx[-1, j], zy[-1, j], marker="*", markersize=14, color=colour,
-            markeredgecolor="black", markeredgewidth=0.8, linestyle="none", zorder=3,
+            zx[-1, j],
+            zy[-1, j],
+            marker="*",
+            markersize=14,
+            color=colour,
+            markeredgecolor="black",
+            markeredgewidth=0.8,
+            linestyle="none",
+            zorder=3,
         )
     # Legend for the marker shapes only; colours are explained by the colorbar.
     ax.plot([], [], "o", color="grey", markersize=4, label="epoch")
-    ax.plot([], [], "*", color="grey", markersize=12, markeredgecolor="black",
-            label=f"last epoch ({epochs[-1]:g})")
+    ax.plot([], [], "*", color="grey", markersize=12, markeredgecolor="black", label=f"last epoch ({epochs[-1]:g})")
     ax.legend(loc="best", fontsize="small")
 
     mappable = ScalarMappable(norm=norm, cmap=cmap)
@@ -168,8 +174,11 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
             raise ValueError(f"records[{i}] must be a dict with keys 'epoch' and 'test_accuracy'")
         epoch = _finite_float(rec["epoch"], f"records[{i}]['epoch']")
         lines.append((epoch, _accuracies(rec, "test_accuracy", f"records[{i}]")))
-    final_lines = {key: _accuracies(final, key, "final") for key in ("test_accuracy", "train_accuracy")
-                   if final is not None and key in final}  # fmt: skip
+    final_lines = {
+        key: _accuracies(final, key, "final")
+        for key in ("test_accuracy", "train_accuracy")
+        if final is not None and key in final
+    }
     if not lines and "test_accuracy" not in final_lines:
         raise ValueError("no probe records and no final test accuracies: nothing to plot")
     widths = {len(acc) for _, acc in lines} | {len(acc) for acc in final_lines.values()}
@@ -192,7 +201,10 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
         mappable.set_array(epochs)
         ticks = epochs[:: max(1, int(math.ceil(len(epochs) / 12)))]
         fig.colorbar(mappable, ax=ax, ticks=ticks).set_label("epoch (probes on fixed subsets)")
-    styles = {"test_accuracy": ("-", "final, test (full splits)"), "train_accuracy": (":", "final, train (full splits)")}
+    styles = {
+        "test_accuracy": ("-", "final, test (full splits)"),
+        "train_accuracy": (":", "final, train (full splits)"),
+    }
     for key, acc in final_lines.items():
         style, label = styles[key]
         ax.plot(layers, acc, style, color="black", linewidth=2.0, label=label)

@@ -15,7 +15,8 @@ trainer (one stage holding every layer) and each Ray stage actor.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hsic_ray.config import OptimConfig
 from hsic_ray.hsic import not_positive_definite
-from hsic_ray.objective import BatchTargets, HSICObjective, targets_failed
+from hsic_ray.objective import HSICObjective, KernelFactors, factors_failed
 from hsic_ray.probes import probe_view
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.step_graph import CapturedStep
@@ -53,7 +54,7 @@ def use_cuda_graphs(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-class StageTrainer:
+class StageStep:
     def __init__(
         self,
         layers: Sequence[nn.Module],
@@ -61,8 +62,8 @@ class StageTrainer:
         optim_cfg: OptimConfig,
         device: torch.device | str = "cpu",
         cuda_graphs: str = "auto",
-        lr_scales: Optional[Sequence[float]] = None,
-        schedule: Optional[LRSchedule] = None,
+        lr_scales: Sequence[float] | None = None,
+        schedule: LRSchedule | None = None,
     ):
         """`lr_scales`: each layer's multiplier of optim_cfg.lr (`layer_lr_scales`); None: 1 for every layer.
         `schedule`: the step size's factor at each of this stage's steps; None: constant."""
@@ -74,9 +75,12 @@ class StageTrainer:
         if lr_scales is None or all(scale == 1.0 for scale in lr_scales):  # one group, as checkpoints hold
             params = [p for layer in self.layers for p in layer.parameters()]
         else:  # one group per layer
-            params = [{"params": list(layer.parameters()), "lr": optim_cfg.lr * scale} for layer, scale in zip(self.layers, lr_scales)]
+            params = [
+                {"params": list(layer.parameters()), "lr": optim_cfg.lr * scale}
+                for layer, scale in zip(self.layers, lr_scales)
+            ]
         self.optimizer = make_sgd(params, optim_cfg)
-        self.kernel_dtype: Optional[torch.dtype] = None  # None: the activations' own; float64 after a failure
+        self.kernel_dtype: torch.dtype | None = None  # None: the activations' own; float64 after a failure
         self.steps = 0
         # The schedule scales each step's gradient through a device scalar that a captured graph reads at
         # every replay; SGD's lr is a Python number a graph would keep at its capture value. With momentum
@@ -86,9 +90,9 @@ class StageTrainer:
         self._step_scale = torch.ones((), device=self.device)
         # Steps since the last check in which each layer's kernel system was not positive definite.
         self._failures = torch.zeros(len(self.layers), dtype=torch.int32, device=self.device)
-        # Whether any batch's targets, computed on the device unchecked (`HSICObjective.targets`), failed.
-        self._targets_failed = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._graph: Optional[CapturedStep] = None
+        # Whether any batch's factors, computed on the device unchecked (`HSICObjective.kernel_factors`), failed.
+        self._factors_failed = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._graph: CapturedStep | None = None
         if self.device.type == "cuda":
             # cuSOLVER's batched Cholesky leaves its status on the device; MAGMA's reads it back to the host.
             torch.backends.cuda.preferred_linalg_library("cusolver")
@@ -98,30 +102,30 @@ class StageTrainer:
     def __len__(self) -> int:
         return len(self.layers)
 
-    def train_step(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
+    def train_step(self, x: Tensor, factors: KernelFactors) -> tuple[Tensor, Tensor]:
         """One local HSIC step of every layer.
 
         Returns the stage's detached output and a [layers, 3] tensor of (loss, nhsic_zx, nhsic_zy), both on
         the stage's device and possibly still being computed.
         """
         x = x.to(self.device, non_blocking=True)
-        targets = targets.to(self.device)
-        if targets.failed is not None:
-            self._targets_failed |= targets.failed
+        factors = factors.to(self.device)
+        if factors.failed is not None:
+            self._factors_failed |= factors.failed
         if self.schedule is not None and not self.schedule.is_constant:
             self._step_scale.fill_(self.schedule.factor(self.steps))
         step = self._graph if self._graph is not None and self._graph.fits(x) else self._step
-        out, stats = step(x, targets)
+        out, stats = step(x, factors)
         self.steps += 1
         return out, stats
 
-    def _step(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
+    def _step(self, x: Tensor, factors: KernelFactors) -> tuple[Tensor, Tensor]:
         outputs = []
         for layer in self.layers:
             z = layer.train()(x)
             outputs.append(z)
             x = z.detach()
-        terms = self.objective.stage_losses(outputs, targets, self.kernel_dtype)
+        terms = self.objective.stage_losses(outputs, factors, self.kernel_dtype)
         self.optimizer.zero_grad(set_to_none=True)
         (terms.loss.sum() * self._step_scale).backward()
         self.optimizer.step()
@@ -131,18 +135,21 @@ class StageTrainer:
 
     def check_solves(self) -> None:
         """Read the failure record (a host sync). After float32 failures, continue in float64 (the failing
-        layers skipped their HSIC gradient on those steps); after float64 failures, or a batch's targets that
+        layers skipped their HSIC gradient on those steps); after float64 failures, or a batch's factors that
         failed (in float64 already), raise."""
-        if bool(self._targets_failed):
-            raise targets_failed()
+        if bool(self._factors_failed):
+            raise factors_failed()
         failed = self._failures.nonzero().flatten().tolist()
         if not failed:
             return
         self._failures.zero_()
         if self.kernel_dtype == torch.float64:
             raise not_positive_definite(f"hsic_cca (layers {failed} of this stage, in float64)")
-        log.warning("kernel systems of layers %s of this stage lost positive definiteness in float32; "
-                    "computing kernels in float64 from now on", failed)  # fmt: skip
+        log.warning(
+            "kernel systems of layers %s of this stage lost positive definiteness in float32; "
+            "computing kernels in float64 from now on",
+            failed,
+        )
         self.kernel_dtype = torch.float64
         if self._graph is not None:
             self._graph.reset()
@@ -191,14 +198,14 @@ class StageTrainer:
         return x, views
 
     @torch.no_grad()
-    def measure(self, x: Tensor, targets: BatchTargets) -> tuple[Tensor, Tensor]:
+    def measure(self, x: Tensor, factors: KernelFactors) -> tuple[Tensor, Tensor]:
         """Eval-mode output and each layer's (nhsic_zx, nhsic_zy): the information plane on a fixed batch."""
         x = x.to(self.device, non_blocking=True)
         outputs = []
         for layer in self.layers:
             x = layer.eval()(x)
             outputs.append(x)
-        return x, self.objective.dependence(outputs, targets.to(self.device))
+        return x, self.objective.dependence(outputs, factors.to(self.device))
 
     def state_dict(self) -> dict[str, Any]:
         self.check_solves()  # a checkpoint never holds weights trained past an unreported failure
@@ -213,8 +220,10 @@ class StageTrainer:
         if len(state["layers"]) != len(self.layers):
             raise ValueError(f"checkpoint holds {len(state['layers'])} layers, this stage has {len(self.layers)}")
         if "optimizer" not in state:
-            raise ValueError("checkpoint holds one optimizer per layer, written by an older hsic-ray; "
-                             "finish that run with the version that started it")  # fmt: skip
+            raise ValueError(
+                "checkpoint holds one optimizer per layer, written by an older hsic-ray; "
+                "finish that run with the version that started it"
+            )
         for layer, layer_state in zip(self.layers, state["layers"]):
             layer.load_state_dict(layer_state)
         self.optimizer.load_state_dict(state["optimizer"])

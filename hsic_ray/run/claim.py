@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from hsic_ray.run_dir import RunDirectory, check_location
+from hsic_ray.errors import NothingToResumeError, OutputExistsError
+from hsic_ray.run.directory import RunDirectory, check_location
 
 MARKER = "hsic-ray-run.json"
 KINDS = ("hsic", "backprop", "sweep")
@@ -20,15 +21,6 @@ FINISHED = {"hsic": "metrics.json", "backprop": "metrics.json", "sweep": "result
 # What identifies a run of each kind written before the marker existed.
 LEGACY = {"hsic": "checkpoints", "backprop": "ray_train", "sweep": "tune"}
 CONFIG = "config.yaml"
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory holds something a new run must not write over (a finished run, another kind of
-    run, or files that are not a run)."""
-
-
-class NothingToResumeError(FileNotFoundError):
-    """--resume named a directory that holds no run to continue."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ import tempfile
 from typing import Any
 
 from hsic_ray.config import ConfigError
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.run.directory import RunDirectory
 
 DIRECTORY = "tensorboard"
 

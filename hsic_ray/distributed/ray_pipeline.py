@@ -1,15 +1,15 @@
 """The Ray pipeline: stage actors chained by object refs, with failed stages recreated from checkpoints.
 
 `submit` gathers consecutive batches into groups of `ray.batches_per_call`; a full group goes into the
-object store once (inputs, and targets or labels) and a chain of `stage[s].step` calls, each taking the
-previous stage's `Hop` ref and the group's targets: Ray's ordered actor queues then run stage s on group g
+object store once (inputs, and factors or labels) and a chain of `stage[s].step` calls, each taking the
+previous stage's `Hop` ref and the group's factors: Ray's ordered actor queues then run stage s on group g
 while stage s + 1 runs on group g - 1, and activations move from actor to actor without passing through
 the driver. Since no stage feeds
 back to an earlier one, every stage sees the same inputs in the same order as in the in-process trainer,
 whatever the number of batches in flight or per call: the results are the same. `result` fetches one
 small object per group, the reports the last stage returns.
 
-Each batch's targets (`ray.targets_on`) are computed once for every stage: by the coordinator on its CPU
+Each batch's factors (`ray.factors_on`) are computed once for every stage: by the coordinator on its CPU
 (a thread of the training loop computes them ahead), or by the first stage on its device, in its step
 call from the group's inputs and labels, which returns them as one more object for the stages after it.
 With stages on GPUs the coordinator's CPU would be the slowest part of the pipeline (README, "Ray
@@ -26,8 +26,9 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import ray
@@ -39,12 +40,12 @@ from torch import Tensor
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import Batch
 from hsic_ray.distributed.placement import StageSpec, describe_plan, reserve
-from hsic_ray.distributed.stage_actor import Hop, StageActor, WireTargets, targets_to_numpy
+from hsic_ray.distributed.stage_actor import Hop, StageActor, WireFactors, factors_to_numpy
 from hsic_ray.models import Shape
-from hsic_ray.objective import BatchTargets
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.objective import KernelFactors
+from hsic_ray.pipeline import StepResult
+from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.trainer import StepResult
 
 log = logging.getLogger("hsic_ray")
 
@@ -58,7 +59,7 @@ MAX_BATCHES_PER_CALL = 16
 GROUPS_BEFORE_CHOOSING = 6  # the first is not counted: a stage's first call has no wait before it
 
 
-def choose_batches_per_call(busy: float, overhead: float, stages: int, drain_every: Optional[int] = None) -> int:
+def choose_batches_per_call(busy: float, overhead: float, stages: int, drain_every: int | None = None) -> int:
     """Batches per call for a pipeline whose slowest stage computes for `busy` seconds per batch and waits
     `overhead` seconds between calls (Ray's cost per call: the call, its arguments and results, the
     coordinator's submission): enough that the wait stays under CALL_SHARE of a call's compute.
@@ -82,15 +83,15 @@ class PipelineFailed(RuntimeError):
 class _Group:
     """Consecutive batches sent through the stages in one call each: inputs, each stage's hop, the reports."""
 
-    # (x, labels, targets) until launched; targets None when the first stage computes them
-    batches: list[tuple[np.ndarray, np.ndarray, Optional[WireTargets]]] = field(default_factory=list)
-    inputs: Optional[ray.ObjectRef] = None
-    labels: Optional[ray.ObjectRef] = None  # for the first stage's targets
-    targets: Optional[ray.ObjectRef] = None
+    # (x, labels, factors) until launched; factors None when the first stage computes them
+    batches: list[tuple[np.ndarray, np.ndarray, WireFactors | None]] = field(default_factory=list)
+    inputs: ray.ObjectRef | None = None
+    labels: ray.ObjectRef | None = None  # for the first stage's factors
+    factors: ray.ObjectRef | None = None
     hops: list = field(default_factory=list)  # per stage: its Hop (the last stage's: its outputs)
-    reports_ref: Optional[ray.ObjectRef] = None
-    reports: Optional[list[dict[str, Any]]] = None
-    outputs: Optional[list[np.ndarray]] = None
+    reports_ref: ray.ObjectRef | None = None
+    reports: list[dict[str, Any]] | None = None
+    outputs: list[np.ndarray] | None = None
 
     @property
     def launched(self) -> bool:
@@ -110,24 +111,24 @@ class RayPipeline:
         specs: list[StageSpec],
         input_shape: Shape,
         num_classes: int,
-        schedule: Optional[LRSchedule] = None,
-        drain_every: Optional[Callable[[float], int]] = None,
+        schedule: LRSchedule | None = None,
+        drain_every: Callable[[float], int] | None = None,
     ):
         """`drain_every(seconds_per_batch)`: batches between the training loop's waits for every batch in
         flight (see `hsic_ray.trainer.batches_between_drains`); None for a loop that never waits."""
         self.cfg = cfg
         self.specs = specs
         self.num_stages = len(specs)
-        self.targets_on = cfg.ray.targets_on or ("first_stage" if specs[0].num_gpus > 0 else "coordinator")
-        # A coordinator that computes targets mostly waits for the stages: targets computed meanwhile in a
+        self.factors_on = cfg.ray.factors_on or ("first_stage" if specs[0].num_gpus > 0 else "coordinator")
+        # A coordinator that computes factors mostly waits for the stages: factors computed meanwhile in a
         # thread cost nothing. None: the loop hands over labels, for the first stage.
-        self.targets_device = torch.device("cpu") if self.targets_on == "coordinator" else None
-        self.prefetch_targets = self.targets_on == "coordinator"
+        self.factors_device = torch.device("cpu") if self.factors_on == "coordinator" else None
+        self.prefetch_factors = self.factors_on == "coordinator"
         self.batches_per_call = cfg.ray.batches_per_call or 1
         self.max_in_flight = self._in_flight_bound()
         self._actor_args = (cfg, tuple(input_shape), num_classes, schedule)
         self._group, self._owns_group = reserve(specs, cfg.ray)
-        self._restore_point: Optional[tuple[str, int]] = None
+        self._restore_point: tuple[str, int] | None = None
         self._events: list[dict[str, Any]] = []
         self._recoveries = 0
         self._filling = _Group()
@@ -137,8 +138,13 @@ class RayPipeline:
         self._call_times: list[tuple[float, float]] = []
         self.actors = [self._start(spec) for spec in specs]
         self.placements = ray.get([a.where.remote() for a in self.actors])
-        log.info("pipeline plan (%d stages, %d in flight, targets on the %s):\n%s", self.num_stages,
-                 self.max_in_flight, self.targets_on.replace("_", " "), describe_plan(specs, self.placements))  # fmt: skip
+        log.info(
+            "pipeline plan (%d stages, %d in flight, factors on the %s):\n%s",
+            self.num_stages,
+            self.max_in_flight,
+            self.factors_on.replace("_", " "),
+            describe_plan(specs, self.placements),
+        )
 
     def _in_flight_bound(self) -> int:
         # Two groups per stage: one being computed and one waiting, so a stage that finishes a group finds
@@ -149,15 +155,15 @@ class RayPipeline:
 
     def _start(self, spec: StageSpec) -> ray.actor.ActorHandle:
         strategy = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=spec.index + 1)
-        return StageActor.options(
-            num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=strategy
-        ).remote(spec, *self._actor_args, restore=self._restore_point)
+        return StageActor.options(num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, scheduling_strategy=strategy).remote(
+            spec, *self._actor_args, restore=self._restore_point
+        )
 
     # --- training -------------------------------------------------------------------------------------
 
-    def submit(self, batch: Batch, targets: Optional[BatchTargets]) -> _Handle:
+    def submit(self, batch: Batch, factors: KernelFactors | None) -> _Handle:
         handle = _Handle(self._filling, len(self._filling.batches))
-        wire = None if targets is None else targets_to_numpy(targets)
+        wire = None if factors is None else factors_to_numpy(factors)
         self._filling.batches.append((batch.x.numpy(), batch.y.numpy(), wire))
         if len(self._filling.batches) >= self.batches_per_call:
             self._launch()
@@ -165,10 +171,10 @@ class RayPipeline:
 
     def _launch(self) -> None:
         group, self._filling = self._filling, _Group()
-        xs, labels, targets = zip(*group.batches)
+        xs, labels, factors = zip(*group.batches)
         group.inputs = ray.put(Hop(list(xs), []))
-        if self.targets_on == "coordinator":
-            group.targets = ray.put(list(targets))
+        if self.factors_on == "coordinator":
+            group.factors = ray.put(list(factors))
         else:
             group.labels = ray.put(list(labels))
         group.batches = []
@@ -184,14 +190,16 @@ class RayPipeline:
 
     def _call_step(self, stage: int, hop: ray.ObjectRef, group: _Group) -> list[ray.ObjectRef]:
         """Stage `stage`'s step on `group`: its hop's ref, and the last stage's reports' ref after it. A first
-        stage that computes the targets also sets `group.targets`, its ref to them, for the stages after."""
+        stage that computes the factors also sets `group.factors`, its ref to them, for the stages after."""
         actor, last = self.actors[stage], stage == self.num_stages - 1
-        if stage == 0 and self.targets_on == "first_stage":
-            *refs, group.targets = actor.step_first.options(num_returns=3 if last else 2).remote(hop, group.labels, last)
+        if stage == 0 and self.factors_on == "first_stage":
+            *refs, group.factors = actor.step_first.options(num_returns=3 if last else 2).remote(
+                hop, group.labels, last
+            )
             return refs
         if last:
-            return actor.step_last.options(num_returns=2).remote(hop, group.targets)
-        return [actor.step.remote(hop, group.targets)]
+            return actor.step_last.options(num_returns=2).remote(hop, group.factors)
+        return [actor.step.remote(hop, group.factors)]
 
     def result(self, handle: _Handle, want_output: bool, read_back: bool = True) -> StepResult:
         # Stage reports are host data already (each actor checks its own health every call): read_back is moot.
@@ -244,16 +252,26 @@ class RayPipeline:
         drain_every = None if self._drain_every is None else self._drain_every(busy)
         self.batches_per_call = choose_batches_per_call(busy, overhead, self.num_stages, drain_every)
         self.max_in_flight = self._in_flight_bound()
-        self._events.append({
-            "kind": "batches_per_call", "batches_per_call": self.batches_per_call, "max_in_flight": self.max_in_flight,
-            "step_ms": 1e3 * busy, "call_overhead_ms": 1e3 * overhead,
-        })  # fmt: skip
-        log.info("slowest stage: %.1f ms per batch, %.1f ms between calls: %d batches per call, %d in flight",
-                 1e3 * busy, 1e3 * overhead, self.batches_per_call, self.max_in_flight)  # fmt: skip
+        self._events.append(
+            {
+                "kind": "batches_per_call",
+                "batches_per_call": self.batches_per_call,
+                "max_in_flight": self.max_in_flight,
+                "step_ms": 1e3 * busy,
+                "call_overhead_ms": 1e3 * overhead,
+            }
+        )
+        log.info(
+            "slowest stage: %.1f ms per batch, %.1f ms between calls: %d batches per call, %d in flight",
+            1e3 * busy,
+            1e3 * overhead,
+            self.batches_per_call,
+            self.max_in_flight,
+        )
 
     def _first_failed_stage(self, group: _Group) -> int:
         try:
-            ray.get(group.targets)
+            ray.get(group.factors)
         except (RayActorError, ObjectLostError, OwnerDiedError):
             return 0  # the first stage died computing them, or they are gone with its node
         for stage, hop in enumerate(group.hops):
@@ -300,8 +318,14 @@ class RayPipeline:
                 "node_ip": self.placements[stage]["node_ip"],
             }
             self._events.append(event)
-            log.warning("stage %d died (%s); recreated from checkpoint step %s on %s in %.1fs",
-                        stage, event["error"], restored, event["node_ip"], event["seconds"])  # fmt: skip
+            log.warning(
+                "stage %d died (%s); recreated from checkpoint step %s on %s in %.1fs",
+                stage,
+                event["error"],
+                restored,
+                event["node_ip"],
+                event["seconds"],
+            )
 
     def _restart(self, stage: int) -> dict[str, Any]:
         """A new actor for `stage` in its bundle; returns where it runs. When the stage's node has just died,
@@ -367,9 +391,9 @@ class RayPipeline:
 
         return self._recovering(call)
 
-    def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
+    def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
         def call():
-            ref, target_ref = ray.put(x.numpy()), ray.put(targets_to_numpy(targets))
+            ref, target_ref = ray.put(x.numpy()), ray.put(factors_to_numpy(factors))
             stats = []
             for actor in self.actors:
                 ref, stage_stats = actor.measure.options(num_returns=2).remote(ref, target_ref)

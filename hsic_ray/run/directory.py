@@ -11,14 +11,13 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow.fs as pafs
 
-
-class OutputLocationError(ValueError):
-    """An output location that cannot hold a run (a file, unwritable, an unknown or unreachable URI)."""
+from hsic_ray.errors import OutputLocationError
 
 
 def _has_scheme(uri: str) -> bool:
@@ -59,7 +58,7 @@ def check_location(uri: str) -> str:
     if not os.path.isabs(os.path.expanduser(uri)) and _in_ray_job_working_dir():
         raise OutputLocationError(
             f"--output {uri} is relative, and this Ray job runs in Ray's temporary copy of its working dir, "
-            "which is deleted with the Ray session; give an absolute path (e.g. --output \"$PWD/runs/a\") or a URI"
+            'which is deleted with the Ray session; give an absolute path (e.g. --output "$PWD/runs/a") or a URI'
         )
     path = resolve_location(uri)
     _check_local_directory(path, uri)
@@ -74,7 +73,9 @@ def _check_local_directory(path: str, uri: str) -> None:
         where = "is a file" if existing == path else f"is under {existing}, which is a file"
         raise OutputLocationError(f"--output {uri} {where}; give a directory path")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputLocationError(f"--output {uri} cannot be written ({existing} is not writable); choose another --output")
+        raise OutputLocationError(
+            f"--output {uri} cannot be written ({existing} is not writable); choose another --output"
+        )
 
 
 class RunDirectory:

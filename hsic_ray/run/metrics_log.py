@@ -5,14 +5,15 @@ Without a run directory (a trainer built in a test or a notebook) records go now
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
-from hsic_ray.run_dir import RunDirectory
-from hsic_ray.tensorboard_log import TensorBoardLog
+from hsic_ray.run.directory import RunDirectory
+from hsic_ray.run.tensorboard_log import TensorBoardLog
 
 
 class MetricsLog:
-    def __init__(self, run: Optional[RunDirectory], tensorboard: bool = False):
+    def __init__(self, run: RunDirectory | None, tensorboard: bool = False):
         self.run = run
         self._tensorboard = TensorBoardLog(run) if tensorboard and run is not None else None
 

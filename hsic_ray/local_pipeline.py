@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hsic_ray import checkpoint
 from hsic_ray.config import OptimConfig
 from hsic_ray.data import Batch
 from hsic_ray.models import LayerwiseNet
-from hsic_ray.objective import BatchTargets, HSICObjective
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.objective import HSICObjective, KernelFactors
+from hsic_ray.pipeline import StepResult
+from hsic_ray.run import checkpoint
+from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.stage import StageTrainer
-from hsic_ray.trainer import StepResult
+from hsic_ray.stage_step import StageStep
 
 
 class LocalPipeline:
@@ -31,19 +32,19 @@ class LocalPipeline:
         optim: OptimConfig,
         device: torch.device | str,
         cuda_graphs: str = "auto",
-        lr_scales: Optional[Sequence[float]] = None,
-        schedule: Optional[LRSchedule] = None,
+        lr_scales: Sequence[float] | None = None,
+        schedule: LRSchedule | None = None,
     ):
-        self.stage = StageTrainer(list(net.layers), objective, optim, device, cuda_graphs, lr_scales, schedule)
-        # Targets are computed where the step runs: on a GPU a few small kernels, where on the host they cost
+        self.stage = StageStep(list(net.layers), objective, optim, device, cuda_graphs, lr_scales, schedule)
+        # Factors are computed where the step runs: on a GPU a few small kernels, where on the host they cost
         # more than a graph-captured step (README, "On a GPU"). No second thread: on the CPU it would compete
         # with the step for the same cores, and on a GPU it could launch work while the step is being captured.
-        self.targets_device = self.stage.device
-        self.prefetch_targets = False
+        self.factors_device = self.stage.device
+        self.prefetch_factors = False
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
-    def submit(self, batch: Batch, targets: BatchTargets) -> tuple[Tensor, Tensor]:
-        return self.stage.train_step(batch.x, targets)
+    def submit(self, batch: Batch, factors: KernelFactors) -> tuple[Tensor, Tensor]:
+        return self.stage.train_step(batch.x, factors)
 
     def result(self, handle: tuple[Tensor, Tensor], want_output: bool, read_back: bool = True) -> StepResult:
         out, stats = handle
@@ -61,8 +62,8 @@ class LocalPipeline:
     def layer_outputs(self, x: Tensor) -> list[Tensor]:
         return [view.cpu() for view in self.stage.layer_outputs(x)[1]]
 
-    def measure(self, x: Tensor, targets: BatchTargets) -> Tensor:
-        return self.stage.measure(x, targets)[1]
+    def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
+        return self.stage.measure(x, factors)[1]
 
     def save(self, run: RunDirectory, step: int) -> None:
         checkpoint.save_state(run, checkpoint.stage_file(step, 0), self.stage.state_dict())

@@ -20,14 +20,11 @@ from typing import Any
 
 import torch
 
-from hsic_ray.run_dir import RunDirectory
+from hsic_ray.errors import CheckpointError
+from hsic_ray.run.directory import RunDirectory
 
 ROOT = "checkpoints"
 KEEP = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or unreadable."""
 
 
 def checkpoint_dir(step: int) -> str:
@@ -115,8 +112,11 @@ def read_manifest(run: RunDirectory, step: int) -> dict[str, Any]:
 
 def network_state(run: RunDirectory, step: int) -> dict[str, Any]:
     """The whole network's state dict (`LayerwiseNet` keys) from step's stage files, stages in order."""
-    layers = [layer for stage in range(read_manifest(run, step)["stages"])
-              for layer in load_state(run, stage_file(step, stage))["layers"]]  # fmt: skip
+    layers = [
+        layer
+        for stage in range(read_manifest(run, step)["stages"])
+        for layer in load_state(run, stage_file(step, stage))["layers"]
+    ]
     return {f"layers.{i}.{key}": value for i, layer in enumerate(layers) for key, value in layer.items()}
 
 

@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow.fs as pafs
 import torch
 from torch import nn
 
 from hsic_ray.config import ExperimentConfig, config_from_yaml_text, save_config
+from hsic_ray.errors import ModelFileError
 from hsic_ray.models import build_head, build_network
-from hsic_ray.run_dir import resolve_location
+from hsic_ray.run.directory import resolve_location
 
 MODEL_FILE = "model.pt"
 FORMAT = 1
-
-
-class ModelFileError(RuntimeError):
-    """model.pt is missing, unreadable or not one this version writes."""
 
 
 class Classifier(nn.Module):
@@ -48,12 +46,25 @@ class Classifier(nn.Module):
         return self.head(self.network(x))
 
 
-def model_bytes(cfg: ExperimentConfig, method: str, input_shape: Sequence[int], num_classes: int,
-                network: dict[str, Any], head: dict[str, Any]) -> bytes:  # fmt: skip
+def model_bytes(
+    cfg: ExperimentConfig,
+    method: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    network: dict[str, Any],
+    head: dict[str, Any],
+) -> bytes:
     """model.pt's content (state dicts moved to the CPU, so it loads on a machine without a GPU)."""
     cpu = lambda state: {k: v.detach().cpu() for k, v in state.items()}  # noqa: E731
-    payload = {"format": FORMAT, "method": method, "config": save_config(cfg), "input_shape": list(input_shape),
-               "num_classes": int(num_classes), "network": cpu(network), "head": cpu(head)}  # fmt: skip
+    payload = {
+        "format": FORMAT,
+        "method": method,
+        "config": save_config(cfg),
+        "input_shape": list(input_shape),
+        "num_classes": int(num_classes),
+        "network": cpu(network),
+        "head": cpu(head),
+    }
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     return buffer.getvalue()
