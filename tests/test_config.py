@@ -223,3 +223,14 @@ def test_train_deep_checkpoint_flags_reach_the_train_config():
     assert (train().checkpoint_seconds, train().checkpoint_every) == (60.0, 0)
     chosen = train("--checkpoint-seconds", "0", "--checkpoint-every", "25")
     assert (chosen.checkpoint_seconds, chosen.checkpoint_every) == (0.0, 25)
+
+
+def test_the_command_line_and_config_import_neither_torch_nor_ray():
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, hsic_ray.cli, hsic_ray.config, hsic_ray.errors; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -434,3 +434,14 @@ def test_prepare_cli_reports_data_errors(tmp_path, capsys):
     assert "error: npz file" in capsys.readouterr().err and not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):
         main(["prepare", "--source", "mnist-sample"])  # --output is required
+
+
+def test_load_dataset_is_public_and_takes_a_source_name():
+    import hsic_ray
+
+    by_name = hsic_ray.load_dataset("mnist-sample")
+    by_config = hsic_ray.load_dataset(DataConfig(source="mnist-sample"))
+    assert by_name.name == by_config.name
+    assert np.array_equal(by_name.y_test, by_config.y_test) and len(by_name.y_test) > 0
+    with pytest.raises(AttributeError, match="no attribute 'load_everything'"):
+        hsic_ray.load_everything  # noqa: B018

@@ -140,8 +140,10 @@ def _load_npz(path: str) -> ImageData:
     return check_arrays(file.stem, *arrays)
 
 
-def load_dataset(cfg: DataConfig) -> ImageData:
-    """The train/test arrays `cfg.source` names, validated by `check_arrays`."""
+def load_dataset(source: DataConfig | str) -> ImageData:
+    """The train/test arrays a source names (`DataConfig.source`, or a whole `DataConfig` such as a run's
+    `config.yaml` holds), validated by `check_arrays`."""
+    cfg = DataConfig(source=source) if isinstance(source, str) else source
     source = cfg.source
     if source == "mnist-sample":
         return _load_mnist_sample(cfg)
