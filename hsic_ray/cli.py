@@ -1,5 +1,6 @@
-"""Command-line pieces the job scripts share: the flags every run has, how flags become config overrides,
-and which errors are the user's to fix (one line, exit code 2) rather than bugs (a traceback)."""
+"""Command-line pieces the job scripts share: which config fields each job takes as flags (their type,
+choices and help come from the config's fields), how flags become config overrides, and which errors are the
+user's to fix (one line, exit code 2) rather than bugs (a traceback)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,69 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from hsic_ray.config import ACTIVATIONS, DATASET_FAMILIES, INITS, NULL, PRESETS, ExperimentConfig, build_config
+from hsic_ray.config import NULL, ExperimentConfig, build_config, config_field, default_output
 from hsic_ray.errors import USER_ERRORS
+from hsic_ray.presets import PRESETS, SMOKE_TEST
 
 DEFAULT_PRESET = "deep_mlp"
 # Config fields outside the sections, which KEY=VALUE may set too (preset=paper_mlp).
 TOP_LEVEL_FIELDS = tuple(
     f.name for f in dataclasses.fields(ExperimentConfig) if f.default_factory is dataclasses.MISSING
 )
+
+# Which config fields each job takes as flags: flag dest -> dotted field. A flag is --DEST with dashes; its
+# type, choices and help come from the field (`hsic_ray.config.documented`).
+RUN_FLAGS = {  # every run: train_deep.py and train_backprop.py
+    "output": "output",
+    "dataset": "data.source",
+    "data_family": "data.family",
+    "data_root": "data.root",
+    "depth": "model.depth",
+    "width": "model.width",
+    "last_width": "model.last_width",
+    "activation": "model.activation",
+    "init": "model.init",
+    "batch_size": "train.batch_size",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "seed": "train.seed",
+    "log_every": "train.log_every",
+    "ray_address": "ray.address",
+}
+HSIC_FLAGS = {  # train_deep.py
+    "trainer": "trainer",
+    "estimator": "hsic.estimator",
+    "sigma": "hsic.sigma",
+    "beta": "hsic.beta",
+    "lr": "optim.lr",
+    "lr_schedule": "optim.schedule",
+    "device": "train.device",
+    "cuda_graphs": "train.cuda_graphs",
+    "format_epochs": "head.epochs",
+    "format_lr": "head.lr",
+    "concurrent_head": "head.concurrent",
+    "checkpoint_every": "train.checkpoint_every",
+    "checkpoint_seconds": "train.checkpoint_seconds",
+    "tensorboard": "train.tensorboard",
+    "stages": "ray.stages",
+    "gpus_per_stage": "ray.gpus_per_stage",
+    "cpus_per_stage": "ray.cpus_per_stage",
+    "strategy": "ray.strategy",
+    "max_in_flight": "ray.max_in_flight",
+    "batches_per_call": "ray.batches_per_call",
+    "factors_on": "ray.factors_on",
+}
+BACKPROP_FLAGS = {"lr": "backprop.lr", "lr_schedule": "backprop.schedule"}  # train_backprop.py
+# sweep_depth.py: settings every trial shares, and grids (a list of values each).
+SWEEP_FLAGS = {
+    "dataset": "data.source",
+    "data_family": "data.family",
+    "width": "model.width",
+    "epochs": "train.epochs",
+    "batch_size": "train.batch_size",
+    "max_steps": "train.max_steps",
+}
+SWEEP_GRID_FLAGS = {"betas": "hsic.beta", "sigmas": "hsic.sigma", "lrs": "optim.lr", "estimators": "hsic.estimator"}
 
 
 class JobArgumentParser(argparse.ArgumentParser):
@@ -37,68 +93,25 @@ def run_job(body: Callable[[], int]) -> int:
 
 def build_run_config(args: argparse.Namespace, *flag_maps: dict[str, str]) -> ExperimentConfig:
     """The run's config from --preset, --config, --smoke-test, the flags and KEY=VALUE settings."""
-    return build_config(args.preset, args.config, overrides(args, *flag_maps), default_preset=DEFAULT_PRESET)
+    cfg = build_config(args.preset, args.config, overrides(args, *flag_maps), default_preset=DEFAULT_PRESET)
+    if getattr(args, "smoke_test", False) and cfg.output is None:
+        cfg.output = default_output(cfg.preset, "smoke")
+    return cfg
 
 
-# flag dest -> config field, for the flags `add_run_arguments` defines.
-RUN_FLAGS = {
-    "output": "output",
-    "dataset": "data.source",
-    "data_family": "data.family",
-    "data_root": "data.root",
-    "depth": "model.depth",
-    "width": "model.width",
-    "last_width": "model.last_width",
-    "activation": "model.activation",
-    "init": "model.init",
-    "batch_size": "train.batch_size",
-    "epochs": "train.epochs",
-    "max_steps": "train.max_steps",
-    "seed": "train.seed",
-    "log_every": "train.log_every",
-    "ray_address": "ray.address",
-}
+def accuracy_text(value: float | None) -> str:
+    """An accuracy (%) as a job prints it: two decimals, or n/a where the run has none."""
+    return "n/a" if value is None else f"{value:.2f}"
 
 
-# What --smoke-test sets (flags given beside it still win): a tiny network for a few steps, to check in
-# seconds that data, cluster and output work before a long run.
-SMOKE_TEST = {
-    "model.depth": 1,
-    "model.width": 32,
-    "train.epochs": 1,
-    "train.max_steps": 4,
-    "head.epochs": 1,
-    "train.eval_samples": 64,
-    "train.log_every": 2,
-}
-
-
-def add_run_arguments(p: argparse.ArgumentParser) -> None:
-    """Preset, config file, output, data, network shape, budget, seed, resume and cluster address."""
+def add_run_arguments(p: argparse.ArgumentParser, *job_flags: dict[str, str]) -> None:
+    """Preset, config file, resume, smoke test, KEY=VALUE settings, and the flags of RUN_FLAGS and `job_flags`."""
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
         help=f"named starting config (default: the --config file's preset:, else {DEFAULT_PRESET})",
     )
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file of config sections applied over the preset")
-    p.add_argument("--output", metavar="DIR", help="run directory (local path or pyarrow URI)")
-    p.add_argument(
-        "--dataset",
-        metavar="SOURCE",
-        help="mnist-sample (bundled), mnist, fashion-mnist, cifar10, npz:PATH, parquet:URI",
-    )
-    add_data_family_argument(p)
-    p.add_argument("--data-root", metavar="DIR", help="where torchvision datasets are stored / downloaded")
-    p.add_argument("--depth", type=int, help="hidden width x width blocks (depth 5 = 7 layers)")
-    p.add_argument("--width", type=int, help="hidden width (channels for paper_resconv)")
-    p.add_argument("--last-width", type=int, help="width of the network's last layer (before the format head)")
-    p.add_argument("--activation", choices=ACTIVATIONS)
-    p.add_argument("--init", choices=INITS, help="weight initialisation (orthogonal: no information lost at the start)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int, help="stop training after this many steps")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--log-every", type=int, help="steps between progress lines")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --output (required to exist)")
     p.add_argument(
         "--smoke-test", action="store_true", help="a tiny network for a few steps: checks the setup in seconds"
@@ -110,19 +123,42 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="any config field, applied after the flags, e.g. hsic.eps=1e-4 train.cuda_graphs=off",
     )
-    p.add_argument(
-        "--ray-address", help="cluster to join (default: RAY_ADDRESS, a running local cluster, or a new one)"
-    )
+    add_config_flags(p, RUN_FLAGS, *job_flags)
 
 
-def add_data_family_argument(p: argparse.ArgumentParser) -> None:
-    """--data-family: whose per-dataset settings the presets apply to an npz: or parquet: source."""
-    p.add_argument(
-        "--data-family",
-        choices=DATASET_FAMILIES,
-        help="whose settings (beta) the preset applies to "
-        "the data (default: inferred from a named --dataset, mnist for npz: and parquet: files)",
-    )
+def add_config_flags(p: argparse.ArgumentParser, *flag_maps: dict[str, str], grid: bool = False) -> None:
+    """A flag per entry of `flag_maps`, its type, choices and help taken from the config field it sets,
+    grouped by config section. `grid`: each flag takes a list of values to sweep over."""
+    groups: dict[str, Any] = {}
+    for flag_map in flag_maps:
+        for dest, dotted in flag_map.items():
+            section = dotted.rpartition(".")[0] or "run"
+            if section not in groups:
+                groups[section] = p.add_argument_group(f"{section} settings")
+            spec = _flag_spec(dotted, grid)
+            groups[section].add_argument(f"--{dest.replace('_', '-')}", dest=dest, **spec)
+
+
+def _flag_spec(dotted: str, grid: bool) -> dict[str, Any]:
+    """add_argument's keywords for the flag of config field `dotted`."""
+    f = config_field(dotted)
+    meta, kind = f.metadata, str(f.type)
+    spec: dict[str, Any] = {"help": f"{'grid over ' if grid else ''}{meta['help']} ({dotted})".replace("%", "%%")}
+    if kind == "bool":
+        return {**spec, "action": "store_true", "default": None}
+    spec.update({key: meta[key] for key in ("choices", "metavar") if key in meta})
+    number = {"int": int, "float": float}.get(kind.split(" ")[0])
+    if number is not None:
+        spec["type"] = number if grid or "null_word" not in meta else _number_or_null(number, meta["null_word"])
+    return {**spec, "nargs": "+"} if grid else spec
+
+
+def _number_or_null(number: type, word: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return NULL if text == word else number(text)
+
+    parse.__name__ = f"{number.__name__} or {word!r}"  # argparse names the type in its error
+    return parse
 
 
 def setting(text: str) -> tuple[str, Any]:
@@ -155,10 +191,13 @@ def _scalar(text: str) -> Any:
     return {"null": None, "true": True, "false": False}.get(text.lower(), text)
 
 
+def flag_overrides(args: argparse.Namespace, *flag_maps: dict[str, str]) -> dict[str, Any]:
+    """The dotted config overrides of the flags given; flags left unset (None) keep the preset / file value."""
+    flags = {field: getattr(args, dest) for flag_map in flag_maps for dest, field in flag_map.items()}
+    return {field: value for field, value in flags.items() if value is not None}
+
+
 def overrides(args: argparse.Namespace, *flag_maps: dict[str, str]) -> dict[str, Any]:
-    """Dotted config overrides: SMOKE_TEST with --smoke-test, then the flags, then KEY=VALUE settings;
-    flags left unset (None) keep the preset / file value."""
-    flags = {field: getattr(args, flag) for flag_map in flag_maps for flag, field in flag_map.items()}
+    """Dotted config overrides: SMOKE_TEST with --smoke-test, then the flags, then KEY=VALUE settings."""
     smoke = SMOKE_TEST if getattr(args, "smoke_test", False) else {}
-    given = {field: value for field, value in flags.items() if value is not None}
-    return {**smoke, **given, **dict(getattr(args, "settings", None) or [])}
+    return {**smoke, **flag_overrides(args, *flag_maps), **dict(getattr(args, "settings", None) or [])}

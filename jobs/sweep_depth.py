@@ -16,31 +16,28 @@ import logging
 import sys
 import time
 
-from hsic_ray.cli import JobArgumentParser, add_data_family_argument, grid_axis, run_job
-from hsic_ray.config import ESTIMATORS, PRESETS
+from hsic_ray.cli import (
+    DEFAULT_PRESET,
+    SWEEP_FLAGS,
+    SWEEP_GRID_FLAGS,
+    JobArgumentParser,
+    add_config_flags,
+    flag_overrides,
+    grid_axis,
+    run_job,
+)
+from hsic_ray.presets import PRESETS, SMOKE_TEST
 from hsic_ray.sweep import METHODS, SweepSpec, failed_trials, markdown_table, run_sweep
 
-SMOKE = {
-    "depths": [2, 4],
-    "overrides": {
-        "model.width": 64,
-        "train.epochs": 2,
-        "train.batch_size": 256,
-        "head.epochs": 2,
-        "train.log_every": 50,
-    },
-}
+SMOKE_DEPTHS = [2, 4]  # a smoke sweep: these depths, each trial with --smoke-test's settings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="deep_mlp")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
     p.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    p.add_argument("--betas", type=float, nargs="+", help="grid over hsic.beta")
-    p.add_argument("--sigmas", type=float, nargs="+", help="grid over hsic.sigma")
-    p.add_argument("--lrs", type=float, nargs="+", help="grid over optim.lr (HSIC layers)")
-    p.add_argument("--estimators", nargs="+", choices=ESTIMATORS, help="grid over hsic.estimator")
+    add_config_flags(p, SWEEP_GRID_FLAGS, grid=True)
     p.add_argument(
         "--grid",
         type=grid_axis,
@@ -49,12 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="KEY=V1,V2",
         help="grid over any config setting, e.g. model.activation=relu,elu (repeatable)",
     )
-    p.add_argument("--dataset", help="data source for every trial (default: the preset's)")
-    add_data_family_argument(p)
-    p.add_argument("--width", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--max-steps", type=int)
+    add_config_flags(p, SWEEP_FLAGS)
     p.add_argument("--stages-per-trial", type=int, default=2, help="stage actors of each HSIC trial")
     p.add_argument("--gpus-per-stage", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=1, help="trials running at once")
@@ -73,27 +65,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_spec(args: argparse.Namespace) -> SweepSpec:
-    overrides = dict(SMOKE["overrides"]) if args.smoke else {}
-    flags = {
-        "data.source": args.dataset,
-        "data.family": args.data_family,
-        "model.width": args.width,
-        "train.epochs": args.epochs,
-        "train.batch_size": args.batch_size,
-        "train.max_steps": args.max_steps,
-    }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    grid_flags = {
-        "hsic.beta": args.betas,
-        "hsic.sigma": args.sigmas,
-        "optim.lr": args.lrs,
-        "hsic.estimator": args.estimators,
-    }
+    overrides = {**(SMOKE_TEST if args.smoke else {}), **flag_overrides(args, SWEEP_FLAGS)}
+    grids = {field: values for field, values in flag_overrides(args, SWEEP_GRID_FLAGS).items() if values}
     return SweepSpec(
         preset=args.preset,
-        depths=SMOKE["depths"] if args.smoke else args.depths,
+        depths=SMOKE_DEPTHS if args.smoke else args.depths,
         methods=args.methods,
-        grid={**{k: v for k, v in grid_flags.items() if v}, **dict(args.grid)},
+        grid={**grids, **dict(args.grid)},
         overrides=overrides,
         stages_per_trial=args.stages_per_trial,
         gpus_per_stage=args.gpus_per_stage,

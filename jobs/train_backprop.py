@@ -18,25 +18,21 @@ import sys
 
 from ray.train import TrainingFailedError
 
-from hsic_ray.cli import RUN_FLAGS, JobArgumentParser, add_run_arguments, build_run_config, run_job
-from hsic_ray.config import LR_SCHEDULES
+from hsic_ray.cli import (
+    BACKPROP_FLAGS,
+    RUN_FLAGS,
+    JobArgumentParser,
+    accuracy_text,
+    add_run_arguments,
+    build_run_config,
+    run_job,
+)
 from hsic_ray.train_backprop import train_backprop, training_failure
-
-BACKPROP_FLAGS = {
-    "lr": "backprop.lr",
-    "lr_schedule": "backprop.schedule",
-}  # the shared flags are in hsic_ray.cli.RUN_FLAGS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(p)
-    p.add_argument("--lr", type=float, help="SGD learning rate of the end-to-end training (backprop.lr)")
-    p.add_argument(
-        "--lr-schedule",
-        choices=LR_SCHEDULES,
-        help="constant, or cosine: annealed to 0 over the run (backprop.schedule)",
-    )
+    add_run_arguments(p, BACKPROP_FLAGS)
     ray = p.add_argument_group("ray train")
     ray.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers (default %(default)s)")
     ray.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
@@ -68,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {training_failure(exc)}", file=sys.stderr)
             return 1
         print(
-            f"test accuracy: formatted {metrics['test_accuracy_formatted']:.2f} after {metrics['epochs']} epochs "
+            f"test accuracy: formatted {accuracy_text(metrics['test_accuracy_formatted'])} "
+            f"after {metrics['epochs']} epochs "
             f"({metrics['steps']} steps, {metrics['samples_per_second']:.0f} samples/s)"
         )
         return 0

@@ -202,13 +202,13 @@ def test_a_config_file_that_is_not_yaml_is_one_line(in_tmp, capsys, content):
 def test_a_preset_named_in_the_config_file_is_used(tmp_path):
     (tmp_path / "run.yaml").write_text("preset: paper_mlp\ntrain: {epochs: 3}\n")
     args = train_deep.parse_args(["--config", str(tmp_path / "run.yaml")])
-    from hsic_ray.cli import build_run_config
+    from hsic_ray.cli import HSIC_FLAGS, build_run_config
 
-    cfg = build_run_config(args, train_deep.HSIC_FLAGS)
+    cfg = build_run_config(args, HSIC_FLAGS)
     assert cfg.preset == "paper_mlp" and cfg.model.width == 1024 and cfg.train.epochs == 3
     args = train_deep.parse_args(["--config", str(tmp_path / "run.yaml"), "--preset", "deep_mlp"])
-    assert build_run_config(args, train_deep.HSIC_FLAGS).preset == "deep_mlp"  # the flag wins over the file
-    assert build_run_config(train_deep.parse_args([]), train_deep.HSIC_FLAGS).preset == "deep_mlp"
+    assert build_run_config(args, HSIC_FLAGS).preset == "deep_mlp"  # the flag wins over the file
+    assert build_run_config(train_deep.parse_args([]), HSIC_FLAGS).preset == "deep_mlp"
 
 
 def test_an_interrupted_run_whose_config_is_missing_or_broken_is_one_line(in_tmp, capsys):

@@ -2,7 +2,6 @@ import pytest
 
 from hsic_ray.config import (
     NULL,
-    PRESETS,
     ConfigError,
     ExperimentConfig,
     build_config,
@@ -10,6 +9,7 @@ from hsic_ray.config import (
     dataset_family,
     save_config,
 )
+from hsic_ray.presets import PRESETS
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -159,7 +159,7 @@ def test_every_job_takes_data_family():
     import sys
     from pathlib import Path
 
-    from hsic_ray.cli import RUN_FLAGS, build_run_config
+    from hsic_ray.cli import HSIC_FLAGS, RUN_FLAGS, build_run_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     import sweep_depth
@@ -167,7 +167,7 @@ def test_every_job_takes_data_family():
     import train_deep
 
     argv = ["--preset", "paper_mlp", "--dataset", FASHION_FILE, "--data-family", "fashion-mnist"]
-    assert build_run_config(train_deep.parse_args(argv), RUN_FLAGS, train_deep.HSIC_FLAGS).hsic.beta == 1000.0
+    assert build_run_config(train_deep.parse_args(argv), RUN_FLAGS, HSIC_FLAGS).hsic.beta == 1000.0
     assert build_run_config(train_backprop.parse_args(argv), RUN_FLAGS).data.family == "fashion-mnist"
     from hsic_ray.sweep import trial_configs
 
@@ -179,7 +179,7 @@ def test_train_deep_pipeline_flags_reach_the_ray_config():
     import sys
     from pathlib import Path
 
-    from hsic_ray.cli import RUN_FLAGS, build_run_config
+    from hsic_ray.cli import HSIC_FLAGS, RUN_FLAGS, build_run_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     import train_deep
@@ -200,10 +200,10 @@ def test_train_deep_pipeline_flags_reach_the_ray_config():
         "--factors-on",
         "first_stage",
     ]
-    ray = build_run_config(train_deep.parse_args(argv), RUN_FLAGS, train_deep.HSIC_FLAGS).ray
+    ray = build_run_config(train_deep.parse_args(argv), RUN_FLAGS, HSIC_FLAGS).ray
     assert (ray.stages, ray.gpus_per_stage, ray.cpus_per_stage, ray.strategy) == (3, 0.5, 2.0, "SPREAD")
     assert (ray.max_in_flight, ray.batches_per_call, ray.factors_on) == (7, 4, "first_stage")
-    assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, train_deep.HSIC_FLAGS).ray.factors_on is None
+    assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, HSIC_FLAGS).ray.factors_on is None
     with pytest.raises(SystemExit):
         train_deep.parse_args(["--factors-on", "gpu"])
 
@@ -212,13 +212,13 @@ def test_train_deep_checkpoint_flags_reach_the_train_config():
     import sys
     from pathlib import Path
 
-    from hsic_ray.cli import RUN_FLAGS, build_run_config
+    from hsic_ray.cli import HSIC_FLAGS, RUN_FLAGS, build_run_config
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     import train_deep
 
     def train(*argv):
-        return build_run_config(train_deep.parse_args(list(argv)), RUN_FLAGS, train_deep.HSIC_FLAGS).train
+        return build_run_config(train_deep.parse_args(list(argv)), RUN_FLAGS, HSIC_FLAGS).train
 
     assert (train().checkpoint_seconds, train().checkpoint_every) == (60.0, 0)
     chosen = train("--checkpoint-seconds", "0", "--checkpoint-every", "25")
