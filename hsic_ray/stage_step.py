@@ -7,15 +7,15 @@ so no gradient crosses a layer boundary) and one SGD update over the stage's par
 own momentum buffer, as per-layer optimizers would). The result equals stepping the layers one by one.
 
 The step never reads back to the host: a kernel system that is not positive definite is recorded on the
-device and checked by `check_solves`, where the caller synchronises anyway (log steps, checkpoints). On
-CUDA the step is captured as one graph (`hsic_ray.step_graph`). The same class serves the in-process
-trainer (one stage holding every layer) and each Ray stage actor.
+device (`hsic_ray.solve_failures`) and checked by `check_solves`, where the caller synchronises anyway (log
+steps, checkpoints). On CUDA the step is captured as one graph (`hsic_ray.step_graph`). The same class serves
+the in-process trainer (one stage holding every layer) and each Ray stage actor.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -23,13 +23,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from hsic_ray.config import OptimConfig
-from hsic_ray.hsic import not_positive_definite
-from hsic_ray.objective import HSICObjective, KernelFactors, factors_failed
+from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.probes import probe_view
 from hsic_ray.schedule import LRSchedule
+from hsic_ray.solve_failures import SolveFailures
 from hsic_ray.step_graph import CapturedStep
-
-log = logging.getLogger("hsic_ray")
 
 # Columns of the per-layer statistics a step returns.
 STAT_NAMES = ("loss", "nhsic_zx", "nhsic_zy")
@@ -54,6 +52,31 @@ def use_cuda_graphs(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
+def _param_groups(layers: Sequence[nn.Module], lr_scales: Sequence[float] | None, lr: float) -> list:
+    """The stage's parameters for SGD: one group, as checkpoints hold, unless layers have their own rates
+    (`layer_lr_scales`); then one group per layer."""
+    if lr_scales is not None and len(lr_scales) != len(layers):
+        raise ValueError(f"{len(lr_scales)} learning-rate scales for a stage of {len(layers)} layers")
+    if lr_scales is None or all(scale == 1.0 for scale in lr_scales):
+        return [p for layer in layers for p in layer.parameters()]
+    return [{"params": list(layer.parameters()), "lr": lr * scale} for layer, scale in zip(layers, lr_scales)]
+
+
+@contextlib.contextmanager
+def _cumulative_batchnorm(layers: Sequence[nn.Module]) -> Iterator[None]:
+    """BatchNorm running statistics reset and made a plain average over the batches the body passes."""
+    norms = [m for layer in layers for m in layer.modules() if isinstance(m, _BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()  # in place: a captured CUDA graph keeps its buffers
+        norm.momentum = None  # a cumulative average over the batches that follow
+    try:
+        yield
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+
+
 class StageStep:
     def __init__(
         self,
@@ -70,17 +93,8 @@ class StageStep:
         self.device = torch.device(device)
         self.layers = [layer.to(self.device) for layer in layers]
         self.objective = objective
-        if lr_scales is not None and len(lr_scales) != len(self.layers):
-            raise ValueError(f"{len(lr_scales)} learning-rate scales for a stage of {len(self.layers)} layers")
-        if lr_scales is None or all(scale == 1.0 for scale in lr_scales):  # one group, as checkpoints hold
-            params = [p for layer in self.layers for p in layer.parameters()]
-        else:  # one group per layer
-            params = [
-                {"params": list(layer.parameters()), "lr": optim_cfg.lr * scale}
-                for layer, scale in zip(self.layers, lr_scales)
-            ]
-        self.optimizer = make_sgd(params, optim_cfg)
-        self.kernel_dtype: torch.dtype | None = None  # None: the activations' own; float64 after a failure
+        self.optimizer = make_sgd(_param_groups(self.layers, lr_scales, optim_cfg.lr), optim_cfg)
+        self.solves = SolveFailures(len(self.layers), self.device)
         self.steps = 0
         # The schedule scales each step's gradient through a device scalar that a captured graph reads at
         # every replay; SGD's lr is a Python number a graph would keep at its capture value. With momentum
@@ -88,19 +102,20 @@ class StageStep:
         # schedule's hundreds of steps make immaterial; weight decay is not scaled.
         self.schedule = schedule
         self._step_scale = torch.ones((), device=self.device)
-        # Steps since the last check in which each layer's kernel system was not positive definite.
-        self._failures = torch.zeros(len(self.layers), dtype=torch.int32, device=self.device)
-        # Whether any batch's factors, computed on the device unchecked (`HSICObjective.kernel_factors`), failed.
-        self._factors_failed = torch.zeros((), dtype=torch.bool, device=self.device)
         self._graph: CapturedStep | None = None
         if self.device.type == "cuda":
             # cuSOLVER's batched Cholesky leaves its status on the device; MAGMA's reads it back to the host.
             torch.backends.cuda.preferred_linalg_library("cusolver")
         if use_cuda_graphs(cuda_graphs, self.device):
-            self._graph = CapturedStep(self._step, self.layers, self.optimizer, extra=[self._failures])
+            self._graph = CapturedStep(self._step, self.layers, self.optimizer, extra=[self.solves.counts])
 
     def __len__(self) -> int:
         return len(self.layers)
+
+    @property
+    def kernel_dtype(self) -> torch.dtype | None:
+        """The precision of the layers' kernels: None for the activations' own, float64 after a failure."""
+        return self.solves.kernel_dtype
 
     def train_step(self, x: Tensor, factors: KernelFactors) -> tuple[Tensor, Tensor]:
         """One local HSIC step of every layer.
@@ -110,8 +125,7 @@ class StageStep:
         """
         x = x.to(self.device, non_blocking=True)
         factors = factors.to(self.device)
-        if factors.failed is not None:
-            self._factors_failed |= factors.failed
+        self.solves.record_factors(factors)
         if self.schedule is not None and not self.schedule.is_constant:
             self._step_scale.fill_(self.schedule.factor(self.steps))
         step = self._graph if self._graph is not None and self._graph.fits(x) else self._step
@@ -129,29 +143,14 @@ class StageStep:
         self.optimizer.zero_grad(set_to_none=True)
         (terms.loss.sum() * self._step_scale).backward()
         self.optimizer.step()
-        self._failures += terms.failed
+        self.solves.record(terms.failed)
         stats = torch.stack([terms.loss.detach(), terms.nhsic_zx, terms.nhsic_zy], dim=1).to(x.dtype)
         return x, stats
 
     def check_solves(self) -> None:
-        """Read the failure record (a host sync). After float32 failures, continue in float64 (the failing
-        layers skipped their HSIC gradient on those steps); after float64 failures, or a batch's factors that
-        failed (in float64 already), raise."""
-        if bool(self._factors_failed):
-            raise factors_failed()
-        failed = self._failures.nonzero().flatten().tolist()
-        if not failed:
-            return
-        self._failures.zero_()
-        if self.kernel_dtype == torch.float64:
-            raise not_positive_definite(f"hsic_cca (layers {failed} of this stage, in float64)")
-        log.warning(
-            "kernel systems of layers %s of this stage lost positive definiteness in float32; "
-            "computing kernels in float64 from now on",
-            failed,
-        )
-        self.kernel_dtype = torch.float64
-        if self._graph is not None:
+        """Read the solve failures (a host sync; see `SolveFailures.check`): after float32 failures, continue
+        in float64; after float64 failures, or a batch's factors that failed, raise."""
+        if self.solves.check() and self._graph is not None:
             self._graph.reset()
 
     @torch.no_grad()
@@ -171,19 +170,13 @@ class StageStep:
         after an epoch they describe a network that no longer exists, and eval-mode outputs (evaluation,
         the format head, the information plane) pay for it. Steps use batch statistics and are unaffected.
         """
-        norms = [m for layer in self.layers for m in layer.modules() if isinstance(m, _BatchNorm)]
-        momenta = [m.momentum for m in norms]
-        for norm in norms:
-            norm.reset_running_stats()  # in place: a captured CUDA graph keeps its buffers
-            norm.momentum = None  # a cumulative average over the batches that follow
         outputs = []
-        for x in batches:
-            x = x.to(self.device, non_blocking=True)
-            for layer in self.layers:
-                x = layer.train()(x)
-            outputs.append(x)
-        for norm, momentum in zip(norms, momenta):
-            norm.momentum = momentum
+        with _cumulative_batchnorm(self.layers):
+            for x in batches:
+                x = x.to(self.device, non_blocking=True)
+                for layer in self.layers:
+                    x = layer.train()(x)
+                outputs.append(x)
         return outputs
 
     @torch.no_grad()
@@ -212,22 +205,17 @@ class StageStep:
         return {
             "layers": [layer.state_dict() for layer in self.layers],
             "optimizer": self.optimizer.state_dict(),
-            "kernel_dtype": None if self.kernel_dtype is None else str(self.kernel_dtype),
+            "kernel_dtype": self.solves.state(),
             "steps": self.steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["layers"]) != len(self.layers):
             raise ValueError(f"checkpoint holds {len(state['layers'])} layers, this stage has {len(self.layers)}")
-        if "optimizer" not in state:
-            raise ValueError(
-                "checkpoint holds one optimizer per layer, written by an older hsic-ray; "
-                "finish that run with the version that started it"
-            )
         for layer, layer_state in zip(self.layers, state["layers"]):
             layer.load_state_dict(layer_state)
         self.optimizer.load_state_dict(state["optimizer"])
-        self.kernel_dtype = torch.float64 if state.get("kernel_dtype") == "torch.float64" else None
+        self.solves.load_state(state["kernel_dtype"])
         self.steps = state["steps"]
         if self._graph is not None:
             self._graph.reset()  # the optimizer's momentum buffers are new tensors: capture again
