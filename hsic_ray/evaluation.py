@@ -1,4 +1,4 @@
-"""Reading accuracy off a network's outputs: plain argmax, and the "unformatted" readout.
+"""Reading accuracy off a network's outputs: plain argmax, the "unformatted" readout, and a least-squares one.
 
 An unformatted network ends in a layer of `units >= num_classes` outputs with no trained head. To read a
 class off it, each class is matched to one output unit using the class-mean output vectors of a fitting
@@ -12,11 +12,12 @@ label. Two matchings are offered:
 
 A sample whose argmax unit is matched to no class is wrong. Accuracies are percentages in [0, 100]. By
 default they are over samples; ``balanced=True`` gives the mean of the per-class accuracies instead, which
-is the figure the authors report (see section 7 of docs/hsic-reference.md).
+is how the authors' code scores unformatted accuracy.
 
 The assignments are pure numpy/scipy (torch tensors are accepted and converted, detached, moved to CPU).
-The linear readout (`RidgeReadout`: one-hot ridge regression in closed form, the per-epoch stand-in for
-the format head and the linear probe of every layer) is torch, in float64 on the CPU.
+The least-squares classifier (`RidgeClassifier`: one-hot ridge regression in closed form; the least-squares
+readout of the network's output, which stands in for the format head between epochs, and the linear probe of
+every layer) is torch, in float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -206,7 +207,7 @@ def accuracy(logits: Any, labels: Any) -> float:
     return float(100.0 * np.mean(np.argmax(out, axis=1) == lab))
 
 
-class RidgeReadout:
+class RidgeClassifier:
     """A linear classifier fitted in closed form: ridge regression of one-hot labels on standardised
     features, with a bias. The training split arrives in chunks (`add`), of which only sums are kept (the
     features' sum, Gram matrix and products with the labels), so a split's features are never held at
@@ -235,9 +236,9 @@ class RidgeReadout:
         self._xty += x.T @ onehot
         self._counts += onehot.sum(0)
 
-    def fit(self) -> RidgeReadout:
+    def fit(self) -> RidgeClassifier:
         if self._shift is None:
-            raise ValueError("a readout needs training samples before it is fitted")
+            raise ValueError("the classifier needs training samples before it is fitted")
         n, d = self.samples, len(self._shift)
         mean = self._sum / n
         cov = self._gram / n - torch.outer(mean, mean)  # of the features, over n (numpy's std, ddof 0)
@@ -257,18 +258,18 @@ class RidgeReadout:
     def predict(self, features: Any) -> torch.Tensor:
         """Class scores [samples, classes] of raw features (float64, CPU)."""
         if self._weights is None:
-            raise ValueError("fit the readout before predicting")
+            raise ValueError("fit the classifier before predicting")
         return torch.as_tensor(features).detach().cpu().flatten(1).double() @ self._weights + self._bias
 
 
 def least_squares_accuracy(
     train_features: Any, train_labels: Any, test_features: Any, test_labels: Any, num_classes: int, ridge: float = 1e-3
 ) -> float:
-    """Test accuracy (%) of a `RidgeReadout` fitted on the training features. A stand-in for the format
+    """Test accuracy (%) of a `RidgeClassifier` fitted on the training features. A stand-in for the format
     head where training one costs too much (each HSIC epoch of a sweep), since both are linear maps of the
     same features."""
     x, t = _outputs(train_features, "train_features"), _outputs(test_features, "test_features")
     y = _labels(train_labels, x.shape[0], "train_labels")
-    readout = RidgeReadout(num_classes, ridge)
-    readout.add(torch.from_numpy(x), torch.from_numpy(y))
-    return accuracy(readout.fit().predict(torch.from_numpy(t)), test_labels)
+    classifier = RidgeClassifier(num_classes, ridge)
+    classifier.add(torch.from_numpy(x), torch.from_numpy(y))
+    return accuracy(classifier.fit().predict(torch.from_numpy(t)), test_labels)

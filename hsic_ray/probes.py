@@ -1,10 +1,11 @@
 """Linear probes of every layer: how well a linear classifier reads the labels off each layer's output.
 
 The format head reads only the last layer; a probe per layer shows where along the network the class
-information is, and whether deep layers lose what shallow ones held. Each probe is a `RidgeReadout`
+information is, and whether deep layers lose what shallow ones held. Each probe is a `RidgeClassifier`
 (hsic_ray.evaluation: one-hot ridge regression in closed form on standardised features) fitted on the
-training images' layer outputs and scored on the training and test images. The trainer runs it after
-every HSIC epoch on fixed subsets of the splits (`train.probe_samples`) and at the end on the full splits.
+training images' layer outputs and scored on the training and test images. hsic_ray.layer_monitor runs it
+after every HSIC epoch on fixed subsets of the splits (`train.probe_samples`), and at the end of the run
+(hsic_ray.run_end) on the full splits.
 
 Layers wider than MAX_PROBE_FEATURES are reduced first, on the stage that holds them (`probe_view`), so
 that the fit's (d + 1) x (d + 1) system and what crosses Ray stay small: conv maps are average-pooled over
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from hsic_ray.data import EVAL_CHUNK, to_tensor
-from hsic_ray.evaluation import RidgeReadout
+from hsic_ray.evaluation import RidgeClassifier
 
 MAX_PROBE_FEATURES = 2048
 
@@ -75,34 +76,34 @@ def probe_layers(
     chunk: int = EVAL_CHUNK,
 ) -> dict[str, Any]:
     """Every layer's probe fitted on `train` (images, labels) and scored on both splits: train_accuracy
-    and test_accuracy per layer (%), and the sample counts. The readouts keep only sums, so the images go
+    and test_accuracy per layer (%), and the sample counts. The classifiers keep only sums, so the images go
     through the network `chunk` at a time; the training views are kept for scoring up to KEEP_BYTES, and
     the rest go through a second time."""
-    readouts: list[RidgeReadout] = []
+    classifiers: list[RidgeClassifier] = []
     kept: list[Views] = []
     kept_bytes, keeping = 0, True
     for outputs, y in _views(layer_outputs, train, chunk):
-        readouts = readouts or [RidgeReadout(num_classes) for _ in outputs]
-        for readout, features in zip(readouts, outputs):
-            readout.add(features, y)
+        classifiers = classifiers or [RidgeClassifier(num_classes) for _ in outputs]
+        for classifier, features in zip(classifiers, outputs):
+            classifier.add(features, y)
         kept_bytes += sum(features.numel() * features.element_size() for features in outputs)
         keeping = keeping and kept_bytes <= KEEP_BYTES  # a prefix of the chunks, so the rest resume in order
         if keeping:
             kept.append((outputs, y))
-    for readout in readouts:
-        readout.fit()
+    for classifier in classifiers:
+        classifier.fit()
     train_views = itertools.chain(kept, _views(layer_outputs, train, chunk, start=len(kept) * chunk))
     return {
-        "train_accuracy": _accuracies(readouts, train_views, len(train[1])),
-        "test_accuracy": _accuracies(readouts, _views(layer_outputs, test, chunk), len(test[1])),
+        "train_accuracy": _accuracies(classifiers, train_views, len(train[1])),
+        "test_accuracy": _accuracies(classifiers, _views(layer_outputs, test, chunk), len(test[1])),
         "train_samples": len(train[1]),
         "test_samples": len(test[1]),
     }
 
 
-def _accuracies(readouts: list[RidgeReadout], views: Iterable[Views], samples: int) -> list[float]:
-    correct = torch.zeros(len(readouts), dtype=torch.int64)
+def _accuracies(classifiers: list[RidgeClassifier], views: Iterable[Views], samples: int) -> list[float]:
+    correct = torch.zeros(len(classifiers), dtype=torch.int64)
     for outputs, y in views:
-        for i, (readout, features) in enumerate(zip(readouts, outputs)):
-            correct[i] += int((readout.predict(features).argmax(1) == y).sum())
+        for i, (classifier, features) in enumerate(zip(classifiers, outputs)):
+            correct[i] += int((classifier.predict(features).argmax(1) == y).sum())
     return (100.0 * correct.double() / samples).tolist()

@@ -8,7 +8,7 @@ import torch
 
 from hsic_ray import probes
 from hsic_ray.config import build_config
-from hsic_ray.evaluation import RidgeReadout
+from hsic_ray.evaluation import RidgeClassifier
 from hsic_ray.experiment import run_hsic
 from hsic_ray.probes import MAX_PROBE_FEATURES, probe_layers, probe_view
 from hsic_ray.run.plots import plot_probes
@@ -51,13 +51,13 @@ def test_probe_fit_reads_separable_features_and_not_noise(monkeypatch):
     assert probe() == result and len(calls) == 7 + 4 + 4
 
 
-def test_a_readout_fitted_chunk_by_chunk_equals_one_fitted_at_once():
+def test_a_classifier_fitted_chunk_by_chunk_equals_one_fitted_at_once():
     rng = np.random.default_rng(1)
     features, labels = _coded_classes(rng, 1000)
     features[:, 3] = 7.0  # a constant feature (a dead unit) must not blow the standardisation up
-    whole = RidgeReadout(10)
+    whole = RidgeClassifier(10)
     whole.add(features, labels)
-    chunked = RidgeReadout(10)
+    chunked = RidgeClassifier(10)
     for i in range(0, 1000, 128):
         chunked.add(features[i : i + 128], labels[i : i + 128])
     scores = whole.fit().predict(features)
@@ -111,7 +111,7 @@ def test_a_run_probes_every_layer_each_epoch_and_at_the_end(tmp_path, digits):
     assert final == json.loads(json.dumps(metrics["probes"]))
     assert (final["train_samples"], final["test_samples"]) == (2000, 1000)  # the full splits
     assert final["test_accuracy"][0] > 80  # chance is 10%: the first layer of 64 units holds the digits
-    # The last layer's probe is the closed-form readout the epoch summary fits on the network's output.
+    # The last layer's probe is the least-squares readout the epoch summary fits on the network's output.
     assert final["test_accuracy"][-1] == pytest.approx(summaries[-1]["test_accuracy_least_squares"], abs=0.1)
     assert (run / "probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
