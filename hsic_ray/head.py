@@ -33,13 +33,14 @@ class FormatHead:
         self.optimizer.step()
         return loss.item()
 
-    def fit(self, features: Tensor, labels: Tensor, epochs: int, seed: int) -> list[float]:
-        """Train on precomputed features (the frozen network's output); returns the mean loss per epoch."""
+    def fit(self, features: Tensor, labels: Tensor, seed: int) -> list[float]:
+        """Train `head.epochs` epochs on precomputed features (the frozen network's output), in an order drawn
+        from `seed`; returns the mean loss per epoch."""
         rng = np.random.default_rng(seed)
         n = features.shape[0]
         batch = self.cfg.batch_size
         epoch_losses = []
-        for _ in range(epochs):
+        for _ in range(self.cfg.epochs):
             order = torch.from_numpy(rng.permutation(n))
             losses = [self.step(features[idx], labels[idx]) for idx in order.split(batch)]
             epoch_losses.append(float(np.mean(losses)))

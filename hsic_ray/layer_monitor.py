@@ -16,9 +16,10 @@ import torch
 from torch import Tensor
 
 from hsic_ray import probes
-from hsic_ray.config import ExperimentConfig
+from hsic_ray.config import TrainConfig
 from hsic_ray.data import ImageData, to_tensor
 from hsic_ray.objective import HSICObjective, KernelFactors
+from hsic_ray.pipeline import Pipeline
 from hsic_ray.run.metrics_log import MetricsLog
 from hsic_ray.run.plots import plot_information_plane, plot_probes
 
@@ -26,8 +27,17 @@ log = logging.getLogger("hsic_ray")
 
 
 class LayerMonitor:
-    def __init__(self, cfg: ExperimentConfig, data: ImageData, objective: HSICObjective, pipeline, out: MetricsLog):
-        self.cfg = cfg
+    def __init__(
+        self,
+        train: TrainConfig,
+        data: ImageData,
+        objective: HSICObjective,
+        pipeline: Pipeline,
+        out: MetricsLog,
+        name: str = "hsic",
+    ):
+        """`name` heads the plots' titles (the preset's)."""
+        self.train = train
         self.data = data
         self.pipeline = pipeline
         self.out = out
@@ -35,6 +45,9 @@ class LayerMonitor:
         self.probes: list[dict[str, Any]] = []  # per epoch: every layer's linear probe on the fixed subsets
         self._eval_batch = self._fixed_eval_batch(objective)
         self._probe_splits = self._fixed_probe_splits()
+        hsic = objective.cfg
+        self._plane_title = f"{name}: {hsic.estimator}, beta={hsic.beta:g}"
+        self._probes_title = f"{name}: linear probe of each layer"
 
     def record(self, epoch: int, step: int) -> None:
         """Both views of the network as it is now (epoch 0: before training)."""
@@ -55,14 +68,14 @@ class LayerMonitor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.info_plane = state["info_plane"]
-        self.probes = state.get("probes", [])  # absent from checkpoints written before probes
+        self.probes = state["probes"]
 
     # --- the information plane -------------------------------------------------------------------------
 
     def _fixed_eval_batch(self, objective: HSICObjective) -> tuple[Tensor, KernelFactors]:
         n = len(self.data.y_train)
-        size = min(self.cfg.train.eval_samples, n)
-        idx = np.sort(np.random.default_rng(self.cfg.train.seed).choice(n, size, replace=False))
+        size = min(self.train.eval_samples, n)
+        idx = np.sort(np.random.default_rng(self.train.seed).choice(n, size, replace=False))
         x, y = to_tensor(self.data.x_train[idx]), torch.from_numpy(self.data.y_train[idx])
         return x, objective.kernel_factors(x, y)
 
@@ -74,18 +87,19 @@ class LayerMonitor:
         self.info_plane.append(record)
         self.out.append(record)
         if len(self.info_plane) > 1:
-            title = f"{self.cfg.preset or 'hsic'}: {self.cfg.hsic.estimator}, beta={self.cfg.hsic.beta:g}"
-            self.out.plot("information_plane.png", lambda path: plot_information_plane(self.info_plane, path, title))
+            self.out.plot(
+                "information_plane.png", lambda path: plot_information_plane(self.info_plane, path, self._plane_title)
+            )
 
     # --- linear probes ---------------------------------------------------------------------------------
 
     def _fixed_probe_splits(self) -> tuple[probes.Split, probes.Split] | None:
         """The fixed (images, labels) of the training and test splits the per-epoch probes read:
         train.probe_samples of training samples and half as many test samples (at most each split)."""
-        size = self.cfg.train.probe_samples
+        size = self.train.probe_samples
         if not size:
             return None
-        rng = np.random.default_rng(self.cfg.train.seed)
+        rng = np.random.default_rng(self.train.seed)
 
         def subset(x: np.ndarray, y: np.ndarray, n: int) -> probes.Split:
             idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
@@ -119,5 +133,4 @@ class LayerMonitor:
         )
 
     def _plot_probes(self, final: dict[str, Any] | None = None) -> None:
-        title = f"{self.cfg.preset or 'hsic'}: linear probe of each layer"
-        self.out.plot("probes.png", lambda path: plot_probes(self.probes, path, title, final))
+        self.out.plot("probes.png", lambda path: plot_probes(self.probes, path, self._probes_title, final))

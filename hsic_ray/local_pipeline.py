@@ -37,8 +37,9 @@ class LocalPipeline:
     ):
         self.stage = StageStep(list(net.layers), objective, optim, device, cuda_graphs, lr_scales, schedule)
         # Factors are computed where the step runs: on a GPU a few small kernels, where on the host they cost
-        # more than a graph-captured step (README, "On a GPU"). No second thread: on the CPU it would compete
-        # with the step for the same cores, and on a GPU it could launch work while the step is being captured.
+        # more than a graph-captured step (docs/results.md, "On a GPU"). No second thread: on the CPU it would
+        # compete with the step for the same cores, and on a GPU it could launch work while the step is being
+        # captured.
         self.factors_device = self.stage.device
         self.prefetch_factors = False
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]

@@ -1,9 +1,13 @@
-"""Reading the trained network's output three ways: its units as classes (unformatted), a closed-form
-least-squares readout, and the SGD-trained format head."""
+"""The network's test accuracy, read off its output three ways (hsic_ray.evaluation):
+
+* *unformatted*: each class matched to one output unit (no trained map);
+* *least squares*: a closed-form one-hot ridge regression on the output, cheap enough to fit after every
+  HSIC epoch, where it stands in for the format head;
+* *formatted*: the SGD-trained format head, at the end of the run.
+"""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,29 +16,23 @@ import torch
 from torch import Tensor
 
 from hsic_ray import evaluation
-from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import ImageData, split_chunks
 from hsic_ray.head import FormatHead
-from hsic_ray.run.metrics_log import MetricsLog
-
-log = logging.getLogger("hsic_ray")
 
 
-class Readout:
-    def __init__(self, cfg: ExperimentConfig, data: ImageData, forward: Callable[[Tensor], Tensor], head: FormatHead):
+class NetworkEvaluation:
+    def __init__(self, data: ImageData, forward: Callable[[Tensor], Tensor]):
         """`forward`: the whole network's eval-mode output of a batch of images, on the CPU."""
-        self.cfg = cfg
         self.data = data
         self.forward = forward
-        self.head = head
 
     def features(self, x: np.ndarray) -> Tensor:
         """The network's output for a whole split, flattened per sample."""
         return torch.cat([self.forward(chunk) for chunk in split_chunks(x)]).flatten(1)
 
-    def without_head(self) -> dict[str, Any]:
-        """Test accuracy now, unformatted and of a least-squares linear readout: the format head trains only
-        after the last epoch, so the readout stands in for it between epochs."""
+    def epoch_accuracies(self) -> dict[str, Any]:
+        """Test accuracy now, unformatted and least squares: the format head trains only after the last
+        epoch, so the least-squares readout stands in for it between epochs."""
         data = self.data
         train_features, test_features = self.features(data.x_train), self.features(data.x_test)
         return {
@@ -44,19 +42,10 @@ class Readout:
             ),
         }
 
-    def fit_head(self, train_features: Tensor, out: MetricsLog) -> list[float]:
-        """Train the format head on the frozen network's training-set output; its loss per epoch."""
-        labels = torch.from_numpy(self.data.y_train)
-        losses = self.head.fit(train_features, labels, self.cfg.head.epochs, self.cfg.train.seed)
-        for epoch, loss in enumerate(losses, 1):
-            out.append({"kind": "format_epoch", "epoch": epoch, "loss": loss})
-            log.info("format head epoch %d/%d  loss %.4f", epoch, len(losses), loss)
-        return losses
-
-    def accuracies(self, train_features: Tensor) -> dict[str, Any]:
-        """Formatted (the head's) train and test accuracy, and unformatted test accuracy by the sound and by
-        the authors' class-to-unit assignment."""
-        data, head = self.data, self.head
+    def final_accuracies(self, train_features: Tensor, head: FormatHead) -> dict[str, Any]:
+        """Formatted (the trained head's) train and test accuracy, and unformatted test accuracy by the sound
+        and by the authors' class-to-unit assignment."""
+        data = self.data
         test_features = self.features(data.x_test)
         return {
             "test_accuracy_formatted": evaluation.accuracy(head.logits(test_features), data.y_test),
