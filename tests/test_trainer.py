@@ -15,7 +15,8 @@ from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.objective import HSICObjective
 from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.schedule import LRSchedule
-from hsic_ray.trainer import HSICTrainer, batches_between_drains, with_factors
+from hsic_ray.trainer import HSICTrainer, batches_between_drains, batchnorm_calibration_batches, with_factors
+from hsic_ray.training_state import Progress
 
 
 def small_config(tmp_path, **extra):
@@ -244,3 +245,30 @@ def test_the_loop_drains_at_each_epoch_end_and_checkpoint(every, seconds, second
     # 8,000 samples in batches of 256: 31 full batches an epoch (the short one is dropped).
     train = TrainConfig(batch_size=256, checkpoint_every=every, checkpoint_seconds=seconds)
     assert batches_between_drains(train, 8000, seconds_per_batch) == expected
+
+
+def test_batchnorm_calibration_batches_are_fixed_by_the_seed_and_sized_by_the_config(digits):
+    train = TrainConfig(batch_size=128, bn_calibration_batches=3, seed=5)
+    batches = batchnorm_calibration_batches(digits.x_train, train)
+    assert [len(b) for b in batches] == [128, 128, 128]
+    again = batchnorm_calibration_batches(digits.x_train, train)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))
+    other = batchnorm_calibration_batches(digits.x_train, TrainConfig(batch_size=128, bn_calibration_batches=3))
+    assert not torch.equal(batches[0], other[0])
+    # More batches than the split holds: every sample once.
+    whole = batchnorm_calibration_batches(digits.x_train[:300], TrainConfig(batch_size=128, bn_calibration_batches=9))
+    assert sum(len(b) for b in whole) == 300
+
+
+def test_progress_counts_on_from_its_state_and_reports_stage_time_only_for_several_stages():
+    progress = Progress.of_stages(2)
+    progress.steps, progress.train_seconds, progress.recoveries = 10, 2.0, 1
+    progress.add_stage_seconds([(1.0, 0.5), (2.0, 0.25)])
+    progress.add_stage_seconds([(1.0, 0.5), (2.0, 0.25)])
+    resumed = Progress.of_stages(2)
+    resumed.load_state_dict(progress.state_dict())
+    assert resumed == progress
+    summary = resumed.summary(batch_size=64)
+    assert summary["samples_per_second"] == 10 * 64 / 2.0 and summary["stages"] == 2
+    assert summary["stage_busy_seconds"] == [2.0, 4.0] and summary["stage_idle_seconds"] == [1.0, 0.5]
+    assert "stage_busy_seconds" not in Progress.of_stages(1).summary(batch_size=64)

@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from hsic_ray.config import ConfigError
+from hsic_ray.errors import ConfigError
 from hsic_ray.run.directory import RunDirectory
 
 DIRECTORY = "tensorboard"
