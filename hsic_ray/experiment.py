@@ -1,6 +1,7 @@
 """One run, end to end: check inputs, prepare the output directory, build the network, train, report.
 
-Everything that can be checked cheaply (config, data, output directory) is checked before training starts.
+Everything that can be checked cheaply (config, data, output directory) is checked before training starts,
+by one preamble every run shares (`prepare_run`: the HSIC run, the in-process baseline and the Ray Train one).
 """
 
 from __future__ import annotations
@@ -11,19 +12,20 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from hsic_ray.backprop import BackpropTrainer
-from hsic_ray.config import ConfigError, ExperimentConfig
+from hsic_ray.config import ConfigError, ExperimentConfig, TrainConfig
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import check_memory, threads_for
 from hsic_ray.run import tensorboard_log
-from hsic_ray.run.start import plan_start
+from hsic_ray.run.start import CHECKPOINTS, CheckpointResume, Resumption, RunStart, plan_start
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage_step import layer_lr_scales
 from hsic_ray.trainer import HSICTrainer, batches_between_drains
@@ -44,13 +46,48 @@ def build_seeded_network(cfg: ExperimentConfig, data: ImageData) -> LayerwiseNet
     return build_network(cfg.model, data.input_shape)
 
 
-def check_batch_fits(cfg: ExperimentConfig, data: ImageData) -> None:
+def check_batch_fits(train: TrainConfig, data: ImageData) -> None:
     n = len(data.y_train)
-    if n < cfg.train.batch_size:
+    if n < train.batch_size:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} exceeds the {n} training samples of {data.name}; "
+            f"train.batch_size={train.batch_size} exceeds the {n} training samples of {data.name}; "
             "use a smaller --batch-size"
         )
+
+
+def check_data_fits(cfg: ExperimentConfig, data: ImageData) -> None:
+    """A full batch of `data` exists, and the network and its kernels fit this machine's memory."""
+    check_batch_fits(cfg.train, data)
+    check_memory(cfg, data.input_shape)
+
+
+@dataclass
+class PreparedRun:
+    """What a run has checked and built before its first file is written."""
+
+    start: RunStart
+    data: ImageData
+    device: torch.device | None  # None: the run trains in Ray Train's workers, which choose their own
+    net: LayerwiseNet | None  # None: likewise, the workers build it
+
+
+def prepare_run(
+    cfg: ExperimentConfig,
+    method: str,
+    resume: bool = False,
+    data: ImageData | None = None,
+    resumption: Resumption = CHECKPOINTS,
+    in_process: bool = True,
+) -> PreparedRun:
+    """Claim the output directory and find what an interrupted run continues from (`plan_start`), load the
+    data, check that it and the network fit, and, for a run that trains in this process, resolve its device
+    and build its seeded network. Writes nothing: the run calls `start.commit` once its own checks pass."""
+    start = plan_start(cfg, method, resume, resumption)
+    data = data or load_dataset(cfg.data)
+    check_data_fits(cfg, data)
+    if not in_process:
+        return PreparedRun(start, data, None, None)
+    return PreparedRun(start, data, resolve_device(cfg.train.device), build_seeded_network(cfg, data))
 
 
 def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages: int | None) -> list:
@@ -119,15 +156,11 @@ def run_hsic(
     """
     if cfg.train.tensorboard:
         tensorboard_log.require()  # before any file is written
-    start = plan_start(cfg, "hsic", resume)
-    data = data or load_dataset(cfg.data)
-    check_batch_fits(cfg, data)
-    check_memory(cfg, data.input_shape)
-    device = resolve_device(cfg.train.device)
-    net = build_seeded_network(cfg, data)
-    specs = _plan_ray_stages(cfg, net, start.stages) if cfg.trainer == "ray" else None
-    start.commit(cfg)
-    run = start.run
+    prepared = prepare_run(cfg, "hsic", resume, data)
+    data, device, net, run = prepared.data, prepared.device, prepared.net, prepared.start.run
+    resume_at = prepared.start.point or CheckpointResume()
+    specs = _plan_ray_stages(cfg, net, resume_at.stages) if cfg.trainer == "ray" else None
+    prepared.start.commit(cfg)
     log.info(
         "run directory: %s  (%s, %d train / %d test samples, %s trainer)",
         run.uri,
@@ -138,7 +171,7 @@ def run_hsic(
     )
     with _pipeline(cfg, data, net, specs, device) as pipeline:
         trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
-        return trainer.fit(start.step)
+        return trainer.fit(resume_at.step)
 
 
 def run_backprop(
@@ -147,11 +180,6 @@ def run_backprop(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """The baseline: the same network and head trained end to end by backprop, in process."""
-    start = plan_start(cfg, "backprop")
-    data = data or load_dataset(cfg.data)
-    check_batch_fits(cfg, data)
-    check_memory(cfg, data.input_shape)
-    device = resolve_device(cfg.train.device)
-    net = build_seeded_network(cfg, data)
-    start.commit(cfg)
-    return BackpropTrainer(cfg, data, net, start.run, device).fit(on_epoch)
+    prepared = prepare_run(cfg, "backprop", data=data)
+    prepared.start.commit(cfg)
+    return BackpropTrainer(cfg, prepared.data, prepared.net, prepared.start.run, prepared.device).fit(on_epoch)

@@ -25,8 +25,7 @@ from hsic_ray.config import ConfigError, ExperimentConfig, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
-from hsic_ray.experiment import check_batch_fits, run_backprop, run_hsic
-from hsic_ray.resources import check_memory
+from hsic_ray.experiment import check_data_fits, run_backprop, run_hsic
 from hsic_ray.run import claim as run_claim
 from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.run.directory import RunDirectory
@@ -210,8 +209,7 @@ def _validate_trials(spec: SweepSpec) -> None:
         key = f"{cfg.data.source} {cfg.data.root} {cfg.data.test_fraction} {cfg.data.split_seed}"
         if key not in datasets:
             datasets[key] = load_dataset(cfg.data)
-        check_batch_fits(cfg, datasets[key])
-        check_memory(cfg, datasets[key].input_shape)
+        check_data_fits(cfg, datasets[key])
 
 
 def _check_capacity(spec: SweepSpec) -> None:

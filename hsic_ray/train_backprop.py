@@ -17,7 +17,9 @@ trainer whose `RunConfig(storage_path, name)` points at an existing run loads th
 `checkpoint_manager_snapshot.json` and hands its latest checkpoint to the workers through
 `ray.train.get_checkpoint()`. So rerunning the same command on the same `--output` after an interruption
 continues from the last epoch checkpointed: the training loop loads the model and optimizer state and
-starts at the next batch, and the epochs and steps already done are not redone.
+starts at the next batch, and the epochs and steps already done are not redone. The driver claims the output
+and checks the interrupted run through the same `plan_start` as every run, with `RAY_TRAIN_CHECKPOINTS` to
+find the newest Ray Train checkpoint that loads (an older one when the newest does not).
 
 Writes, like the HSIC job: `config.yaml`, `metrics.jsonl` (one line per epoch, plus one per resume),
 `metrics.json` (`test_accuracy_formatted`, `test_accuracy_unformatted: null`, `train_seconds`, `steps`,
@@ -38,20 +40,25 @@ import torch
 from torch import nn
 
 from hsic_ray import backprop
-from hsic_ray.config import ConfigError, ExperimentConfig, check_setting, config_from_yaml_text, save_config
-from hsic_ray.data import Batch, ImageData, load_dataset
+from hsic_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    check_setting,
+    config_from_yaml_text,
+    save_config,
+)
+from hsic_ray.data import Batch, ImageData
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
-from hsic_ray.experiment import build_seeded_network, check_batch_fits
-from hsic_ray.resources import check_memory, threads_for
+from hsic_ray.experiment import build_seeded_network, prepare_run
+from hsic_ray.resources import threads_for
 from hsic_ray.run import checkpoint
-from hsic_ray.run import claim as run_claim
 from hsic_ray.run.checkpoint import CheckpointError
-from hsic_ray.run.claim import Claim
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
 from hsic_ray.run.plots import plot_curves
-from hsic_ray.run.start import check_resumable, default_output, saved_config
+from hsic_ray.run.start import Resumption
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage_step import make_sgd
 
@@ -107,6 +114,74 @@ def _setup_worker_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
+@dataclass
+class _Progress:
+    """Where a worker's training stands: the epoch and batch to run next, the steps and training time so far,
+    and the records metrics.jsonl is rewritten from."""
+
+    epoch: int = 1
+    next_batch: int = 0
+    steps: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @classmethod
+    def after(cls, state: dict[str, Any]) -> _Progress:
+        """The progress that continues the checkpoint `state`, with the resume on record."""
+        epoch, start = state["epoch"], state["next_batch"]
+        if start >= state["total_batches"]:
+            epoch, start = epoch + 1, 0
+        history = [
+            *state["history"],
+            {"kind": "resume", "epoch": state["epoch"], "step": state["steps"], "next_batch": state["next_batch"]},
+        ]
+        return cls(epoch, start, state["steps"], state["train_seconds"], history)
+
+
+def _build_model(cfg: ExperimentConfig, data: ImageData, state: dict[str, Any] | None, world: int, device):
+    """The model (DDP-wrapped), its optimizer and its network, restored from `state` when resuming. Same seed,
+    same builders as the in-process baseline: every rank builds identical weights."""
+    import ray.train.torch
+
+    model = backprop.build_model(build_seeded_network(cfg, data), data.num_classes)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if world > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
+    model = ray.train.torch.prepare_model(model)
+    optimizer = make_sgd(model.parameters(), cfg.backprop)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return model, optimizer, backprop.unwrap(model)[0]
+
+
+def _report_checkpoint(model, optimizer, stats: backprop.EpochStats, progress: _Progress, record: dict[str, Any]):
+    """Rank 0's report of an epoch, with the checkpoint to resume from."""
+    import ray.train
+
+    saved = {
+        "model": backprop.unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": progress.epoch,
+        "next_batch": stats.next_batch,
+        "total_batches": stats.total,
+        "steps": progress.steps,
+        "train_seconds": progress.train_seconds,
+        "history": progress.history,
+    }
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save(saved, os.path.join(directory, STATE_FILE))
+        ray.train.report(
+            {k: record[k] for k in ("epoch", "step", "loss", "test_accuracy", "grad_norms")},
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            # The attempt in the name: an attempt that resumed from an older checkpoint (the newest did not
+            # load) writes its own, never into a directory Ray Train still lists.
+            checkpoint_dir_name=(
+                f"checkpoint_epoch{progress.epoch:05d}_step{progress.steps:09d}_attempt{_attempt(progress.history)}"
+            ),
+        )
+
+
 def _train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -120,124 +195,89 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _setup_worker_logging()
     device = ray.train.torch.get_device()
-    train = cfg.train
-
-    # Same seed, same builders, same order as the in-process baseline (every rank builds identical weights).
-    net = build_seeded_network(cfg, data)
-    model = backprop.build_model(net, data.num_classes)
     state = _load_state(ray.train.get_checkpoint(), tuple(config["unreadable"]), config["fallback"])
-    if state is not None:
-        model.load_state_dict(state["model"])
-    if world > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # batch statistics of the global batch
-    model = ray.train.torch.prepare_model(model)
-    optimizer = make_sgd(model.parameters(), cfg.backprop)
-    net = backprop.unwrap(model)[0]
-
-    history: list[dict[str, Any]] = []
-    epoch, start, steps, train_seconds = 1, 0, 0, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        epoch, start, steps, train_seconds = state["epoch"], state["next_batch"], state["steps"], state["train_seconds"]
-        if start >= state["total_batches"]:
-            epoch, start = epoch + 1, 0
-        history.append({"kind": "resume", "epoch": state["epoch"], "step": steps, "next_batch": state["next_batch"]})
-        if rank == 0:
-            log.info(
-                "resuming from the checkpoint of epoch %d (step %d): continuing at epoch %d, batch %d",
-                state["epoch"],
-                steps,
-                epoch,
-                start,
-            )
-
+    model, optimizer, net = _build_model(cfg, data, state, world, device)
+    progress = _Progress() if state is None else _Progress.after(state)
+    if state is not None and rank == 0:
+        log.info(
+            "resuming from the checkpoint of epoch %d (step %d): continuing at epoch %d, batch %d",
+            state["epoch"],
+            progress.steps,
+            progress.epoch,
+            progress.next_batch,
+        )
     run = RunDirectory(config["run"]) if rank == 0 else None
+    _train_epochs(cfg, data, model, optimizer, net, progress, rank, world, device, run)
+
+
+def _train_epochs(cfg, data, model, optimizer, net, progress: _Progress, rank: int, world: int, device, run) -> None:
+    """Every epoch left; rank 0 measures, records and checkpoints each one, the other ranks report progress."""
+    import ray.train
+
+    train = cfg.train
     shard = _shard_by_rank(rank, world, train.batch_size)
-    schedule = LRSchedule.for_run(cfg.backprop, cfg.train, len(data.y_train))
-    while epoch <= train.epochs and (train.max_steps is None or steps < train.max_steps):
+    schedule = LRSchedule.for_run(cfg.backprop, train, len(data.y_train))
+    while progress.epoch <= train.epochs and (train.max_steps is None or progress.steps < train.max_steps):
         stats = backprop.train_epoch(
             model,
             optimizer,
             net,
             data,
             train,
-            epoch,
-            steps,
+            progress.epoch,
+            progress.steps,
             device,
-            start=start,
+            start=progress.next_batch,
             shard=shard,
             verbose=rank == 0,
             schedule=schedule,
         )
-        steps, train_seconds = stats.steps, train_seconds + stats.seconds
+        progress.steps, progress.train_seconds = stats.steps, progress.train_seconds + stats.seconds
         if rank != 0:
-            ray.train.report({"epoch": epoch, "step": steps}, checkpoint=None)
+            ray.train.report({"epoch": progress.epoch, "step": progress.steps}, checkpoint=None)
         else:
             record = backprop.epoch_record(stats, backprop.test_accuracy(backprop.unwrap(model), data, device))
-            record.update(train_seconds=train_seconds, workers=world)
-            history.append(record)
+            record.update(train_seconds=progress.train_seconds, workers=world)
+            progress.history.append(record)
             log.info(
                 "backprop epoch %d: loss %.4f, test accuracy %.2f%% (%d steps)",
-                epoch,
+                progress.epoch,
                 record["loss"],
                 record["test_accuracy"],
-                steps,
+                progress.steps,
             )
-            saved = {
-                "model": backprop.unwrap(model).state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "next_batch": stats.next_batch,
-                "total_batches": stats.total,
-                "steps": steps,
-                "train_seconds": train_seconds,
-                "history": history,
-            }
-            with tempfile.TemporaryDirectory() as directory:
-                torch.save(saved, os.path.join(directory, STATE_FILE))
-                ray.train.report(
-                    {k: record[k] for k in ("epoch", "step", "loss", "test_accuracy", "grad_norms")},
-                    checkpoint=ray.train.Checkpoint.from_directory(directory),
-                    # The attempt in the name: an attempt that resumed from an older checkpoint (the newest did
-                    # not load) writes its own, never into a directory Ray Train still lists.
-                    checkpoint_dir_name=f"checkpoint_epoch{epoch:05d}_step{steps:09d}_attempt{_attempt(history)}",
-                )
-            _write_history(run, history)  # after the checkpoint is stored: never ahead of it
-        start = 0
+            _report_checkpoint(model, optimizer, stats, progress, record)
+            _write_history(run, progress.history)  # after the checkpoint is stored: never ahead of it
+        progress.next_batch = 0
         if stats.complete:
-            epoch += 1
+            progress.epoch += 1
 
 
 # --- the driver ------------------------------------------------------------------------------------------
 
 
-def _open(cfg: ExperimentConfig, resume: bool) -> tuple[Claim, _ResumePoint | None]:
-    """The claimed run directory and the checkpoint an interrupted run continues from (None: a fresh
-    start); checks, writes nothing."""
-    claim = run_claim.claim(cfg.output or default_output(cfg, "backprop"), "backprop", resume)
-    run = claim.run
-    interrupted = claim.interrupted and run.exists(f"{RAY_TRAIN_DIR}/{RUN_NAME}/{SNAPSHOT_FILE}")
-    if claim.interrupted:
-        check_resumable(saved_config(claim), cfg, run.uri, RESUME_MUST_MATCH)
-    if resume and not interrupted:
-        raise CheckpointError(f"--resume: {run.uri} holds no Ray Train checkpoint to resume from")
-    return claim, _resume_point(run) if interrupted else None
-
-
 @dataclass
-class _ResumePoint:
+class _RayTrainResume:
     """The Ray Train checkpoint an interrupted run continues from: the newest whose state loads. Ray Train
     hands workers its latest one; when that one does not load, they take `fallback` instead."""
 
+    found: bool = False  # False: Ray Train holds no snapshot of the run; it starts from its beginning
     fallback: str | None = None  # location of the checkpoint directory to load instead
     unreadable: dict[str, str] = field(default_factory=dict)  # checkpoint dir name -> why it does not load
 
+    def commit(self, run: RunDirectory) -> None:
+        if self.found:
+            log.info("continuing the interrupted run in %s from its newest loadable Ray Train checkpoint", run.uri)
+        for name, why in self.unreadable.items():
+            log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, self.fallback)
 
-def _resume_point(run: RunDirectory) -> _ResumePoint:
+
+def _find_ray_train_checkpoint(run: RunDirectory) -> _RayTrainResume:
     """Load Ray Train's checkpoints newest first, before any worker starts (a corrupt one would otherwise
     fail every worker, and again on every rerun)."""
     experiment = f"{RAY_TRAIN_DIR}/{RUN_NAME}"
+    if not run.exists(f"{experiment}/{SNAPSHOT_FILE}"):
+        return _RayTrainResume()
     try:
         snapshot = run.read_json(f"{experiment}/{SNAPSHOT_FILE}")
         names = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
@@ -246,7 +286,7 @@ def _resume_point(run: RunDirectory) -> _ResumePoint:
             f"{run.path(experiment + '/' + SNAPSHOT_FILE)} is unreadable ({type(exc).__name__}); "
             "start a new run with another --output"
         ) from None
-    point = _ResumePoint()
+    point = _RayTrainResume(found=True)
     for name in reversed(names):
         try:
             checkpoint.load_state(run, f"{experiment}/{name}/{STATE_FILE}")
@@ -260,6 +300,10 @@ def _resume_point(run: RunDirectory) -> _ResumePoint:
         f"no Ray Train checkpoint in {run.path(experiment)} can be loaded "
         f"({'; '.join(point.unreadable.values()) or 'none listed'}); start a new run with another --output"
     )
+
+
+# How a Ray Train run continues: from Ray Train's snapshot, through the same claim and start as every run.
+RAY_TRAIN_CHECKPOINTS = Resumption(RESUME_MUST_MATCH, _find_ray_train_checkpoint, "Ray Train checkpoint")
 
 
 def _check_resources(workers: int, use_gpu: bool, cpus_per_worker: float) -> None:
@@ -285,13 +329,13 @@ def training_failure(exc: Exception) -> str:
     )
 
 
-def _check_worker_settings(cfg: ExperimentConfig, workers: int, cpus_per_worker: float, max_failures: int) -> None:
+def _check_worker_settings(train: TrainConfig, workers: int, cpus_per_worker: float, max_failures: int) -> None:
     check_setting(workers >= 1, "workers", workers, "a number >= 1")
     check_setting(max_failures >= 0, "max_failures", max_failures, "a number >= 0")
     check_setting(cpus_per_worker > 0, "cpus_per_worker", cpus_per_worker, "a positive number")
-    if cfg.train.batch_size < 2 * workers:
+    if train.batch_size < 2 * workers:
         raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} is invalid for {workers} workers: each worker's share of a "
+            f"train.batch_size={train.batch_size} is invalid for {workers} workers: each worker's share of a "
             f"batch needs at least 2 samples (BatchNorm), so use --batch-size >= {2 * workers} or fewer --workers"
         )
 
@@ -328,6 +372,37 @@ def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: st
     )
 
 
+def _torch_trainer(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, point, layout: dict[str, Any]):
+    """Ray Train's trainer of the run: its workers, their training loop and where it keeps checkpoints."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    workers, use_gpu, cpus_per_worker = layout["workers"], layout["use_gpu"], layout["cpus_per_worker"]
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    return TorchTrainer(
+        _train_loop_per_worker,
+        train_loop_config={
+            "config": save_config(cfg),
+            "data": ray.put(data),
+            "run": run.location,
+            "cpus_per_worker": cpus_per_worker,
+            "unreadable": list(point.unreadable) if point else [],
+            "fallback": point.fallback if point else None,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            storage_path=_storage_path(run),
+            name=RUN_NAME,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=layout["max_failures"]),
+        ),
+    )
+
+
+def _storage_path(run: RunDirectory) -> str:
+    return f"{run.location.rstrip('/')}/{RAY_TRAIN_DIR}"
+
+
 def train_backprop(
     cfg: ExperimentConfig,
     data: ImageData | None = None,
@@ -344,14 +419,8 @@ def train_backprop(
     from its latest checkpoint; `resume=True` insists on one. `max_failures` worker-group failures are
     retried by Ray Train from the latest checkpoint within this call.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    _check_worker_settings(cfg, workers, cpus_per_worker, max_failures)
-    data = data or load_dataset(cfg.data)
-    check_batch_fits(cfg, data)
-    check_memory(cfg, data.input_shape)
-    claim, point = _open(cfg, resume)
+    _check_worker_settings(cfg.train, workers, cpus_per_worker, max_failures)
+    prepared = prepare_run(cfg, "backprop", resume, data, RAY_TRAIN_CHECKPOINTS, in_process=False)
     connect(
         cfg.ray.address,
         local_cpus=workers * cpus_per_worker,
@@ -361,13 +430,8 @@ def train_backprop(
         state_api=True,
     )
     _check_resources(workers, use_gpu, cpus_per_worker)
-    claim.commit(save_config(cfg))
-    run = claim.run
-    if point is not None:
-        log.info("continuing the interrupted run in %s from its newest loadable Ray Train checkpoint", run.uri)
-        for name, why in point.unreadable.items():
-            log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, point.fallback)
-    storage_path = f"{run.location.rstrip('/')}/{RAY_TRAIN_DIR}"
+    prepared.start.commit(cfg)
+    run, data = prepared.start.run, prepared.data
     log.info(
         "run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
         run.uri,
@@ -377,32 +441,13 @@ def train_backprop(
         workers,
         "s" if workers > 1 else "",
         " on GPUs" if use_gpu else "",
-        storage_path,
+        _storage_path(run),
         RUN_NAME,
     )
-
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    trainer = TorchTrainer(
-        _train_loop_per_worker,
-        train_loop_config={
-            "config": save_config(cfg),
-            "data": ray.put(data),
-            "run": run.location,
-            "cpus_per_worker": cpus_per_worker,
-            "unreadable": list(point.unreadable) if point else [],
-            "fallback": point.fallback if point else None,
-        },
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            storage_path=storage_path,
-            name=RUN_NAME,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-        ),
-    )
-    result = trainer.fit()
+    layout = {"workers": workers, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "max_failures": max_failures}
+    result = _torch_trainer(run, cfg, data, prepared.start.point, layout).fit()
     if result.checkpoint is None:
-        raise CheckpointError(f"Ray Train finished without a checkpoint in {storage_path}/{RUN_NAME}")
+        raise CheckpointError(f"Ray Train finished without a checkpoint in {_storage_path(run)}/{RUN_NAME}")
     metrics = _write_results(cfg, data, run, _load_state(result.checkpoint), workers, result.checkpoint.path)
     log.info(
         "backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",

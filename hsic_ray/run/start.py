@@ -1,26 +1,26 @@
 """Where a run starts: its claimed output directory, the settings an interrupted run there was started
 with, and the checkpoint to continue from. Reads only, until every check of the run has passed and it
-calls `RunStart.commit`."""
+calls `RunStart.commit`.
+
+One path for every kind of run: `plan_start` claims the directory and, for an interrupted run, checks its
+settings and asks the run's `Resumption` where to continue. HSIC runs (and the in-process baseline) use
+`CHECKPOINTS`, this package's own checkpoints; the Ray Train baseline passes its own
+(`hsic_ray.train_backprop`)."""
 
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, save_config
+from hsic_ray.config import ConfigError, ExperimentConfig, config_from_yaml_text, default_output, save_config
 from hsic_ray.run import checkpoint
 from hsic_ray.run import claim as run_claim
 from hsic_ray.run.claim import Claim
 from hsic_ray.run.directory import RunDirectory
 
 log = logging.getLogger("hsic_ray")
-
-
-def default_output(cfg: ExperimentConfig, method: str) -> str:
-    return f"runs/{cfg.preset or method}-{time.strftime('%Y%m%d-%H%M%S')}"
-
 
 # Settings a resumed run must share with the run it continues (epochs, max_steps, logging may change).
 _RESUME_MUST_MATCH = ("data", "model", "hsic", "optim", "head", "train.batch_size", "train.seed")
@@ -56,14 +56,67 @@ def check_resumable(
             )
 
 
-@dataclass
-class RunStart:
-    """Where a run starts: its claimed directory, and the checkpoint it continues from (None: step 0)."""
+class ResumePoint(Protocol):
+    """What an interrupted run continues from, as its kind of checkpoint finds it."""
 
-    claim: Claim
-    step: int | None = None
+    @property
+    def found(self) -> bool:
+        """A checkpoint to continue from (False: the run starts again from its beginning)."""
+
+    def commit(self, run: RunDirectory) -> None:
+        """The run's checks passed: set aside or report the checkpoints that do not load."""
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """How a kind of run continues: what it must share with the run it continues, how it finds the point to
+    continue from (reads only), and what `--resume` insists on, in its error."""
+
+    must_match: tuple[str, ...]
+    find: Callable[[RunDirectory], ResumePoint]
+    wanted: str
+
+
+@dataclass
+class CheckpointResume:
+    """The newest of this package's checkpoints (`hsic_ray.run.checkpoint`) that loads."""
+
+    step: int | None = None  # None: step 0
     stages: int | None = None  # the checkpoint's stage count
     unreadable: dict[int, str] = field(default_factory=dict)  # newer checkpoints that do not load
+
+    @property
+    def found(self) -> bool:
+        return self.step is not None
+
+    def commit(self, run: RunDirectory) -> None:
+        for step, why in self.unreadable.items():
+            name = checkpoint.set_aside(run, step)
+            log.warning(
+                "checkpoint at step %d cannot be loaded (%s): kept as %s, resuming from step %s",
+                step,
+                why,
+                name,
+                self.step,
+            )
+
+
+def _find_checkpoint(run: RunDirectory) -> CheckpointResume:
+    step, unreadable = checkpoint.resume_point(run)
+    stages = None if step is None else checkpoint.read_manifest(run, step)["stages"]
+    return CheckpointResume(step, stages, unreadable)
+
+
+CHECKPOINTS = Resumption(_RESUME_MUST_MATCH, _find_checkpoint, "complete checkpoint")
+
+
+@dataclass
+class RunStart:
+    """Where a run starts: its claimed directory, and what an interrupted run continues from (None: a fresh
+    run)."""
+
+    claim: Claim
+    point: ResumePoint | None = None
 
     @property
     def run(self) -> RunDirectory:
@@ -72,31 +125,26 @@ class RunStart:
     def commit(self, cfg: ExperimentConfig) -> None:
         """Every check passed: write the run's first files, and set aside checkpoints that do not load."""
         self.claim.commit(save_config(cfg))
-        for step, why in self.unreadable.items():
-            name = checkpoint.set_aside(self.run, step)
-            log.warning(
-                "checkpoint at step %d cannot be loaded (%s): kept as %s, resuming from step %s",
-                step,
-                why,
-                name,
-                self.step,
-            )
-        if self.claim.interrupted and self.step is None:
+        if self.point is None:
+            return
+        self.point.commit(self.run)
+        if not self.point.found:
             self.run.append_jsonl("metrics.jsonl", {"kind": "restart", "reason": "no complete checkpoint"})
 
 
-def plan_start(cfg: ExperimentConfig, method: str, resume: bool = False) -> RunStart:
-    """Claim the output directory and find the checkpoint to continue from; reads only.
+def plan_start(
+    cfg: ExperimentConfig, method: str, resume: bool = False, resumption: Resumption = CHECKPOINTS
+) -> RunStart:
+    """Claim the output directory and find the point to continue from; reads only.
 
     A directory with an unfinished run of the same kind is continued (from its newest checkpoint that
-    loads, or from step 0 when it has none), if its settings match. See `hsic_ray.run.claim`.
+    loads, or from its beginning when it has none), if its settings match. See `hsic_ray.run.claim`.
     """
-    claim = run_claim.claim(cfg.output or default_output(cfg, method), method, resume)
+    claim = run_claim.claim(cfg.output or default_output(cfg.preset, method), method, resume)
     if not claim.interrupted:
         return RunStart(claim)
-    check_resumable(saved_config(claim), cfg, claim.run.uri)
-    step, unreadable = checkpoint.resume_point(claim.run)
-    if step is None and resume:
-        raise checkpoint.CheckpointError(f"--resume: {claim.run.uri} holds no complete checkpoint to resume from")
-    stages = None if step is None else checkpoint.read_manifest(claim.run, step)["stages"]
-    return RunStart(claim, step, stages, unreadable)
+    check_resumable(saved_config(claim), cfg, claim.run.uri, resumption.must_match)
+    point = resumption.find(claim.run)
+    if resume and not point.found:
+        raise checkpoint.CheckpointError(f"--resume: {claim.run.uri} holds no {resumption.wanted} to resume from")
+    return RunStart(claim, point)
