@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from hsic_ray.distributed.ray_pipeline import CALL_SHARE, MAX_BATCHES_PER_CALL, choose_batches_per_call
+from hsic_ray.config import RayConfig
+from hsic_ray.distributed.batches_per_call import (
+    CALL_SHARE,
+    GROUPS_BEFORE_CHOOSING,
+    MAX_BATCHES_PER_CALL,
+    BatchesPerCall,
+    choose_batches_per_call,
+)
 from hsic_ray.distributed.transport import Transport
 
 
@@ -36,6 +43,46 @@ def test_frequent_drains_of_a_deep_pipeline_call_for_smaller_groups():
     # Long runs between drains, or a single stage (no fill to pay), leave the share's choice as it is.
     assert choose_batches_per_call(busy, overhead, stages=8, drain_every=100_000) == 15
     assert choose_batches_per_call(busy, overhead, stages=1, drain_every=10) == 15
+
+
+def _reports(busy_per_batch, idle, batches=1):
+    """One group's reports from two stages, the second the slowest."""
+    fast = {"busy": 0.5 * busy_per_batch * batches, "idle": 9.0, "stats": [None] * batches}
+    return [fast, {"busy": busy_per_batch * batches, "idle": idle, "stats": [None] * batches}]
+
+
+def test_batches_per_call_are_chosen_from_the_slowest_stages_calls_after_the_first():
+    paces = []
+
+    def drain_every(seconds_per_batch):
+        paces.append(seconds_per_batch)
+        return 100
+
+    chooser = BatchesPerCall(RayConfig(), stages=2, drain_every=drain_every)
+    assert (chooser.value, chooser.max_in_flight, chooser.settled) == (1, 4, False)
+    # The first group's wait is the pipeline's fill, not Ray's cost per call: it is not counted.
+    times = [(0.5, 5.0)] + [(1e-3, 1.5e-3), (2e-3, 1e-3), (1e-3, 1.5e-3), (1e-3, 2e-3), (4e-3, 1.5e-3)]
+    assert len(times) == GROUPS_BEFORE_CHOOSING
+    for busy, idle in times[:-1]:
+        assert chooser.record(_reports(busy, idle)) is None and not chooser.settled
+    chosen = chooser.record(_reports(*times[-1]))
+    assert chooser.settled and paces == [1e-3]  # the medians of the counted groups: 1 ms, 1.5 ms
+    assert chooser.value == choose_batches_per_call(1e-3, 1.5e-3, 2, 100) == 12
+    assert chosen == {
+        "kind": "batches_per_call",
+        "batches_per_call": 12,
+        "max_in_flight": 2 * 2 * 12,
+        "step_ms": pytest.approx(1.0),
+        "call_overhead_ms": pytest.approx(1.5),
+    }
+    assert chooser.max_in_flight == 48 and chooser.record(_reports(1.0, 1.0)) is None and chooser.value == 12
+
+
+def test_batches_per_call_and_in_flight_bound_as_set_are_final():
+    chooser = BatchesPerCall(RayConfig(batches_per_call=3), stages=4)
+    assert chooser.settled and (chooser.value, chooser.max_in_flight) == (3, 24)
+    assert chooser.record(_reports(1.0, 1.0)) is None and chooser.value == 3
+    assert BatchesPerCall(RayConfig(max_in_flight=5), stages=4).max_in_flight == 5
 
 
 def test_cpu_transport_gives_writable_tensors_and_arrays_back():

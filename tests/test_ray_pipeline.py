@@ -13,8 +13,9 @@ import torch
 
 from hsic_ray.config import build_config
 from hsic_ray.data import iterate_batches
+from hsic_ray.distributed.batches_per_call import GROUPS_BEFORE_CHOOSING, choose_batches_per_call
 from hsic_ray.distributed.placement import plan_stages
-from hsic_ray.distributed.ray_pipeline import GROUPS_BEFORE_CHOOSING, RayPipeline, choose_batches_per_call
+from hsic_ray.distributed.ray_pipeline import RayPipeline
 from hsic_ray.experiment import build_seeded_network, run_hsic
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
@@ -238,9 +239,9 @@ def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoint
         pipeline.save(run, 0)
         x = torch.rand(64, *digits.input_shape)
         before = pipeline.forward(x)
-        ray.kill(pipeline.actors[1], no_restart=True)
+        ray.kill(pipeline.stages.actors[1], no_restart=True)
         assert torch.equal(pipeline.forward(x), before)  # stage 1 recreated from the checkpoint
-        ray.kill(pipeline.actors[0], no_restart=True)
+        ray.kill(pipeline.stages.actors[0], no_restart=True)
         pipeline.save(run, 1)
         assert [(e["kind"], e["stage"], e["restored_from_step"]) for e in pipeline.events()] == [
             ("recovery", 1, 0),

@@ -11,24 +11,55 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 import ray
 import torch
 
-from hsic_ray.config import ExperimentConfig
+from hsic_ray.config import ExperimentConfig, HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.distributed.placement import StageSpec
-from hsic_ray.distributed.transport import Transport
+from hsic_ray.distributed.transport import Transport, WireFactors, factors_to_numpy
 from hsic_ray.models import Shape, build_network
-from hsic_ray.objective import HSICObjective, KernelFactors
+from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import threads_for
 from hsic_ray.run import checkpoint
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage_step import StageStep, layer_lr_scales
 
-WireFactors = tuple[np.ndarray | None, np.ndarray]
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What every stage actor of a run is built from: the run's config sections a stage uses, and the data's
+    shape."""
+
+    model: ModelConfig
+    num_hsic_layers: int  # in the whole network: each stage weighs its layers by their place in it
+    hsic: HSICConfig
+    optim: OptimConfig
+    seed: int
+    cuda_graphs: str
+    input_shape: Shape
+    num_classes: int
+    schedule: LRSchedule | None = None
+
+    @classmethod
+    def for_run(
+        cls, cfg: ExperimentConfig, input_shape: Shape, num_classes: int, schedule: LRSchedule | None = None
+    ) -> StageSettings:
+        return cls(
+            model=cfg.model,
+            num_hsic_layers=cfg.num_hsic_layers,
+            hsic=cfg.hsic,
+            optim=cfg.optim,
+            seed=cfg.train.seed,
+            cuda_graphs=cfg.train.cuda_graphs,
+            input_shape=tuple(input_shape),
+            num_classes=num_classes,
+            schedule=schedule,
+        )
 
 
 class Hop(NamedTuple):
@@ -38,36 +69,14 @@ class Hop(NamedTuple):
     reports: list[dict[str, Any]]
 
 
-def factors_to_numpy(factors: KernelFactors) -> WireFactors:
-    x = None if factors.x_factor is None else factors.x_factor.cpu().numpy()
-    return x, factors.y_factor.cpu().numpy()
-
-
 @ray.remote
 class StageActor:
-    def __init__(
-        self,
-        spec: StageSpec,
-        cfg: ExperimentConfig,
-        input_shape: Shape,
-        num_classes: int,
-        schedule: LRSchedule | None = None,
-        restore: tuple[str, int] | None = None,
-    ):
+    def __init__(self, spec: StageSpec, settings: StageSettings, restore: tuple[str, int] | None = None):
         torch.set_num_threads(threads_for(spec.num_cpus))
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transport = Transport(self.device)
-        # Every stage builds the whole network from the run's seed and keeps its slice, so the initial
-        # weights equal the in-process trainer's without shipping them through the driver.
-        torch.manual_seed(cfg.train.seed)
-        net = build_network(cfg.model, input_shape)
-        layers = list(net.layers)[spec.start : spec.stop]
-        objective = HSICObjective(cfg.hsic, num_classes, spec.layers, cfg.num_hsic_layers)
-        lr_scales = layer_lr_scales(cfg.hsic.lr_scale_last, spec.layers, cfg.num_hsic_layers)
-        self.stage_step = StageStep(
-            layers, objective, cfg.optim, self.device, cfg.train.cuda_graphs, lr_scales, schedule
-        )
+        self.stage_step = _build_stage_step(spec, settings, self.device)
         self._last_end: float | None = None
         if restore is not None:
             self.load(*restore)
@@ -102,7 +111,7 @@ class StageActor:
             moved = time.perf_counter()
             x = self.transport.receive(x, f"x{slot}")
             if labels is None:
-                batch_factors = self._receive_factors(factors[slot], slot)
+                batch_factors = self.transport.receive_factors(factors[slot], slot)
             else:
                 y = self.transport.receive(labels[slot], f"y{slot}")
             transfer += time.perf_counter() - moved
@@ -145,13 +154,8 @@ class StageActor:
 
     def measure(self, x: np.ndarray, factors: WireFactors) -> tuple[np.ndarray, np.ndarray]:
         self._last_end = None
-        out, stats = self.stage_step.measure(self.transport.receive(x), self._receive_factors(factors))
+        out, stats = self.stage_step.measure(self.transport.receive(x), self.transport.receive_factors(factors))
         return out.cpu().numpy(), stats.cpu().numpy()
-
-    def _receive_factors(self, wire: WireFactors, slot: int = 0) -> KernelFactors:
-        x_factor, y_factor = wire
-        x_factor = None if x_factor is None else self.transport.receive(x_factor, f"x_factor{slot}")
-        return KernelFactors(x_factor, self.transport.receive(y_factor, f"y_factor{slot}"))
 
     def save(self, run_location: str, step: int) -> None:
         run = RunDirectory(run_location)
@@ -171,3 +175,14 @@ class StageActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "layers": [self.spec.start, self.spec.stop],
         }
+
+
+def _build_stage_step(spec: StageSpec, settings: StageSettings, device: torch.device) -> StageStep:
+    # Every stage builds the whole network from the run's seed and keeps its slice, so the initial weights
+    # equal the in-process trainer's without shipping them through the driver.
+    torch.manual_seed(settings.seed)
+    layers = list(build_network(settings.model, settings.input_shape).layers)[spec.start : spec.stop]
+    num_layers = settings.num_hsic_layers
+    objective = HSICObjective(settings.hsic, settings.num_classes, spec.layers, num_layers)
+    lr_scales = layer_lr_scales(settings.hsic.lr_scale_last, spec.layers, num_layers)
+    return StageStep(layers, objective, settings.optim, device, settings.cuda_graphs, lr_scales, settings.schedule)

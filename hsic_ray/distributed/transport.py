@@ -15,6 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hsic_ray.objective import KernelFactors
+
+# A batch's kernel factors as they travel: (x_factor or None, y_factor).
+WireFactors = tuple[np.ndarray | None, np.ndarray]
+
+
+def factors_to_numpy(factors: KernelFactors) -> WireFactors:
+    x = None if factors.x_factor is None else factors.x_factor.cpu().numpy()
+    return x, factors.y_factor.cpu().numpy()
+
 
 @dataclass
 class _Staging:
@@ -49,6 +59,12 @@ class Transport:
         staging.copied = torch.cuda.Event()
         staging.copied.record()
         return on_device
+
+    def receive_factors(self, wire: WireFactors, slot: int = 0) -> KernelFactors:
+        """A batch's factors on the device, through the staging buffers of the group's batch `slot`."""
+        x_factor, y_factor = wire
+        x_factor = None if x_factor is None else self.receive(x_factor, f"x_factor{slot}")
+        return KernelFactors(x_factor, self.receive(y_factor, f"y_factor{slot}"))
 
     def send(self, tensors: list[Tensor], buffer: str = "out") -> list[np.ndarray]:
         """The tensors as host arrays. On CUDA they are views of the staging buffers `buffer0`, `buffer1`,
