@@ -9,7 +9,7 @@ import os
 import psutil
 import torch
 
-from hsic_ray.config import ConfigError, ExperimentConfig
+from hsic_ray.config import ConfigError, ExperimentConfig, ModelConfig
 from hsic_ray.errors import ResourceError
 from hsic_ray.models import Shape, build_network
 
@@ -34,8 +34,8 @@ def threads_for(cpus: float) -> int:
     return max(1, min(int(cpus), machine_cores()))
 
 
-def _parameter_count(cfg: ExperimentConfig, input_shape: Shape, depth: int) -> int:
-    model = dataclasses.replace(cfg.model, depth=depth, init="default")
+def _parameter_count(model: ModelConfig, input_shape: Shape, depth: int) -> int:
+    model = dataclasses.replace(model, depth=depth, init="default")
     with torch.device("meta"):  # shapes only: nothing is allocated
         return sum(p.numel() for p in build_network(model, input_shape).parameters())
 
@@ -43,7 +43,7 @@ def _parameter_count(cfg: ExperimentConfig, input_shape: Shape, depth: int) -> i
 def estimated_bytes(cfg: ExperimentConfig, input_shape: Shape) -> int:
     """Memory an HSIC run of `cfg` needs at least, for its parameters and its per-layer kernels."""
     # Parameters grow linearly with depth (every hidden block is alike): two small builds give the line.
-    one, two = _parameter_count(cfg, input_shape, 1), _parameter_count(cfg, input_shape, 2)
+    one, two = _parameter_count(cfg.model, input_shape, 1), _parameter_count(cfg.model, input_shape, 2)
     parameters = one + (cfg.model.depth - 1) * (two - one)
     samples = cfg.train.batch_size**2 + cfg.train.eval_samples**2
     layers = cfg.num_hsic_layers

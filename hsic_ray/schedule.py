@@ -6,8 +6,7 @@ checkpoint restores) and the backprop baseline, so the two are compared under th
 * ``"constant"``: factor 1 throughout, as in the paper.
 * ``"cosine"``: half a cosine from 1 at the first step down to 0 after the run's last (Loshchilov & Hutter's
   SGDR without restarts). Annealing the step lets the last steps settle instead of jittering around the
-  optimum at full size: on the Fashion-MNIST dev split it gains `paper_mlp` 0.3-1.0 points after one epoch
-  (README, "paper_mlp against the authors' code").
+  optimum at full size (what it gains: docs/results.md, "paper_mlp against the authors' code").
 """
 
 from __future__ import annotations

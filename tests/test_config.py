@@ -234,3 +234,81 @@ def test_the_command_line_and_config_import_neither_torch_nor_ray():
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _job(name):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+    return importlib.import_module(name)
+
+
+def test_run_directories_say_what_ran():
+    import re
+
+    from hsic_ray.cli import HSIC_FLAGS, RUN_FLAGS, build_run_config
+    from hsic_ray.config import default_output
+
+    train_deep = _job("train_deep")
+    assert re.fullmatch(r"runs/paper_mlp-hsic-\d{8}-\d{6}", default_output("paper_mlp", "hsic"))
+    assert re.fullmatch(r"runs/deep_mlp-backprop-\d{8}-\d{6}", default_output("deep_mlp", "backprop"))
+    assert re.fullmatch(r"runs/hsic-\d{8}-\d{6}", default_output(None, "hsic"))  # no preset: no empty part
+
+    def output(*argv):
+        return build_run_config(train_deep.parse_args(list(argv)), RUN_FLAGS, HSIC_FLAGS).output
+
+    assert re.fullmatch(r"runs/deep_mlp-smoke-\d{8}-\d{6}", output("--smoke-test"))
+    assert re.fullmatch(r"runs/paper_mlp-smoke-\d{8}-\d{6}", output("--smoke-test", "--preset", "paper_mlp"))
+    assert output("--smoke-test", "--output", "mine") == "mine"
+    assert output() is None  # the run names it when it starts (run.start.plan_start): -hsic- or -backprop-
+
+
+def test_accuracies_print_with_two_decimals_or_n_a():
+    from hsic_ray.cli import accuracy_text
+
+    assert accuracy_text(61.550000000000004) == "61.55"
+    assert accuracy_text(100.0) == "100.00"
+    assert accuracy_text(None) == "n/a"
+
+
+def test_flags_take_type_choices_and_help_from_the_config_fields(capsys):
+    from hsic_ray.cli import HSIC_FLAGS, RUN_FLAGS, build_run_config
+    from hsic_ray.config import config_field
+
+    train_deep = _job("train_deep")
+    with pytest.raises(SystemExit):
+        train_deep.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    for dotted in ("hsic.beta", "ray.factors_on", "train.checkpoint_seconds", "model.init"):
+        assert " ".join(config_field(dotted).metadata["help"].split()) in shown and f"({dotted})" in shown
+    cfg = build_run_config(train_deep.parse_args(["--sigma", "median", "--concurrent-head"]), RUN_FLAGS, HSIC_FLAGS)
+    assert cfg.hsic.sigma is None and cfg.head.concurrent is True
+    assert build_run_config(train_deep.parse_args([]), RUN_FLAGS, HSIC_FLAGS).head.concurrent is False  # the preset's
+    with pytest.raises(SystemExit):
+        train_deep.parse_args(["--sigma", "wide"])
+    assert "invalid float or 'median' value: 'wide'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_deep.parse_args(["--depth", "1.5"])
+    assert "invalid int value: '1.5'" in capsys.readouterr().err
+
+
+def test_the_sweep_smoke_test_is_the_jobs_smoke_test_over_two_depths():
+    from hsic_ray.presets import SMOKE_TEST
+
+    sweep_depth = _job("sweep_depth")
+    spec = sweep_depth.build_spec(sweep_depth.parse_args(["--smoke-test", "--width", "48", "--betas", "1", "2"]))
+    assert spec.depths == sweep_depth.SMOKE_DEPTHS
+    assert spec.overrides == {**SMOKE_TEST, "model.width": 48}  # flags beside it win, as for the jobs
+    assert spec.grid == {"hsic.beta": [1.0, 2.0]}
+
+
+def test_presets_share_one_base_and_differ_where_they_say():
+    from hsic_ray.presets import deep_mlp, paper_mlp, paper_resconv
+
+    mlp, conv, deep = paper_mlp(), paper_resconv(), deep_mlp()
+    assert mlp.head == conv.head == deep.head and mlp.train.epochs == conv.train.epochs == deep.train.epochs == 5
+    assert (mlp.train.batch_size, conv.train.batch_size, deep.train.batch_size) == (256, 512, 512)
+    assert (conv.model.arch, conv.hsic.sigma, conv.optim.schedule) == ("resconv", 5.0, "constant")
+    assert deep.hsic.leave_one_out and not mlp.hsic.leave_one_out and not conv.hsic.leave_one_out

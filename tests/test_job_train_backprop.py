@@ -2,6 +2,7 @@
 so that no Ray cluster of the test process runs beside it (the job would join that one)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,5 @@ def test_job_smoke_test_runs_a_tiny_baseline(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["epochs"] == 1
     assert "depth: 1" in (out / "config.yaml").read_text()
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"test accuracy: formatted \d+\.\d\d after 1 epochs \(4 steps, \d+ samples/s\)", last), last

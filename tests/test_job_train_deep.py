@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -180,3 +181,5 @@ def test_smoke_test_is_a_tiny_run_and_flags_and_settings_beside_it_win(tmp_path)
     assert metrics["steps"] == 4 and len(metrics["per_layer"]) == 3  # depth 1: three HSIC-trained layers
     saved = (out / "config.yaml").read_text()
     assert "width: 48" in saved and "depth: 1" in saved and "eps: 0.0001" in saved and "cuda_graphs: 'off'" in saved
+    last = proc.stdout.strip().splitlines()[-1]  # every accuracy with two decimals
+    assert re.fullmatch(r"test accuracy: unformatted \d+\.\d\d, formatted \d+\.\d\d", last), last
