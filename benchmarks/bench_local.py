@@ -10,7 +10,7 @@ digits, all layers in one stage, three ways: the HSIC step; its floor, the same 
 batched step with a trivial loss (z.square().mean()) in place of HSIC; and eager backprop of the same
 network plus its head (cross-entropy, SGD). Part 2 times each estimator on one batch of 1024-wide
 activations against 10-class labels. The authors' figures were measured on a 2-core machine like this
-project's CI machine; see the README for the machine each of our figures came from.
+project's CI machine; docs/results.md gives the machine each of our figures came from.
 """
 
 from __future__ import annotations
