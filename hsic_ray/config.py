@@ -449,7 +449,7 @@ def _validate_ray(ray: RayConfig, hsic_layers: int) -> None:
         ray.address is None or is_ray_address(ray.address),
         "ray.address",
         ray.address,
-        "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, or null",
+        "HOST:PORT of the head (what `ray start --head` prints), ray://HOST:10001, auto, local, or null",
     )
     check_setting(
         ray.placement_timeout_s > 0, "ray.placement_timeout_s", ray.placement_timeout_s, "a positive number of seconds"

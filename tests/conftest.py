@@ -1,7 +1,27 @@
-import pytest
+"""Session settings for every test process (each pytest-xdist worker is one), set before anything imports Ray:
 
-from hsic_ray.config import build_config
-from hsic_ray.data import ImageData, load_dataset
+- RAY_ADDRESS=local: a job or ray.init() without an address starts a new local cluster of its own, never
+  joining one that runs on this machine (another test's, another worker's, a user's). Tests that join a
+  cluster give its address, or drop the variable from their subprocess's environment.
+- RAY_TMPDIR: this process's own Ray temporary directory (sessions, logs, sockets, and the address file
+  `ray start` writes, which `--ray-address auto` and a job without an address look up), deleted at the end.
+- A smaller object store per cluster (a tenth of free memory instead of Ray's 30 %): several clusters run
+  at once here, and no test puts much in it.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+os.environ["RAY_ADDRESS"] = "local"
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live there
+os.environ.setdefault("RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION", "0.1")
+
+import pytest  # noqa: E402
+
+from hsic_ray.config import build_config  # noqa: E402
+from hsic_ray.data import ImageData, load_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +36,10 @@ def digits():
 @pytest.fixture(scope="session")
 def all_digits():
     return load_dataset(build_config().data)
+
+
+def pytest_unconfigure(config):
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()  # before its session directory goes
+    shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)

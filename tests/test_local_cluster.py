@@ -1,6 +1,7 @@
 """`ray start --head` on one machine, then the job script and `ray job submit`, under Ray 2.60's token
 authentication (what `ray start` turns on by default) and with it disabled."""
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray._common.utils import get_ray_address_file
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +45,8 @@ def free_port() -> int:
 def head(request):
     """A two-GPU (logical) head node started with `ray start --block`, stopped with its process group; the
     tests of one auth mode share it, as jobs share a user's cluster."""
+    # No RAY_ADDRESS (conftest's "local"): the job looks for the cluster that `ray start` started, by the address
+    # file it writes in this test process's RAY_TMPDIR.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_AUTH_MODE"] = request.param  # what the README asks of every shell that runs `ray ...`
     port, dashboard = free_port(), free_port()
@@ -54,6 +58,9 @@ def head(request):
             "--block",
             f"--port={port}",
             f"--dashboard-port={dashboard}",
+            # Any free port for the job agent: Ray's default (52365) may be another cluster's on this machine,
+            # and an agent that cannot bind it serves no jobs.
+            "--dashboard-agent-listen-port=0",
             "--num-cpus=4",
             "--num-gpus=2",
             "--include-dashboard=true",
@@ -76,18 +83,39 @@ def head(request):
             pytest.fail(f"ray start did not come up: {status.stdout[-500:]} {status.stderr[-1500:]}")
         yield {"env": env, "address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "mode": request.param}
     finally:
+        stop_head(proc, port)
+
+
+def stop_head(proc: subprocess.Popen, port: int) -> None:
+    """Stop a `ray start --block` head and its process group, whether or not they already ended."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops its cluster on Ctrl-C
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass  # it sometimes hangs after running jobs; the SIGKILL below ends it
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)  # and anything of that cluster still running
-            # `ray stop` would also drop the address file pointing at this cluster; later ray.init() calls
-            # without an address would otherwise try to join the dead cluster.
-            current = Path("/tmp/ray/ray_current_cluster")
-            if current.exists() and current.read_text().strip().endswith(f":{port}"):
-                current.unlink()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass  # it sometimes hangs after running jobs; the SIGKILL below ends it
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing of that cluster left to end
+            os.killpg(proc.pid, signal.SIGKILL)  # anything of that cluster still running
+        # `ray stop` would also drop the address file pointing at this cluster (in this process's RAY_TMPDIR).
+        current = Path(get_ray_address_file(None))
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
+
+
+# README and docs/clusters.md: before the first `ray job submit` to a cluster just started, wait until the
+# head's job agent takes jobs (the dashboard answers before it does, and refuses jobs until then).
+WAIT_FOR_JOB_AGENT = "timeout 120 sh -c 'until ray job submit -- true >/dev/null 2>&1; do sleep 2; done'"
+
+
+def wait_for_job_agent(head) -> None:
+    """The documented one-liner, run as a user runs it (its address from RAY_ADDRESS, as Ray's CLI takes it)."""
+    for doc in ("README.md", "docs/clusters.md"):
+        assert WAIT_FOR_JOB_AGENT in (ROOT / doc).read_text(), f"{doc} does not show the wait for the job agent"
+    env = {**head["env"], "RAY_ADDRESS": head["dashboard"]}
+    started = time.monotonic()
+    proc = subprocess.run(["sh", "-c", WAIT_FOR_JOB_AGENT], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, f"the job agent did not take a job within {time.monotonic() - started:.0f} s"
 
 
 def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_path):
@@ -110,6 +138,7 @@ def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_p
 
 
 def test_ray_job_submit_runs_the_job_on_the_cluster(head, tmp_path):
+    wait_for_job_agent(head)
     out = tmp_path / "run"
     proc = subprocess.run(
         [

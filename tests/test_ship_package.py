@@ -1,17 +1,15 @@
 """ray.ship_package: joining a cluster whose workers cannot import hsic_ray, the job ships the package
 (runtime_env py_modules) and its stage actors import the shipped copy."""
 
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_local_cluster import free_port
+from test_local_cluster import free_port, stop_head
 
 from hsic_ray.distributed.connect import PACKAGE_DIR, package_runtime_env
 
@@ -42,7 +40,7 @@ def cluster_without_hsic_ray(tmp_path):
     shadow = tmp_path / "shadow" / "hsic_ray"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('hsic_ray is not installed on this node')\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}  # the address is given
     env["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     proc = subprocess.Popen(
@@ -73,17 +71,7 @@ def cluster_without_hsic_ray(tmp_path):
         work.mkdir()
         yield {"address": address, "env": {**env, "PYTHONPATH": str(ROOT)}, "cwd": work}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
-        finally:
-            with contextlib.suppress(ProcessLookupError):  # nothing of that cluster left to end
-                os.killpg(proc.pid, signal.SIGKILL)
-            current = Path("/tmp/ray/ray_current_cluster")
-            if current.exists() and current.read_text().strip().endswith(f":{port}"):
-                current.unlink()
+        stop_head(proc, port)
 
 
 def probe(cluster, mode: str) -> str:

@@ -1,4 +1,4 @@
-"""Finding the Ray cluster to run on: the one given, a running one, or a fresh local one.
+"""Finding the Ray cluster to run on: the one given, the one `ray start` started here, or a fresh local one.
 
 Ray 2.60 turns token authentication on by default when `ray start` or `ray.init()` starts a cluster, but
 its command-line clients (`ray status`, `ray job submit`) default to no authentication: with
@@ -79,17 +79,19 @@ def _join(address: str, ship_package: bool) -> None:
 
 def check_address(address: str) -> None:
     """Fail in seconds, naming the fix, when `address` is malformed or nothing listens there."""
+    if address == "local":  # a new cluster: nothing to check
+        return
     if address == "auto":
-        if not _cluster_running_here():
+        if started_cluster_address() is None:
             raise ClusterConnectionError(
-                "--ray-address auto: no Ray cluster runs on this machine; start one with `ray start --head`, "
-                "or leave out --ray-address to start a local cluster"
+                "--ray-address auto: no Ray cluster runs on this machine (none that `ray start` started); start "
+                "one with `ray start --head`, or leave out --ray-address to start a local cluster"
             )
         return
     if not is_ray_address(address):
         raise ClusterConnectionError(
             f"--ray-address {address!r} is not a Ray cluster address: give HOST:PORT of the head "
-            "(what `ray start --head` prints, port 6379 by default), ray://HOST:10001, or auto"
+            "(what `ray start --head` prints, port 6379 by default), ray://HOST:10001, auto, or local"
         )
     host, _, port = address.removeprefix("ray://").rpartition(":")
     try:
@@ -124,12 +126,21 @@ def _answers_as_ray_head(address: str) -> bool:
     return answered.wait(GCS_TIMEOUT_S)
 
 
-def _cluster_running_here() -> bool:
-    """Whether a Ray cluster's GCS process runs on this machine. Ray's own "auto" lookup also trusts the
-    address file of the last `ray start`, and hangs on it when that cluster died without `ray stop`."""
+def started_cluster_address() -> str | None:
+    """The address of the cluster that the last `ray start --head` on this machine started, if its GCS still
+    runs here; else None. `ray start` records that address in Ray's temporary directory (/tmp/ray, or
+    $RAY_TMPDIR/ray); Ray's own "auto" lookup trusts that file even when its cluster died without `ray stop`
+    (and hangs on it), and otherwise joins any cluster it finds running here, one that another program's
+    ray.init() started included."""
+    from ray._common.utils import get_ray_address_file
     from ray._private.services import find_gcs_addresses
 
-    return bool(find_gcs_addresses())
+    try:
+        with open(get_ray_address_file(None)) as f:
+            address = f.read().strip()
+    except OSError:
+        return None
+    return address if address and address in find_gcs_addresses() else None
 
 
 def connect(
@@ -142,7 +153,8 @@ def connect(
 ) -> None:
     """Connect this process to Ray: `address`, else RAY_ADDRESS, else a cluster started on this machine
     with `ray start`, else a new local cluster with at least `local_cpus` logical CPUs, if this machine can
-    hold `processes` workers of `cpus_per_process` CPUs each.
+    hold `processes` workers of `cpus_per_process` CPUs each. The address "local" (as in Ray) always starts
+    a new local cluster, whatever runs on this machine.
 
     Joining an existing cluster, `ship_package` (config `ray.ship_package`) ships this hsic_ray package to
     the job's workers (`package_runtime_env`); a new local cluster's workers import it as this process does.
@@ -154,13 +166,16 @@ def connect(
         return
     default_auth_mode()
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         check_address(address)
+        if address == "auto":  # the cluster `ray start` started here, which check_address found running
+            address = started_cluster_address() or address
         _join(address, ship_package)
         log.info("connected to the Ray cluster at %s", address)
         return
-    if _cluster_running_here():
-        _join("auto", ship_package)
+    running = None if address == "local" else started_cluster_address()
+    if running:
+        _join(running, ship_package)
         log.info("connected to the Ray cluster running on this machine")
         return
     check_local_cluster(processes, cpus_per_process)
