@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,8 @@ PS1='node$ '
 """
 
 # The hosts have no route to a package index: pip installs hsic-ray from the packages already there (the
-# venv sees this interpreter's), without an isolated build environment to download.
+# venv sees this test's), without an isolated build environment to download: the build backend
+# (pyproject.toml's build-system.requires) comes from this test's environment, which the test extra provides.
 PIP_CONF = """\
 [global]
 no-index = true
@@ -204,18 +206,50 @@ def leftovers(ns: str) -> dict[int, str]:
     return {p: c for p, c in processes_in_namespace(ns).items() if c not in ("sshd", "sshd-session")}
 
 
+def own_site_dirs() -> list[str]:
+    """The site-packages directories this test's interpreter imports from (its venv's, conda env's or system
+    Python's, and the user's if enabled): what the hosts' environments must see."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [str(Path(d).resolve()) for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
 def private_home_script(home: Path, raytmp: Path, then: str) -> str:
     """Shell that mounts `home` over the real home directory and `raytmp` over /tmp/ray (in a new mount
-    namespace), then runs `then`. The Python install, if under the real home (pyenv), stays visible."""
+    namespace), then runs `then`. The Python install and this test's environment (its interpreter, its
+    site-packages), where under the real home (pyenv, a venv or conda env in ~), stay visible."""
     real_home = Path(os.path.expanduser("~")).resolve()
-    base = Path(sys.base_prefix).resolve()
     binds = []
-    if base.is_relative_to(real_home) and base != real_home:
-        top = base.relative_to(real_home).parts[0]
-        (home / top).mkdir(exist_ok=True)
-        binds.append(f"mount --bind {real_home / top} {home / top}")
+    for path in [sys.base_prefix, sys.prefix, *own_site_dirs()]:
+        path = Path(path).resolve()
+        if path.is_relative_to(real_home) and path != real_home:
+            top = path.relative_to(real_home).parts[0]
+            bind = f"mount --bind {real_home / top} {home / top}"
+            if bind not in binds:
+                (home / top).mkdir(exist_ok=True)
+                binds.append(bind)
     os.makedirs("/tmp/ray", exist_ok=True)
     return " && ".join(binds + [f"mount --bind {raytmp} /tmp/ray", f"mount --rbind {home} {real_home}", then])
+
+
+def make_host_env(env_dir: Path, real_home: Path) -> None:
+    """A host's Python environment, where cluster.yaml's HSIC_RAY_ENV expects it ($HOME/hsic-ray-env): a venv
+    on this interpreter's base Python that sees this test's own packages (ray, torch, pip, setuptools), with a
+    `ray` command of its own, so that Ray runs on the venv's python and setup_commands install hsic-ray into
+    it. `venv --system-site-packages` would not do: from a venv it sees the base interpreter's packages, not
+    the venv's. A .pth file adds the test's site directories after the venv's own (site.addsitedir, so their
+    .pth files count too): the host's editable hsic-ray, installed later into the venv, comes first."""
+    run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], timeout=60)
+    _, purelib = run(
+        [str(env_dir / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], timeout=60
+    )
+    adds = "; ".join(f"site.addsitedir({d!r})" for d in own_site_dirs())
+    (Path(purelib.strip()) / "zz-hsic-ray-test-site.pth").write_text(f"import site; {adds}\n")
+    (env_dir / "bin" / "ray").write_text(
+        f"#!{real_home}/hsic-ray-env/bin/python\nimport sys\nfrom ray.scripts.scripts import main\nsys.exit(main())\n"
+    )
+    (env_dir / "bin" / "ray").chmod(0o755)
 
 
 class Hosts:
@@ -527,17 +561,8 @@ def test_ray_up_submit_lose_a_node_down_on_three_hosts(hosts, tmp_path):
             shutil.copytree(src, project / item, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
         else:
             shutil.copy2(src, project / item)
-    # Each host's Python environment, where cluster.yaml's HSIC_RAY_ENV expects it ($HOME/hsic-ray-env): a
-    # venv that sees this interpreter's packages (ray, torch), with a `ray` command of its own, so that Ray
-    # runs on the venv's python and setup_commands install hsic-ray into it.
     for host in HOST_IPS:
-        env_dir = h.home(host) / "hsic-ray-env"
-        run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(env_dir)], timeout=60)
-        (env_dir / "bin" / "ray").write_text(
-            f"#!{real_home}/hsic-ray-env/bin/python\nimport sys\n"
-            "from ray.scripts.scripts import main\nsys.exit(main())\n"
-        )
-        (env_dir / "bin" / "ray").chmod(0o755)
+        make_host_env(h.home(host) / "hsic-ray-env", real_home)
 
     ray_cli = Path(sys.executable).parent / "ray"
     ray_cli = str(ray_cli) if ray_cli.exists() else shutil.which("ray")
