@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone: system tools, the project with its test extras, then pytest with
-# this script's arguments (e.g. `scripts/test.sh -m "not slow"`). .ci/run runs exactly this.
+# The whole test suite from a fresh clone: system tools, the project with its test extras, then pytest, in
+# parallel, with this script's arguments (e.g. `scripts/test.sh -m "not slow"`). .ci/run runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,4 +28,10 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 python -m pip install -e ".[test]"
-python -m pytest "$@"
+# In parallel (pytest-xdist), each test file on one worker (--dist loadfile: a file's tests share its
+# clusters); every worker's jobs start Ray clusters of their own (tests/conftest.py). Workers: the
+# machine's cores, at least 2 (the tests mostly wait on Ray and subprocesses) and at most 4 (memory:
+# each worker's Ray clusters and torch processes take a few GiB). HSIC_RAY_TEST_WORKERS overrides;
+# `scripts/test.sh -n 0` runs serially.
+workers="${HSIC_RAY_TEST_WORKERS:-$(python -c 'import os; print(min(4, max(2, os.cpu_count() or 1)))')}"
+python -m pytest -n "$workers" --dist loadfile "$@"
