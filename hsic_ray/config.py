@@ -203,7 +203,7 @@ class RayConfig:
         None, "batches submitted and not finished; default: 2 x stages x batches per call"
     )
     # Chosen so that Ray's cost per call stays under a tenth of the call's compute
-    # (hsic_ray.distributed.ray_pipeline.choose_batches_per_call).
+    # (hsic_ray.distributed.batches_per_call.choose_batches_per_call).
     batches_per_call: int | None = documented(
         None,
         "consecutive batches a stage takes per actor call (results equal one call per batch); default: chosen "
