@@ -3,7 +3,7 @@ import os
 import pytest
 from matplotlib.image import imread
 
-from hsic_ray.run.plots import plot_curves, plot_information_plane
+from hsic_ray.run.plots import plot_curves, plot_information_plane, plot_probes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -164,3 +164,65 @@ def test_plots_do_not_touch_pyplot(tmp_path):
     plot_curves({"a": [(0, 0), (1, 1)]}, tmp_path / "c.png", "x", "y")
     if not had_pyplot:
         assert "matplotlib.pyplot" not in sys.modules
+
+
+def _figures_drawn(monkeypatch):
+    """Every figure the plot functions save, drawn, in order (the real figure, before its PNG is written)."""
+    from hsic_ray.run import plots
+
+    figures = []
+    save = plots._save_atomic
+
+    def keep(fig, path):
+        save(fig, path)
+        fig.canvas.draw()
+        figures.append(fig)
+
+    monkeypatch.setattr(plots, "_save_atomic", keep)
+    return figures
+
+
+def _tick_labels(axis, view):
+    """The labels of the ticks inside the axis' view (matplotlib also places some just outside it)."""
+    low, high = sorted(view)
+    return [t.get_text() for t in axis.get_ticklabels() if low <= t.get_position()[axis is axis.axes.yaxis] <= high]
+
+
+def _is_whole(label):
+    return label.replace("\u2212", "-").lstrip("-").isdigit()
+
+
+@pytest.mark.parametrize(
+    "xs",
+    [[1, 2, 3], [2, 4], [1], list(range(1, 16))],
+    ids=["3 epochs", "depths 2 and 4", "one epoch", "15 epochs"],
+)
+def test_curves_over_whole_numbers_get_whole_number_ticks(tmp_path, monkeypatch, xs):
+    figures = _figures_drawn(monkeypatch)
+    plot_curves({"layer 1": [(x, 0.5 + 0.1 * x) for x in xs]}, tmp_path / "c.png", "epoch", "log10 gradient norm")
+    ax = figures[0].axes[0]
+    labels = _tick_labels(ax.xaxis, ax.get_xlim())
+    assert labels and all(_is_whole(label) for label in labels), labels
+    if len(xs) <= 12:  # few points: a tick at each, none between
+        assert labels == [str(x) for x in xs]
+
+
+def test_curves_over_fractions_keep_fractional_ticks(tmp_path, monkeypatch):
+    figures = _figures_drawn(monkeypatch)
+    plot_curves({"lr": [(0.1, 80.0), (0.2, 85.0), (0.3, 82.0)]}, tmp_path / "c.png", "lr", "accuracy")
+    ax = figures[0].axes[0]
+    labels = _tick_labels(ax.xaxis, ax.get_xlim())
+    assert any("." in label for label in labels), labels
+
+
+def test_layer_and_epoch_axes_of_probes_and_information_plane_are_whole_numbers(tmp_path, monkeypatch):
+    figures = _figures_drawn(monkeypatch)
+    probes = [{"epoch": e, "test_accuracy": [50.0 + e, 60.0 + e, 70.0, 65.0, 64.0]} for e in range(4)]
+    plot_probes(probes, tmp_path / "probes.png", final={"test_accuracy": [55.0, 66.0, 72.0, 70.0, 69.0]})
+    plot_information_plane(_records(n_epochs=3, n_layers=5), tmp_path / "plane.png")
+    probes_ax, epochs_bar = figures[0].axes
+    layers = _tick_labels(probes_ax.xaxis, probes_ax.get_xlim())
+    assert layers == ["1", "2", "3", "4", "5"]
+    assert _tick_labels(epochs_bar.yaxis, epochs_bar.get_ylim()) == ["0", "1", "2", "3"]
+    layer_bar = figures[1].axes[1]
+    assert _tick_labels(layer_bar.yaxis, layer_bar.get_ylim()) == ["1", "2", "3", "4", "5"]

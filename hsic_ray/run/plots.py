@@ -21,9 +21,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 100
 FIGSIZE = (7.0, 5.0)
+MAX_POINT_TICKS = 12  # up to this many whole-number x values, each gets its own tick
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
@@ -217,20 +219,8 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
     _finish(fig, ax, path, title)
 
 
-def plot_curves(
-    series: dict[str, list[tuple[float, float]]],
-    path: str | os.PathLike,
-    xlabel: str,
-    ylabel: str,
-    title: str = "",
-    xticks: Sequence[float] | None = None,
-    ymin: float | None = None,
-) -> None:
-    """A line plot, one line (with point markers) per named series of (x, y) points, with a legend,
-    written as a PNG to `path`; `xticks`: where the x axis is labelled (default: matplotlib's choice),
-    `ymin`: where the y axis starts (0 for throughputs, so that differences are not magnified). Raises
-    ValueError, before anything is written, when there is no series, a series has no points, or a point,
-    tick or ymin is not finite."""
+def _curve_data(series: Any) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """Each series' name, xs and ys; ValueError when there is none, one has no points, or a point is not finite."""
     if not isinstance(series, Mapping) or len(series) == 0:
         raise ValueError("series must be a non-empty dict of name -> list of (x, y) points")
     data: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -252,6 +242,25 @@ def plot_curves(
             xs.append(_finite_float(x, f"series {name!r} point {k} x"))
             ys.append(_finite_float(y, f"series {name!r} point {k} y"))
         data.append((str(name), np.asarray(xs), np.asarray(ys)))
+    return data
+
+
+def plot_curves(
+    series: dict[str, list[tuple[float, float]]],
+    path: str | os.PathLike,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    xticks: Sequence[float] | None = None,
+    ymin: float | None = None,
+) -> None:
+    """A line plot, one line (with point markers) per named series of (x, y) points, with a legend,
+    written as a PNG to `path`; `xticks`: where the x axis is labelled (default: where every x is a whole number,
+    at the points' x values, or on whole numbers where there are many; else matplotlib's choice),
+    `ymin`: where the y axis starts (0 for throughputs, so that differences are not magnified). Raises
+    ValueError, before anything is written, when there is no series, a series has no points, or a point,
+    tick or ymin is not finite."""
+    data = _curve_data(series)
     ticks = None if xticks is None else [_finite_float(x, f"xticks[{k}]") for k, x in enumerate(xticks)]
     floor = None if ymin is None else _finite_float(ymin, "ymin")
 
@@ -259,15 +268,17 @@ def plot_curves(
     ax = fig.add_subplot(1, 1, 1)
     for name, xs, ys in data:
         ax.plot(xs, ys, "-o", markersize=4, label=name)
+    xs_all = sorted({x for _, xs, _ in data for x in xs.tolist()})
     if ticks is not None:
         ax.set_xticks(ticks)
+    elif all(x.is_integer() for x in xs_all):  # epochs, depths, stages: no tick at 2.5
+        if len(xs_all) <= MAX_POINT_TICKS:
+            ax.set_xticks(xs_all)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if floor is not None:
         ax.set_ylim(bottom=floor)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize="small")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
-    _save_atomic(fig, path)
+    _finish(fig, ax, path, title)
