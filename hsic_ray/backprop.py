@@ -79,6 +79,7 @@ class EpochStats:
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
     grad_norms: list[list[float]] = field(default_factory=list)  # per step, per layer
+    stopped: bool = False  # `stop` ended the epoch early (an interrupt)
 
     @property
     def complete(self) -> bool:
@@ -109,18 +110,23 @@ def train_epoch(
     shard: Callable[[Batch], tuple[torch.Tensor, torch.Tensor, float]] = whole_batch,
     verbose: bool = True,
     schedule: LRSchedule | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> EpochStats:
     """Backprop over the batches of `epoch` from batch `start`, stopping at train.max_steps total steps.
 
     Batches come in the seeded order of `iterate_batches(seed, epoch)`; `shard` picks this process's rows of
     each one (and the gradient weight, see `backprop_step`). Gradient norms are those of `net`'s layers.
-    `schedule` sets the learning rate of each step.
+    `schedule` sets the learning rate of each step. `stop`, asked before each step, ends the epoch there
+    (`stopped`; `next_batch` is the batch not taken).
     """
     total = num_batches(len(data.y_train), train.batch_size)
     stats = EpochStats(epoch=epoch, steps=steps, next_batch=start, total=total)
     started = time.perf_counter()
     for batch in iterate_batches(data.x_train, data.y_train, train.batch_size, train.seed, epoch, start=start):
         if train.max_steps is not None and stats.steps >= train.max_steps:
+            break
+        if stop is not None and stop():
+            stats.stopped = True
             break
         x, y, weight = shard(batch)
         if schedule is not None:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from hsic_ray.config import NULL, ExperimentConfig, build_config, config_field, default_output
-from hsic_ray.errors import USER_ERRORS
+from hsic_ray.errors import USER_ERRORS, Interrupted
+from hsic_ray.interrupt import signals_stop_the_run
 from hsic_ray.presets import PRESETS, SMOKE_TEST
 
 DEFAULT_PRESET = "deep_mlp"
@@ -83,12 +84,18 @@ class JobArgumentParser(argparse.ArgumentParser):
 
 
 def run_job(body: Callable[[], int]) -> int:
-    """A job script's body; a user error ends it with one line on stderr and exit code 2."""
+    """A job script's body; a user error ends it with one line on stderr and exit code 2. SIGINT and SIGTERM
+    stop it (at the training loop's next safe point, or at once elsewhere and at a second signal) with one
+    line and exit code 130 or 143 (`hsic_ray.interrupt`)."""
     try:
-        return body()
+        with signals_stop_the_run():
+            return body()
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return 128 + exc.signum
 
 
 def build_run_config(args: argparse.Namespace, *flag_maps: dict[str, str]) -> ExperimentConfig:

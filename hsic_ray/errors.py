@@ -31,6 +31,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or unreadable."""
 
 
+class StorageError(RuntimeError):
+    """The disk (or store) a run writes to is full or read-only; the message names the file, the cause and the
+    fix. Files already complete (checkpoints, results) are kept, and the write's own temporary is removed."""
+
+
+class ModelInputError(ValueError):
+    """Input given to a loaded model does not have the shape the model was trained on; the message names both."""
+
+
 class ModelFileError(RuntimeError):
     """model.pt is missing, unreadable or not one this version writes."""
 
@@ -47,6 +56,21 @@ class ResourceError(RuntimeError):
     """A run asks for more than the machine it would run on has; the message names both and the fix."""
 
 
+class RunLockedError(RuntimeError):
+    """Another run holds the output directory (hsic_ray.run.lock); the message names it."""
+
+
+class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
+    """SIGINT or SIGTERM stopped the run (hsic_ray.interrupt): at a safe point after its checkpoint (`step`
+    set), or at once (`step` None, continued from the last checkpoint). The job prints `str()` as its one
+    line and exits 128 + `signum`."""
+
+    def __init__(self, signum: int, step: int | None = None):
+        self.signum, self.step = int(signum), step
+        where = "" if step is None else f" at step {step}"
+        super().__init__(f"interrupted{where}; rerun the same command to continue")
+
+
 # What a job reports as one line rather than a traceback.
 USER_ERRORS = (
     ConfigError,
@@ -58,4 +82,7 @@ USER_ERRORS = (
     PlacementError,
     ClusterConnectionError,
     ResourceError,
+    RunLockedError,
+    StorageError,
+    ModelInputError,
 )

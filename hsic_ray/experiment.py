@@ -23,7 +23,7 @@ from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
-from hsic_ray.resources import check_memory, threads_for
+from hsic_ray.resources import check_disk, check_memory, threads_for
 from hsic_ray.run import tensorboard_log
 from hsic_ray.run.start import CHECKPOINTS, CheckpointResume, Resumption, RunStart, plan_start
 from hsic_ray.schedule import LRSchedule
@@ -56,9 +56,11 @@ def check_batch_fits(train: TrainConfig, data: ImageData) -> None:
 
 
 def check_data_fits(cfg: ExperimentConfig, data: ImageData) -> None:
-    """A full batch of `data` exists, and the network and its kernels fit this machine's memory."""
+    """A full batch of `data` exists, the network and its kernels fit this machine's memory, and the output's
+    disk has room for its checkpoints and results."""
     check_batch_fits(cfg.train, data)
     check_memory(cfg, data.input_shape)
+    check_disk(cfg, data.input_shape)
 
 
 @dataclass
@@ -80,14 +82,19 @@ def prepare_run(
     in_process: bool = True,
 ) -> PreparedRun:
     """Claim the output directory and find what an interrupted run continues from (`plan_start`), load the
-    data, check that it and the network fit, and, for a run that trains in this process, resolve its device
-    and build its seeded network. Writes nothing: the run calls `start.commit` once its own checks pass."""
+        data, check that it and the network fit, and, for a run that trains in this process, resolve its device
+        and build its seeded network. Writes only the directory's lock, which the run holds until it ends
+    (`with prepared.start:`; released here on any error): the run calls `start.commit` once its own checks pass."""
     start = plan_start(cfg, method, resume, resumption)
-    data = data or load_dataset(cfg.data)
-    check_data_fits(cfg, data)
-    if not in_process:
-        return PreparedRun(start, data, None, None)
-    return PreparedRun(start, data, resolve_device(cfg.train.device), build_seeded_network(cfg, data))
+    try:
+        data = data or load_dataset(cfg.data)
+        check_data_fits(cfg, data)
+        if not in_process:
+            return PreparedRun(start, data, None, None)
+        return PreparedRun(start, data, resolve_device(cfg.train.device), build_seeded_network(cfg, data))
+    except BaseException:
+        start.release()
+        raise
 
 
 def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages: int | None) -> list:
@@ -157,21 +164,22 @@ def run_hsic(
     if cfg.train.tensorboard:
         tensorboard_log.require()  # before any file is written
     prepared = prepare_run(cfg, "hsic", resume, data)
-    data, device, net, run = prepared.data, prepared.device, prepared.net, prepared.start.run
-    resume_at = prepared.start.point or CheckpointResume()
-    specs = _plan_ray_stages(cfg, net, resume_at.stages) if cfg.trainer == "ray" else None
-    prepared.start.commit(cfg)
-    log.info(
-        "run directory: %s  (%s, %d train / %d test samples, %s trainer)",
-        run.uri,
-        data.name,
-        len(data.y_train),
-        len(data.y_test),
-        cfg.trainer,
-    )
-    with _pipeline(cfg, data, net, specs, device) as pipeline:
-        trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
-        return trainer.fit(resume_at.step)
+    with prepared.start as start:
+        data, device, net, run = prepared.data, prepared.device, prepared.net, start.run
+        resume_at = start.point or CheckpointResume()
+        specs = _plan_ray_stages(cfg, net, resume_at.stages) if cfg.trainer == "ray" else None
+        start.commit(cfg)
+        log.info(
+            "run directory: %s  (%s, %d train / %d test samples, %s trainer)",
+            run.uri,
+            data.name,
+            len(data.y_train),
+            len(data.y_test),
+            cfg.trainer,
+        )
+        with _pipeline(cfg, data, net, specs, device) as pipeline:
+            trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
+            return trainer.fit(resume_at.step)
 
 
 def run_backprop(
@@ -181,5 +189,6 @@ def run_backprop(
 ) -> dict[str, Any]:
     """The baseline: the same network and head trained end to end by backprop, in process."""
     prepared = prepare_run(cfg, "backprop", data=data)
-    prepared.start.commit(cfg)
-    return BackpropTrainer(cfg, prepared.data, prepared.net, prepared.start.run, prepared.device).fit(on_epoch)
+    with prepared.start as start:
+        start.commit(cfg)
+        return BackpropTrainer(cfg, prepared.data, prepared.net, start.run, prepared.device).fit(on_epoch)

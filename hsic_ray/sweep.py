@@ -7,7 +7,9 @@ baseline, on the same network, data and budget. Trials report once per epoch wit
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
 import io
 import itertools
 import logging
@@ -31,6 +33,7 @@ from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
 from hsic_ray.run.plots import plot_curves
+from hsic_ray.sweep_progress import SweepProgress, axis_name
 
 log = logging.getLogger("hsic_ray")
 
@@ -38,8 +41,14 @@ METHODS = ("hsic", "backprop")
 # What ASHA and the Tuner rank trials by: test accuracy of a linear readout of the network's output. Per
 # epoch, HSIC trials fit one in closed form (their format head trains only at the end); backprop trials
 # train theirs with the network. Final reports give the trained format head's accuracy.
+# One key for both, on purpose: ASHA needs the metric in every epoch's report and compares trials at the same
+# epoch, where every trial's value is a per-epoch readout; the Tuner's best result and results.md take each
+# trial's last report, the final one. The one place the two could meet, a "best trial" while trials still
+# run, is the progress table's, which ranks final reports only (sweep_progress.best_finished).
 METRIC = "test_accuracy_formatted"
+PROGRESS_EVERY_S = 30.0  # the least time between two progress tables
 CHECKPOINT_FILES = (MODEL_FILE, "config.yaml", "metrics.json")  # what a trial's Tune checkpoint holds
+NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Tune's switch between its output engines ("0": the legacy one)
 
 
 @dataclass
@@ -146,6 +155,8 @@ def backprop_trial(params: dict[str, Any]) -> None:
 
 
 def run_trial(params: dict[str, Any]) -> None:
+    # Tune logs each stored checkpoint's path at INFO from the trial's process; the progress table says enough.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     (hsic_trial if params["method"] == "hsic" else backprop_trial)(params)
 
 
@@ -239,8 +250,12 @@ def _param_space(spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
 
 def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; write results.csv, results.md and accuracy_vs_depth.png; return the rows
-    (by method and grid settings, then depth)."""
-    claim = run_claim.claim(spec.output, "sweep", resume)
+    (by method and grid settings, then depth). Holds the output's lock (hsic_ray.run.lock) until it ends."""
+    with run_claim.take(spec.output, "sweep", resume) as claim:
+        return _run_claimed(claim, spec, resume, address)
+
+
+def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address: str | None) -> list[dict[str, Any]]:
     if claim.interrupted and not resume and claim.run.exists("tune"):
         raise OutputExistsError(
             f"{claim.run.uri} holds an interrupted sweep; add --resume to continue it, or choose another --output"
@@ -266,14 +281,45 @@ def run_sweep(spec: SweepSpec, resume: bool = False, address: str | None = None)
             tune_config=tune.TuneConfig(
                 metric=METRIC, mode="max", scheduler=scheduler, max_concurrent_trials=spec.max_concurrent_trials
             ),
-            run_config=tune.RunConfig(storage_path=sweep_dir, name="tune", verbose=1),
+            run_config=tune.RunConfig(
+                storage_path=sweep_dir,
+                name="tune",
+                verbose=0,  # our own progress table instead of Tune's
+                callbacks=[SweepProgress(METRIC, list(spec.grid), PROGRESS_EVERY_S)],
+            ),
         )
+    _log_where_results_go(claim.run)
     started = time.perf_counter()
-    grid = tuner.fit()
+    with _tune_output_quiet():
+        grid = tuner.fit()
     rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
     write_results(claim.run, rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
     return rows
+
+
+@contextlib.contextmanager
+def _tune_output_quiet():
+    """Tune's legacy output engine while the sweep runs, which prints nothing at verbose=0. Its default engine
+    prints a table of the experiment and a TensorBoard hint pointing at its staging directory in Ray's
+    temporary directory even then. A RAY_AIR_NEW_OUTPUT the user set is left as it is."""
+    if NEW_OUTPUT in os.environ:
+        yield
+        return
+    os.environ[NEW_OUTPUT] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(NEW_OUTPUT, None)
+
+
+def _log_where_results_go(run: RunDirectory) -> None:
+    """Where Tune keeps each trial's records, and the TensorBoard command for them (Tune writes event files
+    there when tensorboardX is installed)."""
+    tune_dir = run.local_path("tune") or f"{run.location.rstrip('/')}/tune"
+    log.info("each trial's results: %s", tune_dir)
+    if importlib.util.find_spec("tensorboardX") is not None:
+        log.info("TensorBoard: tensorboard --logdir %s", tune_dir)
 
 
 def _row(result) -> dict[str, Any]:
@@ -303,7 +349,7 @@ def failed_trials(rows: list[dict[str, Any]]) -> str | None:
 
 def _series_label(row: dict[str, Any]) -> str:
     """The method, plus the grid settings of the row's trial (`hsic activation=elu`)."""
-    settings = [f"{key.rsplit('.', 1)[-1]}={row[key]}" for key in row if "." in key]
+    settings = [f"{axis_name(key)}={row[key]}" for key in row if "." in key]
     return " ".join([row["method"], *settings])
 
 
@@ -323,7 +369,12 @@ def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
         run.write_with_local_file(
             "accuracy_vs_depth.png",
             lambda path: plot_curves(
-                series, path, "depth (hidden blocks)", "test accuracy (%)", "test accuracy against depth"
+                series,
+                path,
+                "depth (hidden blocks)",
+                "test accuracy (%)",
+                "test accuracy against depth",
+                xticks=sorted({depth for points in series.values() for depth, _ in points}),
             ),
         )
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hsic_ray import backprop
+from hsic_ray import backprop, interrupt
 from hsic_ray.config import (
     ConfigError,
     ExperimentConfig,
@@ -51,6 +52,7 @@ from hsic_ray.config import (
 from hsic_ray.data import Batch, ImageData
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
+from hsic_ray.distributed.stop_request import StopCheck, StopRequest
 from hsic_ray.experiment import build_seeded_network, prepare_run
 from hsic_ray.resources import threads_for
 from hsic_ray.run import checkpoint
@@ -67,8 +69,17 @@ log = logging.getLogger("hsic_ray")
 RAY_TRAIN_DIR = "ray_train"  # under the run's output directory: Ray Train's storage_path
 RUN_NAME = "backprop"  # RunConfig(name): the experiment directory under storage_path
 STATE_FILE = "state.pt"  # inside each checkpoint directory
-SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 keeps per run, and resumes from
+SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"  # what Ray Train V2 keeps per run (written after a checkpoint)
+# A checkpoint directory's name; the attempt (one per start of the job on the output) keeps every attempt's
+# checkpoints apart, so none is written over.
+CHECKPOINT_NAME = re.compile(r"checkpoint_epoch(?P<epoch>\d+)_step(?P<step>\d+)_attempt(?P<attempt>\d+)")
 PLOT_FILE = "grad_norms.png"
+# Ray Train's preemption watcher, an actor that polls for draining nodes, serves training loops that ask
+# ray.train.get_preemption_info and checkpoint just in time; this loop checkpoints every epoch and never asks
+# (a preempted worker fails, and --max-failures retries from the latest checkpoint). Ray 2.60 logs an
+# error-level line whenever it creates one (its constructor takes actor handles, and it restarts forever).
+# Ray Train passes this variable from the driver to its controller and workers.
+PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Settings a resumed backprop run must share with the run it continues (epochs, max_steps, logging may change).
 RESUME_MUST_MATCH = ("data", "model", "backprop", "train.batch_size", "train.seed")
 
@@ -88,20 +99,20 @@ def _shard_by_rank(rank: int, world: int, batch_size: int):
     return shard
 
 
-def _load_state(
-    train_checkpoint, unreadable: tuple[str, ...] = (), fallback: str | None = None
-) -> dict[str, Any] | None:
-    """The state in Ray Train's checkpoint, or in `fallback` when that checkpoint is one of `unreadable`."""
-    if train_checkpoint is None:
-        return None
-    if os.path.basename(train_checkpoint.path.rstrip("/")) in unreadable:
-        return checkpoint.load_state(RunDirectory(fallback), STATE_FILE)
+def _checkpoint_steps(name: str) -> int:
+    match = CHECKPOINT_NAME.fullmatch(name)
+    return int(match["step"]) if match else -1
+
+
+def _load_state(train_checkpoint, unreadable: tuple[str, ...] = (), resume_from: str | None = None):
+    """The state to continue from: Ray Train's checkpoint (the latest of this `fit`, or of the snapshot it
+    restored) unless it does not load or the one found on disk, `resume_from`, is newer; None: none."""
+    name = os.path.basename(train_checkpoint.path.rstrip("/")) if train_checkpoint is not None else None
+    newest = None if resume_from is None else os.path.basename(resume_from.rstrip("/"))
+    if name is None or name in unreadable or (newest and _checkpoint_steps(newest) > _checkpoint_steps(name)):
+        return None if resume_from is None else checkpoint.load_state(RunDirectory(resume_from), STATE_FILE)
     with train_checkpoint.as_directory() as directory:
         return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
-
-
-def _attempt(history: list[dict[str, Any]]) -> int:
-    return sum(record["kind"] == "resume" for record in history)
 
 
 def _write_history(run: RunDirectory, history: list[dict[str, Any]]) -> None:
@@ -155,8 +166,10 @@ def _build_model(cfg: ExperimentConfig, data: ImageData, state: dict[str, Any] |
     return model, optimizer, backprop.unwrap(model)[0]
 
 
-def _report_checkpoint(model, optimizer, stats: backprop.EpochStats, progress: _Progress, record: dict[str, Any]):
-    """Rank 0's report of an epoch, with the checkpoint to resume from."""
+def _report_checkpoint(
+    model, optimizer, stats: backprop.EpochStats, progress: _Progress, record: dict[str, Any], attempt: int
+):
+    """Rank 0's report of an epoch (or of the steps before an interrupt), with the checkpoint to resume from."""
     import ray.train
 
     saved = {
@@ -172,13 +185,11 @@ def _report_checkpoint(model, optimizer, stats: backprop.EpochStats, progress: _
     with tempfile.TemporaryDirectory() as directory:
         torch.save(saved, os.path.join(directory, STATE_FILE))
         ray.train.report(
-            {k: record[k] for k in ("epoch", "step", "loss", "test_accuracy", "grad_norms")},
+            {k: record[k] for k in ("epoch", "step", "loss", "test_accuracy", "grad_norms") if k in record},
             checkpoint=ray.train.Checkpoint.from_directory(directory),
-            # The attempt in the name: an attempt that resumed from an older checkpoint (the newest did not
-            # load) writes its own, never into a directory Ray Train still lists.
-            checkpoint_dir_name=(
-                f"checkpoint_epoch{progress.epoch:05d}_step{progress.steps:09d}_attempt{_attempt(progress.history)}"
-            ),
+            # The attempt in the name: no attempt writes into a directory of an earlier one (which it may not
+            # have resumed from: an older one when the newest did not load, or none).
+            checkpoint_dir_name=f"checkpoint_epoch{progress.epoch:05d}_step{progress.steps:09d}_attempt{attempt}",
         )
 
 
@@ -195,7 +206,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         _setup_worker_logging()
     device = ray.train.torch.get_device()
-    state = _load_state(ray.train.get_checkpoint(), tuple(config["unreadable"]), config["fallback"])
+    state = _load_state(ray.train.get_checkpoint(), tuple(config["unreadable"]), config["resume_from"])
     model, optimizer, net = _build_model(cfg, data, state, world, device)
     progress = _Progress() if state is None else _Progress.after(state)
     if state is not None and rank == 0:
@@ -206,18 +217,39 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
             progress.epoch,
             progress.next_batch,
         )
-    run = RunDirectory(config["run"]) if rank == 0 else None
-    _train_epochs(cfg, data, model, optimizer, net, progress, rank, world, device, run)
+    worker = _Worker(
+        RunDirectory(config["run"]) if rank == 0 else None,
+        rank,
+        world,
+        device,
+        StopCheck(config["stop_flag"], rank, world, device),
+        config["attempt"],
+    )
+    _train_epochs(cfg, data, model, optimizer, net, progress, worker)
 
 
-def _train_epochs(cfg, data, model, optimizer, net, progress: _Progress, rank: int, world: int, device, run) -> None:
-    """Every epoch left; rank 0 measures, records and checkpoints each one, the other ranks report progress."""
+@dataclass
+class _Worker:
+    """Where a worker runs: rank 0 writes `run` and the checkpoints; every rank asks `stop` before a step."""
+
+    run: RunDirectory | None
+    rank: int
+    world: int
+    device: torch.device
+    stop: StopCheck
+    attempt: int
+
+
+def _train_epochs(cfg, data, model, optimizer, net, progress: _Progress, worker: _Worker) -> None:
+    """Every epoch left; rank 0 measures, records and checkpoints each one, the other ranks report progress.
+    Asked to stop, the workers stop before the next step and rank 0 checkpoints the steps since the last."""
     import ray.train
 
-    train = cfg.train
+    train, rank, world, device = cfg.train, worker.rank, worker.world, worker.device
     shard = _shard_by_rank(rank, world, train.batch_size)
     schedule = LRSchedule.for_run(cfg.backprop, train, len(data.y_train))
     while progress.epoch <= train.epochs and (train.max_steps is None or progress.steps < train.max_steps):
+        start = progress.steps
         stats = backprop.train_epoch(
             model,
             optimizer,
@@ -231,8 +263,12 @@ def _train_epochs(cfg, data, model, optimizer, net, progress: _Progress, rank: i
             shard=shard,
             verbose=rank == 0,
             schedule=schedule,
+            stop=worker.stop,
         )
         progress.steps, progress.train_seconds = stats.steps, progress.train_seconds + stats.seconds
+        if stats.stopped:
+            _report_interrupt(model, optimizer, stats, progress, worker, trained=stats.steps > start)
+            return
         if rank != 0:
             ray.train.report({"epoch": progress.epoch, "step": progress.steps}, checkpoint=None)
         else:
@@ -246,11 +282,26 @@ def _train_epochs(cfg, data, model, optimizer, net, progress: _Progress, rank: i
                 record["test_accuracy"],
                 progress.steps,
             )
-            _report_checkpoint(model, optimizer, stats, progress, record)
-            _write_history(run, progress.history)  # after the checkpoint is stored: never ahead of it
+            _report_checkpoint(model, optimizer, stats, progress, record, worker.attempt)
+            _write_history(worker.run, progress.history)  # after the checkpoint is stored: never ahead of it
         progress.next_batch = 0
         if stats.complete:
             progress.epoch += 1
+
+
+def _report_interrupt(model, optimizer, stats, progress: _Progress, worker: _Worker, trained: bool) -> None:
+    """The driver asked the workers to stop before the next step: rank 0 checkpoints the steps since the
+    last checkpoint (mid-epoch: the resumed run takes the epoch's remaining batches), unless there are none."""
+    import ray.train
+
+    if worker.rank != 0 or not trained:
+        ray.train.report({"epoch": progress.epoch, "step": progress.steps}, checkpoint=None)
+        return
+    record = {"kind": "interrupt", "epoch": progress.epoch, "step": progress.steps, "next_batch": stats.next_batch}
+    progress.history.append(record)
+    log.info("stopping at step %d (epoch %d, batch %d): checkpointing", progress.steps, stats.epoch, stats.next_batch)
+    _report_checkpoint(model, optimizer, stats, progress, record, worker.attempt)
+    _write_history(worker.run, progress.history)
 
 
 # --- the driver ------------------------------------------------------------------------------------------
@@ -258,51 +309,50 @@ def _train_epochs(cfg, data, model, optimizer, net, progress: _Progress, rank: i
 
 @dataclass
 class _RayTrainResume:
-    """The Ray Train checkpoint an interrupted run continues from: the newest whose state loads. Ray Train
-    hands workers its latest one; when that one does not load, they take `fallback` instead."""
+    """The Ray Train checkpoint an interrupted run continues from: the newest on disk whose state loads,
+    whether or not Ray Train's snapshot (written after the checkpoint) lists it. Workers load it unless Ray
+    Train hands them a newer one (a retry within the same `fit`)."""
 
-    found: bool = False  # False: Ray Train holds no snapshot of the run; it starts from its beginning
-    fallback: str | None = None  # location of the checkpoint directory to load instead
+    location: str | None = None  # the checkpoint directory; None: the run starts from its beginning
+    attempt: int = 0  # this attempt's number: one more than any attempt's checkpoint on disk
     unreadable: dict[str, str] = field(default_factory=dict)  # checkpoint dir name -> why it does not load
+
+    @property
+    def found(self) -> bool:
+        return self.location is not None
 
     def commit(self, run: RunDirectory) -> None:
         if self.found:
-            log.info("continuing the interrupted run in %s from its newest loadable Ray Train checkpoint", run.uri)
+            log.info("continuing the interrupted run in %s from %s", run.uri, self.location)
         for name, why in self.unreadable.items():
-            log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, self.fallback)
+            log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, self.location)
 
 
 def _find_ray_train_checkpoint(run: RunDirectory) -> _RayTrainResume:
-    """Load Ray Train's checkpoints newest first, before any worker starts (a corrupt one would otherwise
-    fail every worker, and again on every rerun)."""
+    """Load the run's Ray Train checkpoints newest first, before any worker starts (a corrupt one would
+    otherwise fail every worker, and again on every rerun)."""
     experiment = f"{RAY_TRAIN_DIR}/{RUN_NAME}"
-    if not run.exists(f"{experiment}/{SNAPSHOT_FILE}"):
-        return _RayTrainResume()
-    try:
-        snapshot = run.read_json(f"{experiment}/{SNAPSHOT_FILE}")
-        names = [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{run.path(experiment + '/' + SNAPSHOT_FILE)} is unreadable ({type(exc).__name__}); "
-            "start a new run with another --output"
-        ) from None
-    point = _RayTrainResume(found=True)
-    for name in reversed(names):
+    found = {m: m["step"] for m in map(CHECKPOINT_NAME.fullmatch, run.list_dir(experiment)) if m}
+    newest_first = sorted(found, key=lambda m: (int(m["step"]), int(m["attempt"])), reverse=True)
+    point = _RayTrainResume(attempt=1 + max((int(m["attempt"]) for m in found), default=-1))
+    for match in newest_first:
+        name = match.group(0)
         try:
             checkpoint.load_state(run, f"{experiment}/{name}/{STATE_FILE}")
         except CheckpointError as exc:
             point.unreadable[name] = str(exc)
             continue
-        if point.unreadable:
-            point.fallback = f"{run.location.rstrip('/')}/{experiment}/{name}"
+        point.location = f"{run.location.rstrip('/')}/{experiment}/{name}"
         return point
-    raise CheckpointError(
-        f"no Ray Train checkpoint in {run.path(experiment)} can be loaded "
-        f"({'; '.join(point.unreadable.values()) or 'none listed'}); start a new run with another --output"
-    )
+    if point.unreadable:
+        raise CheckpointError(
+            f"no Ray Train checkpoint in {run.path(experiment)} can be loaded "
+            f"({'; '.join(point.unreadable.values())}); start a new run with another --output"
+        )
+    return point
 
 
-# How a Ray Train run continues: from Ray Train's snapshot, through the same claim and start as every run.
+# How a Ray Train run continues: from its checkpoints on disk, through the same claim and start as every run.
 RAY_TRAIN_CHECKPOINTS = Resumption(RESUME_MUST_MATCH, _find_ray_train_checkpoint, "Ray Train checkpoint")
 
 
@@ -372,13 +422,14 @@ def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: st
     )
 
 
-def _torch_trainer(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, point, layout: dict[str, Any]):
+def _torch_trainer(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, point, layout: dict[str, Any], stop_flag):
     """Ray Train's trainer of the run: its workers, their training loop and where it keeps checkpoints."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     workers, use_gpu, cpus_per_worker = layout["workers"], layout["use_gpu"], layout["cpus_per_worker"]
     resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")  # read by Ray Train as the controller starts; a user's value wins
     return TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={
@@ -387,7 +438,9 @@ def _torch_trainer(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, po
             "run": run.location,
             "cpus_per_worker": cpus_per_worker,
             "unreadable": list(point.unreadable) if point else [],
-            "fallback": point.fallback if point else None,
+            "resume_from": point.location if point else None,
+            "attempt": point.attempt if point else 0,
+            "stop_flag": stop_flag,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -395,6 +448,10 @@ def _torch_trainer(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, po
             name=RUN_NAME,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=layout["max_failures"]),
+            # Ray Train's console lines: errors only. Its INFO lines repeat each report's raw metrics, and its
+            # warnings include transient ones with a traceback (a resource request to its autoscaling
+            # coordinator timing out on a busy machine); its log files in Ray's session directory keep all.
+            logging_config=ray.train.LoggingConfig(log_level="ERROR"),
         ),
     )
 
@@ -421,34 +478,40 @@ def train_backprop(
     """
     _check_worker_settings(cfg.train, workers, cpus_per_worker, max_failures)
     prepared = prepare_run(cfg, "backprop", resume, data, RAY_TRAIN_CHECKPOINTS, in_process=False)
-    connect(
-        cfg.ray.address,
-        local_cpus=workers * cpus_per_worker,
-        processes=workers + 1,
-        cpus_per_process=cpus_per_worker,
-        ship_package=cfg.ray.ship_package,
-        state_api=True,
-    )
-    _check_resources(workers, use_gpu, cpus_per_worker)
-    prepared.start.commit(cfg)
-    run, data = prepared.start.run, prepared.data
-    log.info(
-        "run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
-        run.uri,
-        data.name,
-        len(data.y_train),
-        len(data.y_test),
-        workers,
-        "s" if workers > 1 else "",
-        " on GPUs" if use_gpu else "",
-        _storage_path(run),
-        RUN_NAME,
-    )
-    layout = {"workers": workers, "use_gpu": use_gpu, "cpus_per_worker": cpus_per_worker, "max_failures": max_failures}
-    result = _torch_trainer(run, cfg, data, prepared.start.point, layout).fit()
-    if result.checkpoint is None:
-        raise CheckpointError(f"Ray Train finished without a checkpoint in {_storage_path(run)}/{RUN_NAME}")
-    metrics = _write_results(cfg, data, run, _load_state(result.checkpoint), workers, result.checkpoint.path)
+    with prepared.start as start:  # the output's lock, held until the run ends
+        connect(
+            cfg.ray.address,
+            local_cpus=workers * cpus_per_worker,
+            processes=workers + 1,
+            cpus_per_process=cpus_per_worker,
+            ship_package=cfg.ray.ship_package,
+            state_api=True,
+        )
+        _check_resources(workers, use_gpu, cpus_per_worker)
+        start.commit(cfg)
+        run, data = start.run, prepared.data
+        log.info(
+            "run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
+            run.uri,
+            data.name,
+            len(data.y_train),
+            len(data.y_test),
+            workers,
+            "s" if workers > 1 else "",
+            " on GPUs" if use_gpu else "",
+            _storage_path(run),
+            RUN_NAME,
+        )
+        layout = {
+            "workers": workers,
+            "use_gpu": use_gpu,
+            "cpus_per_worker": cpus_per_worker,
+            "max_failures": max_failures,
+        }
+        result = _fit(run, cfg, data, start.point, layout)
+        if result.checkpoint is None:
+            raise CheckpointError(f"Ray Train finished without a checkpoint in {_storage_path(run)}/{RUN_NAME}")
+        metrics = _write_results(cfg, data, run, _load_state(result.checkpoint), workers, result.checkpoint.path)
     log.info(
         "backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
         metrics["test_accuracy_formatted"],
@@ -457,3 +520,13 @@ def train_backprop(
         metrics["train_seconds"],
     )
     return metrics
+
+
+def _fit(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, point, layout: dict[str, Any]):
+    """Ray Train's `fit`; SIGINT or SIGTERM stops its workers before their next step, after a checkpoint
+    (hsic_ray.distributed.stop_request), and ends the run with Interrupted at the checkpoint's step."""
+    with interrupt.at_safe_points(), StopRequest() as stop:
+        result = _torch_trainer(run, cfg, data, point, layout, stop.flag).fit()
+        if interrupt.requested():
+            interrupt.stop(None if result.checkpoint is None else _load_state(result.checkpoint)["steps"])
+    return result

@@ -3,7 +3,9 @@
 The loop reads batches, computes each batch's factors once, hands batch and factors to a `Pipeline`
 (every layer in this process, or stage actors on Ray) and bounds how many batches are in flight. After each
 epoch it recalibrates BatchNorm and looks at every layer (hsic_ray.layer_monitor); it checkpoints and resumes
-through hsic_ray.training_state, and hands the trained network to hsic_ray.run_end.
+through hsic_ray.training_state, and hands the trained network to hsic_ray.run_end. On SIGINT or SIGTERM
+(hsic_ray.interrupt) it stops after the batch it submitted last: the batches in flight finish, a checkpoint
+is written there, and the run ends with `Interrupted`, to be continued from that checkpoint with nothing lost.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHead
@@ -98,12 +101,13 @@ class HSICTrainer:
             self.monitor.record(epoch=0, step=0)
         else:
             position = self.checkpoints.restore(resume_step)
-        while position.epoch <= self.train.epochs and not self._step_budget_spent():
-            self._train_epoch(position)
-            self._end_epoch(position.epoch)
-            position = Position(position.epoch + 1, 0)
-        if resume_step is None or self.progress.steps > resume_step:
-            self.checkpoints.save(position)
+        with interrupt.at_safe_points():  # SIGINT / SIGTERM: stop at the next batch, after a checkpoint
+            while position.epoch <= self.train.epochs and not self._step_budget_spent():
+                self._train_epoch(position)
+                self._end_epoch(position.epoch)
+                position = Position(position.epoch + 1, 0)
+            self.checkpoints.save_new(position)
+            interrupt.stop_if_requested(self.progress.steps)
         return self.run_end.finish(self.progress.summary(self.train.batch_size))
 
     def _step_budget_spent(self) -> bool:
@@ -121,11 +125,12 @@ class HSICTrainer:
             self.progress.steps += 1  # counted when submitted, so max_steps bounds what is started
             while len(pending) >= self.pipeline.max_in_flight:
                 self._finish(pending.popleft(), len(pending), clock)
-            if self.checkpoints.due():
+            if self.checkpoints.due() or interrupt.requested():
                 while pending:  # a checkpoint holds every stage at the same step
                     self._finish(pending.popleft(), len(pending), clock)
                 self.progress.train_seconds += clock.seconds
-                self.checkpoints.save(Position(position.epoch, batch.index + 1))
+                self.checkpoints.save_new(Position(position.epoch, batch.index + 1))
+                interrupt.stop_if_requested(self.progress.steps)  # SIGINT / SIGTERM: end here, nothing lost
                 clock = _Clock(time.perf_counter())
         while pending:
             self._finish(pending.popleft(), len(pending), clock)

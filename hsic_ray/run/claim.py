@@ -5,6 +5,10 @@ or refused. One place decides this for the HSIC job, the backprop baseline and t
 then calls `Claim.commit`, which marks the directory as the run's (`hsic-ray-run.json`) and saves its config.
 A directory is never written into when it holds a finished run, a run of another kind, or files that are
 not an hsic-ray run at all.
+
+A run claims with `take`: it holds the directory's lock (hsic_ray.run.lock, one writer per directory) from
+before it looks until `Claim.release`, so that no other run, or second resume of the same run, writes there
+meanwhile. `claim` alone only looks.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import dataclass
 
 from hsic_ray.errors import NothingToResumeError, OutputExistsError
 from hsic_ray.run.directory import RunDirectory, check_location
+from hsic_ray.run.lock import LOCK_FILE, RunLock
 
 MARKER = "hsic-ray-run.json"
 KINDS = ("hsic", "backprop", "sweep")
@@ -28,6 +33,18 @@ class Claim:
     run: RunDirectory
     kind: str
     interrupted: bool  # an unfinished run of this kind is there, to be continued (or restarted)
+    lock: RunLock | None = None  # held from `take` until `release`
+
+    def release(self) -> None:
+        """Give up the directory's lock (a claim that only looked holds none)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def __enter__(self) -> Claim:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
     def saved_config_text(self) -> str | None:
         return self.run.read_text(CONFIG) if self.interrupted and self.run.exists(CONFIG) else None
@@ -66,8 +83,26 @@ def claim(output: str, kind: str, resume: bool = False) -> Claim:
     else raises OutputExistsError naming what is there; `resume` without a run to continue raises
     NothingToResumeError.
     """
+    return _look(RunDirectory(check_location(output)), kind, resume)
+
+
+def take(output: str, kind: str, resume: bool = False) -> Claim:
+    """Lock `output` for this run (RunLockedError, naming the holder, when another run has it), then claim
+    it as `claim` does. The lock (and a directory it created, while empty) goes on any refusal; otherwise
+    the caller releases the claim when the run ends."""
     run = RunDirectory(check_location(output))
-    names = [n for n in run.list_dir() if not n.startswith(".tmp-")]
+    lock = RunLock.acquire(run)
+    try:
+        found = _look(run, kind, resume)
+    except BaseException:
+        lock.release()
+        raise
+    found.lock = lock
+    return found
+
+
+def _look(run: RunDirectory, kind: str, resume: bool) -> Claim:
+    names = [n for n in run.list_dir() if not n.startswith((".tmp-", LOCK_FILE))]
     if not names:
         if resume:
             raise NothingToResumeError(f"--resume: {run.uri} holds no run to continue; drop --resume to start one")

@@ -1,6 +1,6 @@
 """Where a run starts: its claimed output directory, the settings an interrupted run there was started
-with, and the checkpoint to continue from. Reads only, until every check of the run has passed and it
-calls `RunStart.commit`.
+with, and the checkpoint to continue from. Takes the directory's lock (hsic_ray.run.lock), and otherwise
+reads only, until every check of the run has passed and it calls `RunStart.commit`.
 
 One path for every kind of run: `plan_start` claims the directory and, for an interrupted run, checks its
 settings and asks the run's `Resumption` where to continue. HSIC runs (and the in-process baseline) use
@@ -122,6 +122,16 @@ class RunStart:
     def run(self) -> RunDirectory:
         return self.claim.run
 
+    def release(self) -> None:
+        """The run ended (or stopped before it began): give up its directory's lock."""
+        self.claim.release()
+
+    def __enter__(self) -> RunStart:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def commit(self, cfg: ExperimentConfig) -> None:
         """Every check passed: write the run's first files, and set aside checkpoints that do not load."""
         self.claim.commit(save_config(cfg))
@@ -135,16 +145,21 @@ class RunStart:
 def plan_start(
     cfg: ExperimentConfig, method: str, resume: bool = False, resumption: Resumption = CHECKPOINTS
 ) -> RunStart:
-    """Claim the output directory and find the point to continue from; reads only.
+    """Lock and claim the output directory and find the point to continue from; writes only the lock, which
+    the caller releases (`RunStart.release`, or `with` the returned start) and which goes on any error here.
 
     A directory with an unfinished run of the same kind is continued (from its newest checkpoint that
     loads, or from its beginning when it has none), if its settings match. See `hsic_ray.run.claim`.
     """
-    claim = run_claim.claim(cfg.output or default_output(cfg.preset, method), method, resume)
-    if not claim.interrupted:
-        return RunStart(claim)
-    check_resumable(saved_config(claim), cfg, claim.run.uri, resumption.must_match)
-    point = resumption.find(claim.run)
-    if resume and not point.found:
-        raise checkpoint.CheckpointError(f"--resume: {claim.run.uri} holds no {resumption.wanted} to resume from")
-    return RunStart(claim, point)
+    claim = run_claim.take(cfg.output or default_output(cfg.preset, method), method, resume)
+    try:
+        if not claim.interrupted:
+            return RunStart(claim)
+        check_resumable(saved_config(claim), cfg, claim.run.uri, resumption.must_match)
+        point = resumption.find(claim.run)
+        if resume and not point.found:
+            raise checkpoint.CheckpointError(f"--resume: {claim.run.uri} holds no {resumption.wanted} to resume from")
+        return RunStart(claim, point)
+    except BaseException:
+        claim.release()
+        raise

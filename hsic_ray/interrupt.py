@@ -1,0 +1,84 @@
+"""Stopping a run on SIGINT (Ctrl-C) or SIGTERM so that rerunning the same command continues it.
+
+A job's body runs under `signals_stop_the_run` (hsic_ray.cli.run_job). Inside the training loops, which run
+under `at_safe_points`, a signal only asks them to stop: they check `requested` between steps, finish the
+batches in flight, write a checkpoint and raise `Interrupted` with the step. Anywhere else (loading data,
+starting actors, the end of a run), and at a second signal, `Interrupted` is raised at once: what the run
+had not checkpointed is redone when it is continued. The job prints one line for it and exits 128 + the
+signal's number (130 for SIGINT, 143 for SIGTERM).
+
+Pure Python (no torch, no Ray), so the command line can import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+
+from hsic_ray.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _State:
+    handling = False  # the handlers are installed (a job's body runs)
+    deferred = 0  # depth of at_safe_points blocks: a signal waits for the loop's next safe point
+    requested: int | None = None  # the signal received, if any
+
+
+def _handle(signum: int, frame) -> None:
+    if _State.requested is None and _State.deferred:
+        _State.requested = signum
+        return
+    _State.requested = _State.requested or signum
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def signals_stop_the_run() -> Iterator[None]:
+    """SIGINT and SIGTERM raise Interrupted (or ask the loop to stop, see `at_safe_points`) while in the
+    block; the previous handlers come back after it. Only the main thread can install handlers: elsewhere
+    the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
+    _State.handling, _State.requested = True, None
+    for s in SIGNALS:
+        signal.signal(s, _handle)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _State.handling, _State.requested = False, None
+
+
+@contextlib.contextmanager
+def at_safe_points() -> Iterator[None]:
+    """Inside the block a (first) signal waits for the loop's next `check`."""
+    _State.deferred += 1
+    try:
+        yield
+    finally:
+        _State.deferred -= 1
+    if _State.requested is not None and _State.handling:
+        raise Interrupted(_State.requested)  # it came after the loop's last check
+
+
+def requested() -> bool:
+    """Whether a signal asked the run to stop."""
+    return _State.requested is not None
+
+
+def stop(step: int | None) -> None:
+    """The loop reached a safe point after a signal (and wrote its checkpoint): end the run."""
+    raise Interrupted(_State.requested or signal.SIGINT, step)
+
+
+def stop_if_requested(step: int | None) -> None:
+    """At a safe point (after the checkpoint of `step`): end the run if a signal asked for it."""
+    if requested():
+        stop(step)
