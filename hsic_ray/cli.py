@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -81,6 +82,21 @@ class JobArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _JobLogFormatter(logging.Formatter):
+    """`HH:MM:SS message`; warnings and errors name their level (`HH:MM:SS WARNING message`)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        level = f"{record.levelname} " if record.levelno >= logging.WARNING else ""
+        return f"{self.formatTime(record, self.datefmt)} {level}{record.message}"
+
+
+def setup_logging() -> None:
+    """The jobs' log lines on stderr: INFO and above, with the time."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_JobLogFormatter(datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def run_job(body: Callable[[], int]) -> int:

@@ -12,7 +12,6 @@ Writes results.csv, results.md and accuracy_vs_depth.png to --output, and prints
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 
@@ -25,6 +24,7 @@ from hsic_ray.cli import (
     flag_overrides,
     grid_axis,
     run_job,
+    setup_logging,
 )
 from hsic_ray.presets import PRESETS, SMOKE_TEST
 from hsic_ray.sweep import METHODS, SweepSpec, failed_trials, markdown_table, run_sweep
@@ -82,7 +82,7 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
 
     def sweep() -> int:

@@ -13,7 +13,6 @@ Writes config.yaml, metrics.jsonl, metrics.json and grad_norms.png (per-layer gr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from ray.train import TrainingFailedError
@@ -26,6 +25,7 @@ from hsic_ray.cli import (
     add_run_arguments,
     build_run_config,
     run_job,
+    setup_logging,
 )
 from hsic_ray.train_backprop import train_backprop, training_failure
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
 
     def train() -> int:

@@ -13,7 +13,6 @@ TensorBoard event files to --output/tensorboard with --tensorboard).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from hsic_ray.cli import (
@@ -24,6 +23,7 @@ from hsic_ray.cli import (
     add_run_arguments,
     build_run_config,
     run_job,
+    setup_logging,
 )
 from hsic_ray.experiment import run_hsic
 
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    setup_logging()
     args = parse_args(argv)
 
     def train() -> int:
