@@ -12,6 +12,8 @@ import torch
 from hsic_ray.config import ConfigError, ExperimentConfig, ModelConfig
 from hsic_ray.errors import ResourceError
 from hsic_ray.models import Shape, build_network
+from hsic_ray.run.checkpoint import storage_bytes
+from hsic_ray.run.location import check_free_space
 
 GIB = 1024**3
 # A Ray worker that imports (CUDA-built) torch holds about this much memory of its own.
@@ -40,11 +42,16 @@ def _parameter_count(model: ModelConfig, input_shape: Shape, depth: int) -> int:
         return sum(p.numel() for p in build_network(model, input_shape).parameters())
 
 
+def parameter_count(model: ModelConfig, input_shape: Shape) -> int:
+    """The network's parameters, without building it at its depth."""
+    # Parameters grow linearly with depth (every hidden block is alike): two small builds give the line.
+    one, two = _parameter_count(model, input_shape, 1), _parameter_count(model, input_shape, 2)
+    return one + (model.depth - 1) * (two - one)
+
+
 def estimated_bytes(cfg: ExperimentConfig, input_shape: Shape) -> int:
     """Memory an HSIC run of `cfg` needs at least, for its parameters and its per-layer kernels."""
-    # Parameters grow linearly with depth (every hidden block is alike): two small builds give the line.
-    one, two = _parameter_count(cfg.model, input_shape, 1), _parameter_count(cfg.model, input_shape, 2)
-    parameters = one + (cfg.model.depth - 1) * (two - one)
+    parameters = parameter_count(cfg.model, input_shape)
     samples = cfg.train.batch_size**2 + cfg.train.eval_samples**2
     layers = cfg.num_hsic_layers
     return 4 * (PARAMETER_COPIES * parameters + KERNEL_MATRICES * layers * samples) + LAYER_OVERHEAD_BYTES * layers
@@ -60,6 +67,13 @@ def check_memory(cfg: ExperimentConfig, input_shape: Shape) -> None:
             f"train.batch_size={cfg.train.batch_size}, train.eval_samples={cfg.train.eval_samples}) and this machine "
             f"has {have / GIB:.1f} GiB; lower --width, --depth, --batch-size or train.eval_samples"
         )
+
+
+def check_disk(cfg: ExperimentConfig, input_shape: Shape) -> None:
+    """Refuse an output on a local disk without room for the run's checkpoints and results (StorageError,
+    naming need and free space), before anything is written."""
+    need = storage_bytes(parameter_count(cfg.model, input_shape))
+    check_free_space(cfg.output or "runs", need, f"its checkpoints and results (model.depth={cfg.model.depth})")
 
 
 def check_local_cluster(processes: int, cpus_per_process: float) -> None:

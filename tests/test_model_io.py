@@ -8,9 +8,11 @@ import torch
 import hsic_ray
 from hsic_ray.config import build_config
 from hsic_ray.data import to_tensor
+from hsic_ray.errors import USER_ERRORS, ConfigError, ModelInputError
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop, run_hsic
-from hsic_ray.run.model_io import ModelFileError
+from hsic_ray.models import build_head, build_network
+from hsic_ray.run.model_io import ModelFileError, model_bytes
 
 
 def tiny(out, preset="paper_mlp", **extra):
@@ -87,3 +89,49 @@ def test_missing_or_corrupt_model_file_is_one_clear_line(tmp_path):
         hsic_ray.load_model(tmp_path)
     message = str(corrupt.value)
     assert str(tmp_path / "model.pt") in message and "corrupt" in message and "\n" not in message
+
+
+def write_untrained_model(directory, input_shape=(1, 28, 28)):
+    """A model.pt as a run writes it, of a freshly built network (no training: these tests are about loading)."""
+    cfg = tiny(directory)
+    network = build_network(cfg.model, input_shape)
+    head = build_head(network.output_features, 10)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = model_bytes(cfg, "hsic", input_shape, 10, network.state_dict(), head.state_dict())
+    (directory / "model.pt").write_bytes(data)
+
+
+def test_input_of_the_wrong_shape_names_the_expected_and_the_given_shape(tmp_path):
+    write_untrained_model(tmp_path / "run")
+    model = hsic_ray.load_model(tmp_path / "run")
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    for wrong, shown in ((torch.zeros(2, 784), "2 x 784"), (torch.zeros(2, 3, 28, 28), "2 x 3 x 28 x 28")):
+        with pytest.raises(ModelInputError) as bad:
+            model(wrong)
+        message = str(bad.value)
+        assert "N x 1 x 28 x 28 (C, H, W)" in message and f"given {shown}" in message and "\n" not in message
+    assert issubclass(ModelInputError, ValueError) and ModelInputError in USER_ERRORS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the message of a machine without CUDA")
+def test_cuda_without_a_gpu_says_so_not_corrupt(tmp_path):
+    write_untrained_model(tmp_path / "run")
+    with pytest.raises(ConfigError, match="no CUDA device was found") as no_gpu:
+        hsic_ray.load_model(tmp_path / "run", device="cuda")
+    assert "corrupt" not in str(no_gpu.value)
+
+
+def test_a_sweep_directory_names_its_trials_models(tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "hsic-ray-run.json").write_text('{"kind": "sweep"}')
+    (sweep / "results.csv").write_text("trial,accuracy\n")
+    for trial in ("hsic-a", "hsic-b"):
+        write_untrained_model(sweep / "trials" / trial)
+    (sweep / "trials" / "hsic-c").mkdir()  # a trial that did not finish
+    with pytest.raises(ModelFileError) as swept:
+        hsic_ray.load_model(sweep)
+    message = str(swept.value)
+    assert "is a depth sweep" in message and "trials/hsic-a/model.pt, trials/hsic-b/model.pt" in message
+    assert "hsic-c" not in message and "\n" not in message
+    assert hsic_ray.load_model(sweep / "trials" / "hsic-a").method == "hsic"  # what the message points to loads

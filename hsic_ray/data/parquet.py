@@ -3,8 +3,8 @@ URI/test/..., written once (`python -m hsic_ray.data prepare`) and read by every
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import posixpath
 from typing import Any
 
@@ -12,25 +12,18 @@ import numpy as np
 
 from hsic_ray.config import DATASET_NAMES
 from hsic_ray.data.arrays import DataError, ImageData, check_arrays
+from hsic_ray.run.directory import storage_faults
+from hsic_ray.run.location import open_location
 
 PARQUET_FORMAT_VERSION = 1
 _METADATA_KEY = b"hsic_ray"
 
 
 def _filesystem(uri: str):
-    """(pyarrow filesystem, path) for a local path or any URI pyarrow knows."""
-    from pyarrow import fs as pafs
-
-    if "://" not in uri:
-        uri = os.path.abspath(os.path.expanduser(uri))  # from_uri refuses relative paths
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-    except Exception as exc:
-        raise DataError(
-            f"cannot open {uri!r} ({type(exc).__name__}: {exc}): expected a local path or a filesystem URI "
-            "pyarrow supports (file://, s3://, gs://, hdfs://...)"
-        ) from None
-    return filesystem, path.rstrip("/") or "/"
+    """(pyarrow filesystem, path, what is there) for a local path or any URI pyarrow knows, after a first
+    request that gives up within seconds (`hsic_ray.run.location.open_location`)."""
+    filesystem, path, info = open_location(uri, "parquet dataset", DataError)
+    return filesystem, path.rstrip("/") or "/", info
 
 
 def _images_to_binary(x: np.ndarray):
@@ -89,35 +82,50 @@ def write_parquet(data: ImageData, uri: str, shard_size: int = 5000) -> None:
 
     Columns: `image` (binary, the raw bytes of one C x H x W uint8/float32 image) and `label` (int64).
     The schema metadata (key "hsic_ray", JSON) holds name, split, shape, dtype, num_classes and row and
-    shard counts. Shards left in URI/train or URI/test by an earlier write are replaced.
+    shard counts. Shards left in URI/train or URI/test by an earlier write are replaced. A full or read-only
+    disk raises StorageError after removing every shard this call wrote, so no partial dataset is left.
     """
+    if isinstance(shard_size, bool) or int(shard_size) != shard_size or shard_size < 1:
+        raise DataError(f"shard_size={shard_size!r} is invalid: expected an integer >= 1 (images per file)")
+    data = check_arrays(data.name, data.x_train, data.y_train, data.x_test, data.y_test, data.num_classes)
+    filesystem, root, _ = _filesystem(uri)
+    written: list[str] = []
+
+    def remove_written() -> None:
+        for path in written:
+            with contextlib.suppress(OSError):
+                filesystem.delete_file(path)
+
+    with storage_faults(f"parquet dataset {uri}", cleanup=remove_written):
+        for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+            _write_split(filesystem, posixpath.join(root, split), data, split, x, y, int(shard_size), written)
+
+
+def _write_split(filesystem, directory: str, data: ImageData, split: str, x, y, shard_size: int, written: list) -> None:
+    """One split's shards into `directory` (its old shards removed first); each path goes on `written` before
+    its file is opened, so a failed write can remove it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pyarrow import fs as pafs
 
-    if isinstance(shard_size, bool) or int(shard_size) != shard_size or shard_size < 1:
-        raise DataError(f"shard_size={shard_size!r} is invalid: expected an integer >= 1 (images per file)")
-    shard_size = int(shard_size)
-    data = check_arrays(data.name, data.x_train, data.y_train, data.x_test, data.y_test, data.num_classes)
-    filesystem, root = _filesystem(uri)
-    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
-        directory = posixpath.join(root, split)
-        filesystem.create_dir(directory, recursive=True)
-        for info in filesystem.get_file_info(pafs.FileSelector(directory)):
-            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
-                filesystem.delete_file(info.path)
-        shards = max(1, -(-len(x) // shard_size))
-        schema = pa.schema(
-            [("image", pa.binary()), ("label", pa.int64())],
-            metadata=_parquet_metadata(data, split, len(x), shards),
-        )
-        for shard in range(shards):
-            part = slice(shard * shard_size, (shard + 1) * shard_size)
-            images = _images_to_binary(x[part])
-            if images.type != pa.binary():
-                schema = schema.set(0, pa.field("image", images.type))
-            table = pa.Table.from_arrays([images, pa.array(y[part], type=pa.int64())], schema=schema)
-            pq.write_table(table, posixpath.join(directory, f"part-{shard:05d}.parquet"), filesystem=filesystem)
+    filesystem.create_dir(directory, recursive=True)
+    for info in filesystem.get_file_info(pafs.FileSelector(directory)):
+        if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
+            filesystem.delete_file(info.path)
+    shards = max(1, -(-len(x) // shard_size))
+    schema = pa.schema(
+        [("image", pa.binary()), ("label", pa.int64())],
+        metadata=_parquet_metadata(data, split, len(x), shards),
+    )
+    for shard in range(shards):
+        part = slice(shard * shard_size, (shard + 1) * shard_size)
+        images = _images_to_binary(x[part])
+        if images.type != pa.binary():
+            schema = schema.set(0, pa.field("image", images.type))
+        table = pa.Table.from_arrays([images, pa.array(y[part], type=pa.int64())], schema=schema)
+        path = posixpath.join(directory, f"part-{shard:05d}.parquet")
+        written.append(path)
+        pq.write_table(table, path, filesystem=filesystem)
 
 
 def _prepare_hint(uri: str) -> str:
@@ -176,16 +184,10 @@ def _read_parquet_split(filesystem, root: str, uri: str, split: str) -> tuple[np
 
 def read_parquet(uri: str) -> ImageData:
     """Read shards written by `write_parquet` back into the same arrays."""
-    filesystem, root = _filesystem(uri)
     from pyarrow import fs as pafs
 
-    try:
-        found = filesystem.get_file_info(root).type
-    except Exception as exc:
-        raise DataError(
-            f"cannot reach parquet dataset {uri!r} ({type(exc).__name__}: {exc}); check the URI and credentials"
-        ) from None
-    if found != pafs.FileType.Directory:
+    filesystem, root, info = _filesystem(uri)
+    if info.type != pafs.FileType.Directory:
         raise DataError(f"parquet dataset {uri!r} does not exist; " + _prepare_hint(uri))
     x_train, y_train, meta = _read_parquet_split(filesystem, root, uri, "train")
     x_test, y_test, test_meta = _read_parquet_split(filesystem, root, uri, "test")

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Sequence
 
+import pyarrow.fs as pafs
+
 from hsic_ray.config import DATASET_NAMES, DataConfig
-from hsic_ray.data.arrays import DataError
+from hsic_ray.data.arrays import ImageData
 from hsic_ray.data.parquet import write_parquet
 from hsic_ray.data.sources import load_dataset
-from hsic_ray.run.directory import OutputLocationError, check_location
+from hsic_ray.errors import USER_ERRORS, OutputExistsError, StorageError
+from hsic_ray.run import claim as run_claim
+from hsic_ray.run.directory import RunDirectory, resolve_location
+
+SPLITS = ("train", "test")  # what a prepared dataset's directory holds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,6 +35,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_output(output: str) -> RunDirectory:
+    """The output directory, if shards may go there: new, empty, or a dataset prepared before (whose shards
+    are replaced). Anything else is refused as the jobs refuse it (`hsic_ray.run.claim`: a run, finished or
+    not, or files that are not hsic-ray's), with one line, before anything is loaded or written."""
+    try:
+        return run_claim.claim(output, "dataset").run
+    except OutputExistsError:
+        run = RunDirectory(resolve_location(output))
+        if set(n for n in run.list_dir() if not n.startswith(".tmp-")) <= set(SPLITS):
+            return run
+        raise
+
+
+def _write(data: ImageData, run: RunDirectory, shard_size: int) -> None:
+    """The shards; a write that fails on a full or read-only disk also removes the directories it created."""
+    new_root = run.fs.get_file_info(run.root).type == pafs.FileType.NotFound
+    created = [run.root] if new_root else [run.path(split) for split in SPLITS if not run.exists(split)]
+    try:
+        write_parquet(data, run.location, shard_size=shard_size)
+    except StorageError:
+        for directory in created:
+            with contextlib.suppress(OSError):
+                run.fs.delete_dir(directory)
+        raise
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m hsic_ray.data prepare --source SOURCE --output URI [--root DIR] [--shard-size N]`."""
     args = _parser().parse_args(argv)
@@ -39,10 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         split_seed=args.split_seed,
     )
     try:
-        check_location(args.output)
+        output = check_output(args.output)
         data = load_dataset(cfg)
-        write_parquet(data, args.output, shard_size=args.shard_size)
-    except (DataError, OutputLocationError) as exc:
+        _write(data, output, args.shard_size)
+    except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     c, h, w = data.input_shape

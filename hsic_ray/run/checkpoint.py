@@ -25,6 +25,14 @@ from hsic_ray.run.directory import RunDirectory
 
 ROOT = "checkpoints"
 KEEP = 2  # complete checkpoints kept; older ones are deleted once a newer one is complete
+# What a run's other files take besides its weights: plots, metrics, config, TensorBoard events (generously).
+RESULTS_BYTES = 8 * 2**20
+
+
+def storage_bytes(parameters: int) -> int:
+    """Disk a run of a network with `parameters` float32 parameters needs at most: KEEP complete checkpoints
+    and one being written (weights and momentum each), model.pt, and its results."""
+    return 4 * parameters * (2 * (KEEP + 1) + 1) + RESULTS_BYTES
 
 
 def checkpoint_dir(step: int) -> str:

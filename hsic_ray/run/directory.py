@@ -1,81 +1,67 @@
 """A run's output directory, on a local path or any pyarrow filesystem URI (shared storage on a cluster).
 
 Every file is written whole to a temporary name and then moved into place, so a crash mid-write leaves
-either the previous version or the new one, never a torn file. Nothing is created until the first write,
-and `check_location` says before then whether a location can hold a run at all.
+either the previous version or the new one, never a torn file. A write that meets a full or read-only disk
+removes its temporary and raises StorageError (one line), leaving every complete file as it was. Nothing is
+created until the first write, and `check_location` (`hsic_ray.run.location`) says before then whether a
+location can hold a run at all.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from hsic_ray.errors import OutputLocationError
+from hsic_ray.errors import OutputLocationError, StorageError
+from hsic_ray.run.location import check_location, resolve_location
+
+__all__ = ["OutputLocationError", "RunDirectory", "StorageError", "check_location", "resolve_location"]
+
+# Write failures that are the place's, not the program's: the run stops with one line naming the cause.
+STORAGE_FAULTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "it is not writable",
+    errno.EPERM: "it is not writable",
+}
 
 
-def _has_scheme(uri: str) -> bool:
-    return "://" in uri
+def _errno(exc: OSError) -> int | None:
+    """The OS error number, also where pyarrow gives it only in its message ("[errno 28] ...")."""
+    if exc.errno:
+        return exc.errno
+    found = re.search(r"\[errno (\d+)\]", str(exc), re.IGNORECASE)
+    return int(found.group(1)) if found else None
 
 
-def resolve_location(uri: str) -> str:
-    """A URI as it is; a local path made absolute, so that other processes (stage actors, with other
-    working directories) find it too."""
-    return uri if _has_scheme(uri) else os.path.abspath(os.path.expanduser(uri))
-
-
-def _in_ray_job_working_dir() -> bool:
-    """Whether this process is a `ray job submit` entrypoint running in Ray's temporary copy of its
-    working dir (deleted with the Ray session)."""
-    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}") or "{}")
-    return bool((config.get("runtime_env") or {}).get("working_dir"))
-
-
-def check_location(uri: str) -> str:
-    """The absolute location of `uri` if a run can be written there; writes nothing.
-
-    Raises OutputLocationError naming the problem and the fix.
-    """
-    if not uri or not uri.strip():
-        raise OutputLocationError("--output is empty: give a directory path or a URI such as s3://bucket/runs/a")
-    if _has_scheme(uri):
-        try:
-            fs, root = pafs.FileSystem.from_uri(uri)
-        except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ... for unknown or unreachable URIs
-            raise OutputLocationError(
-                f"--output {uri} cannot be used ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                "give a local path or a reachable URI of a scheme pyarrow knows (s3://, gs://, hdfs://, file://)"
-            ) from None
-        if isinstance(fs, pafs.LocalFileSystem):
-            _check_local_directory(root, uri)
-        return uri
-    if not os.path.isabs(os.path.expanduser(uri)) and _in_ray_job_working_dir():
-        raise OutputLocationError(
-            f"--output {uri} is relative, and this Ray job runs in Ray's temporary copy of its working dir, "
-            'which is deleted with the Ray session; give an absolute path (e.g. --output "$PWD/runs/a") or a URI'
-        )
-    path = resolve_location(uri)
-    _check_local_directory(path, uri)
-    return path
-
-
-def _check_local_directory(path: str, uri: str) -> None:
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        where = "is a file" if existing == path else f"is under {existing}, which is a file"
-        raise OutputLocationError(f"--output {uri} {where}; give a directory path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputLocationError(
-            f"--output {uri} cannot be written ({existing} is not writable); choose another --output"
-        )
+@contextlib.contextmanager
+def storage_faults(where: str, cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Turn a full or read-only disk met while writing `where` into one StorageError line, after `cleanup`
+    (which removes what the failed write left half-done); other errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        code = _errno(exc)
+        if code not in STORAGE_FAULTS:
+            raise
+        if cleanup is not None:
+            with contextlib.suppress(OSError):
+                cleanup()
+        raise StorageError(
+            f"cannot write {where}: {STORAGE_FAULTS[code]} ({os.strerror(code)}); the files already complete are "
+            "kept: free some space or make it writable, then rerun the same command"
+        ) from None
 
 
 class RunDirectory:
@@ -102,19 +88,22 @@ class RunDirectory:
         return sorted(info.base_name for info in self.fs.get_file_info(selector))
 
     def delete_dir(self, name: str) -> None:
-        self.fs.delete_dir(self.path(name))
+        with storage_faults(self.path(name)):
+            self.fs.delete_dir(self.path(name))
 
     def move(self, name: str, new_name: str) -> None:
-        self.fs.move(self.path(name), self.path(new_name))
+        with storage_faults(self.path(new_name)):
+            self.fs.move(self.path(name), self.path(new_name))
 
     def write_bytes(self, name: str, data: bytes) -> None:
         final = self.path(name)
         parent = final.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-        with self.fs.open_output_stream(tmp) as out:
-            out.write(data)
-        self.fs.move(tmp, final)
+        with storage_faults(final, cleanup=lambda: self.fs.delete_file(tmp)):
+            self.fs.create_dir(parent, recursive=True)
+            with self.fs.open_output_stream(tmp) as out:
+                out.write(data)
+            self.fs.move(tmp, final)
 
     def write_text(self, name: str, text: str) -> None:
         self.write_bytes(name, text.encode())
@@ -155,7 +144,11 @@ class RunDirectory:
             self._jsonl[name].append(line)
             self.write_text(name, "".join(self._jsonl[name]))
             return
-        os.makedirs(os.path.dirname(local), exist_ok=True)
+        with storage_faults(local):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            self._append_line(local, name, line)
+
+    def _append_line(self, local: str, name: str, line: str) -> None:
         with open(local, "a+b") as f:
             if name not in self._appending:  # first append here: do not glue onto a line a crash left torn
                 self._appending.add(name)
@@ -171,5 +164,6 @@ class RunDirectory:
         suffix = Path(name).suffix
         with tempfile.TemporaryDirectory() as tmpdir:
             tmp = os.path.join(tmpdir, "out" + suffix)
-            writer(tmp)
+            with storage_faults(f"{self.path(name)} (through {tmp})"):
+                writer(tmp)
             self.write_bytes(name, Path(tmp).read_bytes())
