@@ -125,6 +125,16 @@ def _setup_worker_logging() -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
 
+def _quiet_report_lines() -> None:
+    """Ray Train 2.60 logs each ray.train.report at INFO with its raw metrics, from a logger named after its
+    module's file path: outside "ray.train", so RunConfig's LoggingConfig does not reach it."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray: its report lines, if any, stay
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 @dataclass
 class _Progress:
     """Where a worker's training stands: the epoch and batch to run next, the steps and training time so far,
@@ -203,6 +213,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(threads_for(config["cpus_per_worker"]))
+    _quiet_report_lines()
     if rank == 0:
         _setup_worker_logging()
     device = ray.train.torch.get_device()

@@ -8,6 +8,7 @@ RAY_AUTH_MODE unset they cannot talk to a cluster that `ray start` started. User
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ def default_auth_mode() -> None:
 # The hsic_ray package directory this process imported: what stage actors and trial workers must import too.
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SUBMITTED_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by `ray job submit` (ray._private.runtime_env.constants)
+_API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"  # where Ray's state API clients look first for the dashboard
 
 
 def package_runtime_env() -> dict[str, Any] | None:
@@ -183,5 +185,35 @@ def connect(
     # Logical CPUs are scheduling tokens: the coordinator's and each stage's are reserved even where this
     # machine has fewer cores (each stage actor runs its math on as many threads as it reserved).
     cpus = max(float(os.cpu_count() or 1), local_cpus)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=state_api, logging_level=logging.WARNING)
+    with _own_state_api(state_api) as dashboard_port:
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            include_dashboard=state_api,
+            dashboard_port=dashboard_port,
+            logging_level=logging.WARNING,
+        )
     log.info("started a local Ray cluster with %g logical CPUs", cpus)
+
+
+@contextlib.contextmanager
+def _own_state_api(enabled: bool):
+    """A free port for the new cluster's dashboard, and RAY_API_SERVER_ADDRESS pointing at it while ray.init
+    starts the cluster's processes (they inherit this environment). Without it, a state API client inside the
+    cluster (Ray Train's placement-group cleaner) looks for running Ray instances on the machine, and when it
+    finds another local cluster there, its thread dies with a traceback."""
+    if not enabled:
+        yield None
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    saved = os.environ.get(_API_SERVER_ADDRESS)
+    os.environ[_API_SERVER_ADDRESS] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        if saved is None:
+            os.environ.pop(_API_SERVER_ADDRESS, None)
+        else:
+            os.environ[_API_SERVER_ADDRESS] = saved
