@@ -93,6 +93,7 @@ def check_location(uri: str) -> str:
 
 
 def _existing_ancestor(path: str) -> str:
+    path = os.path.abspath(path)  # a relative path's dirname ends at "", which never exists
     while not os.path.exists(path):
         path = os.path.dirname(path)
     return path
