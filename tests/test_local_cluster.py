@@ -61,6 +61,7 @@ def head(request):
             # Any free port for the job agent: Ray's default (52365) may be another cluster's on this machine,
             # and an agent that cannot bind it serves no jobs.
             "--dashboard-agent-listen-port=0",
+            f"--ray-client-server-port={free_port()}",  # not Ray's fixed 10001, which another head may hold
             "--num-cpus=4",
             "--num-gpus=2",
             "--include-dashboard=true",

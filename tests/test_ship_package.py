@@ -50,6 +50,7 @@ def cluster_without_hsic_ray(tmp_path):
             "--head",
             "--block",
             f"--port={port}",
+            f"--ray-client-server-port={free_port()}",  # not Ray's fixed 10001, which another head may hold
             "--num-cpus=3",
             "--include-dashboard=false",
             "--disable-usage-stats",
