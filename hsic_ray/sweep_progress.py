@@ -3,8 +3,8 @@ in place of Ray Tune's status tables (which list every parameter, Tune's bookkee
 best trial" that compares a running trial's per-epoch readout with finished trials' format heads).
 
 `SweepProgress` is a Tune callback: it logs the table at most every `every_s` seconds, and only when a trial
-started, reported or ended since the last one. The table is built by `progress_table` from plain values, so
-it can be read without Ray.
+started, reported or ended since the last one, and once more at the end if anything changed since. The table
+is built by `progress_table` from plain values, so it can be read without Ray.
 """
 
 from __future__ import annotations
@@ -98,6 +98,11 @@ class SweepProgress(tune.Callback):
         now = time.monotonic()
         if self._changed and now - self._logged_at >= self.every_s:
             self._changed, self._logged_at = False, now
+            log.info("%s", self.summary(trials))
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if self._changed:  # the final state, whenever the last table was
+            self._changed = False
             log.info("%s", self.summary(trials))
 
     def row(self, trial) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_job_output import error_lines, raw_number_lines
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "train_backprop.py"
 
@@ -35,6 +36,10 @@ def test_job_smoke_test_runs_a_tiny_baseline(tmp_path):
     assert "started a local Ray cluster" in proc.stderr
     # The local cluster serves the state API that Ray Train's placement-group cleaner polls every second.
     assert "State API may be temporarily unavailable" not in proc.stderr, proc.stderr[-2000:]
+    # No error line from any process (Ray Train's preemption watcher logged one at its creation), no traceback,
+    # and no Ray Train line per report (it repeated the report's raw metrics).
+    assert error_lines(proc) == [] and raw_number_lines(proc) == [], proc.stderr[-3000:]
+    assert "Reporting training result" not in proc.stderr and "PreemptionWatcher" not in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["epochs"] == 1
     assert "depth: 1" in (out / "config.yaml").read_text()

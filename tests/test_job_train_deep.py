@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_job_output import error_lines, raw_number_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "jobs" / "train_deep.py"
@@ -48,6 +49,7 @@ def test_job_trains_and_writes_its_outputs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "batch 10/31" in proc.stderr  # progress lines while it trains
+    assert error_lines(proc) == [] and raw_number_lines(proc) == [], proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 12
     for key in (
@@ -149,6 +151,8 @@ def test_driver_killed_mid_run_resumes_from_its_checkpoint(tmp_path):
     stage.write_bytes(damaged)
     proc = run_job(*args, "--resume")
     assert proc.returncode == 0, proc.stderr
+    # The damaged checkpoint is a warning, not an error.
+    assert error_lines(proc) == [] and raw_number_lines(proc) == [], proc.stderr[-3000:]
     assert (out / "checkpoints" / f"unreadable-step-{killed_at:08d}" / "stage-001.pt").read_bytes() == damaged
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 2 * 31
@@ -181,5 +185,6 @@ def test_smoke_test_is_a_tiny_run_and_flags_and_settings_beside_it_win(tmp_path)
     assert metrics["steps"] == 4 and len(metrics["per_layer"]) == 3  # depth 1: three HSIC-trained layers
     saved = (out / "config.yaml").read_text()
     assert "width: 48" in saved and "depth: 1" in saved and "eps: 0.0001" in saved and "cuda_graphs: 'off'" in saved
+    assert error_lines(proc) == [] and raw_number_lines(proc) == [], proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]  # every accuracy with two decimals
     assert re.fullmatch(r"test accuracy: unformatted \d+\.\d\d, formatted \d+\.\d\d", last), last

@@ -4,21 +4,25 @@ sweeps that must fail fast (too big for the cluster, bad settings)."""
 import argparse
 import csv
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import ray
 import torch
 from ray import tune
+from test_job_output import error_lines, output_lines, raw_number_lines
 
 import hsic_ray
 from hsic_ray.cli import grid_axis
 from hsic_ray.config import build_config
 from hsic_ray.data import load_dataset, to_tensor
 from hsic_ray.evaluation import accuracy
-from hsic_ray.sweep import METRIC, run_trial
+from hsic_ray.sweep import METRIC, PROGRESS_EVERY_S, run_trial
+from hsic_ray.sweep_progress import best_finished, progress_table, trial_status
 
 JOB = Path(__file__).resolve().parents[1] / "jobs" / "sweep_depth.py"
 sys.path.insert(0, str(JOB.parent))
@@ -33,8 +37,11 @@ def run_sweep(*args, timeout=600):
 def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     out = tmp_path / "sweep"
     uri = f"file://{out}"  # a URI passes through to Tune and every trial unchanged (s3://... works alike)
+    started = time.perf_counter()
     proc = run_sweep("--smoke-test", "--output", uri)  # Ray's name for it; --smoke stays an alias
+    seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_prints_plainly(proc, seconds, out)
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["method"], r["depth"]) for r in rows) == [
@@ -57,6 +64,7 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     resumed = run_sweep("--smoke", "--output", uri, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in (out / "trials").iterdir()) == trials  # finished trials are not rerun
+    assert error_lines(resumed) == [], resumed.stderr[-3000:]
     assert (out / "results.md").read_text() == table
 
     # A new sweep into the finished one is refused, and leaves every file as it was.
@@ -64,6 +72,51 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     again = run_sweep("--smoke", "--depths", "3", "--output", str(out))
     assert again.returncode == 2 and "already holds a finished run (sweep: results.csv)" in again.stderr
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def _assert_prints_plainly(proc, seconds: float, out: Path) -> None:
+    """A smoke sweep's output: no error line, no traceback, no unformatted number; its own progress tables, at
+    most one per PROGRESS_EVERY_S (plus the first and the last), none of Tune's; Tune's TensorBoard events
+    named where they are; the last table's best trial is the best of the results table."""
+    assert error_lines(proc) == [] and raw_number_lines(proc) == [], proc.stderr[-3000:]
+    lines = output_lines(proc)
+    assert not [line for line in lines if re.search(r"[│╭╰├]|^\+-|^Trial status|== Status ==", line)]
+    heads = [line for line in lines if " trials: " in line]
+    rows = [line for line in lines if line.startswith("  ")]  # a table's column header and trial rows
+    assert 1 <= len(heads) <= 2 + seconds / PROGRESS_EVERY_S, heads
+    assert len(heads) < len(rows) <= 5 * len(heads)  # a smoke sweep has 4 trials
+    assert len(lines) - len(heads) - len(rows) <= 30, lines  # the rest: the jobs' own lines and the results
+    assert f"TensorBoard: tensorboard --logdir {out}/tune" in proc.stderr
+    assert list(out.glob("tune/*/events.out.tfevents.*"))
+    with open(out / "results.csv") as f:
+        best = max(csv.DictReader(f), key=lambda r: float(r["test_accuracy"]))
+    assert heads[-1].startswith(f"trials: 4 done; best finished: {best['method']} depth {best['depth']}: ")
+    assert heads[-1].endswith(f": {float(best['test_accuracy']):.2f}%")
+
+
+def test_progress_table_ranks_finished_trials_by_their_final_accuracy_only():
+    rows = [
+        {"method": "hsic", "depth": 2, "activation": "elu", "status": "running", "epoch": 3, "readout": 92.3},
+        {"method": "hsic", "depth": 4, "activation": "elu", "status": "done", "epoch": 5, "readout": 90.0},
+        {"method": "backprop", "depth": 4, "activation": "relu", "status": "stopped", "epoch": 1, "readout": 95.0},
+    ]
+    finals = [None, 78.55, None]
+    rows = [{**row, "final": final} for row, final in zip(rows, finals)]
+    # The running trial's per-epoch readout (92.30) is higher, but only a final accuracy ranks.
+    assert best_finished(rows, ["model.activation"]) == "hsic depth 4 activation=elu: 78.55%"
+    assert best_finished(rows[:1], []) == "-"
+    assert progress_table(rows) == [
+        "method    depth  activation  status   epoch  readout  final",
+        "hsic      2      elu         running  3      92.30    -",
+        "hsic      4      elu         done     5      90.00    78.55",
+        "backprop  4      relu        stopped  1      95.00    -",
+    ]
+
+
+def test_trial_status_tells_an_early_stop_from_a_finished_trial():
+    assert trial_status("TERMINATED", {"final": True}) == "done"
+    assert trial_status("TERMINATED", {"final": False}) == "stopped"  # ASHA stopped it before its final report
+    assert trial_status("ERROR", {}) == "failed" and trial_status("PENDING", {}) == "pending"
 
 
 def test_sweep_too_big_for_the_cluster_fails_fast(tmp_path):
