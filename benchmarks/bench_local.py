@@ -4,12 +4,15 @@
     python benchmarks/bench_local.py --reference      # also time the authors' schedule, re-created here
     python benchmarks/bench_local.py --depths 5 20 --steps 5 --json out.json
     python benchmarks/bench_local.py --device cuda --cuda-graphs off
+    python benchmarks/bench_local.py --arch conv --depths 8 --width 16   # the plain conv net (part 1 only)
 
 Part 1 times one training step of the paper MLP (width 1024, batch 256, cca, sigma 6) on the bundled
 digits, all layers in one stage, three ways: the HSIC step; its floor, the same layers and the same
 batched step with a trivial loss (z.square().mean()) in place of HSIC; and eager backprop of the same
 network plus its head (cross-entropy, SGD). Part 2 times each estimator on one batch of 1024-wide
-activations against 10-class labels. The authors' figures were measured on a 2-core machine like this
+activations against 10-class labels. With --arch conv, part 1 times the plain conv net (model.arch=conv) instead,
+its HSIC step both with each layer's kernel on the full output and on the pooled view
+(hsic.max_kernel_features=2048), and skips part 2. The authors' figures were measured on a 2-core machine like this
 project's CI machine; docs/results.md gives the machine each of our figures came from.
 """
 
@@ -26,7 +29,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hsic_ray.backprop import build_model
-from hsic_ray.config import build_config
+from hsic_ray.config import NULL, build_config
 from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import gaussian_kernel, hsic_biased, hsic_cca, hsic_cka, plausible_loss
@@ -51,8 +54,15 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def _setup(depth: int, leave_one_out: bool = False):
-    cfg = build_config("paper_mlp", overrides={"model.depth": depth, "hsic.leave_one_out": leave_one_out})
+# --arch conv: the plain conv net's step with each layer's kernel on its full output and on the pooled view
+# (NULL: an override that sets a field to null; a plain None would leave the default).
+CONV_VIEWS = {"full": NULL, "pooled": 2048}
+
+
+def _setup(depth: int, leave_one_out: bool = False, **overrides):
+    """`overrides`: config fields on top of the paper MLP's (e.g. model.arch=conv)."""
+    overrides = {"model.depth": depth, "hsic.leave_one_out": leave_one_out, **overrides}
+    cfg = build_config("paper_mlp", overrides=overrides)
     data = load_dataset(cfg.data)
     net = build_seeded_network(cfg, data)
     objective = HSICObjective(cfg.hsic, data.num_classes)
@@ -70,19 +80,24 @@ class TrivialObjective:
 
 
 def hsic_step_fn(
-    depth: int, device: str, cuda_graphs: str = "auto", trivial: bool = False, leave_one_out: bool = False
+    depth: int,
+    device: str,
+    cuda_graphs: str = "auto",
+    trivial: bool = False,
+    leave_one_out: bool = False,
+    **overrides,
 ):
     """One stage holding every layer: factors once per batch, the batched step of all layers."""
-    cfg, net, objective, batch = _setup(depth, leave_one_out)
+    cfg, net, objective, batch = _setup(depth, leave_one_out, **overrides)
     stage = StageStep(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
     x = batch.x.to(device)
     factors = objective.kernel_factors(x, batch.y.to(device))
     return lambda: stage.train_step(x, factors)
 
 
-def backprop_step_fn(depth: int, device: str):
+def backprop_step_fn(depth: int, device: str, **overrides):
     """Eager backprop of the same network and its head: forward, cross-entropy, backward, SGD step."""
-    cfg, net, _, batch = _setup(depth)
+    cfg, net, _, batch = _setup(depth, **overrides)
     model = build_model(net, 10).to(device)
     optimizer = make_sgd(model.parameters(), cfg.backprop)
     x, y = batch.x.to(device), batch.y.to(device)
@@ -96,23 +111,27 @@ def backprop_step_fn(depth: int, device: str):
     return step
 
 
-def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "auto", rounds: int = 7) -> dict:
-    """ms per step of HSIC (the paper's nHSIC and the leave-one-out fit), its floor and backprop, timed in
-    alternating rounds, so that a machine whose speed drifts (a shared VM) affects all alike; each takes its
-    fastest round (noise only adds)."""
-    fns = {
-        "hsic": hsic_step_fn(depth, device, cuda_graphs),
-        "hsic_loo": hsic_step_fn(depth, device, cuda_graphs, leave_one_out=True),
-        "floor": hsic_step_fn(depth, device, cuda_graphs, trivial=True),
-        "backprop": backprop_step_fn(depth, device),
-    }
+def _fastest_rounds(fns: dict, steps: int, rounds: int) -> dict[str, float]:
+    """ms per step of each function, timed in alternating rounds, so that a machine whose speed drifts (a
+    shared VM) affects all alike; each takes its fastest round (noise only adds)."""
     for fn in fns.values():
         _timed(fn, 1, warmup=4)  # graph capture, allocator, momentum buffers
     per_round = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             per_round[name].append(_timed(fn, steps, warmup=0))
-    ms = {name: 1e3 * min(times) for name, times in per_round.items()}
+    return {name: 1e3 * min(times) for name, times in per_round.items()}
+
+
+def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "auto", rounds: int = 7) -> dict:
+    """ms per step of HSIC (the paper's nHSIC and the leave-one-out fit), its floor and backprop."""
+    fns = {
+        "hsic": hsic_step_fn(depth, device, cuda_graphs),
+        "hsic_loo": hsic_step_fn(depth, device, cuda_graphs, leave_one_out=True),
+        "floor": hsic_step_fn(depth, device, cuda_graphs, trivial=True),
+        "backprop": backprop_step_fn(depth, device),
+    }
+    ms = _fastest_rounds(fns, steps, rounds)
     return {
         "depth": depth,
         "layers": depth + 2,
@@ -124,6 +143,45 @@ def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "aut
         "loo_over_hsic": ms["hsic_loo"] / ms["hsic"],
         "hsic_over_backprop": ms["hsic"] / ms["backprop"],
     }
+
+
+def conv_step_comparison(
+    depth: int, width: int, steps: int, device: str, cuda_graphs: str = "auto", rounds: int = 7
+) -> dict:
+    """ms per step of the plain conv net's HSIC step, its kernels on the full outputs and on the pooled view
+    (`CONV_VIEWS`), against its floor and backprop."""
+    net_fields = {"model.arch": "conv", "model.width": width}
+    fns = {
+        f"hsic_{view}": hsic_step_fn(depth, device, cuda_graphs, **net_fields, **{"hsic.max_kernel_features": most})
+        for view, most in CONV_VIEWS.items()
+    }
+    fns["floor"] = hsic_step_fn(depth, device, cuda_graphs, trivial=True, **net_fields)
+    fns["backprop"] = backprop_step_fn(depth, device, **net_fields)
+    ms = _fastest_rounds(fns, steps, rounds)
+    row = {"depth": depth, "width": width, "layers": depth + 2, "floor_ms": ms["floor"], "backprop_ms": ms["backprop"]}
+    for view in CONV_VIEWS:
+        row[f"hsic_{view}_ms"] = ms[f"hsic_{view}"]
+        row[f"hsic_{view}_ms_per_layer"] = ms[f"hsic_{view}"] / (depth + 2)
+        row[f"{view}_over_floor"] = ms[f"hsic_{view}"] / ms["floor"]
+    return row
+
+
+def print_conv_steps(args, results: dict) -> None:
+    print(f"## ms per training step: plain conv net (width {args.width}, batch 256, cca), every layer in one stage\n")
+    print(
+        "| depth | layers | HSIC full view ms (per layer) | HSIC pooled view ms (per layer) | floor ms | "
+        "full / floor | pooled / floor | backprop ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for depth in args.depths:
+        row = conv_step_comparison(depth, args.width, args.steps, args.device, args.cuda_graphs)
+        results["conv_steps"].append(row)
+        print(
+            f"| {depth} | {row['layers']} | {row['hsic_full_ms']:.1f} ({row['hsic_full_ms_per_layer']:.1f}) | "
+            f"{row['hsic_pooled_ms']:.1f} ({row['hsic_pooled_ms_per_layer']:.1f}) | {row['floor_ms']:.1f} | "
+            f"{row['full_over_floor']:.2f}x | {row['pooled_over_floor']:.2f}x | {row['backprop_ms']:.1f} |",
+            flush=True,
+        )
 
 
 def reference_step_seconds(depth: int, steps: int, device: str) -> float:
@@ -197,12 +255,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    p.add_argument("--arch", choices=("mlp", "conv"), default="mlp", help="conv: time the plain conv net instead")
+    p.add_argument("--width", type=int, default=16, help="channels of the conv net's first stage (--arch conv)")
     args = p.parse_args(argv)
 
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}"
     if args.device.startswith("cuda"):
         machine += f" ({torch.cuda.get_device_name()}, cuda graphs {args.cuda_graphs})"
     print(f"# hsic-ray in-process benchmark ({machine}, torch {torch.__version__})\n")
+    if args.arch == "conv":
+        results: dict = {"machine": machine, "conv_steps": []}
+        print_conv_steps(args, results)
+        return _write_json(args.json, results)
     print("## ms per training step: paper MLP (width 1024, batch 256, cca), every layer in one stage\n")
     header = (
         "| depth | layers | HSIC ms | floor ms | HSIC / floor | backprop ms | HSIC / backprop | leave-one-out ms "
@@ -239,8 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
         for name, t in timings.items():
             authors = AUTHORS_CCA_MS.get(m, "-") if name == "cca" else ""
             print(f"| {m} | {name} | {t['forward_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | {authors} |", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+    return _write_json(args.json, results)
+
+
+def _write_json(path: str | None, results: dict) -> dict:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
     return results
 

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hsic_ray.errors import ConfigError
 
-ARCHITECTURES = ("mlp", "resconv")
+ARCHITECTURES = ("mlp", "resconv", "conv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
 INITS = ("default", "orthogonal")
 ESTIMATORS = ("cca", "biased", "cka", "plausible")  # hsic_ray.hsic.make_estimator
@@ -69,11 +69,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = documented("mlp", "mlp, or resconv (conv, residual blocks, dense to last_width)", choices=ARCHITECTURES)
-    depth: int = documented(
-        5, "hidden width x width blocks (mlp) or residual blocks (resconv); the net has depth + 2 HSIC layers"
+    arch: str = documented(
+        "mlp",
+        "mlp, resconv (conv, residual blocks, dense to last_width), or conv (plain 3x3 convs in three stages, no "
+        "skip connections, global average pooling, dense to last_width)",
+        choices=ARCHITECTURES,
     )
-    width: int = documented(1024, "hidden width (mlp) or channels (resconv)")
+    depth: int = documented(
+        5,
+        "hidden width x width blocks (mlp), residual blocks (resconv) or 3x3 conv layers after the stem (conv); the "
+        "net has depth + 2 HSIC layers",
+    )
+    width: int = documented(1024, "hidden width (mlp), channels (resconv), or the first stage's channels (conv)")
     last_width: int = documented(10, "output width of the last HSIC-trained layer (what the format head reads)")
     activation: str = documented("relu", "the hidden layers' activation", choices=ACTIVATIONS)
     init: str = documented(
@@ -116,6 +123,12 @@ class HSICConfig:
         False,
         "extension: score nHSIC as a leave-one-out fit, so that no layer gains by fitting only its own batch "
         "(needs estimator cca)",
+    )
+    max_kernel_features: int | None = documented(
+        None,
+        "extension: a conv layer's output wider than this is average-pooled over space to fit before its kernel is "
+        "taken (the loss's view only, not the forward); null (full): the whole output, as in the paper",
+        null_word="full",
     )
 
 
@@ -380,6 +393,12 @@ def _validate_hsic(hsic: HSICConfig) -> None:
     check_setting(hsic.beta >= 0, "hsic.beta", hsic.beta, "a number >= 0")
     check_setting(hsic.lr_scale_last > 0, "hsic.lr_scale_last", hsic.lr_scale_last, "a positive number")
     check_setting(hsic.eps > 0, "hsic.eps", hsic.eps, "a positive number")
+    check_setting(
+        hsic.max_kernel_features is None or hsic.max_kernel_features >= 1,
+        "hsic.max_kernel_features",
+        hsic.max_kernel_features,
+        "a positive integer or null (kernels on the full outputs)",
+    )
     check_setting(
         not hsic.leave_one_out or hsic.estimator == "cca",
         "hsic.leave_one_out",

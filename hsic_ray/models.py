@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from hsic_ray.config import ModelConfig
+from hsic_ray.config import HSICConfig, ModelConfig
+from hsic_ray.objective import kernel_features
 
 Shape = tuple[int, ...]
 
@@ -121,8 +122,40 @@ def build_resconv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
     return LayerwiseNet(layers, _infer_shapes(layers, input_shape))
 
 
+def conv_block(in_channels: int, out_channels: int, activation: str, stride: int = 1) -> nn.Sequential:
+    """3x3 conv -> BatchNorm2d(affine=False) -> activation; padding keeps the size at stride 1."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+        nn.BatchNorm2d(out_channels, affine=False),
+        _ACTIVATIONS[activation](),
+    )
+
+
+def stage_depths(depth: int, stages: int = 3) -> list[int]:
+    """`depth` layers split over `stages` as evenly as possible, the earlier stages taking the remainder."""
+    return [depth // stages + (1 if s < depth % stages else 0) for s in range(stages)]
+
+
+def build_conv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
+    """A plain conv net (no skip connections), He et al. (2016)'s CIFAR plain net: a 3x3 stem to `width`
+    channels, `depth` 3x3 conv blocks in three stages of width, 2 width and 4 width channels (the first
+    block of stages 2 and 3 at stride 2), then global average pooling and dense to last_width: depth + 2
+    layers, each its own HSIC layer."""
+    layers: list[nn.Module] = [conv_block(input_shape[0], cfg.width, cfg.activation)]
+    channels = cfg.width
+    for stage, blocks in enumerate(stage_depths(cfg.depth)):
+        for block in range(blocks):
+            out_channels = cfg.width * 2**stage
+            stride = 2 if stage > 0 and block == 0 else 1
+            layers.append(conv_block(channels, out_channels, cfg.activation, stride))
+            channels = out_channels
+    head = dense_block(channels, cfg.last_width, cfg.activation)
+    layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head))
+    return LayerwiseNet(layers, _infer_shapes(layers, input_shape))
+
+
 def build_network(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
-    builders = {"mlp": build_mlp, "resconv": build_resconv}
+    builders = {"mlp": build_mlp, "resconv": build_resconv, "conv": build_conv}
     net = builders[cfg.arch](cfg, tuple(input_shape))
     if cfg.init == "orthogonal":
         orthogonal_init_(net)
@@ -167,18 +200,20 @@ def forward_macs(layer: nn.Module, input_shape: Shape) -> int:
     return total
 
 
-def layer_step_costs(net: LayerwiseNet, batch_size: int) -> list[float]:
+def layer_step_costs(
+    net: LayerwiseNet, batch_size: int, max_kernel_features: int | None = HSICConfig.max_kernel_features
+) -> list[float]:
     """Estimated FLOPs of one local HSIC step of each layer on a batch of m samples.
 
     Forward and backward of the layer (about 3x the forward's 2 * MACs), plus the layer's kernel on its
-    m x d output (forward and backward) and the m x m Cholesky solve of its estimator factor.
+    m x d view (forward and backward; d after pooling to `max_kernel_features`, `hsic.max_kernel_features`) and
+    the m x m Cholesky solve of its estimator factor.
     """
     m = batch_size
     costs = []
     for i, layer in enumerate(net.layers):
-        out_features = math.prod(net.shapes[i + 1])
         dense = 6.0 * m * forward_macs(layer, net.shapes[i])
-        kernel = 6.0 * m * m * out_features
+        kernel = 6.0 * m * m * kernel_features(net.shapes[i + 1], max_kernel_features)
         solve = 3.0 * m**3
         costs.append(dense + kernel + solve)
     return costs

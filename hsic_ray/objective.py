@@ -25,11 +25,13 @@ compressing it, the way InfoPro (Wang et al., ICLR 2021) asks early layers of lo
 to: a layer cannot recover what the layers below it dropped. And `hsic.leave_one_out`: cca's nHSIC(Z, T)
 is the in-sample fit of kernel ridge regression from Z to T's directions on the batch, which a layer can
 raise by spreading its output over more dimensions that fit only that batch; scored on samples left out
-of the fit instead, it cannot (same Cholesky and inverse, one division more).
+of the fit instead, it cannot (same Cholesky and inverse, one division more). And `hsic.max_kernel_features`:
+a conv layer's kernel on its output average-pooled over space to at most that many features (`kernel_view`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +76,41 @@ class StageLosses:
     failed: Tensor  # [layers] bool: the layer's kernel system was not positive definite (its loss has no gradient)
 
 
+def kernel_pool(shape: Sequence[int], max_features: int | None) -> int:
+    """The side of the square window that average-pools a layer output of `shape` (per sample) to at most
+    `max_features` for its kernel (windows cut off at the map's edge); 1 for no pooling: flat outputs, maps
+    that fit, or max_features None. A map whose channels alone exceed max_features pools to one cell."""
+    if max_features is None or len(shape) != 3 or math.prod(shape) <= max_features:
+        return 1
+    channels, height, width = shape
+    k = 2
+    while k < max(height, width) and channels * math.ceil(height / k) * math.ceil(width / k) > max_features:
+        k += 1
+    return k
+
+
+def kernel_features(shape: Sequence[int], max_features: int | None) -> int:
+    """How many features a layer output of `shape` has in its kernel's view (`kernel_view`)."""
+    k = kernel_pool(shape, max_features)
+    if k == 1:
+        return math.prod(shape)
+    channels, height, width = shape
+    return channels * math.ceil(height / k) * math.ceil(width / k)
+
+
+def kernel_view(z: Tensor, max_features: int | None) -> Tensor:
+    """A batch of a layer's outputs as its kernel sees them: conv maps [m, c, h, w] wider than `max_features`
+    average-pooled over k x k windows (`kernel_pool`); anything else unchanged.
+
+    A kernel costs m^2 d for d features: on a narrow conv layer's large map (16 x 28 x 28) about as much as the
+    layer's own 3x3 conv. Averages keep the per-feature squared distance of spatially smooth differences, so
+    the dimension-scaled bandwidth means the same on the pooled view; pixel-level noise is damped. Off by
+    default (`hsic.max_kernel_features`): on a CPU the pooling's own passes cost about what it saves
+    (docs/design.md, "The plain conv net")."""
+    k = kernel_pool(z.shape[1:], max_features)
+    return z if k == 1 else F.avg_pool2d(z, k, k, ceil_mode=True)
+
+
 def input_weights(first: float, layers: range, num_layers: int) -> list[float]:
     """The weight on nHSIC(Z, X) of each of `layers` among `num_layers` HSIC layers: `first` at layer 0,
     rising linearly to 1 at the last (1 everywhere when first is 1, the paper's objective)."""
@@ -91,6 +128,7 @@ class HSICObjective:
         self.num_classes = num_classes
         self.estimator: Estimator = make_estimator(cfg.estimator, cfg.eps)
         self.layer_sigma = cfg.sigma if cfg.layer_sigma is None else cfg.layer_sigma
+        self.max_kernel_features = cfg.max_kernel_features
         self._input_weights = None if layers is None else input_weights(cfg.input_weight_first, layers, num_layers)
         self._weight_tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
@@ -146,7 +184,8 @@ class HSICObjective:
         self, zs: Sequence[Tensor], factors: KernelFactors, dtype: torch.dtype | None, leave_one_out: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
         """[layers] nHSIC(Z, X) and nHSIC(Z, Y), both differentiable in Z, and the failed-solve flags."""
-        kernels = torch.stack([gaussian_kernel(z if dtype is None else z.to(dtype), self.layer_sigma) for z in zs])
+        views = [kernel_view(z, self.max_kernel_features) for z in zs]
+        kernels = torch.stack([gaussian_kernel(v if dtype is None else v.to(dtype), self.layer_sigma) for v in views])
         x_factor = None if factors.x_factor is None else factors.x_factor.to(kernels.dtype)
         y_factor = factors.y_factor.to(kernels.dtype)
         if self.estimator.name == "cca":
