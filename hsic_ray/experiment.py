@@ -82,9 +82,9 @@ def prepare_run(
     in_process: bool = True,
 ) -> PreparedRun:
     """Claim the output directory and find what an interrupted run continues from (`plan_start`), load the
-        data, check that it and the network fit, and, for a run that trains in this process, resolve its device
-        and build its seeded network. Writes only the directory's lock, which the run holds until it ends
-    (`with prepared.start:`; released here on any error): the run calls `start.commit` once its own checks pass."""
+    data, check that it and the network fit, and, for a run that trains in this process, resolve its device
+    and build its seeded network. Writes only the directory's lock, which the run holds until it ends (`with
+    prepared.start:`; released here on any error): the run calls `start.commit` once its own checks pass."""
     start = plan_start(cfg, method, resume, resumption)
     try:
         data = data or load_dataset(cfg.data)

@@ -501,18 +501,7 @@ def train_backprop(
         _check_resources(workers, use_gpu, cpus_per_worker)
         start.commit(cfg)
         run, data = start.run, prepared.data
-        log.info(
-            "run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
-            run.uri,
-            data.name,
-            len(data.y_train),
-            len(data.y_test),
-            workers,
-            "s" if workers > 1 else "",
-            " on GPUs" if use_gpu else "",
-            _storage_path(run),
-            RUN_NAME,
-        )
+        _log_start(run, data, workers, use_gpu)
         layout = {
             "workers": workers,
             "use_gpu": use_gpu,
@@ -520,9 +509,12 @@ def train_backprop(
             "max_failures": max_failures,
         }
         result = _fit(run, cfg, data, start.point, layout)
-        if result.checkpoint is None:
+        # No checkpoint of this attempt: it continued a run whose last checkpoint was its end.
+        final = result.checkpoint.path if result.checkpoint else start.point and start.point.location
+        if final is None:
             raise CheckpointError(f"Ray Train finished without a checkpoint in {_storage_path(run)}/{RUN_NAME}")
-        metrics = _write_results(cfg, data, run, _load_state(result.checkpoint), workers, result.checkpoint.path)
+        state = _load_state(result.checkpoint, resume_from=final)
+        metrics = _write_results(cfg, data, run, state, workers, final)
     log.info(
         "backprop done: test accuracy %.2f%% after %d epochs, %d steps, %.1f s of training",
         metrics["test_accuracy_formatted"],
@@ -531,6 +523,21 @@ def train_backprop(
         metrics["train_seconds"],
     )
     return metrics
+
+
+def _log_start(run: RunDirectory, data: ImageData, workers: int, use_gpu: bool) -> None:
+    log.info(
+        "run directory: %s  (%s, %d train / %d test samples, %d Ray Train worker%s%s; checkpoints in %s/%s)",
+        run.uri,
+        data.name,
+        len(data.y_train),
+        len(data.y_test),
+        workers,
+        "s" if workers > 1 else "",
+        " on GPUs" if use_gpu else "",
+        _storage_path(run),
+        RUN_NAME,
+    )
 
 
 def _fit(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, point, layout: dict[str, Any]):

@@ -6,17 +6,18 @@ the driver sets it, and the workers' `StopCheck` reads it between steps. Rank 0 
 `POLL_SECONDS`) and broadcasts its answer to the other ranks at every step, so that every rank stops at the
 same step; the workers then checkpoint and return, and `fit` returns.
 
-The actor also tells the workers that their driver died: Ray ends an actor with its owner, so a worker
-that can no longer reach it stops, without a checkpoint (nothing would record it: the run is continued from
-the checkpoints on disk). A driver killed with SIGKILL takes a local cluster it started down with it (Ray
-starts that cluster's processes to die with their parent), but Ray Train's workers compute in their own
-processes and went on training until their next call to Ray; on a cluster the driver joined, Ray kills
-the dead driver's actors, Ray Train's included, as it notices.
+Workers also stop, without a checkpoint (the run is continued from the checkpoints on disk), when their
+driver died. A driver killed with SIGKILL takes a local cluster it started down with it (Ray starts its
+GCS and raylet to die with their parent), but not the worker processes: they are the raylet's children, and
+Ray Train's workers went on training and writing checkpoints (actor-to-actor calls need neither GCS nor
+raylet). So a worker stops once its raylet is gone (its parent pid changes), or once the flag actor is:
+on a cluster the driver joined, Ray ends the dead driver's actors, the flag and Ray Train's included.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -75,17 +76,25 @@ class StopCheck:
     def __init__(self, flag, rank: int, world: int, device: torch.device):
         self.flag, self.rank, self.world, self.device = flag, rank, world, device
         self._asked = 0.0
+        self._raylet = os.getppid()  # a worker is a child of its node's raylet
         self.stop = False
 
     def __call__(self) -> bool:
-        if self.rank == 0 and not self.stop and time.monotonic() - self._asked >= POLL_SECONDS:
+        if time.monotonic() - self._asked >= POLL_SECONDS:
             self._asked = time.monotonic()
-            try:
-                self.stop = ray.get(self.flag.get.remote(), timeout=30)
-            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-                raise DriverGone("the driver of this Ray Train run is gone; stopping its workers") from None
+            self._ask()
         if self.world > 1:
             answer = torch.tensor([1.0 if self.stop else 0.0], device=self.device)
             torch.distributed.broadcast(answer, src=0)
             self.stop = bool(answer.item())
         return self.stop
+
+    def _ask(self) -> None:
+        if os.getppid() != self._raylet:  # the raylet died: a local cluster goes with its driver
+            raise DriverGone("this worker's Ray node is gone, with the driver that started it; stopping")
+        if self.rank != 0 or self.stop:
+            return
+        try:
+            self.stop = ray.get(self.flag.get.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            raise DriverGone("the driver of this Ray Train run is gone; stopping its workers") from None

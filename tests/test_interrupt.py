@@ -1,0 +1,155 @@
+"""SIGINT and SIGTERM to real job processes: one line, exit 130 / 143, no traceback, a checkpoint at the stop,
+and the same command continues the run to the result an uninterrupted run reaches (hsic_ray.interrupt)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hsic_ray.run.lock import LOCK_FILE
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+# Many small steps, so that a signal lands mid-run; no probes or BatchNorm calibration to wait for.
+HSIC_RUN = [
+    "--smoke-test",
+    "--trainer",
+    "local",
+    "--batch-size",
+    "32",
+    "--max-steps",
+    "60",
+    "--log-every",
+    "1",
+    "train.probe_samples=0",
+    "train.bn_calibration_batches=0",
+]
+
+
+def start_job(script: str, out: Path, args: list[str]) -> subprocess.Popen:
+    command = [sys.executable, str(JOBS / script), *args, "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the job did not get there in time"
+        time.sleep(0.05)
+
+
+def steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return sum('"kind": "step"' in line for line in path.read_text().splitlines())
+
+
+def run_to_end(script: str, out: Path, args: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(JOBS / script), *args, "--output", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def interrupt_hsic_run(out: Path, signum: int, code: int) -> int:
+    """Start the HSIC job, signal it mid-run, check how it stopped; returns the step it stopped at."""
+    proc = start_job("train_deep.py", out, HSIC_RUN)
+    wait_for(lambda: steps_logged(out) >= 5, proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    interrupt_lines = [line for line in stderr.splitlines() if "interrupted" in line]
+    assert len(interrupt_lines) == 1 and stderr.strip().splitlines()[-1] == interrupt_lines[0]
+    step = int(interrupt_lines[0].split("interrupted at step ")[1].split(";")[0])
+    assert interrupt_lines[0] == f"interrupted at step {step}; rerun the same command to continue"
+    assert 5 <= step < 60
+    # The stop wrote a checkpoint of every step taken, and released the output's lock.
+    assert (out / "checkpoints" / f"step-{step:08d}" / "MANIFEST.json").exists()
+    assert not (out / LOCK_FILE).exists() and not (out / "metrics.json").exists()
+    return step
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_hsic_run_with_exit_143_after_a_checkpoint(tmp_path):
+    interrupt_hsic_run(tmp_path / "run", signal.SIGTERM, 143)
+
+
+@pytest.mark.slow
+def test_sigint_stops_an_hsic_run_and_the_same_command_reaches_the_uninterrupted_result(tmp_path):
+    out = tmp_path / "run"
+    step = interrupt_hsic_run(out, signal.SIGINT, 130)
+    resumed = run_to_end("train_deep.py", out, HSIC_RUN)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from the checkpoint at step {step}" in resumed.stderr
+    uninterrupted = run_to_end("train_deep.py", tmp_path / "whole", HSIC_RUN)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert ours["steps"] == theirs["steps"] == 60
+    for key in ("test_accuracy_unformatted", "test_accuracy_formatted", "test_accuracy_least_squares"):
+        assert ours.get(key) == theirs.get(key), key
+
+
+@pytest.mark.slow
+def test_a_second_sigint_stops_at_once_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    proc = start_job("train_deep.py", out, HSIC_RUN)
+    wait_for(lambda: (out / "config.yaml").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if "interrupted" in line] == [stderr.strip().splitlines()[-1]]
+    assert not (out / LOCK_FILE).exists()
+
+
+BACKPROP_RUN = ["--smoke-test", "--epochs", "8", "train.max_steps=null", "--batch-size", "1000"]
+
+
+def checkpoints(out: Path) -> dict[str, bytes]:
+    storage = out / "ray_train" / "backprop"
+    if not storage.is_dir():
+        return {}
+    found = {}
+    for path in storage.glob("checkpoint_*/state.pt"):
+        try:
+            found[path.parent.name] = path.read_bytes()
+        except FileNotFoundError:  # being moved into place
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_backprop_run_resumes_from_its_checkpoint_without_the_snapshot_and_keeps_its_bytes(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    command = [sys.executable, str(JOBS / "train_backprop.py"), *BACKPROP_RUN, "--output", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for(lambda: any(name.startswith("checkpoint_epoch00001") for name in checkpoints(out)), proc, 240)
+    time.sleep(0.5)  # the state file is complete (it is moved into place whole)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    # Without its driver, the workers stop: no checkpoint appears after it died.
+    time.sleep(5)
+    first = checkpoints(out)
+    time.sleep(5)
+    assert checkpoints(out) == first
+    assert not [name for name in first if name.startswith("checkpoint_epoch00008")]  # it stopped mid-run
+    (out / "ray_train" / "backprop" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
+    newest = max(first, key=lambda name: int(name.split("_step")[1].split("_")[0]))
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from"] and metrics["epochs"] == 8
+    epoch = int(newest.split("checkpoint_epoch")[1].split("_")[0])
+    assert metrics["resumed_from"][0]["epoch"] == epoch
+    for name, data in first.items():  # no checkpoint of the first attempt was written over
+        path = out / "ray_train" / "backprop" / name / "state.pt"
+        assert not path.exists() or path.read_bytes() == data, name
+    assert any(name.endswith("_attempt1") for name in checkpoints(out))
