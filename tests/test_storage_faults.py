@@ -19,6 +19,7 @@ import hsic_ray
 from hsic_ray.errors import ModelFileError, OutputLocationError, StorageError
 from hsic_ray.run import checkpoint
 from hsic_ray.run.directory import RunDirectory, check_location
+from hsic_ray.run.location import check_free_space
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -278,3 +279,13 @@ def test_a_silent_s3_endpoint_fails_fast_with_one_line(tmp_path, silent_endpoint
         return 2
 
     _fails_fast(load)
+
+
+def test_free_space_is_measured_on_the_nearest_existing_directory_of_a_relative_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ does not exist yet: a run with output null writes under it
+    check_free_space("runs", 1, "its checkpoints")
+    with pytest.raises(
+        StorageError, match=r"--output runs/a needs about [\d,.]+ MB for its checkpoints and its disk has"
+    ):
+        check_free_space("runs/a", 2**60, "its checkpoints")
+    assert list(tmp_path.iterdir()) == []
