@@ -105,8 +105,8 @@ def kernel_view(z: Tensor, max_features: int | None) -> Tensor:
     A kernel costs m^2 d for d features: on a narrow conv layer's large map (16 x 28 x 28) about as much as the
     layer's own 3x3 conv. Averages keep the per-feature squared distance of spatially smooth differences, so
     the dimension-scaled bandwidth means the same on the pooled view; pixel-level noise is damped. Off by
-    default (`hsic.max_kernel_features`): on a CPU the pooling's own passes cost about what it saves
-    (docs/design.md, "The plain conv net")."""
+    default (`hsic.max_kernel_features`): on a CPU the pooling's own passes take back part of what it saves,
+    and it changes the objective (docs/design.md, "The plain conv net and its kernels")."""
     k = kernel_pool(z.shape[1:], max_features)
     return z if k == 1 else F.avg_pool2d(z, k, k, ceil_mode=True)
 
