@@ -106,7 +106,8 @@ class HSICTrainer:
                 self._train_epoch(position)
                 self._end_epoch(position.epoch)
                 position = Position(position.epoch + 1, 0)
-            self.checkpoints.save_new(position)
+            if resume_step is None or self.progress.steps > resume_step:
+                self.checkpoints.save(position)
             interrupt.stop_if_requested(self.progress.steps)
         return self.run_end.finish(self.progress.summary(self.train.batch_size))
 
@@ -129,7 +130,7 @@ class HSICTrainer:
                 while pending:  # a checkpoint holds every stage at the same step
                     self._finish(pending.popleft(), len(pending), clock)
                 self.progress.train_seconds += clock.seconds
-                self.checkpoints.save_new(Position(position.epoch, batch.index + 1))
+                self.checkpoints.save(Position(position.epoch, batch.index + 1))
                 interrupt.stop_if_requested(self.progress.steps)  # SIGINT / SIGTERM: end here, nothing lost
                 clock = _Clock(time.perf_counter())
         while pending:

@@ -99,7 +99,6 @@ class TrainingCheckpoints:
         self.train, self.run, self.pipeline, self.out = train, run, pipeline, out
         self.progress, self.head, self.monitor = progress, head, monitor
         self._written_at = time.perf_counter()  # or when this process started training
-        self._step: int | None = None  # the step of the checkpoint written or restored last
 
     def due(self) -> bool:
         if self.run is None:
@@ -108,11 +107,6 @@ class TrainingCheckpoints:
         by_steps = train.checkpoint_every and self.progress.steps % train.checkpoint_every == 0
         by_time = train.checkpoint_seconds and time.perf_counter() - self._written_at >= train.checkpoint_seconds
         return bool(by_steps or by_time)
-
-    def save_new(self, position: Position) -> None:
-        """`save`, unless the checkpoint of this step is on disk already (restored, or just written)."""
-        if self.progress.steps != self._step:
-            self.save(position)
 
     def save(self, position: Position) -> None:
         """A checkpoint of every stage and the coordinator at `position`; every batch before it finished."""
@@ -131,7 +125,7 @@ class TrainingCheckpoints:
         checkpoint.save_state(self.run, checkpoint.coordinator_file(steps), state)
         checkpoint.commit(self.run, steps, self.pipeline.num_stages)
         self.out.append({"kind": "checkpoint", "step": steps, "epoch": position.epoch, "batch": position.batch})
-        self._written_at, self._step = time.perf_counter(), steps
+        self._written_at = time.perf_counter()
         self.progress.checkpoint_write_seconds += self._written_at - started
         log.info("checkpoint at step %d written to %s", steps, self.run.path(checkpoint.checkpoint_dir(steps)))
 
@@ -150,7 +144,7 @@ class TrainingCheckpoints:
         self.monitor.load_state_dict(state)
         self.progress.load_state_dict(state)
         torch.set_rng_state(state["torch_rng"])
-        epoch, batch, self._step = state["epoch"], state["batch"], step
+        epoch, batch = state["epoch"], state["batch"]
         self.out.append({"kind": "resume", "step": self.progress.steps, "epoch": epoch, "batch": batch})
         log.info("resumed from the checkpoint at step %d (epoch %d, batch %d)", step, epoch, batch)
         return Position(epoch, batch)
