@@ -90,7 +90,8 @@ def _assert_prints_plainly(proc, seconds: float, out: Path) -> None:
     assert list(out.glob("tune/*/events.out.tfevents.*"))
     with open(out / "results.csv") as f:
         best = max(csv.DictReader(f), key=lambda r: float(r["test_accuracy"]))
-    assert heads[-1].startswith(f"trials: 4 done; best finished: {best['method']} depth {best['depth']}: ")
+    last = heads[-1].split(" ", 1)[1]  # after the time
+    assert last.startswith(f"trials: 4 done; best finished: {best['method']} depth {best['depth']}: "), last
     assert heads[-1].endswith(f": {float(best['test_accuracy']):.2f}%")
 
 
