@@ -62,7 +62,7 @@ def in_tmp(tmp_path, monkeypatch):
     [
         ("a-file", "is a file"),
         ("a-file/run", "is under .*a-file, which is a file"),
-        ("/proc/1/run", "cannot be written"),
+        ("/proc/1/run", "on a proc filesystem .*cannot hold a run"),
         ("nosuchscheme://bucket/run", "cannot be used .*Unrecognized filesystem"),
         ("", "output=.. is invalid: expected a directory path or URI"),
     ],
