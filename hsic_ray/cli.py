@@ -29,6 +29,7 @@ RUN_FLAGS = {  # every run: train_deep.py and train_backprop.py
     "dataset": "data.source",
     "data_family": "data.family",
     "data_root": "data.root",
+    "arch": "model.arch",
     "depth": "model.depth",
     "width": "model.width",
     "last_width": "model.last_width",

@@ -120,7 +120,9 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
         cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus),
         ship_package=ray_cfg.ship_package,
     )
-    specs = plan_stages(ray_cfg, layer_step_costs(net, cfg.train.batch_size), cluster_totals())
+    specs = plan_stages(
+        ray_cfg, layer_step_costs(net, cfg.train.batch_size, cfg.hsic.max_kernel_features), cluster_totals()
+    )
     check_fits(specs, ray_cfg.coordinator_cpus, ray_cfg.strategy)
     return specs
 
