@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh clone: system tools, the project with its test extras, then pytest, in
+# The whole test suite from a fresh clone: system tools, the project with its test extras, ruff, then pytest, in
 # parallel, with this script's arguments (e.g. `scripts/test.sh -m "not slow"`). .ci/run runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 python -m pip install -e ".[test]"
+# Layout and lint are the formatter's (ruff, configured in pyproject.toml), checked before any test.
+python -m ruff check .
+python -m ruff format --check .
 # In parallel (pytest-xdist), each test file on one worker (--dist loadfile: a file's tests share its
 # clusters); every worker's jobs start Ray clusters of their own (tests/conftest.py). Workers: the
 # machine's cores, at least 2 (the tests mostly wait on Ray and subprocesses) and at most 4 (memory:
