@@ -17,7 +17,6 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ray import tune
@@ -34,10 +33,10 @@ from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
 from hsic_ray.run.plots import plot_curves
 from hsic_ray.sweep_progress import SweepProgress, axis_name
+from hsic_ray.sweep_spec import METHODS, SweepSpec
 
 log = logging.getLogger("hsic_ray")
 
-METHODS = ("hsic", "backprop")
 # What ASHA and the Tuner rank trials by: test accuracy of a linear readout of the network's output. Per
 # epoch, HSIC trials fit one in closed form (their format head trains only at the end); backprop trials
 # train theirs with the network. Final reports give the trained format head's accuracy.
@@ -49,22 +48,6 @@ METRIC = "test_accuracy_formatted"
 PROGRESS_EVERY_S = 30.0  # the least time between two progress tables
 CHECKPOINT_FILES = (MODEL_FILE, "config.yaml", "metrics.json")  # what a trial's Tune checkpoint holds
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Tune's switch between its output engines ("0": the legacy one)
-
-
-@dataclass
-class SweepSpec:
-    """What to sweep: the grid, the settings every trial shares, and how trials are laid out."""
-
-    preset: str = "deep_mlp"
-    depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # extra dotted config keys -> values
-    overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys every trial shares
-    stages_per_trial: int = 2
-    gpus_per_stage: float = 0.0
-    max_concurrent_trials: int = 1
-    asha: bool = False
-    output: str = "runs/sweep"
 
 
 # --- trials (run inside Ray Tune workers) ----------------------------------------------------------------

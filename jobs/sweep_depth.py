@@ -27,7 +27,7 @@ from hsic_ray.cli import (
     setup_logging,
 )
 from hsic_ray.presets import PRESETS, SMOKE_TEST
-from hsic_ray.sweep import METHODS, SweepSpec, failed_trials, markdown_table, run_sweep
+from hsic_ray.sweep_spec import METHODS, SweepSpec
 
 SMOKE_DEPTHS = [2, 4]  # a smoke sweep: these depths, each trial with --smoke-test's settings
 
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def sweep() -> int:
+        from hsic_ray.sweep import failed_trials, markdown_table, run_sweep  # torch and Ray: not for --help
+
         rows = run_sweep(build_spec(args), resume=args.resume, address=args.ray_address)
         print(markdown_table(rows))
         failed = failed_trials(rows)

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ray.train import TrainingFailedError
-
 from hsic_ray.cli import (
     BACKPROP_FLAGS,
     RUN_FLAGS,
@@ -27,7 +25,6 @@ from hsic_ray.cli import (
     run_job,
     setup_logging,
 )
-from hsic_ray.train_backprop import train_backprop, training_failure
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def train() -> int:
+        from ray.train import TrainingFailedError  # torch and Ray: not for --help or a bad flag
+
+        from hsic_ray.train_backprop import train_backprop, training_failure
+
         cfg = build_run_config(args, RUN_FLAGS, BACKPROP_FLAGS)
         try:
             metrics = train_backprop(

@@ -25,7 +25,6 @@ from hsic_ray.cli import (
     run_job,
     setup_logging,
 )
-from hsic_ray.experiment import run_hsic
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def train() -> int:
+        from hsic_ray.experiment import run_hsic  # torch and Ray: not for --help or a bad flag
+
         metrics = run_hsic(build_run_config(args, RUN_FLAGS, HSIC_FLAGS), resume=args.resume)
         unformatted, formatted = metrics["test_accuracy_unformatted"], metrics["test_accuracy_formatted"]
         print(f"test accuracy: unformatted {accuracy_text(unformatted)}, formatted {accuracy_text(formatted)}")

@@ -71,6 +71,13 @@ def test_null_override_sets_a_field_to_none():
             {"train.checkpoint_seconds": -5},
             "train.checkpoint_seconds=-5.0 is invalid: expected seconds >= 0 between checkpoints (0: none by time)",
         ),
+        ({"optim.lr": 1e10}, "optim.lr=10000000000.0 is invalid: expected a positive number below 10"),
+        ({"optim.lr": 10}, "optim.lr=10.0 is invalid: expected a positive number below 10"),
+        ({"head.lr": 1e10}, "head.lr=10000000000.0 is invalid: expected a positive number below 10"),
+        ({"backprop.lr": 50.0}, "backprop.lr=50.0 is invalid: expected a positive number below 10"),
+        ({"optim.lr": 0}, "optim.lr=0.0 is invalid: expected a positive number below 10"),
+        ({"hsic.sigma": "median"}, "hsic.sigma='median' is invalid: median is written null in a KEY=VALUE setting"),
+        ({"hsic.max_kernel_features": "full"}, "(hsic.max_kernel_features=null)"),
     ],
 )
 def test_bad_values_name_the_field_and_what_it_accepts(overrides, message):
@@ -87,6 +94,28 @@ def test_missing_or_malformed_config_file(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         build_config("paper_mlp", bad)
+
+
+def test_learning_rates_just_below_the_bound_are_accepted():
+    cfg = build_config("paper_mlp", overrides={"optim.lr": 9.5, "head.lr": 9.99, "backprop.lr": 5})
+    assert (cfg.optim.lr, cfg.head.lr, cfg.backprop.lr) == (9.5, 9.99, 5.0)
+
+
+def test_the_median_heuristic_is_null_in_a_config_file(tmp_path):
+    (tmp_path / "median.yaml").write_text("hsic:\n  sigma: median\n")
+    with pytest.raises(ConfigError, match=r"hsic.sigma='median' is invalid: .*\(hsic.sigma=null\)"):
+        build_config("paper_mlp", tmp_path / "median.yaml")
+    (tmp_path / "null.yaml").write_text("hsic:\n  sigma: null\n")
+    assert build_config("paper_mlp", tmp_path / "null.yaml").hsic.sigma is None
+
+
+def test_a_key_twice_in_a_config_file_is_named_with_its_line(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  width: 64\n  depth: 3\n  depth: 4\n")
+    with pytest.raises(ConfigError) as err:
+        build_config("paper_mlp", path)
+    assert "sets 'depth' twice in one section (line 4)" in str(err.value)
+    assert "\n" not in str(err.value)
 
 
 def test_default_config_is_valid():
@@ -312,3 +341,20 @@ def test_presets_share_one_base_and_differ_where_they_say():
     assert (mlp.train.batch_size, conv.train.batch_size, deep.train.batch_size) == (256, 512, 512)
     assert (conv.model.arch, conv.hsic.sigma, conv.optim.schedule) == ("resconv", 5.0, "constant")
     assert deep.hsic.leave_one_out and not mlp.hsic.leave_one_out and not conv.hsic.leave_one_out
+
+
+def test_job_help_imports_neither_torch_nor_ray():
+    import pathlib
+    import subprocess
+    import sys
+
+    jobs = pathlib.Path(__file__).resolve().parents[1] / "jobs"
+    for job in ("train_deep", "train_backprop", "sweep_depth"):
+        probe = (
+            f"import runpy, sys; sys.argv = ['{job}', '--help']\n"
+            f"try:\n    runpy.run_path({str(jobs / (job + '.py'))!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'ray'} & set(sys.modules)), file=sys.stderr)"
+        )
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+        assert out.stderr.strip().splitlines()[-1] == "[]", (job, out.stderr)
