@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import sys
 from collections.abc import Callable
@@ -82,7 +83,33 @@ class JobArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line, like every other input error of the jobs."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"error: {message}{self._flag_hint(message)} (see {self.prog} --help)\n")
+
+    def _flag_hint(self, message: str) -> str:
+        """ "; did you mean --depth?" after argparse's "unrecognized arguments: --detph", naming the closest flag."""
+        if not message.startswith("unrecognized arguments: "):
+            return ""
+        flags = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        for word in message.removeprefix("unrecognized arguments: ").split():
+            if word.startswith("-"):
+                close = difflib.get_close_matches(word.partition("=")[0], flags, n=1)
+                if close:
+                    return f"; did you mean {close[0]}?"
+        return ""
+
+    def parse_intermixed_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        """As argparse's, but an unknown flag is named before a KEY=VALUE setting is checked: in `--detph 5` the
+        error is the flag, not that 5 is no KEY=VALUE (argparse takes 5 for a setting, then names the flag)."""
+        return self._check_settings(super().parse_intermixed_args(args, namespace))
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        return self._check_settings(super().parse_args(args, namespace))
+
+    def _check_settings(self, parsed: argparse.Namespace) -> argparse.Namespace:
+        for item in getattr(parsed, "settings", None) or []:
+            if isinstance(item, _BadSetting):
+                self.error(f"argument KEY=VALUE: {item.message}")
+        return parsed
 
 
 class _JobLogFormatter(logging.Formatter):
@@ -143,7 +170,7 @@ def add_run_arguments(p: argparse.ArgumentParser, *job_flags: dict[str, str]) ->
     p.add_argument(
         "settings",
         nargs="*",
-        type=setting,
+        type=_setting_checked_later,
         metavar="KEY=VALUE",
         help="any config field, applied after the flags, e.g. hsic.eps=1e-4 train.cuda_graphs=off",
     )
@@ -193,6 +220,22 @@ def setting(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with a dotted config key, e.g. hsic.eps=1e-4")
     parsed = _scalar(value.strip())
     return key, NULL if parsed is None else parsed
+
+
+class _BadSetting(str):
+    """A KEY=VALUE argument that is none, kept with its error until argparse has named any unknown flag."""
+
+    message: str
+
+
+def _setting_checked_later(text: str) -> tuple[str, Any] | _BadSetting:
+    """`setting`, its error reported by JobArgumentParser.parse_intermixed_args after the unknown flags."""
+    try:
+        return setting(text)
+    except argparse.ArgumentTypeError as exc:
+        bad = _BadSetting(text)
+        bad.message = str(exc)
+        return bad
 
 
 def grid_axis(text: str) -> tuple[str, list[Any]]:

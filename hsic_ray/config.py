@@ -407,8 +407,13 @@ def _validate_hsic(hsic: HSICConfig) -> None:
     )
 
 
+# No SGD learning rate of these networks is sane at or above this: --lr 1e10 overflows in the first epoch, and a
+# head lr of 1e10 leaves the head's loss at 1e9. The presets' rates lie orders of magnitude below.
+MAX_LR = 10.0
+
+
 def _validate_sgd(prefix: str, opt: OptimConfig | HeadConfig) -> None:
-    check_setting(opt.lr > 0, f"{prefix}.lr", opt.lr, "a positive number")
+    check_setting(0 < opt.lr < MAX_LR, f"{prefix}.lr", opt.lr, f"a positive number below {MAX_LR:g}")
     check_setting(0 <= opt.momentum < 1, f"{prefix}.momentum", opt.momentum, "a number in [0, 1)")
     check_setting(opt.weight_decay >= 0, f"{prefix}.weight_decay", opt.weight_decay, "a number >= 0")
 
@@ -510,7 +515,9 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _check_switches(obj: Any, layer: Mapping[str, Any], prefix: str = "") -> None:
-    """A yes/no field takes true or false: OmegaConf would also read 2 or "maybe"-like numbers as a bool."""
+    """A yes/no field takes true or false: OmegaConf would also read 2 or "maybe"-like numbers as a bool. A
+    number field whose flag takes a word for null (--sigma median) takes null, not the word, in a KEY=VALUE
+    setting or a config file: OmegaConf would say only that the word is no float."""
     for f in dataclasses.fields(obj):
         if f.name not in layer:
             continue
@@ -519,6 +526,12 @@ def _check_switches(obj: Any, layer: Mapping[str, Any], prefix: str = "") -> Non
             _check_switches(getattr(obj, f.name), value, f"{name}.")
         elif f.type == "bool" and not isinstance(value, bool) and str(value).lower() not in ("true", "false"):
             raise ConfigError(f"{name}={value!r} is invalid: expected true or false")
+        elif "null_word" in f.metadata and isinstance(value, str) and value.lower() == f.metadata["null_word"]:
+            word = f.metadata["null_word"]
+            raise ConfigError(
+                f"{name}={value!r} is invalid: {word} is written null in a KEY=VALUE setting or config file "
+                f"({name}=null); only a command-line flag takes the word {word}"
+            )
 
 
 def _merge(base: ExperimentConfig, *layers: Mapping[str, Any]) -> ExperimentConfig:
@@ -541,6 +554,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         loaded = OmegaConf.to_container(OmegaConf.load(path))
     except Exception as exc:  # yaml's parser errors, UnicodeDecodeError for binary files, ...
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+        if problem:  # yaml's own words for what is wrong, and where: "found duplicate key depth" at line 3
+            detail = problem if mark is None else f"{problem} at line {mark.line + 1}"
+            key = problem.removeprefix("found duplicate key ")
+            if key != problem:
+                where = "" if mark is None else f" (line {mark.line + 1})"
+                raise ConfigError(
+                    f"config file {str(path)!r} sets {key!r} twice in one section{where}; keep one of them"
+                ) from None
         raise ConfigError(
             f"config file {str(path)!r} is not valid YAML ({type(exc).__name__}: {detail}); fix it or pass "
             "another --config"

@@ -185,12 +185,44 @@ def test_random_bad_values_of_every_field_get_one_line_and_write_nothing(in_tmp,
             re.escape("data.family='mnist' is invalid: expected cifar10 (or null)"),
         ),
         (["data.family=svhn"], "data.family='svhn' is invalid: expected one of mnist, fashion-mnist, cifar10"),
+        (
+            ["hsic.sigma=median"],
+            re.escape("hsic.sigma='median' is invalid: median is written null") + ".*hsic.sigma=null",
+        ),
+        (["--format-lr", "1e10"], "head.lr=10000000000.0 is invalid: expected a positive number below 10"),
+        (["--lr", "1e10"], "optim.lr=10000000000.0 is invalid: expected a positive number below 10"),
     ],
 )
 def test_everyday_mistakes_are_one_line(in_tmp, capsys, argv, message):
     line = refused(train_deep.main, [*TINY, *argv, "--output", "out"], capsys)
     assert re.search(message, line), line
     assert not (in_tmp / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "main, argv, flag, hint",
+    [
+        (train_deep.main, ["--detph", "5"], "--detph", "--depth"),
+        (train_deep.main, ["--batch_size", "64"], "--batch_size", "--batch-size"),
+        (train_deep.main, ["hsic.eps=1e-4", "--detph", "5", "train.seed=3"], "--detph", "--depth"),
+        (train_backprop.main, ["--batch_size", "64"], "--batch_size", "--batch-size"),
+    ],
+)
+def test_an_unknown_flag_is_named_with_the_closest_one_even_before_settings(in_tmp, capsys, main, argv, flag, hint):
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--output", "out"])
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: unrecognized arguments: {flag}"), lines
+    assert f"did you mean {hint}?" in lines[0] and "is not KEY=VALUE" not in lines[0], lines
+    assert not (in_tmp / "out").exists()
+
+
+def test_a_setting_that_is_not_key_value_is_still_refused(in_tmp, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train_deep.main(["--depth", "2", "5", "--output", "out"])
+    assert exit_.value.code == 2
+    assert "argument KEY=VALUE: '5' is not KEY=VALUE" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content", [b"model: {width: [\n", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe"])
@@ -274,6 +306,24 @@ def test_addresses_that_lead_nowhere_fail_in_seconds():
     for bad in ("notanaddress", "http://127.0.0.1:8265", "host:99999"):
         with pytest.raises(ClusterConnectionError, match="is not a Ray cluster address"):
             check_address(bad)
+
+
+def test_a_bad_ray_address_from_the_environment_is_named_as_ray_address(monkeypatch):
+    monkeypatch.setattr(connect_module, "default_auth_mode", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "notanaddress")
+    with pytest.raises(ClusterConnectionError) as err:
+        connect_module.connect(None, 1)
+    assert "RAY_ADDRESS='notanaddress' is not a Ray cluster address" in str(err.value)
+    assert "--ray-address" not in str(err.value)
+    with pytest.raises(ClusterConnectionError, match="--ray-address 'host:0' is not a Ray cluster address"):
+        connect_module.connect("host:0", 1)  # the flag's value wins over RAY_ADDRESS, and is named as the flag
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ClusterConnectionError, match="nothing answers at .*; .* or fix or unset RAY_ADDRESS$"):
+        connect_module.connect(None, 1)
+    assert not ray.is_initialized()
 
 
 def test_a_port_held_by_something_else_than_ray_fails_in_seconds(monkeypatch):

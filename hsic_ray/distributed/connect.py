@@ -79,20 +79,27 @@ def _join(address: str, ship_package: bool) -> None:
         ) from None
 
 
-def check_address(address: str) -> None:
-    """Fail in seconds, naming the fix, when `address` is malformed or nothing listens there."""
+def _fix(source: str) -> str:
+    """How to give another address, in the words of where this one came from."""
+    return "fix or unset RAY_ADDRESS" if source == "RAY_ADDRESS" else f"fix {source}"
+
+
+def check_address(address: str, source: str = "--ray-address") -> None:
+    """Fail in seconds, naming the fix, when `address` is malformed or nothing listens there. `source` names
+    where the address came from in the error: the flag (--ray-address), or RAY_ADDRESS from the environment."""
+    given = f"RAY_ADDRESS={address!r}" if source == "RAY_ADDRESS" else f"{source} {address!r}"
     if address == "local":  # a new cluster: nothing to check
         return
     if address == "auto":
         if started_cluster_address() is None:
             raise ClusterConnectionError(
-                "--ray-address auto: no Ray cluster runs on this machine (none that `ray start` started); start "
-                "one with `ray start --head`, or leave out --ray-address to start a local cluster"
+                f"{given}: no Ray cluster runs on this machine (none that `ray start` started); start one with "
+                f"`ray start --head`, or leave out {source} to start a local cluster"
             )
         return
     if not is_ray_address(address):
         raise ClusterConnectionError(
-            f"--ray-address {address!r} is not a Ray cluster address: give HOST:PORT of the head "
+            f"{given} is not a Ray cluster address: give HOST:PORT of the head "
             "(what `ray start --head` prints, port 6379 by default), ray://HOST:10001, auto, or local"
         )
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -101,7 +108,7 @@ def check_address(address: str) -> None:
     except OSError as exc:
         raise ClusterConnectionError(
             f"nothing answers at {address} ({exc.strerror or type(exc).__name__}); start the cluster there "
-            "(`ray start --head`) or fix --ray-address"
+            f"(`ray start --head`) or {_fix(source)}"
         ) from None
     if not address.startswith("ray://") and not _answers_as_ray_head(address):
         raise ClusterConnectionError(
@@ -167,9 +174,10 @@ def connect(
     if ray.is_initialized():
         return
     default_auth_mode()
+    source = "--ray-address" if address else "RAY_ADDRESS"  # named in errors: the flag, or the environment's
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        check_address(address)
+        check_address(address, source)
         if address == "auto":  # the cluster `ray start` started here, which check_address found running
             address = started_cluster_address() or address
         _join(address, ship_package)
