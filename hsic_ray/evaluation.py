@@ -115,7 +115,9 @@ def class_means(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
 def hungarian_assignment(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
     """class_to_unit [num_classes]: the maximum-weight one-to-one matching of classes to units on the
     class-mean matrix."""
-    from scipy.optimize import linear_sum_assignment  # here: scipy.optimize adds 0.6 s to every stage's start
+    # Imported here, not with the module: every stage actor imports this module, and scipy.optimize is slow to
+    # import (docs/results.md, "Start-up").
+    from scipy.optimize import linear_sum_assignment
 
     means = class_means(outputs, labels, num_classes)
     _check_width(means.shape[1], means.shape[0])
