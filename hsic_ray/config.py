@@ -170,6 +170,11 @@ class TrainConfig:
         "linear probes of every layer each epoch on this many training samples and half as many test samples, "
         "and on the full splits at the end (hsic_ray.probes); 0: no probes",
     )
+    plot_seconds: float = documented(
+        60.0,
+        "information_plane.png and probes.png are redrawn after an epoch once this long has passed since they "
+        "last were, and always at the end of the run (0: only at the end)",
+    )
     device: str = documented(
         "auto", "the in-process trainer's device (a Ray stage uses the GPU its bundle gives it)", choices=DEVICES
     )
@@ -433,6 +438,7 @@ def _validate_train(train: TrainConfig) -> None:
         f"a number in [2, {MAX_EVAL_SAMPLES}] (each layer builds an N x N kernel of the information plane's batch)",
     )
     _check_positive("train.probe_samples", train.probe_samples, minimum=0)
+    _check_positive("train.plot_seconds", train.plot_seconds, minimum=0)
     check_setting(0 <= train.seed <= MAX_SEED, "train.seed", train.seed, f"an integer in [0, {MAX_SEED}]")
     check_setting(
         not (train.cuda_graphs == "on" and train.device == "cpu"),

@@ -28,6 +28,7 @@ from hsic_ray.run import tensorboard_log
 from hsic_ray.run.start import CHECKPOINTS, CheckpointResume, Resumption, RunStart, plan_start
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage_step import layer_lr_scales
+from hsic_ray.timeline import Timeline
 from hsic_ray.trainer import HSICTrainer, batches_between_drains
 
 log = logging.getLogger("hsic_ray")
@@ -163,13 +164,16 @@ def run_hsic(
     checkpoints) is checked before any actor starts. An interrupted run in the same output directory is
     continued from its latest checkpoint.
     """
+    timeline = Timeline()
     if cfg.train.tensorboard:
         tensorboard_log.require()  # before any file is written
-    prepared = prepare_run(cfg, "hsic", resume, data)
+    with timeline.phase("data"):
+        prepared = prepare_run(cfg, "hsic", resume, data)
     with prepared.start as start:
         data, device, net, run = prepared.data, prepared.device, prepared.net, start.run
         resume_at = start.point or CheckpointResume()
-        specs = _plan_ray_stages(cfg, net, resume_at.stages) if cfg.trainer == "ray" else None
+        with timeline.phase("ray"):
+            specs = _plan_ray_stages(cfg, net, resume_at.stages) if cfg.trainer == "ray" else None
         start.commit(cfg)
         log.info(
             "run directory: %s  (%s, %d train / %d test samples, %s trainer)",
@@ -179,8 +183,10 @@ def run_hsic(
             len(data.y_test),
             cfg.trainer,
         )
-        with _pipeline(cfg, data, net, specs, device) as pipeline:
-            trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch)
+        with contextlib.ExitStack() as stack:
+            with timeline.phase("actors"):  # the pipeline's stages, and the trainer's fixed batches
+                pipeline = stack.enter_context(_pipeline(cfg, data, net, specs, device))
+                trainer = HSICTrainer(cfg, data, pipeline, net.output_features, run, device, on_epoch, timeline)
             return trainer.fit(resume_at.step)
 
 

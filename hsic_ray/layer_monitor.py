@@ -21,7 +21,6 @@ from hsic_ray.data import ImageData, to_tensor
 from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.pipeline import Pipeline
 from hsic_ray.run.metrics_log import MetricsLog
-from hsic_ray.run.plots import plot_information_plane, plot_probes
 
 log = logging.getLogger("hsic_ray")
 
@@ -48,20 +47,38 @@ class LayerMonitor:
         hsic = objective.cfg
         self._plane_title = f"{name}: {hsic.estimator}, beta={hsic.beta:g}"
         self._probes_title = f"{name}: linear probe of each layer"
+        self._plotted_at = time.monotonic()  # a run shorter than train.plot_seconds draws once, at its end
 
     def record(self, epoch: int, step: int) -> None:
-        """Both views of the network as it is now (epoch 0: before training)."""
+        """Both views of the network as it is now (epoch 0: before training); the plots are redrawn when
+        train.plot_seconds have passed since they last were."""
         self._record_information_plane(epoch, step)
         self._record_probes(epoch, step)
+        plot_seconds = self.train.plot_seconds
+        if plot_seconds and time.monotonic() - self._plotted_at >= plot_seconds:
+            self.plot()
 
     def final_probes(self) -> dict[str, Any] | None:
-        """Every layer's probe on the full splits (None with probes off), drawn into probes.png."""
+        """Every layer's probe on the full splits (None with probes off)."""
         if self._probe_splits is None:
             return None
         data = self.data
-        final = self._probe((data.x_train, data.y_train), (data.x_test, data.y_test))
-        self._plot_probes(final)
-        return final
+        with self.out.timeline.phase("final_probes"):
+            return self._probe((data.x_train, data.y_train), (data.x_test, data.y_test))
+
+    def plot(self, final_probes: dict[str, Any] | None = None) -> None:
+        """information_plane.png and probes.png (with `final_probes`, as the run ends) from the records so far."""
+        # Imported here: matplotlib is a noticeable part of a job's start-up, and most runs draw once, at the end.
+        from hsic_ray.run.plots import plot_information_plane, plot_probes
+
+        if len(self.info_plane) > 1:
+            info_plane = self.info_plane
+            self.out.plot(
+                "information_plane.png", lambda path: plot_information_plane(info_plane, path, self._plane_title)
+            )
+        if self.probes:
+            self.out.plot("probes.png", lambda path: plot_probes(self.probes, path, self._probes_title, final_probes))
+        self._plotted_at = time.monotonic()
 
     def state_dict(self) -> dict[str, Any]:
         return {"info_plane": self.info_plane, "probes": self.probes}
@@ -81,15 +98,12 @@ class LayerMonitor:
 
     def _record_information_plane(self, epoch: int, step: int) -> None:
         x, factors = self._eval_batch
-        stats = self.pipeline.measure(x, factors).cpu()
+        with self.out.timeline.phase("information_plane"):
+            stats = self.pipeline.measure(x, factors).cpu()
         per_layer = [{"nhsic_zx": float(zx), "nhsic_zy": float(zy)} for zx, zy in stats.tolist()]
         record = {"kind": "epoch", "epoch": epoch, "step": step, "per_layer": per_layer}
         self.info_plane.append(record)
         self.out.append(record)
-        if len(self.info_plane) > 1:
-            self.out.plot(
-                "information_plane.png", lambda path: plot_information_plane(self.info_plane, path, self._plane_title)
-            )
 
     # --- linear probes ---------------------------------------------------------------------------------
 
@@ -117,10 +131,10 @@ class LayerMonitor:
     def _record_probes(self, epoch: int, step: int) -> None:
         if self._probe_splits is None:
             return
-        record = {"kind": "probes", "epoch": epoch, "step": step, **self._probe(*self._probe_splits)}
+        with self.out.timeline.phase("probes"):
+            record = {"kind": "probes", "epoch": epoch, "step": step, **self._probe(*self._probe_splits)}
         self.probes.append(record)
         self.out.append(record)
-        self._plot_probes()
         test = record["test_accuracy"]
         log.info(
             "linear probes after epoch %d, test accuracy of the first / best / last layer: %.2f / %.2f / %.2f%%  "
@@ -131,6 +145,3 @@ class LayerMonitor:
             test[-1],
             record["seconds"],
         )
-
-    def _plot_probes(self, final: dict[str, Any] | None = None) -> None:
-        self.out.plot("probes.png", lambda path: plot_probes(self.probes, path, self._probes_title, final))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -60,8 +60,12 @@ class LocalPipeline:
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
         self.stage.calibrate_batchnorm(batches)
 
-    def layer_outputs(self, x: Tensor) -> list[Tensor]:
-        return [view.cpu() for view in self.stage.layer_outputs(x)[1]]
+    def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
+        return map(self.forward, chunks)
+
+    def layer_outputs(self, chunks: Iterable[Tensor]) -> Iterator[list[Tensor]]:
+        for x in chunks:
+            yield [view.cpu() for view in self.stage.layer_outputs(x)[1]]
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
         return self.stage.measure(x, factors)[1]

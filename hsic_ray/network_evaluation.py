@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,14 +21,15 @@ from hsic_ray.head import FormatHead
 
 
 class NetworkEvaluation:
-    def __init__(self, data: ImageData, forward: Callable[[Tensor], Tensor]):
-        """`forward`: the whole network's eval-mode output of a batch of images, on the CPU."""
+    def __init__(self, data: ImageData, forward_chunks: Callable[[Iterable[Tensor]], Iterator[Tensor]]):
+        """`forward_chunks`: the whole network's eval-mode output of each chunk of images, on the CPU (a
+        pipeline's)."""
         self.data = data
-        self.forward = forward
+        self.forward_chunks = forward_chunks
 
     def features(self, x: np.ndarray) -> Tensor:
         """The network's output for a whole split, flattened per sample."""
-        return torch.cat([self.forward(chunk) for chunk in split_chunks(x)]).flatten(1)
+        return torch.cat(list(self.forward_chunks(split_chunks(x)))).flatten(1)
 
     def epoch_accuracies(self) -> dict[str, Any]:
         """Test accuracy now, unformatted and least squares: the format head trains only after the last

@@ -6,6 +6,7 @@ Two pipelines implement it: `hsic_ray.local_pipeline.LocalPipeline` (every layer
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,11 +51,15 @@ class Pipeline(Protocol):
     def forward(self, x: Tensor) -> Tensor:
         """Eval-mode output of the whole network (CPU)."""
 
+    def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
+        """`forward` of each chunk, in order; stages may work on several chunks at once."""
+
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
         """Recompute every layer's BatchNorm running statistics from `batches`, through the whole network."""
 
-    def layer_outputs(self, x: Tensor) -> list[Tensor]:
-        """Every layer's eval-mode output as its linear probe reads it (`hsic_ray.probes.probe_view`), CPU."""
+    def layer_outputs(self, chunks: Iterable[Tensor]) -> Iterator[list[Tensor]]:
+        """For each chunk of images, in order: every layer's eval-mode output as its linear probe reads it
+        (`hsic_ray.probes.probe_view`), CPU; stages may work on several chunks at once."""
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
         """Eval-mode per-layer [layers, 2] (nhsic_zx, nhsic_zy) on one batch."""

@@ -32,8 +32,8 @@ from hsic_ray.evaluation import RidgeClassifier
 
 MAX_PROBE_FEATURES = 2048
 
-# A pipeline's `layer_outputs`: images -> every layer's probe view (flattened, CPU).
-LayerOutputs = Callable[[Tensor], list[Tensor]]
+# A pipeline's `layer_outputs`: chunks of images -> for each, every layer's probe view (flattened, CPU).
+LayerOutputs = Callable[[Iterable[Tensor]], Iterator[list[Tensor]]]
 Split = tuple[np.ndarray, np.ndarray]  # images (as stored: uint8 pixels) and labels
 
 
@@ -64,8 +64,10 @@ Views = tuple[list[Tensor], Tensor]  # every layer's probe view of a chunk of im
 
 def _views(layer_outputs: LayerOutputs, split: Split, chunk: int, start: int = 0) -> Iterator[Views]:
     x, y = split
-    for i in range(start, len(y), chunk):
-        yield layer_outputs(to_tensor(x[i : i + chunk])), torch.as_tensor(y[i : i + chunk]).long()
+    starts = range(start, len(y), chunk)
+    outputs = layer_outputs(to_tensor(x[i : i + chunk]) for i in starts)
+    for i, views in zip(starts, outputs):
+        yield views, torch.as_tensor(y[i : i + chunk]).long()
 
 
 def probe_layers(

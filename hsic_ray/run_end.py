@@ -41,9 +41,13 @@ class RunEnd:
     def finish(self, progress: dict[str, Any]) -> dict[str, Any]:
         """Train the head on the frozen network, evaluate, write model.pt and metrics.json; returns the
         metrics. `progress`: the training loop's counters as metrics.json reports them."""
-        train_features = self.evaluation.features(self.data.x_train)
-        head_losses = self._fit_head(train_features)
-        metrics = self.evaluation.final_accuracies(train_features, self.head)
+        timeline = self.out.timeline
+        with timeline.phase("final_evaluation"):
+            train_features = self.evaluation.features(self.data.x_train)
+        with timeline.phase("head"):
+            head_losses = self._fit_head(train_features)
+        with timeline.phase("final_evaluation"):
+            metrics = self.evaluation.final_accuracies(train_features, self.head)
         last_epoch = self.monitor.info_plane[-1]
         metrics.update(progress, epochs=last_epoch["epoch"], per_layer=last_epoch["per_layer"])
         _log_accuracies(metrics)
@@ -51,8 +55,11 @@ class RunEnd:
         final_probes = self.monitor.final_probes()
         if final_probes is not None:
             metrics["probes"] = final_probes
-        self._save_model()
-        self.out.final(metrics)
+        self.monitor.plot(final_probes)
+        with timeline.phase("writing"):
+            self._save_model()
+            self.out.final(metrics)
+        metrics["phase_seconds"] = timeline.summary()
         self.out.write("metrics.json", metrics)  # last: it marks the run finished, model.pt included
         return metrics
 

@@ -33,6 +33,7 @@ from hsic_ray.prefetch import prefetched
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.metrics_log import MetricsLog
 from hsic_ray.run_end import RunEnd
+from hsic_ray.timeline import Timeline
 from hsic_ray.training_state import Position, Progress, TrainingCheckpoints
 
 log = logging.getLogger("hsic_ray")
@@ -66,17 +67,19 @@ class HSICTrainer:
         run: RunDirectory | None = None,
         device: torch.device | str = "cpu",
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        timeline: Timeline | None = None,
     ):
         """`on_epoch`, if given, receives after each HSIC epoch its information-plane record plus the test
         accuracies at that point, unformatted and least squares (`NetworkEvaluation.epoch_accuracies`; e.g.
-        to report to Ray Tune)."""
+        to report to Ray Tune). `timeline` times the run's phases (metrics.json's `phase_seconds`)."""
         self.cfg, self.train = cfg, cfg.train
         self.data, self.pipeline, self.on_epoch = data, pipeline, on_epoch
-        self.out = MetricsLog(run, tensorboard=cfg.train.tensorboard)
+        self.timeline = timeline or Timeline()
+        self.out = MetricsLog(run, tensorboard=cfg.train.tensorboard, timeline=self.timeline)
         self.objective = HSICObjective(cfg.hsic, data.num_classes)
         self.head = FormatHead(output_features, data.num_classes, cfg.head, device)
         self.monitor = LayerMonitor(cfg.train, data, self.objective, pipeline, self.out, cfg.preset or "hsic")
-        self.evaluation = NetworkEvaluation(data, pipeline.forward)
+        self.evaluation = NetworkEvaluation(data, pipeline.forward_chunks)
         self.progress = Progress.of_stages(pipeline.num_stages)
         self.checkpoints = TrainingCheckpoints(
             cfg.train, run, pipeline, self.out, self.progress, self.head, self.monitor
@@ -103,7 +106,8 @@ class HSICTrainer:
             position = self.checkpoints.restore(resume_step)
         with interrupt.at_safe_points():  # SIGINT / SIGTERM: stop at the next batch, after a checkpoint
             while position.epoch <= self.train.epochs and not self._step_budget_spent():
-                self._train_epoch(position)
+                with self.timeline.phase("train"):
+                    self._train_epoch(position)
                 self._end_epoch(position.epoch)
                 position = Position(position.epoch + 1, 0)
             if resume_step is None or self.progress.steps > resume_step:
@@ -148,11 +152,14 @@ class HSICTrainer:
         # BatchNorm statistics of the weights as they are now, before anything reads the network in eval mode
         # (see StageStep.calibrate_batchnorm).
         if self.train.bn_calibration_batches:
-            self.pipeline.calibrate_batchnorm(batchnorm_calibration_batches(self.data.x_train, self.train))
+            with self.timeline.phase("calibration"):
+                self.pipeline.calibrate_batchnorm(batchnorm_calibration_batches(self.data.x_train, self.train))
         self.monitor.record(epoch, self.progress.steps)
         if self.on_epoch is not None:
             summary = dict(self.monitor.info_plane[-1], train_seconds=self.progress.train_seconds)
-            self.on_epoch({**summary, **self.evaluation.epoch_accuracies()})
+            with self.timeline.phase("epoch_readout"):
+                accuracies = self.evaluation.epoch_accuracies()
+            self.on_epoch({**summary, **accuracies})
 
     # --- a step ----------------------------------------------------------------------------------------
 

@@ -112,6 +112,10 @@ class TrainingCheckpoints:
         """A checkpoint of every stage and the coordinator at `position`; every batch before it finished."""
         if self.run is None:
             return
+        with self.out.timeline.phase("checkpoints"):
+            self._save(position)
+
+    def _save(self, position: Position) -> None:
         started, steps = time.perf_counter(), self.progress.steps
         self.pipeline.save(self.run, steps)
         state = {

@@ -27,10 +27,11 @@ def test_probe_fit_reads_separable_features_and_not_noise(monkeypatch):
     images = np.arange(3000, dtype=np.float32)  # stand-ins for images: the "network" looks its layers up by index
     calls = []
 
-    def layer_outputs(x):
-        calls.append(len(x))
-        idx = x.long().numpy()
-        return [torch.from_numpy(features[idx]).float(), torch.from_numpy(noise[idx]).float()]
+    def layer_outputs(chunks):
+        for x in chunks:
+            calls.append(len(x))
+            idx = x.long().numpy()
+            yield [torch.from_numpy(features[idx]).float(), torch.from_numpy(noise[idx]).float()]
 
     def probe():
         calls.clear()

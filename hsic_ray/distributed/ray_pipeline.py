@@ -22,7 +22,7 @@ the groups it lost, from the first stage that failed. The batches per call are c
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,9 +201,14 @@ class RayPipeline:
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
         self.stages.through("calibrate_batchnorm", [x.numpy() for x in batches])
 
-    def layer_outputs(self, x: Tensor) -> list[Tensor]:
-        views = self.stages.through("layer_outputs", x.numpy(), side_outputs=True)
-        return [torch.from_numpy(np.array(view)) for stage in views for view in stage]
+    def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
+        outputs = self.stages.through_each("forward", (x.numpy() for x in chunks), window=self.num_stages + 1)
+        return (torch.from_numpy(np.array(out)) for out in outputs)
+
+    def layer_outputs(self, chunks: Iterable[Tensor]) -> Iterator[list[Tensor]]:
+        window = self.num_stages + 1
+        for views in self.stages.through_each("layer_outputs", (x.numpy() for x in chunks), window, True):
+            yield [torch.from_numpy(np.array(view)) for stage in views for view in stage]
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
         stats = self.stages.through("measure", x.numpy(), factors_to_numpy(factors), side_outputs=True)

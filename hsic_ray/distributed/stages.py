@@ -9,9 +9,10 @@ same way and run again (docs/design.md, "Recovery").
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import ray
@@ -147,19 +148,41 @@ class Stages:
         """`value` passed through every stage's `method` in turn, each taking the stage before's output (and
         `args`, put once for all): the last stage's output, or with `side_outputs` (methods that return
         (output, side output)) every stage's side output. Recovers and runs again as `retrying` does."""
+        return self.retrying(
+            lambda: ray.get(self._submit_through(method, value, args, side_outputs)),
+            f"a {method} request to the stages",
+        )
 
-        def call():
-            ref, arg_refs, sides = ray.put(value), [ray.put(arg) for arg in args], []
-            for actor in self.actors:
-                remote = getattr(actor, method)
-                if side_outputs:
-                    ref, side = remote.options(num_returns=2).remote(ref, *arg_refs)
-                    sides.append(side)
-                else:
-                    ref = remote.remote(ref, *arg_refs)
-            return ray.get(sides if side_outputs else ref)
+    def through_each(
+        self, method: str, values: Iterable[Any], window: int, side_outputs: bool = False
+    ) -> Iterator[Any]:
+        """`through` for each of `values`, in order, with up to `window` of them in flight: stage s works on
+        one while stage s + 1 works on the one before, so a pass over many chunks takes about the slowest
+        stage's time, not the sum of all. A value lost with a stage is asked again through `through`."""
+        pending: collections.deque[tuple[Any, Any]] = collections.deque()
+        for value in values:
+            pending.append((value, self._submit_through(method, value, (), side_outputs)))
+            if len(pending) >= window:
+                yield self._collect(method, *pending.popleft(), side_outputs)
+        while pending:
+            yield self._collect(method, *pending.popleft(), side_outputs)
 
-        return self.retrying(call, f"a {method} request to the stages")
+    def _submit_through(self, method: str, value: Any, args: tuple, side_outputs: bool) -> Any:
+        ref, arg_refs, sides = ray.put(value), [ray.put(arg) for arg in args], []
+        for actor in self.actors:
+            remote = getattr(actor, method)
+            if side_outputs:
+                ref, side = remote.options(num_returns=2).remote(ref, *arg_refs)
+                sides.append(side)
+            else:
+                ref = remote.remote(ref, *arg_refs)
+        return sides if side_outputs else ref
+
+    def _collect(self, method: str, value: Any, refs: Any, side_outputs: bool) -> Any:
+        try:
+            return ray.get(refs)
+        except LOST:  # `through` recovers the stages that died and asks again
+            return self.through(method, value, side_outputs=side_outputs)
 
     def save(self, run_location: str, step: int) -> None:
         # A stage recreated meanwhile saves the state it was restored to, as it trains on from it.
