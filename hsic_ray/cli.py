@@ -58,6 +58,7 @@ HSIC_FLAGS = {  # train_deep.py
     "checkpoint_every": "train.checkpoint_every",
     "checkpoint_seconds": "train.checkpoint_seconds",
     "tensorboard": "train.tensorboard",
+    "monitor_every": "train.monitor_every",
     "stages": "ray.stages",
     "gpus_per_stage": "ray.gpus_per_stage",
     "cpus_per_stage": "ray.cpus_per_stage",

@@ -168,7 +168,17 @@ class TrainConfig:
     probe_samples: int = documented(
         2000,
         "linear probes of every layer each epoch on this many training samples and half as many test samples, "
-        "and on the full splits at the end (hsic_ray.probes); 0: no probes",
+        "and at the end (train.final_probe_samples; hsic_ray.probes); 0: no probes",
+    )
+    final_probe_samples: int = documented(
+        10_000,
+        "the probes at the end of the run are fitted on this many training samples (all, where the split is "
+        "smaller) and scored on the whole test split",
+    )
+    monitor_every: int = documented(
+        1,
+        "epochs between the information plane, the linear probes and the BatchNorm recalibration (the last epoch "
+        "always has them; a sweep's trials, which report every epoch, too)",
     )
     plot_seconds: float = documented(
         60.0,
@@ -439,6 +449,8 @@ def _validate_train(train: TrainConfig) -> None:
     )
     _check_positive("train.probe_samples", train.probe_samples, minimum=0)
     _check_positive("train.plot_seconds", train.plot_seconds, minimum=0)
+    _check_positive("train.monitor_every", train.monitor_every)
+    _check_positive("train.final_probe_samples", train.final_probe_samples, minimum=2)
     check_setting(0 <= train.seed <= MAX_SEED, "train.seed", train.seed, f"an integer in [0, {MAX_SEED}]")
     check_setting(
         not (train.cuda_graphs == "on" and train.device == "cpu"),

@@ -59,12 +59,15 @@ class LayerMonitor:
             self.plot()
 
     def final_probes(self) -> dict[str, Any] | None:
-        """Every layer's probe on the full splits (None with probes off)."""
+        """Every layer's probe fitted on train.final_probe_samples training samples (the whole split where it
+        is smaller) and scored on the whole test split (None with probes off). The fit's cost grows with the
+        samples times the square of a layer's width: on a large split a fixed subset keeps it to seconds."""
         if self._probe_splits is None:
             return None
-        data = self.data
+        data, rng = self.data, np.random.default_rng(self.train.seed + 2)
+        train = _subset(data.x_train, data.y_train, self.train.final_probe_samples, rng)
         with self.out.timeline.phase("final_probes"):
-            return self._probe((data.x_train, data.y_train), (data.x_test, data.y_test))
+            return self._probe(train, (data.x_test, data.y_test))
 
     def plot(self, final_probes: dict[str, Any] | None = None) -> None:
         """information_plane.png and probes.png (with `final_probes`, as the run ends) from the records so far."""
@@ -113,14 +116,8 @@ class LayerMonitor:
         size = self.train.probe_samples
         if not size:
             return None
-        rng = np.random.default_rng(self.train.seed)
-
-        def subset(x: np.ndarray, y: np.ndarray, n: int) -> probes.Split:
-            idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
-            return x[idx], y[idx]
-
-        data = self.data
-        return subset(data.x_train, data.y_train, size), subset(data.x_test, data.y_test, max(1, size // 2))
+        rng, data = np.random.default_rng(self.train.seed), self.data
+        return _subset(data.x_train, data.y_train, size, rng), _subset(data.x_test, data.y_test, max(1, size // 2), rng)
 
     def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
         started = time.perf_counter()
@@ -145,3 +142,9 @@ class LayerMonitor:
             test[-1],
             record["seconds"],
         )
+
+
+def _subset(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator) -> probes.Split:
+    """`n` samples drawn from `rng`, in the split's order (all of them where the split is smaller)."""
+    idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
+    return x[idx], y[idx]

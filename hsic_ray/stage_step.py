@@ -63,12 +63,14 @@ def _param_groups(layers: Sequence[nn.Module], lr_scales: Sequence[float] | None
 
 
 @contextlib.contextmanager
-def _cumulative_batchnorm(layers: Sequence[nn.Module]) -> Iterator[None]:
-    """BatchNorm running statistics reset and made a plain average over the batches the body passes."""
+def _cumulative_batchnorm(layers: Sequence[nn.Module], reset: bool = True) -> Iterator[None]:
+    """BatchNorm running statistics made a plain average over the batches the body passes: reset first, or
+    (`reset` False) continuing the average an earlier call began."""
     norms = [m for layer in layers for m in layer.modules() if isinstance(m, _BatchNorm)]
     momenta = [m.momentum for m in norms]
     for norm in norms:
-        norm.reset_running_stats()  # in place: a captured CUDA graph keeps its buffers
+        if reset:
+            norm.reset_running_stats()  # in place: a captured CUDA graph keeps its buffers
         norm.momentum = None  # a cumulative average over the batches that follow
     try:
         yield
@@ -162,16 +164,17 @@ class StageStep:
         return x
 
     @torch.no_grad()
-    def calibrate_batchnorm(self, batches: list[Tensor]) -> list[Tensor]:
+    def calibrate_batchnorm(self, batches: list[Tensor], reset: bool = True) -> list[Tensor]:
         """Recompute every BatchNorm's running statistics as the plain average over `batches`, with the
-        weights as they are now; returns the train-mode outputs, the next stage's batches.
+        weights as they are now; returns the train-mode outputs, the next stage's batches. With `reset`
+        False the average goes on from the batches of the calls before (since the last reset).
 
         During training the running statistics are moving averages over batches seen by older weights:
         after an epoch they describe a network that no longer exists, and eval-mode outputs (evaluation,
         the format head, the information plane) pay for it. Steps use batch statistics and are unaffected.
         """
         outputs = []
-        with _cumulative_batchnorm(self.layers):
+        with _cumulative_batchnorm(self.layers, reset):
             for x in batches:
                 x = x.to(self.device, non_blocking=True)
                 for layer in self.layers:

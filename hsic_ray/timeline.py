@@ -18,9 +18,9 @@ import psutil
 class Timeline:
     def __init__(self, process_started: float | None = None):
         """`process_started`: the Unix time the process began (default: this process's, from the OS); the
-        time until now is the `imports` phase (the interpreter, torch, Ray and argument parsing)."""
+        time until now is the `before_run` phase (in a job: the interpreter, its imports, argument parsing)."""
         self.process_started = psutil.Process().create_time() if process_started is None else process_started
-        self.seconds: dict[str, float] = {"imports": max(0.0, time.time() - self.process_started)}
+        self.seconds: dict[str, float] = {"before_run": max(0.0, time.time() - self.process_started)}
         self._inner: list[float] = []  # per open phase: the seconds of the phases inside it so far
 
     @contextlib.contextmanager

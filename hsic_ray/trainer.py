@@ -108,7 +108,8 @@ class HSICTrainer:
             while position.epoch <= self.train.epochs and not self._step_budget_spent():
                 with self.timeline.phase("train"):
                     self._train_epoch(position)
-                self._end_epoch(position.epoch)
+                last = position.epoch == self.train.epochs or self._step_budget_spent()
+                self._end_epoch(position.epoch, last)
                 position = Position(position.epoch + 1, 0)
             if resume_step is None or self.progress.steps > resume_step:
                 self.checkpoints.save(position)
@@ -148,7 +149,11 @@ class HSICTrainer:
         )
         return with_factors(batches, self.objective.kernel_factors, self.pipeline)
 
-    def _end_epoch(self, epoch: int) -> None:
+    def _end_epoch(self, epoch: int, last: bool) -> None:
+        """The epoch's monitors, every train.monitor_every epochs and after the last (every epoch for
+        `on_epoch`, which reports them)."""
+        if not (last or self.on_epoch is not None or epoch % self.train.monitor_every == 0):
+            return
         # BatchNorm statistics of the weights as they are now, before anything reads the network in eval mode
         # (see StageStep.calibrate_batchnorm).
         if self.train.bn_calibration_batches:

@@ -117,6 +117,25 @@ def test_a_run_probes_every_layer_each_epoch_and_at_the_end(tmp_path, digits):
     assert (run / "probes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_final_probes_fit_a_fixed_subset_of_a_large_training_split(tmp_path, digits):
+    overrides = {
+        "trainer": "local",
+        "model.depth": 1,
+        "model.width": 32,
+        "train.max_steps": 4,
+        "head.epochs": 1,
+        "train.eval_samples": 64,
+        "train.probe_samples": 200,
+        "train.final_probe_samples": 500,
+    }
+    finals = [
+        run_hsic(build_config("paper_mlp", overrides={**overrides, "output": str(tmp_path / run)}), digits)["probes"]
+        for run in ("a", "b")
+    ]
+    assert (finals[0]["train_samples"], finals[0]["test_samples"]) == (500, 1000)  # every test sample
+    assert {**finals[0], "seconds": 0} == {**finals[1], "seconds": 0}  # the same subset every time
+
+
 def test_probe_samples_zero_turns_probes_off(tmp_path, digits):
     overrides = {
         "trainer": "local",

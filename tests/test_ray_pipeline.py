@@ -241,9 +241,12 @@ def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoint
         before = pipeline.forward(x)
         ray.kill(pipeline.stages.actors[1], no_restart=True)
         assert torch.equal(pipeline.forward(x), before)  # stage 1 recreated from the checkpoint
+        ray.kill(pipeline.stages.actors[1], no_restart=True)  # and again, under a pass of overlapped chunks
+        assert all(torch.equal(out, before) for out in pipeline.forward_chunks([x] * 4))
         ray.kill(pipeline.stages.actors[0], no_restart=True)
         pipeline.save(run, 1)
         assert [(e["kind"], e["stage"], e["restored_from_step"]) for e in pipeline.events()] == [
+            ("recovery", 1, 0),
             ("recovery", 1, 0),
             ("recovery", 0, 0),
         ]

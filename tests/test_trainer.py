@@ -53,6 +53,49 @@ def test_run_writes_metrics_config_and_plot(tmp_path, digits):
     assert "depth: 2" in (run / "config.yaml").read_text()
 
 
+def test_a_run_says_where_its_wall_time_went(tmp_path, digits):
+    phases = run_hsic(small_config(tmp_path), digits)["phase_seconds"]
+    for phase in ("before_run", "data", "actors", "train", "calibration", "information_plane", "probes"):
+        assert phases[phase] > 0, phase
+    for phase in ("final_evaluation", "head", "final_probes", "writing", "plots"):
+        assert phases[phase] > 0, phase
+    # A phase inside another counts once (writing metrics.jsonl during training is not training): the phases
+    # add up to the process's age, less the few lines no phase covers.
+    covered = sum(seconds for phase, seconds in phases.items() if phase != "total")
+    assert phases["total"] - 1.0 < covered <= phases["total"]
+
+
+def test_monitors_every_few_epochs_record_what_every_epoch_would(tmp_path, digits):
+    every = run_hsic(small_config(tmp_path / "every", **{"train.epochs": 3}), digits)
+    sparse = run_hsic(small_config(tmp_path / "sparse", **{"train.epochs": 3, "train.monitor_every": 2}), digits)
+    for kind in ("epoch", "probes"):
+        by_epoch = {r["epoch"]: r for r in records(tmp_path / "every" / "run", kind)}
+        kept = records(tmp_path / "sparse" / "run", kind)
+        assert [r["epoch"] for r in kept] == [0, 2, 3]  # and always the last
+        for record in kept:
+            compared = {key: value for key, value in record.items() if key != "seconds"}
+            assert compared == {key: by_epoch[record["epoch"]][key] for key in compared}
+    assert sparse["test_accuracy_formatted"] == every["test_accuracy_formatted"]
+    assert sparse["per_layer"] == every["per_layer"]
+
+
+@pytest.mark.parametrize("plot_seconds, drawn_after_epoch_1", [(1e-9, True), (60, False)])
+def test_plots_are_redrawn_during_training_only_once_plot_seconds_have_passed(
+    tmp_path, digits, plot_seconds, drawn_after_epoch_1
+):
+    plot = tmp_path / "run" / "information_plane.png"
+    seen = []
+    cfg = small_config(tmp_path, **{"train.plot_seconds": plot_seconds, "train.epochs": 1})
+    run_hsic(cfg, digits, on_epoch=lambda record: seen.append(plot.exists()))
+    assert seen == [drawn_after_epoch_1]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the end of the run always draws
+
+
+def records(run, kind):
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == kind]
+
+
 @pytest.mark.parametrize(
     "device",
     [

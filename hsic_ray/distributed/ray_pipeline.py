@@ -199,7 +199,15 @@ class RayPipeline:
         return torch.from_numpy(np.array(self.stages.through("forward", x.numpy())))
 
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
-        self.stages.through("calibrate_batchnorm", [x.numpy() for x in batches])
+        """One batch per request, the stages overlapped (`Stages.through_each`), each request continuing the
+        average of the one before; all of them at once again if a stage was recreated meanwhile, since it
+        holds only part of the average."""
+        arrays, recoveries = [x.numpy() for x in batches], self.stages.recoveries
+        self.stages.through("calibrate_batchnorm", arrays[:1], True)
+        for _ in self.stages.through_each("calibrate_batchnorm", ([x] for x in arrays[1:]), self.num_stages + 1):
+            pass
+        if self.stages.recoveries != recoveries:
+            self.stages.through("calibrate_batchnorm", arrays, True)
 
     def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
         outputs = self.stages.through_each("forward", (x.numpy() for x in chunks), window=self.num_stages + 1)

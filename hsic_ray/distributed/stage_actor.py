@@ -141,9 +141,10 @@ class StageActor:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
         return self.stage_step.forward(self.transport.receive(x)).cpu().numpy()
 
-    def calibrate_batchnorm(self, batches: list[np.ndarray]) -> list[np.ndarray]:
+    def calibrate_batchnorm(self, batches: list[np.ndarray], reset: bool = False) -> list[np.ndarray]:
+        """`StageStep.calibrate_batchnorm`; `reset` only on the first of a calibration's requests."""
         self._last_end = None
-        outputs = self.stage_step.calibrate_batchnorm([self.transport.receive(x) for x in batches])
+        outputs = self.stage_step.calibrate_batchnorm([self.transport.receive(x) for x in batches], reset)
         return [out.cpu().numpy() for out in outputs]
 
     def layer_outputs(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:

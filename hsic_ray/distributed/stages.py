@@ -55,6 +55,10 @@ class Stages:
             spec, self._settings, restore=self._restore_point
         )
 
+    @property
+    def recoveries(self) -> int:
+        return self._recoveries
+
     def events(self) -> list[dict[str, Any]]:
         """The recoveries since the last call, for metrics.jsonl."""
         events, self._events = self._events, []

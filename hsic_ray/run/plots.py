@@ -165,7 +165,7 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
     """Linear probe test accuracy against layer index, one line per epoch, written as a PNG to `path`.
 
     `records` holds one dict per epoch, ``{"epoch": int, "test_accuracy": [% per layer]}`` (the probes'
-    records of metrics.jsonl); `final`, if given, the probes on the full splits at the end
+    records of metrics.jsonl); `final`, if given, the probes at the end of the run
     (``{"test_accuracy": [...], "train_accuracy": [...]}``), drawn in black over them. Epochs are coloured
     along viridis (a colorbar, not a legend, so 15 epochs of 52 layers stay readable). Raises ValueError on
     empty or inconsistent records, before anything is written.
@@ -204,8 +204,8 @@ def plot_probes(records: list[dict], path: str | os.PathLike, title: str = "", f
         ticks = epochs[:: max(1, int(math.ceil(len(epochs) / 12)))]
         fig.colorbar(mappable, ax=ax, ticks=ticks).set_label("epoch (probes on fixed subsets)")
     styles = {
-        "test_accuracy": ("-", "final, test (full splits)"),
-        "train_accuracy": (":", "final, train (full splits)"),
+        "test_accuracy": ("-", "final, test (whole split)"),
+        "train_accuracy": (":", "final, train"),
     }
     for key, acc in final_lines.items():
         style, label = styles[key]

@@ -1,0 +1,125 @@
+"""What a user waits for: each job's wall time, from the command to its exit, split into where it went.
+
+    python benchmarks/wall_clock.py                                   # the default job, in process and on Ray
+    python benchmarks/wall_clock.py --cases default paper_mlp deep_mlp50 \
+        --dataset npz:../shared/datasets/fashion-mnist-dev.npz --json benchmarks/results/wall_clock.json
+    python benchmarks/wall_clock.py --cases paper_mlp --trainers local --epochs 1 -- train.monitor_every=5
+
+Each case runs `jobs/train_deep.py` as its own process, the way a user starts it, and is timed from launch to
+exit. The split comes from the run's metrics.json (`phase_seconds`, hsic_ray/timeline.py): start-up (the process
+before the run, data and output checks, Ray, the stage actors), training, each per-epoch monitor, the end of the
+run (head, final evaluation, final probes), writing and plots; `exit` is what is left (shutting Ray and the
+interpreter down). Settings after `--` apply to every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CASES = {  # name -> the job's arguments (a dataset is added where the case reads one)
+    "default": [],
+    "paper_mlp": ["--preset", "paper_mlp", "--epochs", "5"],
+    "deep_mlp50": ["--preset", "deep_mlp", "--depth", "50", "--epochs", "5"],
+}
+READS_DATASET = {"paper_mlp", "deep_mlp50"}
+
+GROUPS = {  # a column of the table: the phases it adds up
+    "start-up": ("before_run", "data", "ray", "actors"),
+    "train": ("train",),
+    "monitors": ("calibration", "information_plane", "probes", "epoch_readout"),
+    "end": ("head", "final_evaluation", "final_probes"),
+    "write": ("writing", "plots", "checkpoints"),
+}
+
+
+def run_case(case: str, trainer: str, args: argparse.Namespace, workdir: Path) -> dict:
+    output = workdir / f"{case}-{trainer}"
+    command = [sys.executable, "jobs/train_deep.py", *CASES[case], "--trainer", trainer, "--output", str(output)]
+    if case in READS_DATASET:
+        command += ["--dataset", args.dataset, "--data-family", "fashion-mnist"]
+    if args.epochs is not None:
+        command += ["--epochs", str(args.epochs)]
+    command += args.settings
+    started = time.time()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{case} ({trainer}) failed:\n{done.stderr[-3000:]}")
+    metrics = json.loads((output / "metrics.json").read_text())
+    phases = metrics["phase_seconds"]
+    return {
+        "case": case,
+        "trainer": trainer,
+        "command": " ".join(command[1:]),
+        "wall_seconds": wall,
+        "phase_seconds": phases,
+        "exit_seconds": max(0.0, wall - phases["total"]),
+        "test_accuracy_formatted": metrics["test_accuracy_formatted"],
+    }
+
+
+def table(results: list[dict]) -> str:
+    header = ["case", "trainer", "wall s", *GROUPS, "exit", "train %", "formatted %"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        phases = r["phase_seconds"]
+        groups = [sum(phases.get(p, 0.0) for p in names) for names in GROUPS.values()]
+        share = 100 * phases.get("train", 0.0) / r["wall_seconds"]
+        cells = [r["case"], r["trainer"], f"{r['wall_seconds']:.1f}", *(f"{g:.1f}" for g in groups)]
+        cells += [f"{r['exit_seconds']:.1f}", f"{share:.0f}", f"{r['test_accuracy_formatted']:.2f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def phase_table(results: list[dict]) -> str:
+    names = sorted({p for r in results for p in r["phase_seconds"] if p != "total"}, key=_phase_order)
+    header = ["phase", *(f"{r['case']} {r['trainer']}" for r in results)]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        rows.append("| " + " | ".join([name, *(f"{r['phase_seconds'].get(name, 0.0):.2f}" for r in results)]) + " |")
+    return "\n".join(rows)
+
+
+def _phase_order(name: str) -> int:
+    order = [p for names in GROUPS.values() for p in names]
+    return order.index(name) if name in order else len(order)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["default"])
+    p.add_argument("--trainers", nargs="+", choices=["local", "ray"], default=["local", "ray"])
+    p.add_argument(
+        "--dataset", default="npz:../shared/datasets/fashion-mnist-dev.npz", help="for paper_mlp, deep_mlp50"
+    )
+    p.add_argument("--epochs", type=int, help="override every case's epochs (e.g. 1 for a quick look)")
+    p.add_argument("--json", metavar="PATH", help="write the results here too")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="settings for every case (after --)")
+    args = p.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wall-clock-") as workdir:
+        for case in args.cases:
+            for trainer in args.trainers:
+                print(f"running {case} ({trainer}) ...", file=sys.stderr, flush=True)
+                results.append(run_case(case, trainer, args, Path(workdir)))
+    print(table(results), "", phase_table(results), sep="\n")
+    if args.json:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        machine = {"cpus": os.cpu_count(), "gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
