@@ -14,13 +14,13 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default all: tests check cpu16 gpu study), e.g. PARTS="tests check gpu" (about 6
+# PARTS picks the parts (default all: tests check wall cpu16 gpu study), e.g. PARTS="tests check gpu" (about 6
 # minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-570}  # seconds from now at which the depth study is stopped
-PARTS=" ${PARTS:-tests check cpu16 gpu study} "
+PARTS=" ${PARTS:-tests check wall cpu16 gpu study} "
 part() { [[ $PARTS == *" $1 "* ]]; }
 START=$SECONDS
 export PYTHONUNBUFFERED=1
@@ -73,6 +73,13 @@ if part gpu; then
         --in-process-threads 16 --steps 400 --factors-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
         --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
+fi
+
+# What a user waits for (issue 27): paper_mlp, 5 epochs, from the command to its exit, in process and on Ray,
+# split into start-up, training, monitors, the end of the run and writing.
+if part wall; then
+    timeout 300 python3 benchmarks/wall_clock.py --cases paper_mlp --dataset npz:$DATA --json "$OUT/wall_clock_gpu.json"
+    echo "# wall clock done at $((SECONDS - START)) s"
 fi
 
 if part study; then

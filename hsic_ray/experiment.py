@@ -23,7 +23,7 @@ from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
-from hsic_ray.resources import check_disk, check_memory, threads_for
+from hsic_ray.resources import check_disk, check_memory
 from hsic_ray.run import tensorboard_log
 from hsic_ray.run.start import CHECKPOINTS, CheckpointResume, Resumption, RunStart, plan_start
 from hsic_ray.schedule import LRSchedule
@@ -139,17 +139,12 @@ def _pipeline(cfg: ExperimentConfig, data: ImageData, net: LayerwiseNet, specs: 
         return
     from hsic_ray.distributed.ray_pipeline import RayPipeline
 
-    # The coordinator computes each batch's factors while the stages train: keep it to its own CPUs so it
-    # does not fight the stage actors for cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(threads_for(cfg.ray.coordinator_cpus))
     drain_every = functools.partial(batches_between_drains, cfg.train, len(data.y_train))
     pipeline = RayPipeline(cfg, specs, data.input_shape, data.num_classes, schedule, drain_every)
     try:
         yield pipeline
     finally:
         pipeline.shutdown()
-        torch.set_num_threads(threads)
 
 
 def run_hsic(

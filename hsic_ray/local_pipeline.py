@@ -42,6 +42,7 @@ class LocalPipeline:
         # captured.
         self.factors_device = self.stage.device
         self.prefetch_factors = False
+        self.coordinator_threads = None
         self.placements = [{"layers": [0, len(net)], "node_ip": "local", "device": str(self.stage.device)}]
 
     def submit(self, batch: Batch, factors: KernelFactors) -> tuple[Tensor, Tensor]:

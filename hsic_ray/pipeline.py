@@ -37,6 +37,9 @@ class Pipeline(Protocol):
     # itself from the batch (the loop hands over the batch on the CPU, and no factors).
     factors_device: torch.device | None
     prefetch_factors: bool  # compute the next batches' factors in a thread while the pipeline works
+    # Threads the loop's own math (factors) may use while the pipeline trains; None: as many as torch has. The
+    # loop has every core between epochs, when it evaluates and probes and the stages wait for it.
+    coordinator_threads: int | None
     placements: list[dict[str, Any]]  # per stage: layers, node, device (rewritten after recoveries)
 
     def submit(self, batch: Batch, factors: KernelFactors | None) -> Any:

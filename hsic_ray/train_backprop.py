@@ -336,7 +336,23 @@ class _RayTrainResume:
         if self.found:
             log.info("continuing the interrupted run in %s from %s", run.uri, self.location)
         for name, why in self.unreadable.items():
-            log.warning("Ray Train checkpoint %s cannot be loaded (%s); continuing from %s", name, why, self.location)
+            kept = _set_aside(run, name)
+            log.warning(
+                "Ray Train checkpoint %s cannot be loaded (%s); kept as %s, continuing from %s",
+                name,
+                why,
+                run.path(kept),
+                self.location,
+            )
+
+
+def _set_aside(run: RunDirectory, name: str) -> str:
+    """A copy of checkpoint `name` that nothing loads or deletes; returns its name in the run. A copy, not a
+    move: Ray Train's own bookkeeping may list the original, which its rotation deletes in time."""
+    source, kept = f"{RAY_TRAIN_DIR}/{RUN_NAME}/{name}", f"{RAY_TRAIN_DIR}/unreadable-{name}"
+    for file in run.list_dir(source):
+        run.write_bytes(f"{kept}/{file}", run.read_bytes(f"{source}/{file}"))
+    return kept
 
 
 def _find_ray_train_checkpoint(run: RunDirectory) -> _RayTrainResume:

@@ -11,6 +11,7 @@ is written there, and the run ends with `Interrupted`, to be continued from that
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -106,7 +107,7 @@ class HSICTrainer:
             position = self.checkpoints.restore(resume_step)
         with interrupt.at_safe_points():  # SIGINT / SIGTERM: stop at the next batch, after a checkpoint
             while position.epoch <= self.train.epochs and not self._step_budget_spent():
-                with self.timeline.phase("train"):
+                with self.timeline.phase("train"), torch_threads(self.pipeline.coordinator_threads):
                     self._train_epoch(position)
                 last = position.epoch == self.train.epochs or self._step_budget_spent()
                 self._end_epoch(position.epoch, last)
@@ -218,6 +219,18 @@ class HSICTrainer:
             rate,
             (total - done) * self.train.batch_size / max(rate, 1e-9),
         )
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` (None: left as they are) for the body, then restored."""
+    saved = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def batches_between_drains(train: TrainConfig, train_samples: int, seconds_per_batch: float) -> int:

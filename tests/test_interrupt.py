@@ -130,7 +130,7 @@ def test_a_killed_backprop_run_resumes_from_its_checkpoint_without_the_snapshot_
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     command = [sys.executable, str(JOBS / "train_backprop.py"), *BACKPROP_RUN, "--output", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    wait_for(lambda: any(name.startswith("checkpoint_epoch00001") for name in checkpoints(out)), proc, 240)
+    wait_for(lambda: any(name.startswith("checkpoint_epoch00002") for name in checkpoints(out)), proc, 240)
     time.sleep(0.5)  # the state file is complete (it is moved into place whole)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
@@ -141,7 +141,11 @@ def test_a_killed_backprop_run_resumes_from_its_checkpoint_without_the_snapshot_
     assert checkpoints(out) == first
     assert not [name for name in first if name.startswith("checkpoint_epoch00008")]  # it stopped mid-run
     (out / "ray_train" / "backprop" / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)
-    newest = max(first, key=lambda name: int(name.split("_step")[1].split("_")[0]))
+    by_age = sorted(first, key=lambda name: int(name.split("_step")[1].split("_")[0]))
+    assert len(by_age) >= 2, by_age
+    damaged, newest = by_age[-1], by_age[-2]  # the newest is damaged: the run goes on from the one before
+    first[damaged] = first[damaged][: len(first[damaged]) // 2]
+    (out / "ray_train" / "backprop" / damaged / "state.pt").write_bytes(first[damaged])
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr
@@ -153,3 +157,6 @@ def test_a_killed_backprop_run_resumes_from_its_checkpoint_without_the_snapshot_
         path = out / "ray_train" / "backprop" / name / "state.pt"
         assert not path.exists() or path.read_bytes() == data, name
     assert any(name.endswith("_attempt1") for name in checkpoints(out))
+    # The damaged checkpoint is kept, byte for byte, where neither Ray Train's rotation nor a resume looks.
+    assert (out / "ray_train" / f"unreadable-{damaged}" / "state.pt").read_bytes() == first[damaged]
+    assert f"Ray Train checkpoint {damaged} cannot be loaded" in rerun.stderr

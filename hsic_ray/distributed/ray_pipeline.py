@@ -42,6 +42,7 @@ from hsic_ray.distributed.transport import WireFactors, factors_to_numpy
 from hsic_ray.models import Shape
 from hsic_ray.objective import KernelFactors
 from hsic_ray.pipeline import StepResult
+from hsic_ray.resources import threads_for
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
 
@@ -94,6 +95,8 @@ class RayPipeline:
         # thread cost nothing. None: the loop hands over labels, for the first stage.
         self.factors_device = torch.device("cpu") if self.factors_on == "coordinator" else None
         self.prefetch_factors = self.factors_on == "coordinator"
+        # Kept to its own CPUs while the stages train, so that it does not fight the stage actors for cores.
+        self.coordinator_threads = threads_for(cfg.ray.coordinator_cpus)
         self._batches_per_call = BatchesPerCall(cfg.ray, self.num_stages, drain_every)
         self._events: list[dict[str, Any]] = []
         self._filling = _Group()

@@ -1,0 +1,174 @@
+"""Seconds from the command to a target test accuracy: HSIC (in process, on the Ray pipeline) against backprop
+(eager, and compiled with torch.compile), same network, device, data and data order.
+
+    python benchmarks/time_to_accuracy.py                                   # paper_mlp to 88%, Fashion dev, CPU
+    python benchmarks/time_to_accuracy.py --cases paper_mlp deep_mlp50 --device cuda \
+        --json benchmarks/results/time_to_accuracy_gpu.json
+    python benchmarks/time_to_accuracy.py --methods hsic-local backprop-eager --epochs 1 --target 50   # a quick look
+
+Each method runs in its own process, started as a user starts a job, so its clock includes the interpreter,
+imports, Ray and compilation. After every epoch it reads the test accuracy cheaply: backprop's own (the
+network and head it trains), and for HSIC the least-squares readout of the network's output, which stands in
+for the format head that trains only once the layers are done (the run's formatted accuracy is reported too).
+The table gives, per method, the seconds from launch to the first epoch at or above the target, and that
+epoch; "-" where it was not reached within the epochs run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CASES = {  # name -> (preset, settings, target test accuracy %)
+    "paper_mlp": ("paper_mlp", {}, 88.0),
+    "deep_mlp50": ("deep_mlp", {"model.depth": 50}, 87.0),
+}
+METHODS = ("hsic-local", "hsic-ray", "backprop-eager", "backprop-compiled")
+
+
+# --- one method, in its own process ------------------------------------------------------------------------
+
+
+def run_method(method: str, case: str, args: argparse.Namespace, output: str) -> None:
+    """Train `case` by `method`; print one JSON line per epoch: its accuracy and the seconds since the process
+    began."""
+    import psutil
+
+    from hsic_ray.config import build_config
+
+    process_started = psutil.Process().create_time()
+    preset, settings, _ = CASES[case]
+    overrides = {
+        **settings,
+        "data.source": args.dataset,
+        "train.device": args.device,
+        "train.epochs": args.epochs,
+        "output": output,
+        "trainer": "ray" if method == "hsic-ray" else "local",
+    }
+    if args.dataset.startswith(("npz:", "parquet:")):  # files: the Fashion-MNIST settings (beta) apply
+        overrides["data.family"] = "fashion-mnist"
+    cfg = build_config(preset, overrides=overrides)
+
+    def report(accuracy: float, epoch: int) -> None:
+        line = {"epoch": epoch, "accuracy": accuracy, "seconds": time.time() - process_started}
+        print("EPOCH " + json.dumps(line), flush=True)
+
+    if method.startswith("hsic"):
+        from hsic_ray.experiment import run_hsic
+
+        metrics = run_hsic(cfg, on_epoch=lambda r: report(r["test_accuracy_least_squares"], r["epoch"]))
+    else:
+        metrics = _backprop(cfg, compiled=method == "backprop-compiled", report=report)
+    final = {"formatted": metrics["test_accuracy_formatted"], "seconds": time.time() - process_started}
+    print("FINAL " + json.dumps(final), flush=True)
+
+
+def _backprop(cfg, compiled: bool, report) -> dict:
+    """The in-process baseline, its model optionally torch.compile'd (nothing written: its output would hold the
+    compiled module's state)."""
+    import torch
+
+    from hsic_ray.backprop import BackpropTrainer
+    from hsic_ray.data import load_dataset
+    from hsic_ray.experiment import build_seeded_network, resolve_device
+
+    data = load_dataset(cfg.data)
+    trainer = BackpropTrainer(cfg, data, build_seeded_network(cfg, data), None, resolve_device(cfg.train.device))
+    if compiled:
+        trainer.model = torch.compile(trainer.model)
+    return trainer.fit(on_epoch=lambda r: report(r["test_accuracy"], r["epoch"]))
+
+
+# --- the comparison ----------------------------------------------------------------------------------------
+
+
+def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> dict:
+    command = [sys.executable, __file__, "--run", method, "--cases", case, *_shared_flags(args)]
+    command += ["--output", str(workdir / f"{case}-{method}")]
+    started = time.time()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{case} ({method}) failed:\n{done.stderr[-3000:]}")
+    lines = done.stdout.splitlines()
+    epochs = [json.loads(line[6:]) for line in lines if line.startswith("EPOCH ")]
+    final = next(json.loads(line[6:]) for line in lines if line.startswith("FINAL "))
+    target = args.target if args.target is not None else CASES[case][2]
+    reached = next((e for e in epochs if e["accuracy"] >= target), None)
+    return {
+        "case": case,
+        "method": method,
+        "target": target,
+        "epochs": epochs,
+        "reached_epoch": reached and reached["epoch"],
+        "seconds_to_target": reached and reached["seconds"],  # since the child process began
+        "final_formatted": final["formatted"],
+        "wall_seconds": time.time() - started,
+    }
+
+
+def _shared_flags(args: argparse.Namespace) -> list[str]:
+    flags = ["--dataset", args.dataset, "--device", args.device, "--epochs", str(args.epochs)]
+    return flags + (["--target", str(args.target)] if args.target is not None else [])
+
+
+def table(results: list[dict]) -> str:
+    header = ["case", "method", "target %", "s to target", "epoch", "s per epoch", "final %", "wall s"]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in results:
+        per_epoch = _seconds_per_epoch(r["epochs"])
+        cells = [r["case"], r["method"], f"{r['target']:g}"]
+        cells += ["-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
+        cells += ["-" if r["reached_epoch"] is None else str(r["reached_epoch"]), f"{per_epoch:.1f}"]
+        cells += [f"{r['final_formatted']:.2f}", f"{r['wall_seconds']:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def _seconds_per_epoch(epochs: list[dict]) -> float:
+    if len(epochs) < 2:
+        return float("nan")
+    return (epochs[-1]["seconds"] - epochs[0]["seconds"]) / (len(epochs) - 1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", nargs="+", choices=sorted(CASES), default=["paper_mlp"])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--dataset", default="npz:../shared/datasets/fashion-mnist-dev.npz")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--target", type=float, help="test accuracy %% to reach (default: each case's)")
+    p.add_argument("--json", metavar="PATH", help="write the results here too")
+    p.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.run:
+        run_method(args.run, args.cases[0], args, args.output)
+        return 0
+    results = []
+    with tempfile.TemporaryDirectory(prefix="time-to-accuracy-") as workdir:
+        for case in args.cases:
+            for method in args.methods:
+                print(f"running {case} ({method}) ...", file=sys.stderr, flush=True)
+                results.append(measure(method, case, args, Path(workdir)))
+    print(table(results))
+    if args.json:
+        import torch
+
+        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+        machine = {"cpus": os.cpu_count(), "gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
+        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
