@@ -81,6 +81,11 @@ class ModelConfig:
         "net has depth + 2 HSIC layers",
     )
     width: int = documented(1024, "hidden width (mlp), channels (resconv), or the first stage's channels (conv)")
+    skips: bool = documented(
+        False,
+        "conv only: every conv layer after the stem adds its input to its output (through a 1x1 projection where "
+        "the size changes): the same net with skip connections, backprop's usual fix for depth",
+    )
     last_width: int = documented(10, "output width of the last HSIC-trained layer (what the format head reads)")
     activation: str = documented("relu", "the hidden layers' activation", choices=ACTIVATIONS)
     init: str = documented(
@@ -393,6 +398,7 @@ def _validate_model(model: ModelConfig) -> None:
     _check_positive("model.depth", model.depth)
     _check_positive("model.width", model.width)
     _check_positive("model.last_width", model.last_width)
+    check_setting(not model.skips or model.arch == "conv", "model.skips", model.skips, "false unless model.arch=conv")
 
 
 def _validate_hsic(hsic: HSICConfig) -> None:

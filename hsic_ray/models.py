@@ -131,6 +131,25 @@ def conv_block(in_channels: int, out_channels: int, activation: str, stride: int
     )
 
 
+class SkipConvBlock(nn.Module):
+    """`conv_block` with a skip connection: activation(BatchNorm(conv(x)) + shortcut(x)), the shortcut the
+    identity, or a 1x1 conv and BatchNorm where the block changes the size or the channels."""
+
+    def __init__(self, in_channels: int, out_channels: int, activation: str, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+        self.bn = nn.BatchNorm2d(out_channels, affine=False)
+        self.act = _ACTIVATIONS[activation]()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride), nn.BatchNorm2d(out_channels, affine=False)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)) + self.shortcut(x))
+
+
 def stage_depths(depth: int, stages: int = 3) -> list[int]:
     """`depth` layers split over `stages` as evenly as possible, the earlier stages taking the remainder."""
     return [depth // stages + (1 if s < depth % stages else 0) for s in range(stages)]
@@ -140,14 +159,15 @@ def build_conv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
     """A plain conv net (no skip connections), He et al. (2016)'s CIFAR plain net: a 3x3 stem to `width`
     channels, `depth` 3x3 conv blocks in three stages of width, 2 width and 4 width channels (the first
     block of stages 2 and 3 at stride 2), then global average pooling and dense to last_width: depth + 2
-    layers, each its own HSIC layer."""
+    layers, each its own HSIC layer. With `skips`, every conv block after the stem is a `SkipConvBlock`."""
+    block = SkipConvBlock if cfg.skips else conv_block
     layers: list[nn.Module] = [conv_block(input_shape[0], cfg.width, cfg.activation)]
     channels = cfg.width
     for stage, blocks in enumerate(stage_depths(cfg.depth)):
-        for block in range(blocks):
+        for index in range(blocks):
             out_channels = cfg.width * 2**stage
-            stride = 2 if stage > 0 and block == 0 else 1
-            layers.append(conv_block(channels, out_channels, cfg.activation, stride))
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers.append(block(channels, out_channels, cfg.activation, stride))
             channels = out_channels
     head = dense_block(channels, cfg.last_width, cfg.activation)
     layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head))

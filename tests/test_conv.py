@@ -55,6 +55,26 @@ def test_conv_net_has_no_skip_connections():
     assert torch.allclose(out, out[:1].expand_as(out))
 
 
+def test_skips_add_each_conv_layers_input_back_and_keep_the_layers_and_shapes():
+    plain, skipped = conv_net(depth=4, width=4), conv_net(depth=4, width=4, skips=True)
+    assert len(skipped) == len(plain) and skipped.shapes == plain.shapes
+    # The same zeroed conv as above: with its skip connection, the input still reaches the output.
+    skipped.eval()
+    with torch.no_grad():
+        skipped.layers[2].conv.weight.zero_()
+        skipped.layers[2].conv.bias.zero_()
+        out = skipped(torch.rand(5, 1, 28, 28))
+    assert not torch.allclose(out, out[:1].expand_as(out))
+    # Where a stage halves the size and doubles the channels, the shortcut is a strided 1x1 projection.
+    projections = [layer.shortcut[0] for layer in skipped.layers[1:-1] if not isinstance(layer.shortcut, nn.Identity)]
+    assert [(conv.kernel_size, conv.stride) for conv in projections] == [((1, 1), (2, 2))] * 2
+
+
+def test_skips_are_refused_outside_the_conv_net():
+    with pytest.raises(ConfigError, match="model.skips"):
+        build_config("deep_mlp", overrides={"model.skips": True})
+
+
 def test_orthogonal_init_covers_the_conv_layers():
     for conv in [m for m in conv_net(init="orthogonal").modules() if isinstance(m, nn.Conv2d)]:
         w = conv.weight.detach().flatten(1)
@@ -158,8 +178,10 @@ def test_conv_net_trains_in_process_on_real_digits(tmp_path, digits):
 
 
 @pytest.mark.slow
-def test_backprop_trains_the_conv_net(tmp_path, digits):
-    metrics = run_backprop(tiny_conv(tmp_path / "run", **{"train.max_steps": 4, "backprop.lr": 0.05}), digits)
+@pytest.mark.parametrize("skips", [False, True])
+def test_backprop_trains_the_conv_net(tmp_path, digits, skips):
+    settings = {"train.max_steps": 4, "backprop.lr": 0.05, "model.skips": skips}
+    metrics = run_backprop(tiny_conv(tmp_path / "run", **settings), digits)
     assert metrics["steps"] == 4
     assert len(metrics["grad_norms"]) == 4 and all(g > 0 for g in metrics["grad_norms"])
 

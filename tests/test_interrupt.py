@@ -55,9 +55,9 @@ def run_to_end(script: str, out: Path, args: list[str]) -> subprocess.CompletedP
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def interrupt_hsic_run(out: Path, signum: int, code: int) -> int:
+def interrupt_hsic_run(out: Path, signum: int, code: int, trainer: str = "local") -> int:
     """Start the HSIC job, signal it mid-run, check how it stopped; returns the step it stopped at."""
-    proc = start_job("train_deep.py", out, HSIC_RUN)
+    proc = start_job("train_deep.py", out, [*HSIC_RUN, "--trainer", trainer])
     wait_for(lambda: steps_logged(out) >= 5, proc)
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
@@ -75,8 +75,9 @@ def interrupt_hsic_run(out: Path, signum: int, code: int) -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_an_hsic_run_with_exit_143_after_a_checkpoint(tmp_path):
-    interrupt_hsic_run(tmp_path / "run", signal.SIGTERM, 143)
+@pytest.mark.parametrize("trainer", ["local", "ray"])
+def test_sigterm_stops_an_hsic_run_with_exit_143_after_a_checkpoint(tmp_path, trainer):
+    interrupt_hsic_run(tmp_path / "run", signal.SIGTERM, 143, trainer)
 
 
 @pytest.mark.slow

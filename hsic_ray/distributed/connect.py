@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import ray
@@ -37,7 +38,22 @@ def default_auth_mode() -> None:
         )
     except ImportError:  # a Ray without token authentication
         return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    with _quiet_token_notice():
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+@contextlib.contextmanager
+def _quiet_token_notice() -> Iterator[None]:
+    """Ray logs a warning each time it turns token authentication on by default (using the token on this
+    machine, or for a new local cluster): what a cluster started here expects, so a job says nothing of it.
+    Its errors still show."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = notices.level
+    notices.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        notices.setLevel(level)
 
 
 # The hsic_ray package directory this process imported: what stage actors and trial workers must import too.
@@ -193,7 +209,7 @@ def connect(
     # Logical CPUs are scheduling tokens: the coordinator's and each stage's are reserved even where this
     # machine has fewer cores (each stage actor runs its math on as many threads as it reserved).
     cpus = max(float(os.cpu_count() or 1), local_cpus)
-    with _own_state_api(state_api) as dashboard_port:
+    with _own_state_api(state_api) as dashboard_port, _quiet_token_notice():
         ray.init(
             address="local",
             num_cpus=cpus,
