@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from job_runs import markdown_table, run_each, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,15 +122,15 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
 
 def table(results: list[dict]) -> str:
     header = ["case", "method", "target %", "s to target", "epoch", "s per epoch", "final %", "wall s"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in results:
         per_epoch = _seconds_per_epoch(r["epochs"])
         cells = [r["case"], r["method"], f"{r['target']:g}"]
         cells += ["-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
         cells += ["-" if r["reached_epoch"] is None else str(r["reached_epoch"]), f"{per_epoch:.1f}"]
         cells += [f"{r['final_formatted']:.2f}", f"{r['wall_seconds']:.1f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(cells)
+    return markdown_table(header, rows)
 
 
 def _seconds_per_epoch(epochs: list[dict]) -> float:
@@ -154,19 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         run_method(args.run, args.cases[0], args, args.output)
         return 0
-    results = []
-    with tempfile.TemporaryDirectory(prefix="time-to-accuracy-") as workdir:
-        for case in args.cases:
-            for method in args.methods:
-                print(f"running {case} ({method}) ...", file=sys.stderr, flush=True)
-                results.append(measure(method, case, args, Path(workdir)))
+    results = run_each(args.cases, args.methods, lambda case, method, workdir: measure(method, case, args, workdir))
     print(table(results))
     if args.json:
-        import torch
-
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-        machine = {"cpus": os.cpu_count(), "gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+        write_results(args.json, results)
     return 0
 
 

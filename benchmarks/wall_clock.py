@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from job_runs import markdown_table, run_each, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,25 +68,22 @@ def run_case(case: str, trainer: str, args: argparse.Namespace, workdir: Path) -
 
 
 def table(results: list[dict]) -> str:
-    header = ["case", "trainer", "wall s", *GROUPS, "exit", "train %", "formatted %"]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in results:
         phases = r["phase_seconds"]
         groups = [sum(phases.get(p, 0.0) for p in names) for names in GROUPS.values()]
         share = 100 * phases.get("train", 0.0) / r["wall_seconds"]
         cells = [r["case"], r["trainer"], f"{r['wall_seconds']:.1f}", *(f"{g:.1f}" for g in groups)]
         cells += [f"{r['exit_seconds']:.1f}", f"{share:.0f}", f"{r['test_accuracy_formatted']:.2f}"]
-        rows.append("| " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+        rows.append(cells)
+    return markdown_table(["case", "trainer", "wall s", *GROUPS, "exit", "train %", "formatted %"], rows)
 
 
 def phase_table(results: list[dict]) -> str:
     names = sorted({p for r in results for p in r["phase_seconds"] if p != "total"}, key=_phase_order)
     header = ["phase", *(f"{r['case']} {r['trainer']}" for r in results)]
-    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        rows.append("| " + " | ".join([name, *(f"{r['phase_seconds'].get(name, 0.0):.2f}" for r in results)]) + " |")
-    return "\n".join(rows)
+    rows = [[name, *(f"{r['phase_seconds'].get(name, 0.0):.2f}" for r in results)] for name in names]
+    return markdown_table(header, rows)
 
 
 def _phase_order(name: str) -> int:
@@ -105,19 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", metavar="PATH", help="write the results here too")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="settings for every case (after --)")
     args = p.parse_args(argv)
-    results = []
-    with tempfile.TemporaryDirectory(prefix="wall-clock-") as workdir:
-        for case in args.cases:
-            for trainer in args.trainers:
-                print(f"running {case} ({trainer}) ...", file=sys.stderr, flush=True)
-                results.append(run_case(case, trainer, args, Path(workdir)))
+    results = run_each(args.cases, args.trainers, lambda case, trainer, workdir: run_case(case, trainer, args, workdir))
     print(table(results), "", phase_table(results), sep="\n")
     if args.json:
-        import torch
-
-        gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-        machine = {"cpus": os.cpu_count(), "gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M %Z")}
-        Path(args.json).write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+        write_results(args.json, results)
     return 0
 
 

@@ -56,6 +56,14 @@ def signals_stop_the_run() -> Iterator[None]:
         _State.handling, _State.requested = False, None
 
 
+def reclaim() -> None:
+    """Install the handlers again inside `signals_stop_the_run`, after a library replaced them: ray.init puts
+    its own C-level handler on SIGTERM, which dumps a stack and aborts the process."""
+    if _State.handling and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, _handle)
+
+
 @contextlib.contextmanager
 def at_safe_points() -> Iterator[None]:
     """Inside the block a (first) signal waits for the loop's next `check`."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 
+from hsic_ray import interrupt
 from hsic_ray.config import is_ray_address
 from hsic_ray.errors import ClusterConnectionError
 from hsic_ray.resources import check_local_cluster
@@ -189,6 +190,18 @@ def connect(
     """
     if ray.is_initialized():
         return
+    _connect(address, local_cpus, processes, cpus_per_process, ship_package, state_api)
+    interrupt.reclaim()  # ray.init put its own SIGTERM handler in place of the job's, and it aborts the process
+
+
+def _connect(
+    address: str | None,
+    local_cpus: float,
+    processes: int,
+    cpus_per_process: float,
+    ship_package: bool,
+    state_api: bool,
+) -> None:
     default_auth_mode()
     source = "--ray-address" if address else "RAY_ADDRESS"  # named in errors: the flag, or the environment's
     address = address or os.environ.get("RAY_ADDRESS")
