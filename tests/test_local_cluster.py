@@ -138,6 +138,28 @@ def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_p
     assert metrics["stages"] == 2 and sorted(g for p in placements for g in p["gpu_ids"]) == ["0", "1"]
 
 
+def test_a_refused_token_is_one_line_at_once(head, tmp_path):
+    if head["mode"] != "token":
+        pytest.skip("a cluster without authentication refuses no one")
+    out = tmp_path / "run"
+    env = {**head["env"], "RAY_AUTH_MODE": "disabled"}  # the shell forgot the README's export
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and time.monotonic() - started < 30, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the Ray cluster at ") and "refused this process's authentication" in last
+    assert "RAY_AUTH_MODE" in last and "Traceback" not in proc.stderr
+    # Ray's own client logs the refusal once (it retried for 20 s, twenty lines, before the job asked first).
+    assert proc.stderr.count("InvalidAuthToken") <= 1
+    assert not out.exists()
+
+
 def test_ray_job_submit_runs_the_job_on_the_cluster(head, tmp_path):
     wait_for_job_agent(head)
     out = tmp_path / "run"

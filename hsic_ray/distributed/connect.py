@@ -77,6 +77,8 @@ def package_runtime_env() -> dict[str, Any] | None:
 
 
 def _join(address: str, ship_package: bool) -> None:
+    if not address.startswith("ray://"):
+        _answers_as_ray_head(address)  # a refused token: one line now, before ray.init's 20 s of retries
     runtime_env = package_runtime_env() if ship_package else None
     try:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
@@ -88,12 +90,20 @@ def _join(address: str, ship_package: bool) -> None:
     except ValueError:
         raise
     except Exception as exc:  # Ray 2.60 reports a refused token as AssertionError or AuthenticationError
-        if "auth" not in str(exc).lower():
+        if not _is_refused_token(exc):
             raise
-        raise ClusterConnectionError(
-            f"the Ray cluster at {address} refused this process's authentication; run `ray start`, `ray status`, "
-            "`ray job submit` and this job with the same RAY_AUTH_MODE (token or disabled)"
-        ) from None
+        raise _token_refused(address) from None
+
+
+def _is_refused_token(exc: Exception) -> bool:
+    return "auth" in str(exc).lower()
+
+
+def _token_refused(address: str) -> ClusterConnectionError:
+    return ClusterConnectionError(
+        f"the Ray cluster at {address} refused this process's authentication; run `ray start`, `ray status`, "
+        "`ray job submit` and this job with the same RAY_AUTH_MODE (token or disabled)"
+    )
 
 
 def _fix(source: str) -> str:
@@ -136,20 +146,25 @@ def check_address(address: str, source: str = "--ray-address") -> None:
 
 def _answers_as_ray_head(address: str) -> bool:
     """Whether the head's GCS answers within GCS_TIMEOUT_S. ray.init would wait minutes on a port that
-    some other server holds; a refusal (e.g. of authentication) counts as an answer, for ray.init to report."""
+    some other server holds; a refusal counts as an answer, for ray.init to report, except a refused token,
+    which ray.init retries for about 20 s of warnings: that is reported here, at once."""
     from ray._raylet import GcsClient
 
-    answered = threading.Event()
+    answered, refusals = threading.Event(), []
 
     def ask() -> None:
         try:
             _ = GcsClient(address=address).cluster_id  # the first request to the GCS
-        except Exception:
-            pass
+        except Exception as exc:
+            refusals.append(exc)
         answered.set()
 
     threading.Thread(target=ask, daemon=True).start()  # left behind, blocked, when nothing answers
-    return answered.wait(GCS_TIMEOUT_S)
+    if not answered.wait(GCS_TIMEOUT_S):
+        return False
+    if refusals and _is_refused_token(refusals[0]):
+        raise _token_refused(address)
+    return True
 
 
 def started_cluster_address() -> str | None:
