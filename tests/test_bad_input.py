@@ -131,6 +131,7 @@ def _leaf_fields(obj, prefix=""):
 # Values no field of their type accepts. Every string field of the config is a choice, except these.
 BAD = {"int": ["-1", "abc", "1.5", "inf"], "float": ["nan", "inf", "-inf", "-1", "abc"], "bool": ["maybe", "2"]}
 FREE_TEXT = {"data.root": None, "output": [""], "ray.address": ["no-port", "127.0.0.1:0"], "preset": ["nope"]}
+SIGNED = {"hsic.input_weight_first"}  # numbers below 0 are settings of these ("early layers keep the input")
 
 
 def _bad_values(field: str, kind: str) -> list[str]:
@@ -138,7 +139,7 @@ def _bad_values(field: str, kind: str) -> list[str]:
         return FREE_TEXT[field] or []
     for name, values in BAD.items():
         if name in kind:
-            return values
+            return [v for v in values if not (field in SIGNED and v.startswith("-"))]
     return ["no-such-choice"]  # str fields with a fixed set of values
 
 
