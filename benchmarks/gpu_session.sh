@@ -14,7 +14,7 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default all: tests check wall cpu16 gpu study), e.g. PARTS="tests check gpu" (about 6
+# PARTS picks the parts (default: tests check wall cpu16 gpu study; also conv, issue 30's study), e.g. PARTS="tests check gpu" (about 6
 # minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
@@ -83,6 +83,17 @@ if part wall; then
     timeout 420 python3 benchmarks/time_to_accuracy.py --cases paper_mlp deep_mlp50 --dataset npz:$DATA --device cuda \
         --json "$OUT/time_to_accuracy_gpu.json"
     echo "# wall clock done at $((SECONDS - START)) s"
+fi
+
+# Issue 30's depth study of plain conv nets (not in the default parts; not yet run on a GPU): HSIC and backprop
+# at depths 8, 20 and 56, with and without skip connections (model.skips: backprop's reference), two seeds,
+# deep_mlp's settings on the conv net. Each trial's stages take a quarter of the GPU.
+if part conv; then
+    LEFT=$((DEADLINE - (SECONDS - START)))
+    timeout $LEFT python3 jobs/sweep_depth.py --dataset npz:$DATA --data-family fashion-mnist --depths 8 20 56 \
+        --methods hsic backprop --grid model.arch=conv --grid model.skips=false,true --grid train.seed=1,2 \
+        --width 16 --epochs 10 --stages-per-trial 1 --gpus-per-stage 0.25 --max-concurrent 4 --output "$OUT/conv_depth"
+    echo "# conv depth study stopped at $((SECONDS - START)) s"
 fi
 
 if part study; then
