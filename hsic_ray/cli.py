@@ -136,11 +136,19 @@ def run_job(body: Callable[[], int]) -> int:
         with signals_stop_the_run():
             return body()
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {user_message(exc)}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + exc.signum
+
+
+def user_message(exc: BaseException) -> str:
+    """An error's own words. One raised in a Ray task or actor (a stage's full disk) reaches the driver as a
+    RayTaskError that is also an instance of the error, its text led by the remote traceback; its `cause` is
+    the error as raised."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)
 
 
 def build_run_config(args: argparse.Namespace, *flag_maps: dict[str, str]) -> ExperimentConfig:
