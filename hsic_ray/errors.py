@@ -65,10 +65,10 @@ class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exceptio
     set), or at once (`step` None, continued from the last checkpoint). The job prints `str()` as its one
     line and exits 128 + `signum`."""
 
-    def __init__(self, signum: int, step: int | None = None):
+    def __init__(self, signum: int, step: int | None = None, how: str = "rerun the same command to continue"):
         self.signum, self.step = int(signum), step
         where = "" if step is None else f" at step {step}"
-        super().__init__(f"interrupted{where}; rerun the same command to continue")
+        super().__init__(f"interrupted{where}; {how}")
 
 
 # What a job reports as one line rather than a traceback.

@@ -15,8 +15,11 @@ import itertools
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from ray import tune
@@ -26,6 +29,7 @@ from hsic_ray.config import ConfigError, ExperimentConfig, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
+from hsic_ray.errors import Interrupted
 from hsic_ray.experiment import check_data_fits, run_backprop, run_hsic
 from hsic_ray.run import claim as run_claim
 from hsic_ray.run.claim import OutputExistsError
@@ -48,6 +52,7 @@ METRIC = "test_accuracy_formatted"
 PROGRESS_EVERY_S = 30.0  # the least time between two progress tables
 CHECKPOINT_FILES = (MODEL_FILE, "config.yaml", "metrics.json")  # what a trial's Tune checkpoint holds
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Tune's switch between its output engines ("0": the legacy one)
+DISABLE_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # "1": Tune leaves SIGINT to the job (see _ctrl_c_stops_tune)
 
 
 # --- trials (run inside Ray Tune workers) ----------------------------------------------------------------
@@ -273,12 +278,44 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
         )
     _log_where_results_go(claim.run)
     started = time.perf_counter()
-    with _tune_output_quiet():
+    with _tune_output_quiet(), _ctrl_c_stops_tune() as interrupted:
         grid = tuner.fit()
+    if interrupted.is_set():  # Tune stopped the trials and saved the sweep's state; its grid is partial
+        raise Interrupted(signal.SIGINT, how="add --resume to the same command to continue")
     rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
     write_results(claim.run, rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
     return rows
+
+
+@contextlib.contextmanager
+def _ctrl_c_stops_tune() -> Iterator[threading.Event]:
+    """While Tune runs: Ctrl-C stops it as Tune's own handler would (trials stopped, the sweep's state saved
+    for --resume), by the SIGUSR1 that Tune always handles so, and is remembered in the event yielded, so that
+    the job can say it was interrupted; a second Ctrl-C stops the job at once. Tune's own SIGINT handler is
+    kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace of the interruption but a partial grid."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
+        yield threading.Event()
+        return
+    interrupted, previous = threading.Event(), signal.getsignal(signal.SIGINT)
+
+    def stop_tune(signum: int, frame) -> None:
+        if interrupted.is_set():
+            raise Interrupted(signum)
+        interrupted.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    saved = os.environ.get(DISABLE_TUNE_SIGINT)
+    os.environ[DISABLE_TUNE_SIGINT] = "1"
+    signal.signal(signal.SIGINT, stop_tune)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved is None:
+            os.environ.pop(DISABLE_TUNE_SIGINT, None)
+        else:
+            os.environ[DISABLE_TUNE_SIGINT] = saved
 
 
 @contextlib.contextmanager

@@ -29,13 +29,19 @@ from hsic_ray.cli import (
 from hsic_ray.presets import PRESETS, SMOKE_TEST
 from hsic_ray.sweep_spec import METHODS, SweepSpec
 
-SMOKE_DEPTHS = [2, 4]  # a smoke sweep: these depths, each trial with --smoke-test's settings
+DEPTHS = [5, 10, 20, 50]
+SMOKE_DEPTHS = [2, 4]  # a smoke sweep: these depths (unless --depths is given), each trial with --smoke-test's settings
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = JobArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET)
-    p.add_argument("--depths", type=int, nargs="+", default=[5, 10, 20, 50])
+    p.add_argument(
+        "--depths",
+        type=int,
+        nargs="+",
+        help=f"default: {' '.join(map(str, DEPTHS))} (--smoke-test: {' '.join(map(str, SMOKE_DEPTHS))})",
+    )
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     add_config_flags(p, SWEEP_GRID_FLAGS, grid=True)
     p.add_argument(
@@ -69,7 +75,7 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
     grids = {field: values for field, values in flag_overrides(args, SWEEP_GRID_FLAGS).items() if values}
     return SweepSpec(
         preset=args.preset,
-        depths=SMOKE_DEPTHS if args.smoke else args.depths,
+        depths=args.depths or (SMOKE_DEPTHS if args.smoke else DEPTHS),
         methods=args.methods,
         grid={**grids, **dict(args.grid)},
         overrides=overrides,

@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -72,6 +73,34 @@ def test_smoke_sweep_writes_table_and_plot_and_resumes(tmp_path):
     again = run_sweep("--smoke", "--depths", "3", "--output", str(out))
     assert again.returncode == 2 and "already holds a finished run (sweep: results.csv)" in again.stderr
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_with_one_line_and_resume_finishes_it(tmp_path):
+    out = tmp_path / "sweep"
+    # One HSIC trial, long enough to be stopped in the middle (the smoke test's flags beside it win).
+    args = ["--smoke-test", "--depths", "2", "--methods", "hsic", "--epochs", "5", "--max-steps", "120"]
+    proc = subprocess.Popen(
+        [sys.executable, str(JOB), *args, "--output", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not any('"kind": "step"' in p.read_text() for p in out.glob("trials/*/metrics.jsonl")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "the trial did not start training in time"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    # Tune's own handler stops the trials and saves the sweep's state; the job says so in one line of its own.
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted; add --resume to the same command to continue"
+    assert "Traceback" not in stderr and not (out / "results.csv").exists()
+    resumed = run_sweep(*args, "--output", str(out), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(out / "results.csv") as f:
+        assert [(r["method"], r["depth"], r["finished"]) for r in csv.DictReader(f)] == [("hsic", "2", "True")]
 
 
 def _assert_prints_plainly(proc, seconds: float, out: Path) -> None:
