@@ -119,18 +119,17 @@ def wait_for_job_agent(head) -> None:
     assert proc.returncode == 0, f"the job agent did not take a job within {time.monotonic() - started:.0f} s"
 
 
+def run_job_script(out: Path, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 def test_job_script_finds_the_running_cluster_with_one_stage_per_gpu(head, tmp_path):
     out = tmp_path / "run"
     env = dict(head["env"])
     if head["mode"] == "token":
         del env["RAY_AUTH_MODE"]  # the job copes without the setting: it uses the token `ray start` wrote
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_job_script(out, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "connected to the Ray cluster running on this machine" in proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
@@ -144,13 +143,7 @@ def test_a_refused_token_is_one_line_at_once(head, tmp_path):
     out = tmp_path / "run"
     env = {**head["env"], "RAY_AUTH_MODE": "disabled"}  # the shell forgot the README's export
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "jobs" / "train_deep.py"), *SMALL_RUN, "--output", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_job_script(out, env, timeout=120)
     assert proc.returncode == 2 and time.monotonic() - started < 30, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the Ray cluster at ") and "refused this process's authentication" in last
