@@ -291,9 +291,9 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
 @contextlib.contextmanager
 def _ctrl_c_stops_tune() -> Iterator[threading.Event]:
     """While Tune runs: Ctrl-C stops it as Tune's own handler would (trials stopped, the sweep's state saved
-    for --resume), by the SIGUSR1 that Tune always handles so, and is remembered in the event yielded, so that
-    the job can say it was interrupted; a second Ctrl-C stops the job at once. Tune's own SIGINT handler is
-    kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace of the interruption but a partial grid."""
+    for --resume), by sending the SIGUSR1 that Tune always handles that way, and sets the event yielded, so
+    that the job can say it was interrupted; a second Ctrl-C stops the job at once. Tune's own SIGINT handler
+    is kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace of the interruption but a partial grid."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
         yield threading.Event()
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +22,3 @@ class SweepSpec:
     max_concurrent_trials: int = 1
     asha: bool = False
     output: str = "runs/sweep"
-
-    @property
-    def num_trials(self) -> int:
-        """One trial per point of the grid: depth x method x each axis of `grid`."""
-        return math.prod(len(values) for values in (self.depths, self.methods, *self.grid.values()))
