@@ -293,16 +293,20 @@ def _ctrl_c_stops_tune() -> Iterator[threading.Event]:
     """While Tune runs: Ctrl-C stops it as Tune's own handler would (trials stopped, the sweep's state saved
     for --resume), by sending the SIGUSR1 that Tune always handles that way, and sets the event yielded, so
     that the job can say it was interrupted; a second Ctrl-C stops the job at once. Tune's own SIGINT handler
-    is kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace of the interruption but a partial grid."""
+    is kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace of the interruption but a partial grid.
+    Tune's warnings about the stop are silenced: they point at its Python API (Tuner.restore), not --resume."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
         yield threading.Event()
         return
     interrupted, previous = threading.Event(), signal.getsignal(signal.SIGINT)
+    tune_log = logging.getLogger("ray.tune")
+    tune_level = tune_log.level
 
     def stop_tune(signum: int, frame) -> None:
         if interrupted.is_set():
             raise Interrupted(signum)
         interrupted.set()
+        tune_log.setLevel(logging.ERROR)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     saved = os.environ.get(DISABLE_TUNE_SIGINT)
@@ -312,6 +316,7 @@ def _ctrl_c_stops_tune() -> Iterator[threading.Event]:
         yield interrupted
     finally:
         signal.signal(signal.SIGINT, previous)
+        tune_log.setLevel(tune_level)
         if saved is None:
             os.environ.pop(DISABLE_TUNE_SIGINT, None)
         else:
