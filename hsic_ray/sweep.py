@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -52,7 +53,7 @@ METRIC = "test_accuracy_formatted"
 PROGRESS_EVERY_S = 30.0  # the least time between two progress tables
 CHECKPOINT_FILES = (MODEL_FILE, "config.yaml", "metrics.json")  # what a trial's Tune checkpoint holds
 NEW_OUTPUT = "RAY_AIR_NEW_OUTPUT"  # Tune's switch between its output engines ("0": the legacy one)
-DISABLE_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # "1": Tune leaves SIGINT to the job (see _ctrl_c_stops_tune)
+DISABLE_TUNE_SIGINT = "TUNE_DISABLE_SIGINT_HANDLER"  # "1": Tune leaves SIGINT to the job (see _signals_stop_tune)
 
 
 # --- trials (run inside Ray Tune workers) ----------------------------------------------------------------
@@ -278,10 +279,10 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
         )
     _log_where_results_go(claim.run)
     started = time.perf_counter()
-    with _tune_output_quiet(), _ctrl_c_stops_tune() as interrupted:
+    with _tune_output_quiet(), _signals_stop_tune() as received:
         grid = tuner.fit()
-    if interrupted.is_set():  # Tune stopped the trials and saved the sweep's state; its grid is partial
-        raise Interrupted(signal.SIGINT, how="add --resume to the same command to continue")
+    if received:  # Tune stopped the trials and saved the sweep's state; its grid is partial
+        raise Interrupted(received[0], how="add --resume to the same command to continue")
     rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
     write_results(claim.run, rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
@@ -289,33 +290,39 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
 
 
 @contextlib.contextmanager
-def _ctrl_c_stops_tune() -> Iterator[threading.Event]:
-    """While Tune runs: Ctrl-C stops it as Tune's own handler would (trials stopped, the sweep's state saved
-    for --resume), by sending the SIGUSR1 that Tune always handles that way, and sets the event yielded, so
-    that the job can say it was interrupted; a second Ctrl-C stops the job at once. Tune's own SIGINT handler
-    is kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace of the interruption but a partial grid.
-    Tune's warnings about the stop are silenced: they point at its Python API (Tuner.restore), not --resume."""
+def _signals_stop_tune() -> Iterator[list[int]]:
+    """While Tune runs: SIGINT or SIGTERM stops it as Tune's own Ctrl-C handler would (trials stopped, the
+    sweep's state saved for --resume), by sending the SIGUSR1 that Tune always handles that way, and is added
+    to the list yielded, so that the job can say it was interrupted. A second signal ends the job at once, with
+    its one line (os._exit: an exception raised in a handler while Ray waits in C code surfaces as a
+    SystemError). Tune's own SIGINT handler is kept out (TUNE_DISABLE_SIGINT_HANDLER): it would leave no trace
+    of the interruption but a partial grid; its warnings about the stop name Tuner.restore, not --resume, and
+    are silenced."""
+    received: list[int] = []
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGUSR1"):
-        yield threading.Event()
+        yield received
         return
-    interrupted, previous = threading.Event(), signal.getsignal(signal.SIGINT)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     tune_log = logging.getLogger("ray.tune")
     tune_level = tune_log.level
 
     def stop_tune(signum: int, frame) -> None:
-        if interrupted.is_set():
-            raise Interrupted(signum)
-        interrupted.set()
+        if received:
+            print(Interrupted(signum), file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        received.append(signum)
         tune_log.setLevel(logging.ERROR)
         os.kill(os.getpid(), signal.SIGUSR1)
 
     saved = os.environ.get(DISABLE_TUNE_SIGINT)
     os.environ[DISABLE_TUNE_SIGINT] = "1"
-    signal.signal(signal.SIGINT, stop_tune)
+    for signum in previous:
+        signal.signal(signum, stop_tune)
     try:
-        yield interrupted
+        yield received
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         tune_log.setLevel(tune_level)
         if saved is None:
             os.environ.pop(DISABLE_TUNE_SIGINT, None)
