@@ -116,7 +116,7 @@ def hungarian_assignment(outputs: Any, labels: Any, num_classes: int) -> np.ndar
     """class_to_unit [num_classes]: the maximum-weight one-to-one matching of classes to units on the
     class-mean matrix."""
     # Imported here, not with the module: every stage actor imports this module, and scipy.optimize is slow to
-    # import (docs/results.md, "Start-up").
+    # import (docs/results.md, "Start-up: imports").
     from scipy.optimize import linear_sum_assignment
 
     means = class_means(outputs, labels, num_classes)

@@ -77,8 +77,6 @@ def package_runtime_env() -> dict[str, Any] | None:
 
 
 def _join(address: str, ship_package: bool) -> None:
-    if not address.startswith("ray://"):
-        _answers_as_ray_head(address)  # a refused token: one line now, before ray.init's 20 s of retries
     runtime_env = package_runtime_env() if ship_package else None
     try:
         ray.init(address=address, logging_level=logging.WARNING, runtime_env=runtime_env)
@@ -221,14 +219,16 @@ def _connect(
     source = "--ray-address" if address else "RAY_ADDRESS"  # named in errors: the flag, or the environment's
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
-        check_address(address, source)
+        check_address(address, source)  # a HOST:PORT's head asked once (a refused token: one line now)
         if address == "auto":  # the cluster `ray start` started here, which check_address found running
             address = started_cluster_address() or address
+            _answers_as_ray_head(address)
         _join(address, ship_package)
         log.info("connected to the Ray cluster at %s", address)
         return
     running = None if address == "local" else started_cluster_address()
     if running:
+        _answers_as_ray_head(running)  # a refused token: one line now, before ray.init's 20 s of retries
         _join(running, ship_package)
         log.info("connected to the Ray cluster running on this machine")
         return
