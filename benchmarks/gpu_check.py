@@ -112,6 +112,11 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="depth 5 only, 3 training steps: checks the script itself")
     p.add_argument("--pipeline", action="store_true", help="also the Ray pipeline with stages sharing the GPU")
+    p.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="leave out part 2 (benchmarks/time_to_accuracy.py measures it from the command, for four methods)",
+    )
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -122,7 +127,8 @@ def main(argv=None):
     print(f"# GPU check on {card} (torch {torch.__version__})", flush=True)
     graph_settings = ["on", "off"] if cuda else ["off"]
     out["steps"] = step_table(args.device, [5] if args.smoke else [5, 20, 50], graph_settings, 1 if args.smoke else 10)
-    out["time_to_accuracy"] = time_to_accuracy(args.data, args.device, "auto", args.smoke)
+    if not args.steps_only:
+        out["time_to_accuracy"] = time_to_accuracy(args.data, args.device, "auto", args.smoke)
     if args.pipeline:
         out["pipeline"] = pipeline_check(args.device)
     if args.json:
