@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("hsic", "backprop")
+DEPTHS = (5, 10, 20, 50)  # a sweep's depths unless it names its own
 
 
 @dataclass
@@ -13,7 +14,7 @@ class SweepSpec:
     """What to sweep: the grid, the settings every trial shares, and how trials are laid out."""
 
     preset: str = "deep_mlp"
-    depths: list[int] = field(default_factory=lambda: [5, 10, 20, 50])
+    depths: list[int] = field(default_factory=lambda: list(DEPTHS))
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     grid: dict[str, list[Any]] = field(default_factory=dict)  # extra dotted config keys -> values
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted config keys every trial shares

@@ -27,9 +27,8 @@ from hsic_ray.cli import (
     setup_logging,
 )
 from hsic_ray.presets import PRESETS, SMOKE_TEST
-from hsic_ray.sweep_spec import METHODS, SweepSpec
+from hsic_ray.sweep_spec import DEPTHS, METHODS, SweepSpec
 
-DEPTHS = [5, 10, 20, 50]
 SMOKE_DEPTHS = [2, 4]  # a smoke sweep: these depths (unless --depths is given), each trial with --smoke-test's settings
 
 
@@ -75,7 +74,7 @@ def build_spec(args: argparse.Namespace) -> SweepSpec:
     grids = {field: values for field, values in flag_overrides(args, SWEEP_GRID_FLAGS).items() if values}
     return SweepSpec(
         preset=args.preset,
-        depths=args.depths or (SMOKE_DEPTHS if args.smoke else DEPTHS),
+        depths=args.depths or (SMOKE_DEPTHS if args.smoke else list(DEPTHS)),
         methods=args.methods,
         grid={**grids, **dict(args.grid)},
         overrides=overrides,
