@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_process(command: list[str], what: str) -> subprocess.CompletedProcess:
+    """`command` run from the repository root, its output captured; a failure ends the benchmark, naming `what`."""
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
+    return done
 
 
 def run_each(cases: list[str], variants: list[str], run: Callable[[str, str, Path], dict]) -> list[dict]:

@@ -18,14 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from job_runs import markdown_table, run_each, write_results
-
-REPO = Path(__file__).resolve().parents[1]
+from job_runs import markdown_table, run_each, run_process, write_results
 
 CASES = {  # name -> (preset, settings, target test accuracy %)
     "paper_mlp": ("paper_mlp", {}, 88.0),
@@ -95,9 +92,7 @@ def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> 
     command = [sys.executable, __file__, "--run", method, "--cases", case, *_shared_flags(args)]
     command += ["--output", str(workdir / f"{case}-{method}")]
     started = time.time()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{case} ({method}) failed:\n{done.stderr[-3000:]}")
+    done = run_process(command, f"{case} ({method})")
     lines = done.stdout.splitlines()
     epochs = [json.loads(line[6:]) for line in lines if line.startswith("EPOCH ")]
     final = next(json.loads(line[6:]) for line in lines if line.startswith("FINAL "))

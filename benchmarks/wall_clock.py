@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from job_runs import markdown_table, run_each, write_results
-
-REPO = Path(__file__).resolve().parents[1]
+from job_runs import markdown_table, run_each, run_process, write_results
 
 CASES = {  # name -> the job's arguments (a dataset is added where the case reads one)
     "default": [],
@@ -50,10 +47,8 @@ def run_case(case: str, trainer: str, args: argparse.Namespace, workdir: Path) -
         command += ["--epochs", str(args.epochs)]
     command += args.settings
     started = time.time()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    run_process(command, f"{case} ({trainer})")
     wall = time.time() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{case} ({trainer}) failed:\n{done.stderr[-3000:]}")
     metrics = json.loads((output / "metrics.json").read_text())
     phases = metrics["phase_seconds"]
     return {
