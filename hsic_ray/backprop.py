@@ -26,6 +26,7 @@ from hsic_ray.models import LayerwiseNet, build_head
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE, model_bytes
 from hsic_ray.schedule import LRSchedule
+from hsic_ray.sgd import SGD
 from hsic_ray.stage_step import make_sgd
 
 log = logging.getLogger("hsic_ray")
@@ -52,9 +53,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def backprop_step(
-    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0
-) -> float:
+def backprop_step(model: nn.Module, optimizer: SGD, x: torch.Tensor, y: torch.Tensor, weight: float = 1.0) -> float:
     """One SGD step on the mean cross-entropy of (x, y), its gradient scaled by `weight`; returns the loss.
 
     A data-parallel worker that holds n of a global batch of B samples passes weight = world_size * n / B:
@@ -99,7 +98,7 @@ def whole_batch(batch: Batch) -> tuple[torch.Tensor, torch.Tensor, float]:
 
 def train_epoch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: SGD,
     net: LayerwiseNet,
     data: ImageData,
     train: TrainConfig,

@@ -14,10 +14,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from hsic_ray.config import LR_SCHEDULES, OptimConfig, TrainConfig
 from hsic_ray.data import num_batches
+from hsic_ray.sgd import SGD
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class LRSchedule:
             return 1.0
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def apply(self, optimizer: SGD, step: int) -> None:
         """Set each param group's lr for step `step`: its initial lr times the factor. The initial lr is kept
         in the group as `initial_lr`, as PyTorch's own schedulers keep it, so an optimizer checkpoint holds it."""
         for group in optimizer.param_groups:

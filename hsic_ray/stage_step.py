@@ -26,6 +26,7 @@ from hsic_ray.config import OptimConfig
 from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.probes import probe_view
 from hsic_ray.schedule import LRSchedule
+from hsic_ray.sgd import SGD
 from hsic_ray.solve_failures import SolveFailures
 from hsic_ray.step_graph import CapturedStep
 
@@ -33,8 +34,8 @@ from hsic_ray.step_graph import CapturedStep
 STAT_NAMES = ("loss", "nhsic_zx", "nhsic_zy")
 
 
-def make_sgd(params, cfg: OptimConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def make_sgd(params, cfg: OptimConfig) -> SGD:
+    return SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 def layer_lr_scales(scale_last: float, layers: range, num_layers: int) -> list[float]:

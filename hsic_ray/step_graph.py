@@ -20,15 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from hsic_ray.objective import KernelFactors
+from hsic_ray.sgd import SGD
 
 StepFn = Callable[[Tensor, KernelFactors], tuple[Tensor, Tensor]]
 WARMUP_STEPS = 3
 
 
 @contextlib.contextmanager
-def rolled_back(
-    modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, extra: Sequence[Tensor] = ()
-) -> Iterator[None]:
+def rolled_back(modules: Sequence[nn.Module], optimizer: SGD, extra: Sequence[Tensor] = ()) -> Iterator[None]:
     """Run the body, then restore in place every parameter and buffer of `modules`, the `extra` tensors and
     the optimizer's momentum buffers. A momentum buffer the body created is zeroed, which for SGD without
     dampening makes the next step the same as a first step."""
@@ -43,7 +42,7 @@ def rolled_back(
         _restore(tensors, saved, optimizer, momenta)
 
 
-def _restore(tensors: list[Tensor], saved: list[Tensor], optimizer: torch.optim.Optimizer, momenta: dict) -> None:
+def _restore(tensors: list[Tensor], saved: list[Tensor], optimizer: SGD, momenta: dict) -> None:
     with torch.no_grad():
         for tensor, value in zip(tensors, saved):
             tensor.copy_(value)
@@ -75,9 +74,7 @@ class CapturedStep:
     checkpoint load, or the step's precision changed).
     """
 
-    def __init__(
-        self, step: StepFn, modules: Sequence[nn.Module], optimizer: torch.optim.Optimizer, extra: Sequence[Tensor] = ()
-    ):
+    def __init__(self, step: StepFn, modules: Sequence[nn.Module], optimizer: SGD, extra: Sequence[Tensor] = ()):
         self._step = step
         self._modules = modules
         self._optimizer = optimizer
