@@ -11,9 +11,7 @@ import contextlib
 import csv
 import importlib.util
 import io
-import itertools
 import logging
-import math
 import os
 import signal
 import sys
@@ -26,7 +24,7 @@ from typing import Any
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
-from hsic_ray.config import ConfigError, ExperimentConfig, build_config
+from hsic_ray.config import ExperimentConfig, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, cluster_totals
@@ -38,7 +36,7 @@ from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
 from hsic_ray.run.plots import plot_curves
 from hsic_ray.sweep_progress import SweepProgress, axis_name
-from hsic_ray.sweep_spec import METHODS, SweepSpec
+from hsic_ray.sweep_spec import SweepSpec
 
 log = logging.getLogger("hsic_ray")
 
@@ -160,50 +158,11 @@ def trial_resources(spec: SweepSpec):
 # --- the sweep (run on the driver) -----------------------------------------------------------------------
 
 
-def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of the grid's values, as dotted overrides ([{}] for an empty grid)."""
-    return [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-
-
-def _check_spec(spec: SweepSpec) -> None:
-    """The sweep's own settings, each named by its flag."""
-    checks = [
-        (spec.depths and all(d >= 1 for d in spec.depths), "--depths", spec.depths, "one or more depths >= 1"),
-        (
-            spec.methods and set(spec.methods) <= set(METHODS),
-            "--methods",
-            spec.methods,
-            f"some of {', '.join(METHODS)}",
-        ),
-        (spec.stages_per_trial >= 1, "--stages-per-trial", spec.stages_per_trial, "a number >= 1"),
-        (
-            math.isfinite(spec.gpus_per_stage) and spec.gpus_per_stage >= 0,
-            "--gpus-per-stage",
-            spec.gpus_per_stage,
-            "a number >= 0 (fractions share a GPU)",
-        ),
-        (spec.max_concurrent_trials >= 1, "--max-concurrent", spec.max_concurrent_trials, "a number >= 1"),
-        ("model.depth" not in spec.grid, "--grid", "model.depth", "other keys: give depths with --depths"),
-    ]
-    for ok, flag, value, expected in checks:
-        if not ok:
-            raise ConfigError(f"{flag} {value} is invalid: expected {expected}")
-
-
-def trial_configs(spec: SweepSpec) -> list[ExperimentConfig]:
-    """Every trial's run config, with its stage layout, checked like any run's."""
-    layout = {"ray.stages": spec.stages_per_trial, "ray.gpus_per_stage": spec.gpus_per_stage}
-    return [
-        build_config(spec.preset, overrides={**spec.overrides, **point, **layout, "model.depth": depth})
-        for depth, point in itertools.product(spec.depths, grid_points(spec.grid))
-    ]
-
-
 def _validate_trials(spec: SweepSpec) -> None:
     """Build and check every trial before Ray starts, data included, so a bad setting fails in seconds
     instead of in every trial."""
-    _check_spec(spec)
-    configs = trial_configs(spec)
+    spec.check()
+    configs = spec.trial_configs()
     datasets: dict[str, ImageData] = {}
     for cfg in configs:
         key = f"{cfg.data.source} {cfg.data.root} {cfg.data.test_fraction} {cfg.data.split_seed}"

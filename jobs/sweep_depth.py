@@ -91,9 +91,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def sweep() -> int:
-        from hsic_ray.sweep import failed_trials, markdown_table, run_sweep  # torch and Ray: not for --help
+        spec = build_spec(args)
+        spec.check()  # before torch and Ray are imported: bad settings answer at once
+        from hsic_ray.sweep import failed_trials, markdown_table, run_sweep
 
-        rows = run_sweep(build_spec(args), resume=args.resume, address=args.ray_address)
+        rows = run_sweep(spec, resume=args.resume, address=args.ray_address)
         print(markdown_table(rows))
         failed = failed_trials(rows)
         if failed:

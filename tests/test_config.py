@@ -198,10 +198,9 @@ def test_every_job_takes_data_family():
     argv = ["--preset", "paper_mlp", "--dataset", FASHION_FILE, "--data-family", "fashion-mnist"]
     assert build_run_config(train_deep.parse_args(argv), RUN_FLAGS, HSIC_FLAGS).hsic.beta == 1000.0
     assert build_run_config(train_backprop.parse_args(argv), RUN_FLAGS).data.family == "fashion-mnist"
-    from hsic_ray.sweep import trial_configs
 
     spec = sweep_depth.build_spec(sweep_depth.parse_args([*argv, "--depths", "2", "5"]))
-    assert [cfg.hsic.beta for cfg in trial_configs(spec)] == [1000.0, 1000.0]
+    assert [cfg.hsic.beta for cfg in spec.trial_configs()] == [1000.0, 1000.0]
 
 
 def test_train_deep_pipeline_flags_reach_the_ray_config():
