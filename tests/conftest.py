@@ -7,6 +7,10 @@
   `ray start` writes, which `--ray-address auto` and a job without an address look up), deleted at the end.
 - A smaller object store per cluster (a tenth of free memory instead of Ray's 30 %): several clusters run
   at once here, and no test puts much in it.
+
+In parallel (scripts/test.sh: pytest-xdist, `--dist loadgroup`), each test goes to any worker, except the
+modules marked `pytest.mark.xdist_group`, whose tests share one cluster and stay on one worker. Slow tests are
+handed out first, so that the longest ones do not start last and hold the run up.
 """
 
 import os
@@ -36,6 +40,10 @@ def digits():
 @pytest.fixture(scope="session")
 def all_digits():
     return load_dataset(build_config().data)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: files keep their order
 
 
 def pytest_unconfigure(config):

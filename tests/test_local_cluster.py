@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from ray._common.utils import get_ray_address_file
 
-pytestmark = pytest.mark.slow
+# The tests of one auth mode share a head (its fixture): they run on one pytest-xdist worker.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("local_cluster")]
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_RUN = [

@@ -9,6 +9,9 @@ from hsic_ray.config import RayConfig, build_config
 from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, check_fits, partition, plan_stages
 from hsic_ray.models import build_network, layer_step_costs
 
+# One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("placement")
+
 
 def brute_force_best(costs, stages):
     n = len(costs)

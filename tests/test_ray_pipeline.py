@@ -20,6 +20,9 @@ from hsic_ray.experiment import build_seeded_network, run_hsic
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
 
+# One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("ray_pipeline")
+
 
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
@@ -169,7 +172,13 @@ def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups
 
 @pytest.mark.slow
 def test_default_in_flight_depth_stays_within_a_point_of_the_in_process_trainer(tmp_path, all_digits):
-    common = {"train.epochs": 3, "model.width": 256, "train.batch_size": 256, "head.epochs": 3}
+    common = {
+        "train.epochs": 3,
+        "model.width": 256,
+        "train.batch_size": 256,
+        "head.epochs": 3,
+        "train.probe_samples": 0,  # the accuracies are compared, not the monitors
+    }
     local = run_hsic(config(tmp_path / "local", "local", **common), all_digits)
     piped = run_hsic(config(tmp_path / "ray", "ray", **common), all_digits)
     assert abs(piped["test_accuracy_unformatted"] - local["test_accuracy_unformatted"]) <= 1.0
@@ -208,6 +217,8 @@ def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path
         "train.checkpoint_every": 20,
         "train.checkpoint_seconds": 0,
         "ray.factors_on": factors_on,
+        "train.probe_samples": 0,  # monitors are not what this test is about
+        "train.bn_calibration_batches": 0,
     }
     undisturbed = run_hsic(config(tmp_path / "calm", "ray", **common), all_digits)
     killed: list[int] = []

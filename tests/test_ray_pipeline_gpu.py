@@ -13,6 +13,9 @@ import ray
 import torch
 from test_ray_pipeline import assert_same_training, config, records, run_local_and_ray  # the CPU pipeline's run
 
+# One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("ray_pipeline_gpu")
+
 CUDA = torch.cuda.is_available()
 
 

@@ -20,6 +20,9 @@ from hsic_ray.experiment import run_backprop
 from hsic_ray.run.claim import NothingToResumeError, OutputExistsError
 from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
 
+# One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("train_backprop")
+
 KEYS = (
     "test_accuracy_formatted",
     "test_accuracy_unformatted",
