@@ -4,6 +4,7 @@
     python benchmarks/wall_clock.py --cases default paper_mlp deep_mlp50 \
         --dataset npz:../shared/datasets/fashion-mnist-dev.npz --json benchmarks/results/wall_clock.json
     python benchmarks/wall_clock.py --cases paper_mlp --trainers local --epochs 1 -- train.monitor_every=5
+    python benchmarks/wall_clock.py --cases smoke --repeats 3         # --smoke-test, three times each
 
 Each case runs `jobs/train_deep.py` as its own process, the way a user starts it, and is timed from launch to
 exit. The split comes from the run's metrics.json (`phase_seconds`, hsic_ray/timeline.py): start-up (the process
@@ -24,6 +25,7 @@ from job_runs import markdown_table, run_each, run_process, write_results
 
 CASES = {  # name -> the job's arguments (a dataset is added where the case reads one)
     "default": [],
+    "smoke": ["--smoke-test"],
     "paper_mlp": ["--preset", "paper_mlp", "--epochs", "5"],
     "deep_mlp50": ["--preset", "deep_mlp", "--depth", "50", "--epochs", "5"],
 }
@@ -39,7 +41,7 @@ GROUPS = {  # a column of the table: the phases it adds up
 
 
 def run_case(case: str, trainer: str, args: argparse.Namespace, workdir: Path) -> dict:
-    output = workdir / f"{case}-{trainer}"
+    output = workdir / f"{case}-{trainer}-{len(list(workdir.glob(f'{case}-{trainer}-*')))}"  # one per repeat
     command = [sys.executable, "jobs/train_deep.py", *CASES[case], "--trainer", trainer, "--output", str(output)]
     if case in READS_DATASET:
         command += ["--dataset", args.dataset, "--data-family", "fashion-mnist"]
@@ -94,10 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         "--dataset", default="npz:../shared/datasets/fashion-mnist-dev.npz", help="for paper_mlp, deep_mlp50"
     )
     p.add_argument("--epochs", type=int, help="override every case's epochs (e.g. 1 for a quick look)")
+    p.add_argument("--repeats", type=int, default=1, help="run every case this many times, in turn")
     p.add_argument("--json", metavar="PATH", help="write the results here too")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="settings for every case (after --)")
     args = p.parse_args(argv)
-    results = run_each(args.cases, args.trainers, lambda case, trainer, workdir: run_case(case, trainer, args, workdir))
+    results = run_each(
+        args.cases * args.repeats, args.trainers, lambda case, trainer, workdir: run_case(case, trainer, args, workdir)
+    )
     print(table(results), "", phase_table(results), sep="\n")
     if args.json:
         write_results(args.json, results)
