@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
@@ -241,6 +242,9 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
     with _tune_output_quiet(), _signals_stop_tune() as received:
         grid = tuner.fit()
     if received:  # Tune stopped the trials and saved the sweep's state; its grid is partial
+        # Disconnected first: Ray forwards the stopped trials' last lines for a while, and they must not come
+        # after the job's own last line.
+        ray.shutdown()
         raise Interrupted(received[0], how="add --resume to the same command to continue")
     rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
     write_results(claim.run, rows)
