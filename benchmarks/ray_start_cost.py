@@ -5,13 +5,15 @@
 
 Starts a new local cluster the way hsic_ray's jobs do when none is running (`ray.init(address="local")`, the
 dashboard left out), runs one empty task, waits `--settle` seconds for the cluster's processes to finish
-starting, then lists every process started since, with the CPU time it used, and the driver's own.
+starting, then lists every process of the cluster (the driver's descendants), with the CPU time it used, and
+the driver's own.
 Every job that starts its own cluster pays this, and so does every test that does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -31,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     to_first_task = time.time() - started
     time.sleep(args.settle)
     rows = []
-    for proc in psutil.process_iter(["cmdline", "name", "cpu_times", "create_time"]):
-        if proc.info["create_time"] < started - 1 or proc.pid == psutil.Process().pid:
-            continue
-        times = proc.info["cpu_times"]
-        rows.append((times.user + times.system, _label(proc.info["cmdline"] or [proc.info["name"]])))
+    for proc in psutil.Process().children(recursive=True):  # the cluster's processes, all started by ray.init
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            rows.append((times.user + times.system, _label(proc.cmdline() or [proc.name()])))
     driver = sum(psutil.Process().cpu_times()[:2])
     ray.shutdown()
 
