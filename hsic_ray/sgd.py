@@ -2,7 +2,7 @@
 
 Every torch.optim optimizer imports torch._dynamo the first time it is built (its methods are wrapped to keep
 the compiler out), and that import is the largest part of a training process's start-up after torch itself
-(docs/results.md, "Start-up: imports"). Every process that trains pays it: the driver, each stage actor, each
+(docs/results.md, "Start-up without torch.optim"). Every process that trains pays it: the driver, each stage actor, each
 backprop worker and each sweep trial. This optimizer computes the same update with the same tensor
 operations (`torch._foreach_*`, which torch.optim.SGD runs on CUDA and matches its per-tensor loop on the
 CPU), and reads and writes the same `state_dict` layout, so checkpoints written with either load in the
@@ -33,6 +33,8 @@ _TORCH_GROUP_DEFAULTS = {
 
 
 class SGD:
+    """`params`: tensors, or groups of them as dicts with their own settings (e.g. "lr"), as torch.optim takes."""
+
     def __init__(
         self, params: Iterable[Tensor] | Iterable[dict], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
     ):
@@ -96,9 +98,8 @@ class SGD:
                 f"the optimizer state holds groups of {[len(g['params']) for g in saved_groups]} parameters, "
                 f"this optimizer has {[len(g['params']) for g in self.param_groups]}"
             )
-        params = {i: param for i, param in enumerate(self._params())}
         saved_ids = [i for g in saved_groups for i in g["params"]]
-        by_saved_id = dict(zip(saved_ids, params.values()))
+        by_saved_id = dict(zip(saved_ids, self._params()))
         self.param_groups = [
             {**copy.deepcopy({k: v for k, v in saved.items() if k != "params"}), "params": own["params"]}
             for saved, own in zip(saved_groups, self.param_groups)
