@@ -162,8 +162,7 @@ def trial_resources(spec: SweepSpec):
 def _validate_trials(spec: SweepSpec) -> None:
     """Build and check every trial before Ray starts, data included, so a bad setting fails in seconds
     instead of in every trial."""
-    spec.check()
-    configs = spec.trial_configs()
+    configs = spec.check()
     datasets: dict[str, ImageData] = {}
     for cfg in configs:
         key = f"{cfg.data.source} {cfg.data.root} {cfg.data.test_fraction} {cfg.data.split_seed}"

@@ -28,9 +28,9 @@ class SweepSpec:
     asha: bool = False
     output: str = "runs/sweep"
 
-    def check(self) -> None:
-        """The sweep's own settings, each named by its flag, then every trial's config (`trial_configs`):
-        a bad setting fails here, in the job's first second, not in every trial."""
+    def check(self) -> list[ExperimentConfig]:
+        """The sweep's own settings, each named by its flag, then every trial's config, which it returns
+        (`trial_configs`): a bad setting fails here, in the job's first second, not in every trial."""
         checks = [
             (self.depths and all(d >= 1 for d in self.depths), "--depths", self.depths, "one or more depths >= 1"),
             (
@@ -52,7 +52,7 @@ class SweepSpec:
         for ok, flag, value, expected in checks:
             if not ok:
                 raise ConfigError(f"{flag} {value} is invalid: expected {expected}")
-        self.trial_configs()
+        return self.trial_configs()
 
     def trial_configs(self) -> list[ExperimentConfig]:
         """Every trial's run config, with its stage layout, checked like any run's."""
