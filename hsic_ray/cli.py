@@ -5,10 +5,13 @@ user's to fix (one line, exit code 2) rather than bugs (a traceback)."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import difflib
 import logging
+import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -141,6 +144,20 @@ def run_job(body: Callable[[], int]) -> int:
     except Interrupted as exc:
         print(exc, file=sys.stderr)
         return 128 + exc.signum
+
+
+def exit_job(code: int) -> NoReturn:
+    """End a job's process with `code` as the interpreter would (its other threads joined, its exit handlers
+    run: Ray's shutdown among them, the streams flushed), less the teardown of every module, which after
+    torch's import takes the best part of a second or two and that the user would wait for."""
+    main = threading.main_thread()
+    for thread in threading.enumerate():
+        if thread is not main and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # CPython's, what its own exit runs next
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def user_message(exc: BaseException) -> str:

@@ -10,10 +10,9 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +29,9 @@ from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage_step import layer_lr_scales
 from hsic_ray.timeline import Timeline
 from hsic_ray.trainer import HSICTrainer, batches_between_drains
+
+if TYPE_CHECKING:
+    from hsic_ray.distributed.background_connect import BackgroundConnection
 
 log = logging.getLogger("hsic_ray")
 
@@ -98,11 +100,14 @@ def prepare_run(
         raise
 
 
-def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages: int | None) -> list:
-    """Connect to Ray and lay the layers out as stages; raises before any actor starts if they won't fit.
+def _plan_ray_stages(
+    cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages: int | None, connection: BackgroundConnection | None
+) -> list:
+    """Connect to Ray (or wait for `connection`, started before the run) and lay the layers out as stages;
+    raises before any actor starts if they won't fit.
 
     A resumed run keeps its checkpoint's stage count (each stage's file holds its own layers)."""
-    from hsic_ray.distributed.connect import connect
+    from hsic_ray.distributed.connect import connect_for_stages
     from hsic_ray.distributed.placement import check_fits, cluster_totals, plan_stages
 
     ray_cfg = cfg.ray
@@ -113,14 +118,10 @@ def _plan_ray_stages(cfg: ExperimentConfig, net: LayerwiseNet, checkpoint_stages
                 f"stages; resume with --stages {checkpoint_stages} (or without --stages)"
             )
         ray_cfg = dataclasses.replace(ray_cfg, stages=checkpoint_stages)
-    stages = ray_cfg.stages or os.cpu_count() or 1
-    connect(
-        ray_cfg.address,
-        local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
-        processes=stages + 1,
-        cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus),
-        ship_package=ray_cfg.ship_package,
-    )
+    if connection is None:
+        connect_for_stages(ray_cfg)
+    else:
+        connection.wait()
     specs = plan_stages(
         ray_cfg, layer_step_costs(net, cfg.train.batch_size, cfg.hsic.max_kernel_features), cluster_totals()
     )
@@ -152,12 +153,14 @@ def run_hsic(
     data: ImageData | None = None,
     resume: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    connection: BackgroundConnection | None = None,
 ) -> dict[str, Any]:
     """Train with the HSIC bottleneck (then the format head); returns and saves metrics.json.
 
     Everything that can fail cheaply (config, data, placement on the cluster, the output directory and its
     checkpoints) is checked before any actor starts. An interrupted run in the same output directory is
-    continued from its latest checkpoint.
+    continued from its latest checkpoint. A Ray run connects to Ray after those checks, or uses `connection`,
+    started while the job imported torch (hsic_ray.launch).
     """
     timeline = Timeline()
     if cfg.train.tensorboard:
@@ -168,7 +171,7 @@ def run_hsic(
         data, device, net, run = prepared.data, prepared.device, prepared.net, start.run
         resume_at = start.point or CheckpointResume()
         with timeline.phase("ray"):
-            specs = _plan_ray_stages(cfg, net, resume_at.stages) if cfg.trainer == "ray" else None
+            specs = _plan_ray_stages(cfg, net, resume_at.stages, connection) if cfg.trainer == "ray" else None
         start.commit(cfg)
         log.info(
             "run directory: %s  (%s, %d train / %d test samples, %s trainer)",

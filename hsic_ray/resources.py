@@ -4,20 +4,16 @@ processes, checked against the real machine before anything is built or started.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import psutil
 import torch
 
 from hsic_ray.config import ConfigError, ExperimentConfig, ModelConfig
-from hsic_ray.errors import ResourceError
+from hsic_ray.machine import GIB
 from hsic_ray.models import Shape, build_network
 from hsic_ray.run.checkpoint import storage_bytes
 from hsic_ray.run.location import check_free_space
 
-GIB = 1024**3
-# A Ray worker that imports (CUDA-built) torch holds about this much memory of its own.
-PROCESS_BYTES = int(0.7 * GIB)
 # Copies of every parameter a run keeps: weights, gradients, momentum, and one in flight to a checkpoint.
 PARAMETER_COPIES = 4
 # m x m float32 matrices a layer's kernel and its solve hold at once (kernel, centred kernel, inverse,
@@ -25,15 +21,6 @@ PARAMETER_COPIES = 4
 KERNEL_MATRICES = 6
 # Python objects per layer (modules, optimizer state, checkpoint entries), whatever its size.
 LAYER_OVERHEAD_BYTES = 64 * 1024
-
-
-def machine_cores() -> int:
-    return os.cpu_count() or 1
-
-
-def threads_for(cpus: float) -> int:
-    """Torch threads for a process that reserved `cpus`: at least one, never more than the machine's cores."""
-    return max(1, min(int(cpus), machine_cores()))
 
 
 def _parameter_count(model: ModelConfig, input_shape: Shape, depth: int) -> int:
@@ -74,21 +61,3 @@ def check_disk(cfg: ExperimentConfig, input_shape: Shape) -> None:
     naming need and free space), before anything is written."""
     need = storage_bytes(parameter_count(cfg.model, input_shape))
     check_free_space(cfg.output or "runs", need, f"its checkpoints and results (model.depth={cfg.model.depth})")
-
-
-def check_local_cluster(processes: int, cpus_per_process: float) -> None:
-    """A local cluster is this machine: refuse more processes than its memory holds, or a process that asks
-    for more CPUs than it has cores (Ray would grant the logical CPUs and the process would oversubscribe)."""
-    cores = machine_cores()
-    if cpus_per_process > cores:
-        raise ResourceError(
-            f"a process asks for {cpus_per_process:g} CPUs and this machine has {cores} cores; ask for at most "
-            f"{cores} per stage or worker, or join a larger cluster with --ray-address"
-        )
-    need, have = processes * PROCESS_BYTES, psutil.virtual_memory().available
-    if need > have:
-        raise ResourceError(
-            f"{processes} Ray worker processes need about {need / GIB:.1f} GiB and this machine has "
-            f"{have / GIB:.1f} GiB free; use at most {max(1, have // PROCESS_BYTES)} stages or workers here, or "
-            "join a larger cluster with --ray-address"
-        )

@@ -54,7 +54,7 @@ from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
 from hsic_ray.distributed.stop_request import StopCheck, StopRequest
 from hsic_ray.experiment import build_seeded_network, prepare_run
-from hsic_ray.resources import threads_for
+from hsic_ray.machine import threads_for
 from hsic_ray.run import checkpoint
 from hsic_ray.run.checkpoint import CheckpointError
 from hsic_ray.run.directory import RunDirectory

@@ -21,6 +21,7 @@ from hsic_ray.cli import (
     SWEEP_GRID_FLAGS,
     JobArgumentParser,
     add_config_flags,
+    exit_job,
     flag_overrides,
     grid_axis,
     run_job,
@@ -107,4 +108,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

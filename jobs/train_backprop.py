@@ -22,6 +22,7 @@ from hsic_ray.cli import (
     accuracy_text,
     add_run_arguments,
     build_run_config,
+    exit_job,
     run_job,
     setup_logging,
 )
@@ -75,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

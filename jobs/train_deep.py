@@ -13,7 +13,6 @@ TensorBoard event files to --output/tensorboard with --tensorboard).
 from __future__ import annotations
 
 import argparse
-import sys
 
 from hsic_ray.cli import (
     HSIC_FLAGS,
@@ -22,9 +21,11 @@ from hsic_ray.cli import (
     accuracy_text,
     add_run_arguments,
     build_run_config,
+    exit_job,
     run_job,
     setup_logging,
 )
+from hsic_ray.launch import run_hsic_job
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def train() -> int:
-        from hsic_ray.experiment import run_hsic  # torch and Ray: not for --help or a bad flag
-
-        metrics = run_hsic(build_run_config(args, RUN_FLAGS, HSIC_FLAGS), resume=args.resume)
+        metrics = run_hsic_job(build_run_config(args, RUN_FLAGS, HSIC_FLAGS), resume=args.resume)
         unformatted, formatted = metrics["test_accuracy_unformatted"], metrics["test_accuracy_formatted"]
         print(f"test accuracy: unformatted {accuracy_text(unformatted)}, formatted {accuracy_text(formatted)}")
         return 0
@@ -49,4 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_job(main())

@@ -407,7 +407,7 @@ def test_sweep_settings_are_checked_before_ray_starts(in_tmp, capsys, argv, mess
 
 
 def test_user_errors_cover_every_error_the_checks_raise():
-    from hsic_ray.resources import ResourceError
+    from hsic_ray.errors import ResourceError
     from hsic_ray.run.claim import NothingToResumeError
 
     for error in (

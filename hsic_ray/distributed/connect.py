@@ -20,9 +20,9 @@ from typing import Any
 import ray
 
 from hsic_ray import interrupt
-from hsic_ray.config import is_ray_address
+from hsic_ray.config import RayConfig, is_ray_address
 from hsic_ray.errors import ClusterConnectionError
-from hsic_ray.resources import check_local_cluster
+from hsic_ray.machine import check_local_cluster
 
 log = logging.getLogger("hsic_ray")
 
@@ -205,6 +205,19 @@ def connect(
         return
     _connect(address, local_cpus, processes, cpus_per_process, ship_package, state_api)
     interrupt.reclaim()  # ray.init put its own SIGTERM handler in place of the job's, and it aborts the process
+
+
+def connect_for_stages(ray_cfg: RayConfig, stages: int | None = None) -> None:
+    """`connect` for a pipeline of `stages` stages (None: ray.stages, else one per core of this machine), and
+    its coordinator."""
+    stages = stages or ray_cfg.stages or os.cpu_count() or 1
+    connect(
+        ray_cfg.address,
+        local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
+        processes=stages + 1,
+        cpus_per_process=max(ray_cfg.cpus_per_stage, ray_cfg.coordinator_cpus),
+        ship_package=ray_cfg.ship_package,
+    )
 
 
 def _connect(

@@ -39,10 +39,10 @@ from hsic_ray.distributed.placement import StageSpec, describe_plan
 from hsic_ray.distributed.stage_actor import Hop, StageSettings
 from hsic_ray.distributed.stages import LOST, Stages
 from hsic_ray.distributed.transport import WireFactors, factors_to_numpy
+from hsic_ray.machine import threads_for
 from hsic_ray.models import Shape
 from hsic_ray.objective import KernelFactors
 from hsic_ray.pipeline import StepResult
-from hsic_ray.resources import threads_for
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
 

@@ -21,9 +21,9 @@ import torch
 from hsic_ray.config import ExperimentConfig, HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport, WireFactors, factors_to_numpy
+from hsic_ray.machine import threads_for
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import HSICObjective
-from hsic_ray.resources import threads_for
 from hsic_ray.run import checkpoint
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule

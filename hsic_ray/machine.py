@@ -1,0 +1,43 @@
+"""This machine's cores and memory, as the processes and threads of a run ask for them.
+
+Free of torch, so that a job checks a local cluster's size before it imports torch (it starts Ray while
+torch imports; hsic_ray.distributed.background_connect)."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+from hsic_ray.errors import ResourceError
+
+GIB = 1024**3
+# A Ray worker that imports (CUDA-built) torch holds about this much memory of its own.
+PROCESS_BYTES = int(0.7 * GIB)
+
+
+def machine_cores() -> int:
+    return os.cpu_count() or 1
+
+
+def threads_for(cpus: float) -> int:
+    """Torch threads for a process that reserved `cpus`: at least one, never more than the machine's cores."""
+    return max(1, min(int(cpus), machine_cores()))
+
+
+def check_local_cluster(processes: int, cpus_per_process: float) -> None:
+    """A local cluster is this machine: refuse more processes than its memory holds, or a process that asks
+    for more CPUs than it has cores (Ray would grant the logical CPUs and the process would oversubscribe)."""
+    cores = machine_cores()
+    if cpus_per_process > cores:
+        raise ResourceError(
+            f"a process asks for {cpus_per_process:g} CPUs and this machine has {cores} cores; ask for at most "
+            f"{cores} per stage or worker, or join a larger cluster with --ray-address"
+        )
+    need, have = processes * PROCESS_BYTES, psutil.virtual_memory().available
+    if need > have:
+        raise ResourceError(
+            f"{processes} Ray worker processes need about {need / GIB:.1f} GiB and this machine has "
+            f"{have / GIB:.1f} GiB free; use at most {max(1, have // PROCESS_BYTES)} stages or workers here, or "
+            "join a larger cluster with --ray-address"
+        )
