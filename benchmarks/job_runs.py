@@ -11,19 +11,23 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_process(command: list[str], what: str) -> subprocess.CompletedProcess:
-    """`command` run from the repository root, its output captured; a failure ends the benchmark, naming `what`."""
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+def run_process(
+    command: list[str], what: str, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """`command` run from `cwd` (the repository root), its output captured; a failure ends the benchmark, naming
+    `what`."""
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{what} failed:\n{done.stderr[-3000:]}")
     return done
 
 
-def run_each(cases: list[str], variants: list[str], run: Callable[[str, str, Path], dict]) -> list[dict]:
+def run_each(cases: list[str], variants: list[Any], run: Callable[[str, Any, Path], dict]) -> list[dict]:
     """`run(case, variant, workdir)` for every case and variant, in order, saying which runs; their results.
     The runs write into one temporary directory, removed at the end."""
     results = []

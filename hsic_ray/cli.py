@@ -1,6 +1,6 @@
 """Command-line pieces the job scripts share: which config fields each job takes as flags (their type,
 choices and help come from the config's fields), how flags become config overrides, and which errors are the
-user's to fix (one line, exit code 2) rather than bugs (a traceback)."""
+user's to fix (one line, exit code 2) rather than bugs (a traceback), and how a job's process ends."""
 
 from __future__ import annotations
 
