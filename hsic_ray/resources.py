@@ -1,5 +1,6 @@
-"""What a run asks of the machine it starts on: memory for the network and its kernels, threads and
-processes, checked against the real machine before anything is built or started."""
+"""What a run asks of the machine it starts on: memory for the network and its kernels, and disk for its
+checkpoints, checked against the real machine before anything is built or started (its processes and threads:
+hsic_ray.machine)."""
 
 from __future__ import annotations
 

@@ -207,10 +207,9 @@ def connect(
     interrupt.reclaim()  # ray.init put its own SIGTERM handler in place of the job's, and it aborts the process
 
 
-def connect_for_stages(ray_cfg: RayConfig, stages: int | None = None) -> None:
-    """`connect` for a pipeline of `stages` stages (None: ray.stages, else one per core of this machine), and
-    its coordinator."""
-    stages = stages or ray_cfg.stages or os.cpu_count() or 1
+def connect_for_stages(ray_cfg: RayConfig) -> None:
+    """`connect` for a pipeline of ray.stages stages (None: one per core of this machine) and its coordinator."""
+    stages = ray_cfg.stages or os.cpu_count() or 1
     connect(
         ray_cfg.address,
         local_cpus=stages * ray_cfg.cpus_per_stage + ray_cfg.coordinator_cpus,
