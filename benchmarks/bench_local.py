@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Sequence
@@ -259,12 +260,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=16, help="channels of the conv net's first stage (--arch conv)")
     args = p.parse_args(argv)
 
-    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, device {args.device}"
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    machine += f", device {args.device}"
     if args.device.startswith("cuda"):
         machine += f" ({torch.cuda.get_device_name()}, cuda graphs {args.cuda_graphs})"
     print(f"# hsic-ray in-process benchmark ({machine}, torch {torch.__version__})\n")
     if args.arch == "conv":
-        results: dict = {"machine": machine, "conv_steps": []}
+        results: dict = {"machine": machine, "date": started, "conv_steps": []}
         print_conv_steps(args, results)
         return _write_json(args.json, results)
     print("## ms per training step: paper MLP (width 1024, batch 256, cca), every layer in one stage\n")
@@ -276,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         header += " reference schedule here s/step |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
-    results: dict = {"machine": machine, "steps": [], "estimators": {}}
+    results: dict = {"machine": machine, "date": started, "steps": [], "estimators": {}}
     for depth in args.depths:
         row = step_comparison(depth, args.steps, args.device, args.cuda_graphs)
         line = (
