@@ -180,6 +180,11 @@ class TrainConfig:
         "the probes at the end of the run are fitted on this many training samples (all, where the split is "
         "smaller) and scored on the whole test split",
     )
+    readout_samples: int | None = documented(
+        10_000,
+        "the readouts between epochs (least squares and unformatted: what a sweep's trials report) are fitted on "
+        "this many training samples (all, where the split is smaller; null: all) and scored on the whole test split",
+    )
     monitor_every: int = documented(
         1,
         "epochs between the information plane, the linear probes and the BatchNorm recalibration (the last epoch "
@@ -457,6 +462,7 @@ def _validate_train(train: TrainConfig) -> None:
     _check_positive("train.plot_seconds", train.plot_seconds, minimum=0)
     _check_positive("train.monitor_every", train.monitor_every)
     _check_positive("train.final_probe_samples", train.final_probe_samples, minimum=2)
+    _check_optional("train.readout_samples", train.readout_samples, 2, "every training sample")
     check_setting(0 <= train.seed <= MAX_SEED, "train.seed", train.seed, f"an integer in [0, {MAX_SEED}]")
     check_setting(
         not (train.cuda_graphs == "on" and train.device == "cpu"),

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from hsic_ray import probes
 from hsic_ray.config import TrainConfig
-from hsic_ray.data import ImageData, to_tensor
+from hsic_ray.data import ImageData, fixed_subset, to_tensor
 from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.pipeline import Pipeline
 from hsic_ray.run.metrics_log import MetricsLog
@@ -65,7 +65,7 @@ class LayerMonitor:
         if self._probe_splits is None:
             return None
         data, rng = self.data, np.random.default_rng(self.train.seed + 2)
-        train = _subset(data.x_train, data.y_train, self.train.final_probe_samples, rng)
+        train = fixed_subset(data.x_train, data.y_train, self.train.final_probe_samples, rng)
         with self.out.timeline.phase("final_probes"):
             return self._probe(train, (data.x_test, data.y_test))
 
@@ -117,7 +117,8 @@ class LayerMonitor:
         if not size:
             return None
         rng, data = np.random.default_rng(self.train.seed), self.data
-        return _subset(data.x_train, data.y_train, size, rng), _subset(data.x_test, data.y_test, max(1, size // 2), rng)
+        train = fixed_subset(data.x_train, data.y_train, size, rng)
+        return train, fixed_subset(data.x_test, data.y_test, max(1, size // 2), rng)
 
     def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
         started = time.perf_counter()
@@ -142,9 +143,3 @@ class LayerMonitor:
             test[-1],
             record["seconds"],
         )
-
-
-def _subset(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator) -> probes.Split:
-    """`n` samples drawn from `rng`, in the split's order (all of them where the split is smaller)."""
-    idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
-    return x[idx], y[idx]

@@ -80,7 +80,9 @@ class HSICTrainer:
         self.objective = HSICObjective(cfg.hsic, data.num_classes)
         self.head = FormatHead(output_features, data.num_classes, cfg.head, device)
         self.monitor = LayerMonitor(cfg.train, data, self.objective, pipeline, self.out, cfg.preset or "hsic")
-        self.evaluation = NetworkEvaluation(data, pipeline.forward_chunks)
+        self.evaluation = NetworkEvaluation(
+            data, pipeline.forward_chunks, cfg.train.readout_samples, seed=cfg.train.seed + 3
+        )
         self.progress = Progress.of_stages(pipeline.num_stages)
         self.checkpoints = TrainingCheckpoints(
             cfg.train, run, pipeline, self.out, self.progress, self.head, self.monitor

@@ -247,3 +247,27 @@ def test_least_squares_readout_reads_linearly_coded_classes_and_not_noise():
     assert least_squares_accuracy(features[:2000], labels[:2000], features[2000:], labels[2000:], 10) > 95
     noise = rng.normal(size=(3000, 32))
     assert least_squares_accuracy(noise[:2000], labels[:2000], noise[2000:], labels[2000:], 10) < 20
+
+
+def test_the_epoch_readout_fits_on_a_fixed_training_subset_and_scores_the_whole_test_split(digits):
+    from hsic_ray.network_evaluation import NetworkEvaluation
+
+    projection = torch.randn(784, 32, generator=torch.Generator().manual_seed(0))
+    seen = []
+
+    def forward_chunks(chunks):  # a network's output: the pixels through a fixed random projection
+        for x in chunks:
+            seen.append(len(x))
+            yield x.flatten(1) @ projection
+
+    subset = NetworkEvaluation(digits, forward_chunks, readout_samples=500, seed=7)
+    first = subset.epoch_accuracies()
+    assert sum(seen) == 500 + len(digits.y_test)
+    assert subset.epoch_accuracies() == first  # the same subset every epoch
+    seen.clear()
+    full = NetworkEvaluation(digits, forward_chunks, readout_samples=None).epoch_accuracies()
+    assert sum(seen) == len(digits.y_train) + len(digits.y_test)
+    # A subset at least the split's size is the split: the readouts are those of every training sample.
+    assert NetworkEvaluation(digits, forward_chunks, readout_samples=len(digits.y_train)).epoch_accuracies() == full
+    assert full["test_accuracy_least_squares"] > 60
+    assert abs(first["test_accuracy_least_squares"] - full["test_accuracy_least_squares"]) < 10

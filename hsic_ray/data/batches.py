@@ -72,6 +72,17 @@ def split_chunks(x: np.ndarray, size: int = EVAL_CHUNK) -> Iterator[torch.Tensor
         yield to_tensor(x[i : i + size])
 
 
+def fixed_subset(
+    x: np.ndarray, y: np.ndarray, n: int | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`n` samples of a split drawn from `rng`, in the split's order (all of them where the split is
+    smaller); None: the split itself, drawing nothing."""
+    if n is None:
+        return x, y
+    idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
+    return x[idx], y[idx]
+
+
 def iterate_batches(
     x: np.ndarray,
     y: np.ndarray,
