@@ -125,10 +125,13 @@ class _JobLogFormatter(logging.Formatter):
 
 
 def setup_logging() -> None:
-    """The jobs' log lines on stderr: INFO and above, with the time."""
+    """The jobs' log lines on stderr, with the time: this package's from INFO up, other libraries' (torch,
+    Ray, Tune) from WARNING up. Their INFO notes are theirs to debug with: torch's, for one, prints its tensor
+    caches' statistics at exit once its compiler has been imported."""
     handler = logging.StreamHandler()
     handler.setFormatter(_JobLogFormatter(datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("hsic_ray").setLevel(logging.INFO)
 
 
 def run_job(body: Callable[[], int]) -> int:
@@ -150,11 +153,10 @@ def exit_job(code: int) -> NoReturn:
     """End a job's process with `code` as the interpreter would (its other threads joined, its exit handlers
     run: Ray's shutdown among them, the streams flushed), less the teardown of every module, which after
     torch's import takes the best part of a second or two and that the user would wait for."""
-    main = threading.main_thread()
-    for thread in threading.enumerate():
-        if thread is not main and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # CPython's, what its own exit runs next
+    # What CPython's own exit runs first, in its order: threading's exit hooks (they stop idle executor
+    # threads, which would never end otherwise), a join of the threads left, then the atexit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

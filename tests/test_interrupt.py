@@ -3,12 +3,16 @@ and the same command continues the run to the result an uninterrupted run reache
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hsic_ray.run.lock import LOCK_FILE
@@ -107,6 +111,43 @@ def test_a_second_sigint_stops_at_once_in_one_line(tmp_path):
     assert "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if "interrupted" in line] == [stderr.strip().splitlines()[-1]]
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_ray_job_starts_is_one_line_and_leaves_no_process(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # the job's own: short, for Ray's socket paths
+    command = [sys.executable, str(JOBS / "train_deep.py"), "--smoke-test", "--output", str(tmp_path / "run")]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        # Two seconds in, the job still imports torch while Ray starts beside it (hsic_ray.launch).
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert list(Path(ray_tmp).glob("ray/session_*")), "Ray had not begun to start: the test checks nothing"
+        assert proc.returncode == 130, stderr
+        lines = stderr.strip().splitlines()
+        assert lines[-1] == "interrupted; rerun the same command to continue"
+        # Nothing else but the job's own progress lines: no traceback, no library's notes at exit.
+        assert [line for line in lines[:-1] if not re.match(r"\d\d:\d\d:\d\d (started|run )", line)] == []
+        wait_for_none(lambda: [p for p in psutil.process_iter() if _runs_in(p, ray_tmp)], timeout=20)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _runs_in(process: psutil.Process, ray_tmp: str) -> bool:
+    """Whether `process` belongs to the Ray cluster whose files are under `ray_tmp`."""
+    try:
+        return any(ray_tmp in arg for arg in process.cmdline())
+    except psutil.Error:
+        return False
+
+
+def wait_for_none(found, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while found():
+        assert time.monotonic() < deadline, f"still running: {found()}"
+        time.sleep(0.2)
 
 
 # Short epochs: enough of them that the kill, after the second, lands mid-run.

@@ -31,14 +31,15 @@ def test_a_failed_background_connection_raises_in_the_waiting_thread():
         connection.wait()
 
 
-def test_exit_job_joins_threads_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path):
+def test_exit_job_ends_threads_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path):
     script = textwrap.dedent(
         f"""
-        import atexit, pathlib, sys, threading, time
+        import atexit, concurrent.futures, pathlib, sys, threading, time
         from hsic_ray.cli import exit_job
         out = pathlib.Path({str(tmp_path)!r})
         atexit.register(lambda: (out / "handler").write_text("ran"))
         threading.Thread(target=lambda: (time.sleep(0.5), (out / "thread").write_text("done"))).start()
+        concurrent.futures.ThreadPoolExecutor(1).submit(int).result()  # its idle worker thread stays behind
         print("last words", end="")
         exit_job(3)
         """
