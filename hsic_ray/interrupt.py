@@ -4,7 +4,8 @@ A job's body runs under `signals_stop_the_run` (hsic_ray.cli.run_job). Inside th
 under `at_safe_points`, a signal only asks them to stop: they check `requested` between steps, finish the
 batches in flight, write a checkpoint and raise `Interrupted` with the step. Anywhere else (loading data,
 starting actors, the end of a run), and at a second signal, `Interrupted` is raised at once: what the run
-had not checkpointed is redone when it is continued. The job prints one line for it and exits 128 + the
+had not checkpointed is redone when it is continued. During a job's imports (`exits_at_once`) the process
+ends at once instead. The job prints one line for it and exits 128 + the
 signal's number (130 for SIGINT, 143 for SIGTERM).
 
 Pure Python (no torch, no Ray), so the command line can import it.
@@ -13,7 +14,9 @@ Pure Python (no torch, no Ray), so the command line can import it.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -25,10 +28,14 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class _State:
     handling = False  # the handlers are installed (a job's body runs)
     deferred = 0  # depth of at_safe_points blocks: a signal waits for the loop's next safe point
+    immediate = 0  # depth of exits_at_once blocks: a signal ends the process
     requested: int | None = None  # the signal received, if any
 
 
 def _handle(signum: int, frame) -> None:
+    if _State.immediate:
+        print(Interrupted(signum), file=sys.stderr, flush=True)
+        os._exit(128 + signum)
     if _State.requested is None and _State.deferred:
         _State.requested = signum
         return
@@ -54,6 +61,20 @@ def signals_stop_the_run() -> Iterator[None]:
         for s, handler in previous.items():
             signal.signal(s, handler)
         _State.handling, _State.requested = False, None
+
+
+@contextlib.contextmanager
+def exits_at_once() -> Iterator[None]:
+    """Inside the block a signal ends the process at once, with the same line and exit code, instead of
+    raising `Interrupted`: for a job's start-up, which has nothing to save yet. An exception raised at an
+    arbitrary point of an import can be lost (in a weakref callback of the import machinery, which ignores
+    it) and leave a module's import lock held, on which another thread importing (Ray, starting beside the
+    job's imports) would wait for ever."""
+    _State.immediate += 1
+    try:
+        yield
+    finally:
+        _State.immediate -= 1
 
 
 def reclaim() -> None:

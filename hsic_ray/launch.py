@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig
 
 
@@ -15,11 +16,12 @@ def run_hsic_job(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     """hsic_ray.experiment.run_hsic, with Ray connecting in the background from the start where it can
     (`connects_early`); returns the run's metrics."""
     connection = None
-    if connects_early(cfg, resume):
-        from hsic_ray.distributed.background_connect import BackgroundConnection
+    with interrupt.exits_at_once():  # nothing to save yet, and Ray may be importing on another thread
+        if connects_early(cfg, resume):
+            from hsic_ray.distributed.background_connect import BackgroundConnection
 
-        connection = BackgroundConnection.start(cfg.ray)
-    from hsic_ray.experiment import run_hsic
+            connection = BackgroundConnection.start(cfg.ray)
+        from hsic_ray.experiment import run_hsic
 
     return run_hsic(cfg, resume=resume, connection=connection)
 

@@ -120,11 +120,10 @@ def test_ctrl_c_while_a_ray_job_starts_is_one_line_and_leaves_no_process(tmp_pat
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        # Two seconds in, the job still imports torch while Ray starts beside it (hsic_ray.launch).
-        time.sleep(2.0)
+        # As soon as Ray begins to start (its session directory), while the job imports torch beside it.
+        wait_for(lambda: list(Path(ray_tmp).glob("ray/session_*")), proc, timeout=120)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
-        assert list(Path(ray_tmp).glob("ray/session_*")), "Ray had not begun to start: the test checks nothing"
         assert proc.returncode == 130, stderr
         lines = stderr.strip().splitlines()
         assert lines[-1] == "interrupted; rerun the same command to continue"
