@@ -39,10 +39,11 @@ def start_job(script: str, out: Path, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+def wait_for(condition, proc: subprocess.Popen | None, timeout: float = 90.0) -> None:
+    """Until `condition()` holds, while `proc` (if given) still runs."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert proc.poll() is None, proc.communicate()
+        assert proc is None or proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the job did not get there in time"
         time.sleep(0.05)
 
@@ -129,7 +130,7 @@ def test_ctrl_c_while_a_ray_job_starts_is_one_line_and_leaves_no_process(tmp_pat
         assert lines[-1] == "interrupted; rerun the same command to continue"
         # Nothing else but the job's own progress lines: no traceback, no library's notes at exit.
         assert [line for line in lines[:-1] if not re.match(r"\d\d:\d\d:\d\d (started|run )", line)] == []
-        wait_for_none(lambda: [p for p in psutil.process_iter() if _runs_in(p, ray_tmp)], timeout=20)
+        wait_for(lambda: not any(_runs_in(p, ray_tmp) for p in psutil.process_iter()), None, timeout=20)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -140,13 +141,6 @@ def _runs_in(process: psutil.Process, ray_tmp: str) -> bool:
         return any(ray_tmp in arg for arg in process.cmdline())
     except psutil.Error:
         return False
-
-
-def wait_for_none(found, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while found():
-        assert time.monotonic() < deadline, f"still running: {found()}"
-        time.sleep(0.2)
 
 
 # Short epochs: enough of them that the kill, after the second, lands mid-run.
