@@ -37,7 +37,7 @@ from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
 from hsic_ray.run.plots import plot_curves
 from hsic_ray.sweep_progress import SweepProgress, axis_name
-from hsic_ray.sweep_spec import SweepSpec
+from hsic_ray.sweep_spec import SweepSpec, with_absolute_data_paths
 
 log = logging.getLogger("hsic_ray")
 
@@ -185,14 +185,16 @@ def _check_capacity(spec: SweepSpec) -> None:
 def _param_space(spec: SweepSpec, sweep_dir: str) -> dict[str, Any]:
     space: dict[str, Any] = {
         "preset": spec.preset,
-        "overrides": spec.overrides,
+        "overrides": {key: with_absolute_data_paths(key, value) for key, value in spec.overrides.items()},
         "sweep_dir": sweep_dir,
         "depth": tune.grid_search(spec.depths),
         "method": tune.grid_search(spec.methods),
         "ray.stages": spec.stages_per_trial,
         "ray.gpus_per_stage": spec.gpus_per_stage,
     }
-    space.update({key: tune.grid_search(values) for key, values in spec.grid.items()})
+    space.update(
+        {key: tune.grid_search([with_absolute_data_paths(key, v) for v in values]) for key, values in spec.grid.items()}
+    )
     return space
 
 

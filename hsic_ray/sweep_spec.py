@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,19 @@ class SweepSpec:
             build_config(self.preset, overrides={**self.overrides, **point, **layout, "model.depth": depth})
             for depth, point in itertools.product(self.depths, grid_points(self.grid))
         ]
+
+
+def with_absolute_data_paths(key: str, value: Any) -> Any:
+    """A setting as every trial must see it: Tune runs each trial in its own directory, where a data path
+    relative to the sweep's working directory would name nothing (a URI, or a dataset's name, stays as it is)."""
+    if key == "data.root" and isinstance(value, str):
+        return os.path.abspath(os.path.expanduser(value))
+    if key == "data.source" and isinstance(value, str):
+        for scheme in ("npz:", "parquet:"):
+            path = value[len(scheme) :]
+            if value.startswith(scheme) and path and "://" not in path:
+                return scheme + os.path.abspath(os.path.expanduser(path))
+    return value
 
 
 def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

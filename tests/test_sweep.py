@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
@@ -30,8 +31,8 @@ sys.path.insert(0, str(JOB.parent))
 import sweep_depth  # noqa: E402
 
 
-def run_sweep(*args, timeout=600):
-    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout)
+def run_sweep(*args, timeout=600, cwd=None):
+    return subprocess.run([sys.executable, str(JOB), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.slow
@@ -169,9 +170,19 @@ def test_resume_without_a_sweep_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_grid_over_any_setting_runs_one_trial_per_value(tmp_path):
+def test_grid_over_any_setting_runs_one_trial_per_value(tmp_path, digits):
+    """Paths relative to where the sweep starts (data and output) work, although Tune runs each trial elsewhere."""
+    np.savez(
+        tmp_path / "digits.npz",
+        x_train=digits.x_train,
+        y_train=digits.y_train,
+        x_test=digits.x_test,
+        y_test=digits.y_test,
+    )
     out = tmp_path / "grid"
     proc = run_sweep(
+        "--dataset",
+        "npz:digits.npz",
         "--depths",
         "2",
         "--methods",
@@ -185,7 +196,8 @@ def test_grid_over_any_setting_runs_one_trial_per_value(tmp_path):
         "--grid",
         "head.epochs=1",
         "--output",
-        str(out),
+        "grid",
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "results.csv") as f:
