@@ -28,6 +28,7 @@ import pytest
 CGROUPS = Path("/sys/fs/cgroup/cpuacct")
 USAGE_ENV = "SUITE_COST_USAGE_FILE"  # the cgroup's counter, read by the plugin below in each pytest process
 RECORDS_ENV = "SUITE_COST_RECORDS"  # where the plugin appends one JSON line per test
+LEFTOVER_WAIT_S = 30
 
 
 def cgroup_seconds(usage_file: str | Path) -> float:
@@ -70,7 +71,8 @@ def new_cgroup() -> Path:
 
 
 def run_pytest(pytest_args: list[str], group: Path, records: Path) -> tuple[int, float, float]:
-    """pytest in `group`; its exit code, wall seconds and the cgroup's CPU seconds."""
+    """pytest in `group`; its exit code, wall seconds and the cgroup's CPU seconds, once the processes its
+    tests left behind have ended (Ray's agents outlive a killed raylet by a few seconds)."""
     env = {**os.environ, USAGE_ENV: str(group / "cpuacct.usage"), RECORDS_ENV: str(records)}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
@@ -81,7 +83,23 @@ def run_pytest(pytest_args: list[str], group: Path, records: Path) -> tuple[int,
     started = time.perf_counter()
     command = [sys.executable, "-m", "pytest", "-p", "benchmarks.suite_cost", *pytest_args]
     code = subprocess.call(command, env=env, cwd=root, preexec_fn=join_group)
-    return code, time.perf_counter() - started, cgroup_seconds(group / "cpuacct.usage")
+    wall = time.perf_counter() - started
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while leftover_processes(group) and time.monotonic() < deadline:
+        time.sleep(1)
+    return code, wall, cgroup_seconds(group / "cpuacct.usage")
+
+
+def leftover_processes(group: Path) -> list[str]:
+    """The processes still in `group`, each as `pid command`."""
+    found = []
+    for pid in (group / "tasks").read_text().split():
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:  # gone meanwhile
+            continue
+        found.append(f"{pid} {command[:120]}")
+    return found
 
 
 def by_module(tests: list[dict]) -> list[dict]:
@@ -107,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         records.touch()
         code, wall, cpu = run_pytest(pytest_args, group, records)
         tests = [json.loads(line) for line in records.read_text().splitlines()]
-    group.rmdir()
+    left = leftover_processes(group)
+    if left:
+        print(f"{len(left)} processes the tests started still ran {LEFTOVER_WAIT_S} s after pytest ended:")
+        print("\n".join(left[:20]))
+    else:
+        group.rmdir()
     parallel = len({t["worker"] for t in tests}) > 1  # tests overlapped: only the whole run's figure holds
     print(f"\npytest {' '.join(pytest_args)}: exit {code}, {len(tests)} tests, {wall:.0f} s wall, {cpu:.0f} CPU s")
     print(f"the CPU if the machine's {os.cpu_count()} cores shared it perfectly: {cpu / os.cpu_count() / 60:.1f} min")
@@ -127,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             "exit_code": code,
             "wall_s": wall,
             "cpu_s": cpu,
+            "processes_left_running": left,
             "modules": [] if parallel else modules,
             "tests": [] if parallel else tests,
         }

@@ -80,6 +80,10 @@ PLOT_FILE = "grad_norms.png"
 # error-level line whenever it creates one (its constructor takes actor handles, and it restarts forever).
 # Ray Train passes this variable from the driver to its controller and workers.
 PREEMPTION_WATCHER = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+# How often Ray Train's controller polls its workers (Ray's default: every 2 s). An epoch's report waits for
+# the controller's next poll, so the default added up to 2 s to every epoch of a small run; polling a few
+# workers ten times a second costs less than that wait (docs/results.md, "Ray Train's poll interval").
+HEALTH_CHECK_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 # Settings a resumed backprop run must share with the run it continues (epochs, max_steps, logging may change).
 RESUME_MUST_MATCH = ("data", "model", "backprop", "train.batch_size", "train.seed")
 
@@ -456,7 +460,9 @@ def _torch_trainer(run: RunDirectory, cfg: ExperimentConfig, data: ImageData, po
 
     workers, use_gpu, cpus_per_worker = layout["workers"], layout["use_gpu"], layout["cpus_per_worker"]
     resources = {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
-    os.environ.setdefault(PREEMPTION_WATCHER, "0")  # read by Ray Train as the controller starts; a user's value wins
+    # Read by Ray Train as its controller starts; a user's own values win.
+    os.environ.setdefault(PREEMPTION_WATCHER, "0")
+    os.environ.setdefault(HEALTH_CHECK_INTERVAL, "0.1")
     return TorchTrainer(
         _train_loop_per_worker,
         train_loop_config={

@@ -37,17 +37,9 @@ STEPS_PER_EPOCH = 2000 // 128  # the `digits` fixture's 2000 training samples in
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    # The controller consumes each worker's reports every health-check interval (2 s by default), and a
-    # worker's next report waits for that: poll faster so that epochs of a tiny net are not 2 s each.
-    saved = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
-    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
-    if saved is None:
-        os.environ.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)
-    else:
-        os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = saved
 
 
 def small_config(out, **extra):
