@@ -116,8 +116,23 @@ def deep_mlp(source: str = "mnist-sample", family: str | None = None) -> Experim
     )
 
 
+def deep_conv(source: str = "mnist-sample", family: str | None = None) -> ExperimentConfig:
+    """A deep plain conv net, without skip connections: 3x3 convs in three stages of 16 / 32 / 64 channels."""
+    cfg = deep_mlp(source, family)
+    return dataclasses.replace(
+        cfg,
+        preset="deep_conv",
+        # deep_mlp's depth-robust choices, on conv layers. The format head reads a 128-wide last layer: a
+        # 10-wide one held far less than the conv layers before it, and held less the deeper the net
+        # (docs/results.md, "Deep plain conv nets").
+        model=ModelConfig(arch="conv", depth=20, width=16, last_width=128, activation="elu", init="orthogonal"),
+        train=dataclasses.replace(cfg.train, batch_size=256),
+    )
+
+
 PRESETS: dict[str, Callable[[str, str | None], ExperimentConfig]] = {
     "paper_mlp": paper_mlp,
     "paper_resconv": paper_resconv,
     "deep_mlp": deep_mlp,
+    "deep_conv": deep_conv,
 }
