@@ -5,6 +5,9 @@
   cluster give its address, or drop the variable from their subprocess's environment.
 - RAY_TMPDIR: this process's own Ray temporary directory (sessions, logs, sockets, and the address file
   `ray start` writes, which `--ray-address auto` and a job without an address look up), deleted at the end.
+- One torch thread per process (OMP_NUM_THREADS=1) unless a test or the code sets its own: the workers and
+  their Ray clusters already keep every core busy, and a torch process with a thread per core then spends
+  its time waiting for its descheduled threads (docs/results.md, "One torch thread per test process").
 - A smaller object store per cluster (a tenth of free memory instead of Ray's 30 %): several clusters run
   at once here, and no test puts much in it.
 
@@ -20,6 +23,7 @@ import tempfile
 
 os.environ["RAY_ADDRESS"] = "local"
 os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths live there
+os.environ["OMP_NUM_THREADS"] = "1"
 os.environ.setdefault("RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION", "0.1")
 
 import pytest  # noqa: E402
