@@ -113,8 +113,8 @@ def _job(out: Path, *extra: str) -> subprocess.Popen:
 @pytest.mark.slow
 def test_two_jobs_on_one_output_the_second_is_refused_and_a_killed_one_is_taken_over(tmp_path):
     out = tmp_path / "run"
-    # Long enough to be running when the second starts: many steps, one at a time.
-    first = _job(out, "--max-steps", "400", "--batch-size", "32", "train.probe_samples=0")
+    # Runs until killed: a job that could end by itself might release the lock while the second starts.
+    first = _job(out, "--epochs", "1000", "train.max_steps=null", "--batch-size", "32", "train.probe_samples=0")
     try:
         deadline = time.monotonic() + 60
         while not (out / "config.yaml").exists():
