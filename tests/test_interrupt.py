@@ -18,15 +18,18 @@ import pytest
 from hsic_ray.run.lock import LOCK_FILE
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
-# Many small steps, so that a signal lands mid-run; no probes or BatchNorm calibration to wait for.
+# Many small steps, so that a signal lands mid-run (60 of them took 0.2 s: a test descheduled that long saw the
+# run end first); no probes or BatchNorm calibration to wait for.
+HSIC_STEPS = 750
 HSIC_RUN = [
     "--smoke-test",
     "--trainer",
     "local",
     "--batch-size",
     "32",
-    "--max-steps",
-    "60",
+    "--epochs",
+    "3",
+    "train.max_steps=null",
     "--log-every",
     "1",
     "train.probe_samples=0",
@@ -72,7 +75,7 @@ def interrupt_hsic_run(out: Path, signum: int, code: int, trainer: str = "local"
     assert len(interrupt_lines) == 1 and stderr.strip().splitlines()[-1] == interrupt_lines[0]
     step = int(interrupt_lines[0].split("interrupted at step ")[1].split(";")[0])
     assert interrupt_lines[0] == f"interrupted at step {step}; rerun the same command to continue"
-    assert 5 <= step < 60
+    assert 5 <= step < HSIC_STEPS
     # The stop wrote a checkpoint of every step taken, and released the output's lock.
     assert (out / "checkpoints" / f"step-{step:08d}" / "MANIFEST.json").exists()
     assert not (out / LOCK_FILE).exists() and not (out / "metrics.json").exists()
@@ -95,7 +98,7 @@ def test_sigint_stops_an_hsic_run_and_the_same_command_reaches_the_uninterrupted
     uninterrupted = run_to_end("train_deep.py", tmp_path / "whole", HSIC_RUN)
     assert uninterrupted.returncode == 0, uninterrupted.stderr
     ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
-    assert ours["steps"] == theirs["steps"] == 60
+    assert ours["steps"] == theirs["steps"] == HSIC_STEPS
     for key in ("test_accuracy_unformatted", "test_accuracy_formatted", "test_accuracy_least_squares"):
         assert ours.get(key) == theirs.get(key), key
 
