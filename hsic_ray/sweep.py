@@ -8,9 +8,7 @@ baseline, on the same network, data and budget. Trials report once per epoch wit
 from __future__ import annotations
 
 import contextlib
-import csv
 import importlib.util
-import io
 import logging
 import os
 import signal
@@ -35,8 +33,8 @@ from hsic_ray.run import claim as run_claim
 from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
-from hsic_ray.run.plots import plot_curves
-from hsic_ray.sweep_progress import SweepProgress, axis_name
+from hsic_ray.sweep_progress import SweepProgress
+from hsic_ray.sweep_results import SEED_KEY, series_label, write_results
 from hsic_ray.sweep_spec import SweepSpec, with_absolute_data_paths
 
 log = logging.getLogger("hsic_ray")
@@ -247,7 +245,7 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
         # after the job's own last line.
         ray.shutdown()
         raise Interrupted(received[0], how="add --resume to the same command to continue")
-    rows = sorted((_row(result) for result in grid), key=lambda r: (_series_label(r), r["depth"]))
+    rows = sorted((_row(result) for result in grid), key=lambda r: (series_label(r), r["depth"], r.get(SEED_KEY, 0)))
     write_results(claim.run, rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
     return rows
@@ -331,58 +329,3 @@ def _row(result) -> dict[str, Any]:
         "finished": bool(metrics.get("final")),
         "error": None if result.error is None else type(result.error).__name__,
     }
-
-
-def failed_trials(rows: list[dict[str, Any]]) -> str | None:
-    """A line naming the trials that failed, or None when none did (trials that ASHA stopped early did not
-    fail)."""
-    failed = [r for r in rows if r["error"]]
-    if not failed:
-        return None
-    names = ", ".join(f"{_series_label(r)} depth {r['depth']} ({r['error']})" for r in failed)
-    return f"{len(failed)} of {len(rows)} trials failed: {names}"
-
-
-def _series_label(row: dict[str, Any]) -> str:
-    """The method, plus the grid settings of the row's trial (`hsic activation=elu`)."""
-    settings = [f"{axis_name(key)}={row[key]}" for key in row if "." in key]
-    return " ".join([row["method"], *settings])
-
-
-def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
-    columns = list(rows[0]) if rows else []
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    run.write_text("results.csv", text.getvalue())
-    run.write_text("results.md", markdown_table(rows))
-    series: dict[str, list[tuple[float, float]]] = {}
-    for r in rows:
-        if r["test_accuracy"] is not None and r["finished"]:
-            series.setdefault(_series_label(r), []).append((r["depth"], r["test_accuracy"]))
-    if series:
-        run.write_with_local_file(
-            "accuracy_vs_depth.png",
-            lambda path: plot_curves(
-                series,
-                path,
-                "depth (hidden blocks)",
-                "test accuracy (%)",
-                "test accuracy against depth",
-                xticks=sorted({depth for points in series.values() for depth, _ in points}),
-            ),
-        )
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "(no trials)\n"
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        cells = [
-            f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in (r[c] for c in columns)
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -17,14 +17,11 @@ from typing import Any
 
 from ray import tune
 
+from hsic_ray.sweep_spec import axis_name
+
 log = logging.getLogger("hsic_ray")
 
 STATUS_WORDS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "ERROR": "failed"}
-
-
-def axis_name(key: str) -> str:
-    """A grid key as a column or label names it: its last part (model.activation -> activation)."""
-    return key.rsplit(".", 1)[-1]
 
 
 def _cell(value: Any) -> str:

@@ -14,6 +14,11 @@ METHODS = ("hsic", "backprop")
 DEPTHS = (5, 10, 20, 50)  # a sweep's depths unless it names its own
 
 
+def axis_name(key: str) -> str:
+    """A grid key as a column or label names it: its last part (model.activation -> activation)."""
+    return key.rsplit(".", 1)[-1]
+
+
 @dataclass
 class SweepSpec:
     """What to sweep: the grid, the settings every trial shares, and how trials are laid out."""

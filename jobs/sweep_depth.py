@@ -5,6 +5,7 @@
     python jobs/sweep_depth.py --output runs/sweep --resume    # continue an interrupted sweep
     python jobs/sweep_depth.py --depths 5 50 --methods hsic \
         --grid model.activation=relu,elu --grid train.batch_size=256,512
+    python jobs/sweep_depth.py --combine runs/sweep-a runs/sweep-b --output runs/both  # one table and plot
 
 Writes results.csv, results.md and accuracy_vs_depth.png to --output, and prints the table.
 """
@@ -65,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="two small depths, tiny nets: a check that runs in minutes",
     )
     p.add_argument("--resume", action="store_true", help="restore the interrupted sweep in --output")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="SWEEP",
+        help="write finished sweeps' results (their --output directories) as one table and plot to --output; "
+        "trains nothing",
+    )
     p.add_argument("--ray-address")
     p.add_argument("--output", default=f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     return p.parse_args(argv)
@@ -92,12 +100,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def sweep() -> int:
+        if args.combine:
+            from hsic_ray.sweep_results import combine_sweeps, results_markdown
+
+            print(results_markdown(combine_sweeps(args.combine, args.output)))
+            return 0
         spec = build_spec(args)
         spec.check()  # before torch and Ray are imported: bad settings answer at once
-        from hsic_ray.sweep import failed_trials, markdown_table, run_sweep
+        from hsic_ray.sweep import run_sweep
+        from hsic_ray.sweep_results import failed_trials, results_markdown
 
         rows = run_sweep(spec, resume=args.resume, address=args.ray_address)
-        print(markdown_table(rows))
+        print(results_markdown(rows))
         failed = failed_trials(rows)
         if failed:
             print(f"error: {failed}; Tune's logs of each trial are under {args.output}/tune", file=sys.stderr)

@@ -295,15 +295,3 @@ def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial
         got = accuracy(model(to_tensor(data.x_test)), data.y_test)
     assert got == pytest.approx(best.metrics[METRIC], abs=100 / len(data.y_test))
     assert model.method == best.config["method"] and model.config.model.depth == 2
-
-
-def test_failed_trials_are_named_and_stopped_ones_are_not_failures():
-    from hsic_ray.sweep import failed_trials
-
-    rows = [
-        {"depth": 2, "method": "hsic", "model.activation": "elu", "finished": True, "error": None},
-        {"depth": 4, "method": "hsic", "model.activation": "elu", "finished": False, "error": "RayTaskError"},
-        {"depth": 4, "method": "backprop", "model.activation": "elu", "finished": False, "error": None},
-    ]
-    assert failed_trials(rows[::2]) is None  # the second one: stopped early by ASHA
-    assert failed_trials(rows) == "1 of 3 trials failed: hsic activation=elu depth 4 (RayTaskError)"

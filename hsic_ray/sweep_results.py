@@ -1,0 +1,170 @@
+"""A finished sweep's results, from one row per trial: results.csv, results.md, accuracy_vs_depth.png.
+
+Seeds are replicates, not settings: where the grid runs over `train.seed`, results.md adds the mean of each
+setting's seeds at each depth, and the plot draws that mean, one line per setting, so that a depth study with
+several seeds reads as one curve per method rather than one per seed. `combine_sweeps` writes several finished
+sweeps (say, HSIC in one and backprop in another) as one table and plot. Plain values in, files out: no Ray.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from typing import Any
+
+from hsic_ray.errors import ConfigError, OutputExistsError
+from hsic_ray.run import claim as run_claim
+from hsic_ray.run.directory import RunDirectory
+from hsic_ray.run.plots import plot_curves
+from hsic_ray.sweep_spec import axis_name
+
+SEED_KEY = "train.seed"
+
+
+def series_label(row: dict[str, Any]) -> str:
+    """The method, plus the grid settings of the row's trial but its seed (`hsic activation=elu`); a setting
+    the trial did not have (None: its sweep had no such axis) is left out."""
+    settings = [
+        f"{axis_name(key)}={row[key]}" for key in row if "." in key and key != SEED_KEY and row[key] is not None
+    ]
+    return " ".join([row["method"], *settings])
+
+
+def failed_trials(rows: list[dict[str, Any]]) -> str | None:
+    """A line naming the trials that failed, or None when none did (trials that ASHA stopped early did not
+    fail)."""
+    failed = [r for r in rows if r["error"]]
+    if not failed:
+        return None
+    names = ", ".join(f"{_trial_label(r)} depth {r['depth']} ({r['error']})" for r in failed)
+    return f"{len(failed)} of {len(rows)} trials failed: {names}"
+
+
+def _trial_label(row: dict[str, Any]) -> str:
+    return series_label(row) + (f" seed={row[SEED_KEY]}" if SEED_KEY in row else "")
+
+
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per setting and depth, over the finished trials' seeds: how many, and the mean, lowest and highest
+    formatted accuracy (and the mean unformatted one, where the method has it)."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["finished"] and r["test_accuracy"] is not None:
+            groups.setdefault((series_label(r), r["depth"]), []).append(r)
+    means = []
+    for (label, depth), group in sorted(groups.items()):
+        formatted = [r["test_accuracy"] for r in group]
+        unformatted = [r["test_accuracy_unformatted"] for r in group if r.get("test_accuracy_unformatted") is not None]
+        means.append(
+            {
+                "setting": label,
+                "depth": depth,
+                "seeds": len(group),
+                "test_accuracy_mean": statistics.fmean(formatted),
+                "lowest": min(formatted),
+                "highest": max(formatted),
+                "unformatted_mean": statistics.fmean(unformatted) if unformatted else None,
+            }
+        )
+    return means
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no trials)\n"
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        cells = [
+            f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in (r[c] for c in columns)
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(rows: list[dict[str, Any]]) -> str:
+    """results.md: the trials' table, then, where the grid runs over seeds, their means."""
+    text = markdown_table(rows)
+    if rows and SEED_KEY in rows[0]:
+        text += "\nMean over seeds (formatted test accuracy, %):\n\n" + markdown_table(seed_means(rows))
+    return text
+
+
+def _parsed(cell: str) -> Any:
+    """A results.csv cell as the value it was written from: None, a bool, an int, a float or a string."""
+    if cell == "":
+        return None
+    if cell in ("True", "False"):
+        return cell == "True"
+    for kind in (int, float):
+        try:
+            return kind(cell)
+        except ValueError:
+            pass
+    return cell
+
+
+def read_results(run: RunDirectory) -> list[dict[str, Any]]:
+    """The rows of a finished sweep's results.csv, typed as `write_results` had them."""
+    return [{k: _parsed(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(run.read_text("results.csv")))]
+
+
+def combine(sweeps: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The rows of several sweeps as one table: every row gets every sweep's columns (None where its sweep had
+    no such axis), grid axes before the result columns, as in each sweep's own table."""
+    columns: list[str] = []
+    for rows in sweeps:
+        for key in rows[0] if rows else []:
+            if key not in columns:
+                columns.append(key)
+    settings = [c for c in columns if "." in c]
+    order = ["depth", "method", *settings, *(c for c in columns if c not in settings and c not in ("depth", "method"))]
+    combined = [{c: r.get(c) for c in order} for rows in sweeps for r in rows]
+    return sorted(combined, key=lambda r: (series_label(r), r["depth"], r.get(SEED_KEY) or 0))
+
+
+def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
+    columns = list(rows[0]) if rows else []
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    run.write_text("results.csv", text.getvalue())
+    run.write_text("results.md", results_markdown(rows))
+    means = seed_means(rows)
+    if not means:
+        return
+    seeded = bool(rows) and SEED_KEY in rows[0]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for m in means:
+        series.setdefault(m["setting"], []).append((m["depth"], m["test_accuracy_mean"]))
+    run.write_with_local_file(
+        "accuracy_vs_depth.png",
+        lambda path: plot_curves(
+            series,
+            path,
+            "depth (hidden blocks)",
+            "test accuracy (%), mean over seeds" if seeded else "test accuracy (%)",
+            "test accuracy against depth",
+            xticks=sorted({m["depth"] for m in means}),
+        ),
+    )
+
+
+def combine_sweeps(sources: list[str], output: str) -> list[dict[str, Any]]:
+    """Finished sweeps' results (each a sweep's --output) as one table and plot in `output`, a new directory
+    marked as a sweep's; runs nothing. Returns the combined rows."""
+    runs = [RunDirectory(source) for source in sources]
+    unfinished = [run.uri for run in runs if not run.exists("results.csv")]
+    if unfinished:
+        raise ConfigError(
+            f"--combine: {', '.join(unfinished)} holds no results.csv; name the --output directories of finished sweeps"
+        )
+    rows = combine([read_results(run) for run in runs])
+    with run_claim.take(output, "sweep") as claim:
+        if claim.interrupted:
+            raise OutputExistsError(f"{claim.run.uri} holds an unfinished sweep; choose another --output")
+        claim.commit()
+        write_results(claim.run, rows)
+    return rows
