@@ -85,6 +85,24 @@ def reclaim() -> None:
             signal.signal(s, _handle)
 
 
+def worker_exits_quietly() -> None:
+    """In a Ray worker process (a stage actor, a sweep trial, a backprop worker): Ray stops a worker it no
+    longer needs with SIGTERM, whose handler raises SystemExit. Where that lands in code that cannot raise (a
+    weakref's callback, a finalizer), Python prints it as "Exception ignored in ...: SystemExit" with a
+    traceback, and Ray forwards that to the driver's terminal at the end of a run that succeeded. It is an
+    exit, not an error: such a SystemExit is dropped; every other unraisable exception is printed as before."""
+    if getattr(sys.unraisablehook, "_drops_exits", False):
+        return
+    default = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            default(unraisable)
+
+    hook._drops_exits = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 @contextlib.contextmanager
 def at_safe_points() -> Iterator[None]:
     """Inside the block a (first) signal waits for the loop's next `check`."""

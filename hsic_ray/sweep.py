@@ -23,6 +23,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
+from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, build_config
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.distributed.connect import connect
@@ -141,6 +142,7 @@ def backprop_trial(params: dict[str, Any]) -> None:
 
 
 def run_trial(params: dict[str, Any]) -> None:
+    interrupt.worker_exits_quietly()
     # Tune logs each stored checkpoint's path at INFO from the trial's process; the progress table says enough.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     (hsic_trial if params["method"] == "hsic" else backprop_trial)(params)

@@ -216,6 +216,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    interrupt.worker_exits_quietly()
     torch.set_num_threads(threads_for(config["cpus_per_worker"]))
     _quiet_report_lines()
     if rank == 0:

@@ -198,3 +198,36 @@ def test_a_killed_backprop_run_resumes_from_its_checkpoint_without_the_snapshot_
     # The damaged checkpoint is kept, byte for byte, where neither Ray Train's rotation nor a resume looks.
     assert (out / "ray_train" / f"unreadable-{damaged}" / "state.pt").read_bytes() == first[damaged]
     assert f"Ray Train checkpoint {damaged} cannot be loaded" in rerun.stderr
+
+
+WORKER_EXIT = """
+import sys, weakref
+from hsic_ray import interrupt
+
+class Thing:
+    pass
+
+def collected_with(exc):
+    def callback(ref):
+        raise exc
+    thing = Thing()
+    ref = weakref.ref(thing, callback)
+    del thing  # the callback runs here, where Python cannot raise: an unraisable exception
+    return ref
+
+if sys.argv[1] == "quiet":
+    interrupt.worker_exits_quietly()
+    interrupt.worker_exits_quietly()  # a second call wraps nothing twice
+collected_with(SystemExit(1))  # as Ray's SIGTERM handler raises it when it stops a worker
+collected_with(ValueError("a real one"))
+print("still running", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "default"])
+def test_a_worker_stopped_inside_a_callback_prints_no_traceback_and_real_errors_still_show(mode):
+    proc = subprocess.run([sys.executable, "-c", WORKER_EXIT, mode], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "still running\n", proc.stderr
+    assert "ValueError: a real one" in proc.stderr
+    assert ("SystemExit" in proc.stderr) == (mode == "default")  # what a stopped worker printed before
+    assert proc.stderr.count("Exception ignored") == (1 if mode == "quiet" else 2)

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 import torch
 
+from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport, WireFactors, factors_to_numpy
@@ -72,6 +73,7 @@ class Hop(NamedTuple):
 @ray.remote
 class StageActor:
     def __init__(self, spec: StageSpec, settings: StageSettings, restore: tuple[str, int] | None = None):
+        interrupt.worker_exits_quietly()
         torch.set_num_threads(threads_for(spec.num_cpus))
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
