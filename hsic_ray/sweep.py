@@ -35,7 +35,7 @@ from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
 from hsic_ray.sweep_progress import SweepProgress
-from hsic_ray.sweep_results import SEED_KEY, series_label, write_results
+from hsic_ray.sweep_results import row_order, write_results
 from hsic_ray.sweep_spec import SweepSpec, with_absolute_data_paths
 
 log = logging.getLogger("hsic_ray")
@@ -247,7 +247,7 @@ def _run_claimed(claim: run_claim.Claim, spec: SweepSpec, resume: bool, address:
         # after the job's own last line.
         ray.shutdown()
         raise Interrupted(received[0], how="add --resume to the same command to continue")
-    rows = sorted((_row(result) for result in grid), key=lambda r: (series_label(r), r["depth"], r.get(SEED_KEY, 0)))
+    rows = sorted((_row(result) for result in grid), key=row_order)
     write_results(claim.run, rows)
     log.info("sweep finished in %.0fs", time.perf_counter() - started)
     return rows

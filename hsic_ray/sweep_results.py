@@ -41,6 +41,15 @@ def failed_trials(rows: list[dict[str, Any]]) -> str | None:
     return f"{len(failed)} of {len(rows)} trials failed: {names}"
 
 
+def row_order(row: dict[str, Any]) -> tuple[str, int, int]:
+    """Where a row goes in a results table: by setting, then depth, then seed."""
+    return series_label(row), row["depth"], row.get(SEED_KEY) or 0
+
+
+def _seeded(rows: list[dict[str, Any]]) -> bool:
+    return bool(rows) and SEED_KEY in rows[0]
+
+
 def _trial_label(row: dict[str, Any]) -> str:
     return series_label(row) + (f" seed={row[SEED_KEY]}" if SEED_KEY in row else "")
 
@@ -86,7 +95,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def results_markdown(rows: list[dict[str, Any]]) -> str:
     """results.md: the trials' table, then, where the grid runs over seeds, their means."""
     text = markdown_table(rows)
-    if rows and SEED_KEY in rows[0]:
+    if _seeded(rows):
         text += "\nMean over seeds (formatted test accuracy, %):\n\n" + markdown_table(seed_means(rows))
     return text
 
@@ -121,7 +130,7 @@ def combine(sweeps: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     settings = [c for c in columns if "." in c]
     order = ["depth", "method", *settings, *(c for c in columns if c not in settings and c not in ("depth", "method"))]
     combined = [{c: r.get(c) for c in order} for rows in sweeps for r in rows]
-    return sorted(combined, key=lambda r: (series_label(r), r["depth"], r.get(SEED_KEY) or 0))
+    return sorted(combined, key=row_order)
 
 
 def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
@@ -135,7 +144,6 @@ def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
     means = seed_means(rows)
     if not means:
         return
-    seeded = bool(rows) and SEED_KEY in rows[0]
     series: dict[str, list[tuple[float, float]]] = {}
     for m in means:
         series.setdefault(m["setting"], []).append((m["depth"], m["test_accuracy_mean"]))
@@ -145,7 +153,7 @@ def write_results(run: RunDirectory, rows: list[dict[str, Any]]) -> None:
             series,
             path,
             "depth (hidden blocks)",
-            "test accuracy (%), mean over seeds" if seeded else "test accuracy (%)",
+            "test accuracy (%), mean over seeds" if _seeded(rows) else "test accuracy (%)",
             "test accuracy against depth",
             xticks=sorted({m["depth"] for m in means}),
         ),
