@@ -23,7 +23,7 @@ from hsic_ray.errors import ConfigError
 
 ARCHITECTURES = ("mlp", "resconv", "conv")
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "elu")
-INITS = ("default", "orthogonal")
+INITS = ("default", "orthogonal", "identity")
 ESTIMATORS = ("cca", "biased", "cka", "plausible")  # hsic_ray.hsic.make_estimator
 TRAINERS = ("local", "ray")
 CUDA_GRAPHS = ("auto", "on", "off")
@@ -90,8 +90,9 @@ class ModelConfig:
     activation: str = documented("relu", "the hidden layers' activation", choices=ACTIVATIONS)
     init: str = documented(
         "default",
-        "default (PyTorch's), or orthogonal (orthonormal weights, zero biases: with an invertible activation an "
-        "untrained layer loses no information)",
+        "default (PyTorch's), orthogonal (orthonormal weights, zero biases: with an invertible activation an "
+        "untrained layer loses no information), or identity (orthogonal, but every layer that keeps its input's "
+        "shape starts as the identity map: a deep plain net starts as a shallow one)",
         choices=INITS,
     )
 
@@ -174,6 +175,11 @@ class TrainConfig:
         2000,
         "linear probes of every layer each epoch on this many training samples and half as many test samples, "
         "and at the end (train.final_probe_samples; hsic_ray.probes); 0: no probes",
+    )
+    probe_features: int = documented(
+        2048,
+        "a probe reads at most this many features of a layer (wider conv maps average-pooled, other outputs "
+        "randomly projected; hsic_ray.probes): its fit grows with the square of what it reads",
     )
     final_probe_samples: int = documented(
         10_000,
@@ -462,6 +468,7 @@ def _validate_train(train: TrainConfig) -> None:
     _check_positive("train.plot_seconds", train.plot_seconds, minimum=0)
     _check_positive("train.monitor_every", train.monitor_every)
     _check_positive("train.final_probe_samples", train.final_probe_samples, minimum=2)
+    _check_positive("train.probe_features", train.probe_features)
     _check_optional("train.readout_samples", train.readout_samples, 2, "every training sample")
     check_setting(0 <= train.seed <= MAX_SEED, "train.seed", train.seed, f"an integer in [0, {MAX_SEED}]")
     check_setting(

@@ -25,25 +25,29 @@ class FormatHead:
         self.optimizer = make_sgd(self.head.parameters(), cfg)
 
     def step(self, features: Tensor, labels: Tensor) -> float:
+        """One SGD step on a batch (the concurrent head, during HSIC training); its loss."""
+        return self._step(features.detach().to(self.device), labels.to(self.device)).item()
+
+    def _step(self, features: Tensor, labels: Tensor) -> Tensor:
         self.head.train()
-        features = features.detach().to(self.device)
-        loss = F.cross_entropy(self.head(features), labels.to(self.device))
+        loss = F.cross_entropy(self.head(features), labels)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.detach()
 
     def fit(self, features: Tensor, labels: Tensor, seed: int) -> list[float]:
         """Train `head.epochs` epochs on precomputed features (the frozen network's output), in an order drawn
-        from `seed`; returns the mean loss per epoch."""
+        from `seed`; returns the mean loss per epoch. The features go to the head's device once, and each
+        epoch's losses come back once: on a GPU a read per step would wait for every step."""
         rng = np.random.default_rng(seed)
+        features, labels = features.detach().to(self.device), labels.to(self.device)
         n = features.shape[0]
-        batch = self.cfg.batch_size
         epoch_losses = []
         for _ in range(self.cfg.epochs):
-            order = torch.from_numpy(rng.permutation(n))
-            losses = [self.step(features[idx], labels[idx]) for idx in order.split(batch)]
-            epoch_losses.append(float(np.mean(losses)))
+            order = torch.from_numpy(rng.permutation(n)).to(self.device)
+            losses = [self._step(features[idx], labels[idx]) for idx in order.split(self.cfg.batch_size)]
+            epoch_losses.append(torch.stack(losses).double().mean().item())
         return epoch_losses
 
     @torch.no_grad()

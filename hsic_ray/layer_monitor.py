@@ -7,6 +7,7 @@ are a linear classifier per layer fitted on fixed training samples and scored on
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -122,7 +123,8 @@ class LayerMonitor:
 
     def _probe(self, train: probes.Split, test: probes.Split) -> dict[str, Any]:
         started = time.perf_counter()
-        result = probes.probe_layers(self.pipeline.layer_outputs, train, test, self.data.num_classes)
+        layer_outputs = functools.partial(self.pipeline.layer_outputs, max_features=self.train.probe_features)
+        result = probes.probe_layers(layer_outputs, train, test, self.data.num_classes)
         result["seconds"] = time.perf_counter() - started
         return result
 

@@ -64,9 +64,9 @@ class LocalPipeline:
     def forward_chunks(self, chunks: Iterable[Tensor]) -> Iterator[Tensor]:
         return map(self.forward, chunks)
 
-    def layer_outputs(self, chunks: Iterable[Tensor]) -> Iterator[list[Tensor]]:
+    def layer_outputs(self, chunks: Iterable[Tensor], max_features: int) -> Iterator[list[Tensor]]:
         for x in chunks:
-            yield [view.cpu() for view in self.stage.layer_outputs(x)[1]]
+            yield [view.cpu() for view in self.stage.layer_outputs(x, max_features)[1]]
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
         return self.stage.measure(x, factors)[1]

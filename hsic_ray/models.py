@@ -177,8 +177,10 @@ def build_conv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
 def build_network(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
     builders = {"mlp": build_mlp, "resconv": build_resconv, "conv": build_conv}
     net = builders[cfg.arch](cfg, tuple(input_shape))
-    if cfg.init == "orthogonal":
+    if cfg.init in ("orthogonal", "identity"):
         orthogonal_init_(net)
+    if cfg.init == "identity":
+        identity_init_(net)
     return net
 
 
@@ -189,6 +191,25 @@ def orthogonal_init_(net: nn.Module) -> None:
             nn.init.orthogonal_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+
+def identity_init_(net: LayerwiseNet) -> None:
+    """Every layer that maps its input's shape to itself starts as the identity: its one Linear or Conv2d
+    copies its input (a Dirac kernel for a conv). Through BatchNorm and an invertible activation such a layer
+    loses nothing, so however deep the net, each layer's input starts as informative as the stem's output and
+    the deep layers' local losses train from the first step; a randomly initialised plain net's deep layers
+    start from inputs mixed through every layer below. Layers that change the shape keep their init."""
+    for i, layer in enumerate(net.layers):
+        weights = [m for m in layer.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if net.shapes[i] != net.shapes[i + 1] or len(weights) != 1:
+            continue
+        with torch.no_grad():
+            if isinstance(weights[0], nn.Conv2d):
+                nn.init.dirac_(weights[0].weight)
+            else:
+                nn.init.eye_(weights[0].weight)
+            if weights[0].bias is not None:
+                weights[0].bias.zero_()
 
 
 def build_head(in_features: int, num_classes: int) -> nn.Sequential:

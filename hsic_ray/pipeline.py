@@ -60,9 +60,10 @@ class Pipeline(Protocol):
     def calibrate_batchnorm(self, batches: list[Tensor]) -> None:
         """Recompute every layer's BatchNorm running statistics from `batches`, through the whole network."""
 
-    def layer_outputs(self, chunks: Iterable[Tensor]) -> Iterator[list[Tensor]]:
+    def layer_outputs(self, chunks: Iterable[Tensor], max_features: int) -> Iterator[list[Tensor]]:
         """For each chunk of images, in order: every layer's eval-mode output as its linear probe reads it
-        (`hsic_ray.probes.probe_view`), CPU; stages may work on several chunks at once."""
+        (`hsic_ray.probes.probe_view`, at most `max_features` wide), CPU; stages may work on several chunks at
+        once."""
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:
         """Eval-mode per-layer [layers, 2] (nhsic_zx, nhsic_zy) on one batch."""

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from hsic_ray.config import OptimConfig
 from hsic_ray.objective import HSICObjective, KernelFactors
-from hsic_ray.probes import probe_view
+from hsic_ray.probes import MAX_PROBE_FEATURES, probe_view
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.sgd import SGD
 from hsic_ray.solve_failures import SolveFailures
@@ -184,14 +184,14 @@ class StageStep:
         return outputs
 
     @torch.no_grad()
-    def layer_outputs(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Eval-mode output, and every layer's output as its linear probe reads it (`probes.probe_view`:
-        reduced here, so that wide layers never leave the stage's device in full)."""
+    def layer_outputs(self, x: Tensor, max_features: int = MAX_PROBE_FEATURES) -> tuple[Tensor, list[Tensor]]:
+        """Eval-mode output, and every layer's output as its linear probe reads it (`probes.probe_view`, at
+        most `max_features` wide: reduced here, so that wide layers never leave the stage's device in full)."""
         x = x.to(self.device, non_blocking=True)
         views = []
         for layer in self.layers:
             x = layer.eval()(x)
-            views.append(probe_view(x))
+            views.append(probe_view(x, max_features))
         return x, views
 
     @torch.no_grad()

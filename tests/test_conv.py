@@ -83,6 +83,36 @@ def test_orthogonal_init_covers_the_conv_layers():
         assert torch.count_nonzero(conv.bias) == 0
 
 
+@pytest.mark.parametrize("skips", [False, True])
+def test_identity_init_starts_every_shape_keeping_conv_as_the_identity(skips):
+    net = conv_net(depth=8, init="identity", skips=skips)
+    kept, changed = 0, 0
+    for i, layer in enumerate(net.layers[:-1]):
+        conv = next(m for m in layer.modules() if isinstance(m, nn.Conv2d))
+        z = torch.randn(3, *net.shapes[i])
+        if net.shapes[i] == net.shapes[i + 1]:
+            assert torch.allclose(conv(z), z, atol=1e-6)
+            kept += 1
+        else:  # the stem and the two stride-2 layers keep their orthogonal weights
+            w = conv.weight.detach().flatten(1)
+            gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
+            assert torch.allclose(gram, torch.eye(gram.shape[0]), atol=1e-5)
+            changed += 1
+    assert (kept, changed) == (6, 3)
+    # Through BatchNorm and elu, an untrained deep net of identity layers keeps its input's directions
+    # as well as a shallow one does.
+    x = torch.rand(64, 1, 28, 28)
+
+    def spread(depth: int) -> float:
+        deep = conv_net(depth=depth, width=4, init="identity", activation="elu").eval()
+        with torch.no_grad():
+            z = deep.slice(0, 1 + depth // 3)(x).flatten(1)  # the first stage: same shape throughout
+        s = torch.linalg.svdvals(z - z.mean(dim=0))
+        return (s[30] / s[0]).item()
+
+    assert spread(56) == pytest.approx(spread(8), rel=0.05)
+
+
 def test_kernel_view_pools_only_conv_maps_wider_than_the_bound():
     flat = torch.randn(8, 1024)
     assert kernel_view(flat, 512) is flat  # flat outputs (every mlp layer) are never touched

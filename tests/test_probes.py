@@ -10,8 +10,11 @@ from hsic_ray import probes
 from hsic_ray.config import build_config
 from hsic_ray.evaluation import RidgeClassifier
 from hsic_ray.experiment import run_hsic
+from hsic_ray.models import build_network
+from hsic_ray.objective import HSICObjective
 from hsic_ray.probes import MAX_PROBE_FEATURES, probe_layers, probe_view
 from hsic_ray.run.plots import plot_probes
+from hsic_ray.stage_step import StageStep
 
 
 def _coded_classes(rng, n, dims=32):
@@ -80,6 +83,19 @@ def test_wide_layers_are_reduced_the_same_way_everywhere():
     assert ((ratio > 0.9) & (ratio < 1.1)).all()
     narrow = torch.randn(6, 8, 4, 4)
     assert torch.equal(probe_view(narrow), narrow.flatten(1))  # 128 features: read as they are
+
+
+def test_a_stage_reads_its_layers_at_most_probe_features_wide(tmp_path):
+    cfg = build_config("deep_conv", overrides={"model.depth": 2, "model.width": 8})
+    net = build_network(cfg.model, (1, 28, 28))
+    stage = StageStep(list(net.layers), HSICObjective(cfg.hsic, 10), cfg.optim)
+    x = torch.rand(5, 1, 28, 28)
+    # Stem and first stage 8 x 28 x 28, second stage 16 x 14 x 14, pooled to the finest square grid that fits;
+    # the 128-wide last layer as it is.
+    for bound, widths in [(2048, [8 * 16**2, 8 * 16**2, 16 * 11**2, 128]), (200, [8 * 5**2, 8 * 5**2, 16 * 3**2, 128])]:
+        out, views = stage.layer_outputs(x, bound)
+        assert [v.shape[1] for v in views] == widths
+        assert torch.equal(views[-1], out)
 
 
 def records(run, kind):

@@ -216,9 +216,9 @@ class RayPipeline:
         outputs = self.stages.through_each("forward", (x.numpy() for x in chunks), window=self.num_stages + 1)
         return (torch.from_numpy(np.array(out)) for out in outputs)
 
-    def layer_outputs(self, chunks: Iterable[Tensor]) -> Iterator[list[Tensor]]:
-        window = self.num_stages + 1
-        for views in self.stages.through_each("layer_outputs", (x.numpy() for x in chunks), window, True):
+    def layer_outputs(self, chunks: Iterable[Tensor], max_features: int) -> Iterator[list[Tensor]]:
+        arrays = (x.numpy() for x in chunks)
+        for views in self.stages.through_each("layer_outputs", arrays, self.num_stages + 1, True, max_features):
             yield [torch.from_numpy(np.array(view)) for stage in views for view in stage]
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:

@@ -149,10 +149,10 @@ class StageActor:
         outputs = self.stage_step.calibrate_batchnorm([self.transport.receive(x) for x in batches], reset)
         return [out.cpu().numpy() for out in outputs]
 
-    def layer_outputs(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+    def layer_outputs(self, x: np.ndarray, max_features: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """The stage's eval-mode output (for the next stage) and its layers' probe views (for the driver)."""
         self._last_end = None
-        out, views = self.stage_step.layer_outputs(self.transport.receive(x))
+        out, views = self.stage_step.layer_outputs(self.transport.receive(x), max_features)
         return out.cpu().numpy(), [view.cpu().numpy() for view in views]
 
     def measure(self, x: np.ndarray, factors: WireFactors) -> tuple[np.ndarray, np.ndarray]:

@@ -158,18 +158,18 @@ class Stages:
         )
 
     def through_each(
-        self, method: str, values: Iterable[Any], window: int, side_outputs: bool = False
+        self, method: str, values: Iterable[Any], window: int, side_outputs: bool = False, *args: Any
     ) -> Iterator[Any]:
         """`through` for each of `values`, in order, with up to `window` of them in flight: stage s works on
         one while stage s + 1 works on the one before, so a pass over many chunks takes about the slowest
         stage's time, not the sum of all. A value lost with a stage is asked again through `through`."""
         pending: collections.deque[tuple[Any, Any]] = collections.deque()
         for value in values:
-            pending.append((value, self._submit_through(method, value, (), side_outputs)))
+            pending.append((value, self._submit_through(method, value, args, side_outputs)))
             if len(pending) >= window:
-                yield self._collect(method, *pending.popleft(), side_outputs)
+                yield self._collect(method, *pending.popleft(), args, side_outputs)
         while pending:
-            yield self._collect(method, *pending.popleft(), side_outputs)
+            yield self._collect(method, *pending.popleft(), args, side_outputs)
 
     def _submit_through(self, method: str, value: Any, args: tuple, side_outputs: bool) -> Any:
         ref, arg_refs, sides = ray.put(value), [ray.put(arg) for arg in args], []
@@ -182,11 +182,11 @@ class Stages:
                 ref = remote.remote(ref, *arg_refs)
         return sides if side_outputs else ref
 
-    def _collect(self, method: str, value: Any, refs: Any, side_outputs: bool) -> Any:
+    def _collect(self, method: str, value: Any, refs: Any, args: tuple, side_outputs: bool) -> Any:
         try:
             return ray.get(refs)
         except LOST:  # `through` recovers the stages that died and asks again
-            return self.through(method, value, side_outputs=side_outputs)
+            return self.through(method, value, *args, side_outputs=side_outputs)
 
     def save(self, run_location: str, step: int) -> None:
         # A stage recreated meanwhile saves the state it was restored to, as it trains on from it.
