@@ -191,10 +191,15 @@ class TrainConfig:
         "the readouts between epochs (least squares and unformatted: what a sweep's trials report) are fitted on "
         "this many training samples (all, where the split is smaller; null: all) and scored on the whole test split",
     )
-    monitor_every: int = documented(
-        1,
-        "epochs between the information plane, the linear probes and the BatchNorm recalibration (the last epoch "
-        "always has them; a sweep's trials, which report every epoch, too)",
+    monitor_every: int | None = documented(
+        None,
+        "epochs between the information plane, the linear probes and the BatchNorm recalibration, from epoch 0 "
+        "(before training); auto (null): after any epoch where they stay within train.monitor_share of the "
+        "training time so far. The last epoch always has them; a sweep's trials, which report every epoch, too",
+        null_word="auto",
+    )
+    monitor_share: float = documented(
+        0.1, "with train.monitor_every auto: the share of the training time the per-epoch monitors may take"
     )
     plot_seconds: float = documented(
         60.0,
@@ -466,7 +471,8 @@ def _validate_train(train: TrainConfig) -> None:
     )
     _check_positive("train.probe_samples", train.probe_samples, minimum=0)
     _check_positive("train.plot_seconds", train.plot_seconds, minimum=0)
-    _check_positive("train.monitor_every", train.monitor_every)
+    _check_optional("train.monitor_every", train.monitor_every, 1, "auto")
+    check_setting(0 < train.monitor_share <= 1, "train.monitor_share", train.monitor_share, "a number in (0, 1]")
     _check_positive("train.final_probe_samples", train.final_probe_samples, minimum=2)
     _check_positive("train.probe_features", train.probe_features)
     _check_optional("train.readout_samples", train.readout_samples, 2, "every training sample")

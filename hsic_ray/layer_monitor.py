@@ -75,7 +75,7 @@ class LayerMonitor:
         # Imported here: matplotlib is a noticeable part of a job's start-up, and most runs draw once, at the end.
         from hsic_ray.run.plots import plot_information_plane, plot_probes
 
-        if len(self.info_plane) > 1:
+        if self.info_plane:  # one epoch's record (a run of one epoch, monitored by time share) is one point per layer
             info_plane = self.info_plane
             self.out.plot(
                 "information_plane.png", lambda path: plot_information_plane(info_plane, path, self._plane_title)

@@ -27,6 +27,7 @@ from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
 from hsic_ray.head import FormatHead
 from hsic_ray.layer_monitor import LayerMonitor
+from hsic_ray.monitor_schedule import MonitorSchedule
 from hsic_ray.network_evaluation import NetworkEvaluation
 from hsic_ray.objective import HSICObjective, KernelFactors
 from hsic_ray.pipeline import Pipeline, StepResult
@@ -80,6 +81,7 @@ class HSICTrainer:
         self.objective = HSICObjective(cfg.hsic, data.num_classes)
         self.head = FormatHead(output_features, data.num_classes, cfg.head, device)
         self.monitor = LayerMonitor(cfg.train, data, self.objective, pipeline, self.out, cfg.preset or "hsic")
+        self.schedule = MonitorSchedule(cfg.train)
         self.evaluation = NetworkEvaluation(
             data, pipeline.forward_chunks, cfg.train.readout_samples, seed=cfg.train.seed + 3
         )
@@ -104,7 +106,8 @@ class HSICTrainer:
         self.out.write("placements.json", self.pipeline.placements)
         if resume_step is None:
             position = Position()
-            self.monitor.record(epoch=0, step=0)
+            if self.schedule.due(0, last=False, train_seconds=0.0):
+                self.monitor.record(epoch=0, step=0)
         else:
             position = self.checkpoints.restore(resume_step)
         with interrupt.at_safe_points():  # SIGINT / SIGTERM: stop at the next batch, after a checkpoint
@@ -153,16 +156,18 @@ class HSICTrainer:
         return with_factors(batches, self.objective.kernel_factors, self.pipeline)
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
-        """The epoch's monitors, every train.monitor_every epochs and after the last (every epoch for
-        `on_epoch`, which reports them)."""
-        if not (last or self.on_epoch is not None or epoch % self.train.monitor_every == 0):
+        """The epoch's monitors where the schedule (hsic_ray.monitor_schedule) has them, and after every epoch
+        for `on_epoch`, which reports them."""
+        if not (self.on_epoch is not None or self.schedule.due(epoch, last, self.progress.train_seconds)):
             return
+        started = time.perf_counter()
         # BatchNorm statistics of the weights as they are now, before anything reads the network in eval mode
         # (see StageStep.calibrate_batchnorm).
         if self.train.bn_calibration_batches:
             with self.timeline.phase("calibration"):
                 self.pipeline.calibrate_batchnorm(batchnorm_calibration_batches(self.data.x_train, self.train))
         self.monitor.record(epoch, self.progress.steps)
+        self.schedule.ran(time.perf_counter() - started)
         if self.on_epoch is not None:
             summary = dict(self.monitor.info_plane[-1], train_seconds=self.progress.train_seconds)
             with self.timeline.phase("epoch_readout"):

@@ -34,6 +34,7 @@ def config(out, **extra):
         "train.checkpoint_every": 4,
         "train.checkpoint_seconds": 0,
         "train.eval_samples": 128,
+        "train.monitor_every": 1,  # records from epoch 0 on, which the logs compared here hold
         "output": str(out),
         "trainer": "local",
     }

@@ -93,9 +93,9 @@ def stop_head(proc: subprocess.Popen, port: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)  # `ray start --block` stops its cluster on Ctrl-C
     try:
-        proc.wait(timeout=10)
+        proc.wait(timeout=3)
     except subprocess.TimeoutExpired:
-        pass  # it sometimes hangs after running jobs; the SIGKILL below ends it
+        pass  # it often hangs after running jobs; the SIGKILL below ends it
     finally:
         with contextlib.suppress(ProcessLookupError):  # nothing of that cluster left to end
             os.killpg(proc.pid, signal.SIGKILL)  # anything of that cluster still running

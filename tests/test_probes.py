@@ -114,6 +114,7 @@ def test_a_run_probes_every_layer_each_epoch_and_at_the_end(tmp_path, digits):
         "head.epochs": 1,
         "train.eval_samples": 128,
         "train.probe_samples": 800,
+        "train.monitor_every": 1,
     }
     summaries = []
     metrics = run_hsic(build_config("paper_mlp", overrides=overrides), digits, on_epoch=summaries.append)

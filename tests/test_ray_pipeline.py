@@ -42,6 +42,7 @@ def config(out, trainer, **extra):
         "head.epochs": 2,
         "train.eval_samples": 256,
         "train.log_every": 5,
+        "train.monitor_every": 1,  # the monitors before training read the stages too
         "ray.stages": 2,
     }
     return build_config("paper_mlp", overrides={**overrides, **extra})

@@ -12,6 +12,7 @@ from hsic_ray.data import iterate_batches
 from hsic_ray.experiment import build_seeded_network, run_backprop, run_hsic
 from hsic_ray.head import FormatHead
 from hsic_ray.local_pipeline import LocalPipeline
+from hsic_ray.monitor_schedule import MonitorSchedule
 from hsic_ray.objective import HSICObjective
 from hsic_ray.run.claim import OutputExistsError
 from hsic_ray.schedule import LRSchedule
@@ -28,6 +29,7 @@ def small_config(tmp_path, **extra):
         "head.epochs": 3,
         "train.eval_samples": 256,
         "train.log_every": 5,
+        "train.monitor_every": 1,  # a record per epoch, from epoch 0: what most tests here read
         "output": str(tmp_path / "run"),
         "trainer": "local",
     }
@@ -77,6 +79,44 @@ def test_monitors_every_few_epochs_record_what_every_epoch_would(tmp_path, digit
             assert compared == {key: by_epoch[record["epoch"]][key] for key in compared}
     assert sparse["test_accuracy_formatted"] == every["test_accuracy_formatted"]
     assert sparse["per_layer"] == every["per_layer"]
+
+
+def test_monitors_by_time_share_skip_epoch_zero_keep_the_last_and_record_what_every_epoch_would(tmp_path, digits):
+    every = run_hsic(small_config(tmp_path / "every", **{"train.epochs": 4}), digits)
+    # A share no round fits in: the first epoch's round runs (its cost is not known before), then only the last.
+    auto = {"train.epochs": 4, "train.monitor_every": None, "train.monitor_share": 1e-6}
+    by_share = run_hsic(small_config(tmp_path / "share", **auto), digits)
+    for kind in ("epoch", "probes"):
+        by_epoch = {r["epoch"]: r for r in records(tmp_path / "every" / "run", kind)}
+        kept = records(tmp_path / "share" / "run", kind)
+        assert [r["epoch"] for r in kept] == [1, 4]
+        for record in kept:
+            compared = {key: value for key, value in record.items() if key != "seconds"}
+            assert compared == {key: by_epoch[record["epoch"]][key] for key in compared}
+    assert by_share["test_accuracy_formatted"] == every["test_accuracy_formatted"]
+    assert by_share["phase_seconds"]["probes"] < every["phase_seconds"]["probes"]
+
+
+@pytest.mark.parametrize(
+    "every, share, rounds, expected",
+    [
+        # Every Nth epoch from epoch 0, and the last (epoch 5).
+        (2, 0.1, [], [0, 2, 4, 5]),
+        # By share, 10 s of training per epoch: rounds of 1 s fit in 10% after every epoch. Rounds of 2 s: the
+        # first after epoch 1 (its cost unknown before), the next once 4 s fit in 10% (40 s, epoch 4); the last
+        # always. None before training.
+        (None, 0.1, [1.0] * 6, [1, 2, 3, 4, 5]),
+        (None, 0.1, [2.0] * 6, [1, 4, 5]),
+    ],
+)
+def test_monitor_schedule(every, share, rounds, expected):
+    schedule = MonitorSchedule(TrainConfig(epochs=5, monitor_every=every, monitor_share=share))
+    due = []
+    for epoch in range(6):
+        if schedule.due(epoch, last=epoch == 5, train_seconds=10.0 * epoch):
+            due.append(epoch)
+            schedule.ran(rounds[epoch] if rounds else 0.0)
+    assert due == expected
 
 
 @pytest.mark.parametrize("plot_seconds, drawn_after_epoch_1", [(1e-9, True), (60, False)])

@@ -218,7 +218,8 @@ class RayPipeline:
 
     def layer_outputs(self, chunks: Iterable[Tensor], max_features: int) -> Iterator[list[Tensor]]:
         arrays = (x.numpy() for x in chunks)
-        for views in self.stages.through_each("layer_outputs", arrays, self.num_stages + 1, True, max_features):
+        window = self.num_stages + 1
+        for views in self.stages.through_each("layer_outputs", arrays, window, True, args=(max_features,)):
             yield [torch.from_numpy(np.array(view)) for stage in views for view in stage]
 
     def measure(self, x: Tensor, factors: KernelFactors) -> Tensor:

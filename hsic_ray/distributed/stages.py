@@ -158,11 +158,12 @@ class Stages:
         )
 
     def through_each(
-        self, method: str, values: Iterable[Any], window: int, side_outputs: bool = False, *args: Any
+        self, method: str, values: Iterable[Any], window: int, side_outputs: bool = False, args: tuple = ()
     ) -> Iterator[Any]:
-        """`through` for each of `values`, in order, with up to `window` of them in flight: stage s works on
-        one while stage s + 1 works on the one before, so a pass over many chunks takes about the slowest
-        stage's time, not the sum of all. A value lost with a stage is asked again through `through`."""
+        """`through` for each of `values` (with `args`, the same for each), in order, with up to `window` of
+        them in flight: stage s works on one while stage s + 1 works on the one before, so a pass over many
+        chunks takes about the slowest stage's time, not the sum of all. A value lost with a stage is asked
+        again through `through`."""
         pending: collections.deque[tuple[Any, Any]] = collections.deque()
         for value in values:
             pending.append((value, self._submit_through(method, value, args, side_outputs)))
