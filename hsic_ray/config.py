@@ -195,7 +195,8 @@ class TrainConfig:
         None,
         "epochs between the information plane, the linear probes and the BatchNorm recalibration, from epoch 0 "
         "(before training); auto (null): after any epoch where they stay within train.monitor_share of the "
-        "training time so far. The last epoch always has them; a sweep's trials, which report every epoch, too",
+        "training time so far. The last epoch always has them; a sweep's trial reads the plane every epoch (it "
+        "reports it)",
         null_word="auto",
     )
     monitor_share: float = documented(

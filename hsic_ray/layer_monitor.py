@@ -50,11 +50,12 @@ class LayerMonitor:
         self._probes_title = f"{name}: linear probe of each layer"
         self._plotted_at = time.monotonic()  # a run shorter than train.plot_seconds draws once, at its end
 
-    def record(self, epoch: int, step: int) -> None:
-        """Both views of the network as it is now (epoch 0: before training); the plots are redrawn when
-        train.plot_seconds have passed since they last were."""
+    def record(self, epoch: int, step: int, probes: bool = True) -> None:
+        """The information plane and (with `probes`) the linear probes of the network as it is now (epoch 0:
+        before training); the plots are redrawn when train.plot_seconds have passed since they last were."""
         self._record_information_plane(epoch, step)
-        self._record_probes(epoch, step)
+        if probes:
+            self._record_probes(epoch, step)
         plot_seconds = self.train.plot_seconds
         if plot_seconds and time.monotonic() - self._plotted_at >= plot_seconds:
             self.plot()

@@ -156,9 +156,11 @@ class HSICTrainer:
         return with_factors(batches, self.objective.kernel_factors, self.pipeline)
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
-        """The epoch's monitors where the schedule (hsic_ray.monitor_schedule) has them, and after every epoch
-        for `on_epoch`, which reports them."""
-        if not (self.on_epoch is not None or self.schedule.due(epoch, last, self.progress.train_seconds)):
+        """The epoch's monitors where the schedule (hsic_ray.monitor_schedule) has them. After every epoch for
+        `on_epoch`, which reports the information plane and the readouts: the probes, which it does not
+        report, still keep to the schedule."""
+        scheduled = self.schedule.due(epoch, last, self.progress.train_seconds)
+        if not (scheduled or self.on_epoch is not None):
             return
         started = time.perf_counter()
         # BatchNorm statistics of the weights as they are now, before anything reads the network in eval mode
@@ -166,7 +168,7 @@ class HSICTrainer:
         if self.train.bn_calibration_batches:
             with self.timeline.phase("calibration"):
                 self.pipeline.calibrate_batchnorm(batchnorm_calibration_batches(self.data.x_train, self.train))
-        self.monitor.record(epoch, self.progress.steps)
+        self.monitor.record(epoch, self.progress.steps, probes=scheduled)
         self.schedule.ran(time.perf_counter() - started)
         if self.on_epoch is not None:
             summary = dict(self.monitor.info_plane[-1], train_seconds=self.progress.train_seconds)

@@ -97,6 +97,15 @@ def test_monitors_by_time_share_skip_epoch_zero_keep_the_last_and_record_what_ev
     assert by_share["phase_seconds"]["probes"] < every["phase_seconds"]["probes"]
 
 
+def test_a_reporting_run_reads_the_plane_every_epoch_and_probes_on_the_schedule(tmp_path, digits):
+    reports = []
+    auto = {"train.epochs": 3, "train.monitor_every": None, "train.monitor_share": 1e-6}
+    run_hsic(small_config(tmp_path, **auto), digits, on_epoch=reports.append)
+    assert [r["epoch"] for r in reports] == [1, 2, 3]  # what a sweep's trial reports, every epoch
+    assert [r["epoch"] for r in records(tmp_path / "run", "epoch")] == [1, 2, 3]
+    assert [r["epoch"] for r in records(tmp_path / "run", "probes")] == [1, 3]
+
+
 @pytest.mark.parametrize(
     "every, share, rounds, expected",
     [
