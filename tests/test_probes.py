@@ -85,7 +85,7 @@ def test_wide_layers_are_reduced_the_same_way_everywhere():
     assert torch.equal(probe_view(narrow), narrow.flatten(1))  # 128 features: read as they are
 
 
-def test_a_stage_reads_its_layers_at_most_probe_features_wide(tmp_path):
+def test_a_stage_reads_its_layers_at_most_probe_features_wide():
     cfg = build_config("deep_conv", overrides={"model.depth": 2, "model.width": 8})
     net = build_network(cfg.model, (1, 28, 28))
     stage = StageStep(list(net.layers), HSICObjective(cfg.hsic, 10), cfg.optim)

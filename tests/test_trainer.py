@@ -94,7 +94,6 @@ def test_monitors_by_time_share_skip_epoch_zero_keep_the_last_and_record_what_ev
             compared = {key: value for key, value in record.items() if key != "seconds"}
             assert compared == {key: by_epoch[record["epoch"]][key] for key in compared}
     assert by_share["test_accuracy_formatted"] == every["test_accuracy_formatted"]
-    assert by_share["phase_seconds"]["probes"] < every["phase_seconds"]["probes"]
 
 
 def test_a_reporting_run_reads_the_plane_every_epoch_and_probes_on_the_schedule(tmp_path, digits):
