@@ -88,13 +88,15 @@ if part wall; then
 fi
 
 # Issue 30's depth study of plain conv nets (not in the default parts; not yet run on a GPU): HSIC and backprop
-# at depths 8, 20 and 56, with and without skip connections (model.skips: backprop's reference), two seeds,
-# deep_mlp's settings on the conv net. Each trial's stages take a quarter of the GPU.
+# at depths 8, 20 and 56, with and without skip connections (model.skips: backprop's reference), orthogonal and
+# identity weights (docs/results.md, "What the deep plain net loses at its start"), two seeds, 5 epochs. Each
+# trial's stages take a quarter of the GPU.
 if part conv; then
     LEFT=$((DEADLINE - (SECONDS - START)))
-    timeout $LEFT python3 jobs/sweep_depth.py --dataset npz:$DATA --data-family fashion-mnist --depths 8 20 56 \
-        --methods hsic backprop --grid model.arch=conv --grid model.skips=false,true --grid train.seed=1,2 \
-        --width 16 --epochs 10 --stages-per-trial 1 --gpus-per-stage 0.25 --max-concurrent 4 --output "$OUT/conv_depth"
+    timeout $LEFT python3 jobs/sweep_depth.py --preset deep_conv --dataset npz:$DATA --data-family fashion-mnist \
+        --depths 8 20 56 --methods hsic backprop --grid model.skips=false,true --grid model.init=orthogonal,identity \
+        --grid train.seed=1,2 --epochs 5 --stages-per-trial 1 --gpus-per-stage 0.25 --max-concurrent 4 \
+        --output "$OUT/conv_depth"
     echo "# conv depth study stopped at $((SECONDS - START)) s"
 fi
 
