@@ -123,9 +123,12 @@ def deep_conv(source: str = "mnist-sample", family: str | None = None) -> Experi
         cfg,
         preset="deep_conv",
         # deep_mlp's depth-robust choices, on conv layers. The format head reads a 128-wide last layer: a
-        # 10-wide one held far less than the conv layers before it, and held less the deeper the net
+        # 10-wide one held far less than the conv layers before it, and held less the deeper the net. Through
+        # 56 random 3x3 convs an untrained net loses the image: identity weights start every depth from the
+        # stem's output, and smaller steps keep each layer's input steady while the layers below it train
         # (docs/results.md, "Deep plain conv nets").
-        model=ModelConfig(arch="conv", depth=20, width=16, last_width=128, activation="elu", init="orthogonal"),
+        model=ModelConfig(arch="conv", depth=20, width=16, last_width=128, activation="elu", init="identity"),
+        optim=dataclasses.replace(cfg.optim, lr=3e-5),
         train=dataclasses.replace(cfg.train, batch_size=256),
     )
 
