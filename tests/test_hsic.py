@@ -1,7 +1,8 @@
 """Tests for hsic_ray.hsic: every kernel and estimator against a slow textbook implementation, properties,
 gradients (finite differences), dtypes / devices, and errors.
 
-The reference implementations below follow section 2 of docs/hsic-reference.md literally (explicit loops
+The reference implementations below follow the estimators' definitions (Ma, Lewis & Kleijn 2020, section 2;
+Gretton et al. 2005) literally (explicit loops
 over pairs, the explicit centring matrix H = I - 11^T/m, explicit traces and inverses), sharing no code with
 hsic.py, so an error in the fast O(m^2) formulation shows up as a mismatch.
 """
