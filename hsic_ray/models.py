@@ -200,16 +200,14 @@ def identity_init_(net: LayerwiseNet) -> None:
     the deep layers' local losses train from the first step; a randomly initialised plain net's deep layers
     start from inputs mixed through every layer below. Layers that change the shape keep their init."""
     for i, layer in enumerate(net.layers):
-        weights = [m for m in layer.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        if net.shapes[i] != net.shapes[i + 1] or len(weights) != 1:
+        weighted = [m for m in layer.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        if net.shapes[i] != net.shapes[i + 1] or len(weighted) != 1:
             continue
+        module = weighted[0]
         with torch.no_grad():
-            if isinstance(weights[0], nn.Conv2d):
-                nn.init.dirac_(weights[0].weight)
-            else:
-                nn.init.eye_(weights[0].weight)
-            if weights[0].bias is not None:
-                weights[0].bias.zero_()
+            (nn.init.dirac_ if isinstance(module, nn.Conv2d) else nn.init.eye_)(module.weight)
+            if module.bias is not None:
+                module.bias.zero_()
 
 
 def build_head(in_features: int, num_classes: int) -> nn.Sequential:

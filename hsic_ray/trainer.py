@@ -169,7 +169,8 @@ class HSICTrainer:
             with self.timeline.phase("calibration"):
                 self.pipeline.calibrate_batchnorm(batchnorm_calibration_batches(self.data.x_train, self.train))
         self.monitor.record(epoch, self.progress.steps, probes=scheduled)
-        self.schedule.ran(time.perf_counter() - started)
+        if scheduled:  # a reporting run's extra rounds leave out the probes: their cost says nothing of a full one
+            self.schedule.ran(time.perf_counter() - started)
         if self.on_epoch is not None:
             summary = dict(self.monitor.info_plane[-1], train_seconds=self.progress.train_seconds)
             with self.timeline.phase("epoch_readout"):
