@@ -14,18 +14,21 @@ A sample whose argmax unit is matched to no class is wrong. Accuracies are perce
 default they are over samples; ``balanced=True`` gives the mean of the per-class accuracies instead, which
 is how the authors' code scores unformatted accuracy.
 
-The assignments are pure numpy/scipy (torch tensors are accepted and converted, detached, moved to CPU).
+The assignments are pure numpy (torch tensors are accepted and converted, detached, moved to CPU).
 The least-squares classifier (`RidgeClassifier`: one-hot ridge regression in closed form; the least-squares
 readout of the network's output, which stands in for the format head between epochs, and the linear probe of
-every layer) is torch, in float64 on the CPU.
+every layer) is torch on the CPU: float32 products of each chunk, summed and solved in float64.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 import torch
+
+from hsic_ray.assignment import max_weight_matching
 
 METHODS = ("hungarian", "greedy")
 
@@ -115,16 +118,9 @@ def class_means(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
 def hungarian_assignment(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
     """class_to_unit [num_classes]: the maximum-weight one-to-one matching of classes to units on the
     class-mean matrix."""
-    # Imported here, not with the module: every stage actor imports this module, and scipy.optimize is slow to
-    # import (docs/results.md, "Start-up: imports").
-    from scipy.optimize import linear_sum_assignment
-
     means = class_means(outputs, labels, num_classes)
     _check_width(means.shape[1], means.shape[0])
-    rows, cols = linear_sum_assignment(means, maximize=True)
-    class_to_unit = np.empty(means.shape[0], dtype=np.int64)
-    class_to_unit[rows] = cols
-    return class_to_unit
+    return max_weight_matching(means)
 
 
 def greedy_assignment(outputs: Any, labels: Any, num_classes: int) -> np.ndarray:
@@ -222,21 +218,23 @@ class RidgeClassifier:
         self._weights: torch.Tensor | None = None
 
     def add(self, features: Any, labels: Any) -> None:
-        x = torch.as_tensor(features).detach().cpu().flatten(1).double()
-        onehot = torch.nn.functional.one_hot(torch.as_tensor(labels).long().cpu(), self.num_classes).double()
+        x = torch.as_tensor(features).detach().cpu().flatten(1).float()
+        onehot = torch.nn.functional.one_hot(torch.as_tensor(labels).long().cpu(), self.num_classes).float()
         if self._shift is None:
             # Sums about the first chunk's mean: a feature far from 0 (or constant) loses no precision when
             # its mean is taken out of the Gram matrix below.
-            self._shift = x.mean(0)
-            d = x.shape[1]
-            self._sum, self._gram, self._xty = x.new_zeros(d), x.new_zeros(d, d), x.new_zeros(d, self.num_classes)
-            self._counts = x.new_zeros(self.num_classes)
-        x = x - self._shift
+            self._shift = x.double().mean(0)
+            d, zeros = x.shape[1], functools.partial(torch.zeros, dtype=torch.float64)
+            self._sum, self._gram, self._xty = zeros(d), zeros(d, d), zeros(d, self.num_classes)
+            self._counts = zeros(self.num_classes)
+        # A chunk's products in float32 (half float64's time on a CPU), about the shift, so that they stay
+        # small; the sums across chunks in float64.
+        x = x - self._shift.float()
         self.samples += len(x)
-        self._sum += x.sum(0)
-        self._gram += x.T @ x
-        self._xty += x.T @ onehot
-        self._counts += onehot.sum(0)
+        self._sum += x.sum(0, dtype=torch.float64)
+        self._gram += (x.T @ x).double()
+        self._xty += (x.T @ onehot).double()
+        self._counts += onehot.sum(0, dtype=torch.float64)
 
     def fit(self) -> RidgeClassifier:
         if self._shift is None:

@@ -60,17 +60,6 @@ class LayerMonitor:
         if plot_seconds and time.monotonic() - self._plotted_at >= plot_seconds:
             self.plot()
 
-    def final_probes(self) -> dict[str, Any] | None:
-        """Every layer's probe fitted on train.final_probe_samples training samples (the whole split where it
-        is smaller) and scored on the whole test split (None with probes off). The fit's cost grows with the
-        samples times the square of a layer's width: on a large split a fixed subset keeps it to seconds."""
-        if self._probe_splits is None:
-            return None
-        data, rng = self.data, np.random.default_rng(self.train.seed + 2)
-        train = fixed_subset(data.x_train, data.y_train, self.train.final_probe_samples, rng)
-        with self.out.timeline.phase("final_probes"):
-            return self._probe(train, (data.x_test, data.y_test))
-
     def plot(self, final_probes: dict[str, Any] | None = None) -> None:
         """information_plane.png and probes.png (with `final_probes`, as the run ends) from the records so far."""
         # Imported here: matplotlib is a noticeable part of a job's start-up, and most runs draw once, at the end.

@@ -53,11 +53,10 @@ class NetworkEvaluation:
             ),
         }
 
-    def final_accuracies(self, train_features: Tensor, head: FormatHead) -> dict[str, Any]:
+    def final_accuracies(self, train_features: Tensor, test_features: Tensor, head: FormatHead) -> dict[str, Any]:
         """Formatted (the trained head's) train and test accuracy, and unformatted test accuracy by the sound
-        and by the authors' class-to-unit assignment."""
+        and by the authors' class-to-unit assignment, from the network's output for every sample of each split."""
         data = self.data
-        test_features = self.features(data.x_test)
         return {
             "test_accuracy_formatted": evaluation.accuracy(head.logits(test_features), data.y_test),
             "train_accuracy_formatted": evaluation.accuracy(head.logits(train_features), data.y_train),

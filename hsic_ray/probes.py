@@ -62,12 +62,39 @@ KEEP_BYTES = 256 * 2**20
 Views = tuple[list[Tensor], Tensor]  # every layer's probe view of a chunk of images, and their labels
 
 
-def _views(layer_outputs: LayerOutputs, split: Split, chunk: int, start: int = 0) -> Iterator[Views]:
-    x, y = split
-    starts = range(start, len(y), chunk)
-    outputs = layer_outputs(to_tensor(x[i : i + chunk]) for i in starts)
-    for i, views in zip(starts, outputs):
-        yield views, torch.as_tensor(y[i : i + chunk]).long()
+class LayerProbes:
+    """Every layer's classifier, fitted from probe views that arrive a chunk at a time. The classifiers keep
+    only sums; the first chunks' views are also kept, up to KEEP_BYTES, to score the fit on its own samples
+    without a second pass."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self.classifiers: list[RidgeClassifier] = []
+        self.kept: list[Views] = []  # a prefix of the chunks added, so that the rest resume in order
+        self.kept_samples = 0
+        self._kept_bytes, self._keeping = 0, True
+
+    def add(self, views: list[Tensor], y: Tensor) -> None:
+        self.classifiers = self.classifiers or [RidgeClassifier(self.num_classes) for _ in views]
+        for classifier, features in zip(self.classifiers, views):
+            classifier.add(features, y)
+        self._kept_bytes += sum(features.numel() * features.element_size() for features in views)
+        self._keeping = self._keeping and self._kept_bytes <= KEEP_BYTES
+        if self._keeping:
+            self.kept.append((views, y))
+            self.kept_samples += len(y)
+
+    def fit(self) -> None:
+        for classifier in self.classifiers:
+            classifier.fit()
+
+    def accuracies(self, views: Iterable[Views], samples: int) -> list[float]:
+        """Per layer, the percentage of `samples` (arriving as `views`) each fitted probe classifies right."""
+        correct = torch.zeros(len(self.classifiers), dtype=torch.int64)
+        for outputs, y in views:
+            for i, (classifier, features) in enumerate(zip(self.classifiers, outputs)):
+                correct[i] += int((classifier.predict(features).argmax(1) == y).sum())
+        return (100.0 * correct.double() / samples).tolist()
 
 
 def probe_layers(
@@ -78,34 +105,31 @@ def probe_layers(
     chunk: int = EVAL_CHUNK,
 ) -> dict[str, Any]:
     """Every layer's probe fitted on `train` (images, labels) and scored on both splits: train_accuracy
-    and test_accuracy per layer (%), and the sample counts. The classifiers keep only sums, so the images go
-    through the network `chunk` at a time; the training views are kept for scoring up to KEEP_BYTES, and
-    the rest go through a second time."""
-    classifiers: list[RidgeClassifier] = []
-    kept: list[Views] = []
-    kept_bytes, keeping = 0, True
-    for outputs, y in _views(layer_outputs, train, chunk):
-        classifiers = classifiers or [RidgeClassifier(num_classes) for _ in outputs]
-        for classifier, features in zip(classifiers, outputs):
-            classifier.add(features, y)
-        kept_bytes += sum(features.numel() * features.element_size() for features in outputs)
-        keeping = keeping and kept_bytes <= KEEP_BYTES  # a prefix of the chunks, so the rest resume in order
-        if keeping:
-            kept.append((outputs, y))
-    for classifier in classifiers:
-        classifier.fit()
-    train_views = itertools.chain(kept, _views(layer_outputs, train, chunk, start=len(kept) * chunk))
+    and test_accuracy per layer (%), and the sample counts. The images go through the network `chunk` at a
+    time; training views beyond what `LayerProbes` keeps go through a second time to be scored."""
+    probes = LayerProbes(num_classes)
+    for views, y in split_views(layer_outputs, train, chunk):
+        probes.add(views, y)
+    probes.fit()
     return {
-        "train_accuracy": _accuracies(classifiers, train_views, len(train[1])),
-        "test_accuracy": _accuracies(classifiers, _views(layer_outputs, test, chunk), len(test[1])),
+        "train_accuracy": probes.accuracies(fitted_views(probes, layer_outputs, train, chunk), len(train[1])),
+        "test_accuracy": probes.accuracies(split_views(layer_outputs, test, chunk), len(test[1])),
         "train_samples": len(train[1]),
         "test_samples": len(test[1]),
     }
 
 
-def _accuracies(classifiers: list[RidgeClassifier], views: Iterable[Views], samples: int) -> list[float]:
-    correct = torch.zeros(len(classifiers), dtype=torch.int64)
-    for outputs, y in views:
-        for i, (classifier, features) in enumerate(zip(classifiers, outputs)):
-            correct[i] += int((classifier.predict(features).argmax(1) == y).sum())
-    return (100.0 * correct.double() / samples).tolist()
+def split_views(layer_outputs: LayerOutputs, split: Split, chunk: int = EVAL_CHUNK, start: int = 0) -> Iterator[Views]:
+    """Every layer's probe view of `split`'s images from sample `start` on, `chunk` at a time, with their labels."""
+    x, y = split
+    starts = range(start, len(y), chunk)
+    outputs = layer_outputs(to_tensor(x[i : i + chunk]) for i in starts)
+    for i, views in zip(starts, outputs):
+        yield views, torch.as_tensor(y[i : i + chunk]).long()
+
+
+def fitted_views(
+    probes: LayerProbes, layer_outputs: LayerOutputs, train: Split, chunk: int = EVAL_CHUNK
+) -> Iterator[Views]:
+    """The views of the split `probes` were fitted on: those it kept, then the rest through the network again."""
+    return itertools.chain(probes.kept, split_views(layer_outputs, train, chunk, start=probes.kept_samples))

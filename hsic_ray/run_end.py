@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import ImageData
+from hsic_ray.final_pass import FinalPass
 from hsic_ray.head import FormatHead
 from hsic_ray.layer_monitor import LayerMonitor
 from hsic_ray.network_evaluation import NetworkEvaluation
@@ -28,6 +29,7 @@ class RunEnd:
         self,
         cfg: ExperimentConfig,
         data: ImageData,
+        final_pass: FinalPass,
         evaluation: NetworkEvaluation,
         head: FormatHead,
         monitor: LayerMonitor,
@@ -35,27 +37,25 @@ class RunEnd:
         run: RunDirectory | None,
     ):
         """`cfg`: the whole config, which model.pt keeps to rebuild the network."""
-        self.cfg, self.data, self.evaluation = cfg, data, evaluation
+        self.cfg, self.data, self.final_pass, self.evaluation = cfg, data, final_pass, evaluation
         self.head, self.monitor, self.out, self.run = head, monitor, out, run
 
     def finish(self, progress: dict[str, Any]) -> dict[str, Any]:
         """Train the head on the frozen network, evaluate, write model.pt and metrics.json; returns the
         metrics. `progress`: the training loop's counters as metrics.json reports them."""
         timeline = self.out.timeline
-        with timeline.phase("final_evaluation"):
-            train_features = self.evaluation.features(self.data.x_train)
+        network = self.final_pass.read()
         with timeline.phase("head"):
-            head_losses = self._fit_head(train_features)
+            head_losses = self._fit_head(network.train_features)
         with timeline.phase("final_evaluation"):
-            metrics = self.evaluation.final_accuracies(train_features, self.head)
+            metrics = self.evaluation.final_accuracies(network.train_features, network.test_features, self.head)
         last_epoch = self.monitor.info_plane[-1]
         metrics.update(progress, epochs=last_epoch["epoch"], per_layer=last_epoch["per_layer"])
         _log_accuracies(metrics)
         metrics["format_losses"] = head_losses
-        final_probes = self.monitor.final_probes()
-        if final_probes is not None:
-            metrics["probes"] = final_probes
-        self.monitor.plot(final_probes)
+        if network.probes is not None:
+            metrics["probes"] = network.probes
+        self.monitor.plot(network.probes)
         with timeline.phase("writing"):
             self._save_model()
             self.out.final(metrics)

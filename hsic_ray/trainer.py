@@ -25,6 +25,7 @@ from torch import Tensor
 from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, TrainConfig
 from hsic_ray.data import Batch, ImageData, iterate_batches, num_batches, to_tensor
+from hsic_ray.final_pass import FinalPass
 from hsic_ray.head import FormatHead
 from hsic_ray.layer_monitor import LayerMonitor
 from hsic_ray.monitor_schedule import MonitorSchedule
@@ -89,7 +90,8 @@ class HSICTrainer:
         self.checkpoints = TrainingCheckpoints(
             cfg.train, run, pipeline, self.out, self.progress, self.head, self.monitor
         )
-        self.run_end = RunEnd(cfg, data, self.evaluation, self.head, self.monitor, self.out, run)
+        final_pass = FinalPass(cfg.train, data, pipeline, output_features, self.timeline)
+        self.run_end = RunEnd(cfg, data, final_pass, self.evaluation, self.head, self.monitor, self.out, run)
         self._batches_per_epoch = num_batches(len(data.y_train), cfg.train.batch_size)
 
     def fit(self, resume_step: int | None = None) -> dict[str, Any]:

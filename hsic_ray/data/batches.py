@@ -79,8 +79,13 @@ def fixed_subset(
     smaller); None: the split itself, drawing nothing."""
     if n is None:
         return x, y
-    idx = np.sort(rng.choice(len(y), min(n, len(y)), replace=False))
+    idx = fixed_indices(len(y), n, rng)
     return x[idx], y[idx]
+
+
+def fixed_indices(total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    """The sorted indices of `n` of `total` samples drawn from `rng` (every index where `total` is smaller)."""
+    return np.sort(rng.choice(total, min(n, total), replace=False))
 
 
 def iterate_batches(
