@@ -200,7 +200,7 @@ class TrainConfig:
         null_word="auto",
     )
     monitor_share: float = documented(
-        0.1, "with train.monitor_every auto: the share of the training time the per-epoch monitors may take"
+        0.05, "with train.monitor_every auto: the share of the training time the per-epoch monitors may take"
     )
     plot_seconds: float = documented(
         60.0,
