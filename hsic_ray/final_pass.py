@@ -64,21 +64,13 @@ class FinalPass:
         return outputs
 
     def _read_shared(self) -> FinalOutputs:
-        data, probe_train, test = self.data, self._probe_train(), self._test()
-        probes, train_outputs = LayerProbes(data.num_classes), []
-        for views, y in split_views(self.layer_outputs, probe_train):
-            probes.add(views, y)
-            train_outputs.append(views[-1])
-        rest = np.setdiff1d(np.arange(len(data.y_train)), self.probe_indices)
-        train_outputs += self._outputs(data.x_train[rest])
-        train_features = torch.empty_like(torch.cat(train_outputs))
-        train_features[torch.from_numpy(np.concatenate([self.probe_indices, rest]))] = torch.cat(train_outputs)
+        probe_train, test = self._probe_train(), self._test()
+        probes, train_features = self._train_pass(probe_train)
         with self.timeline.phase("final_probes"):
             started = time.perf_counter()
             probes.fit()
-            train_accuracy = probes.accuracies(
-                fitted_views(probes, self.layer_outputs, probe_train), len(probe_train[1])
-            )
+            fitted = fitted_views(probes, self.layer_outputs, probe_train)
+            train_accuracy = probes.accuracies(fitted, len(probe_train[1]))
             seconds = time.perf_counter() - started
         test_outputs: list[Tensor] = []
         test_views = _last_layer_kept(split_views(self.layer_outputs, test), test_outputs)
@@ -91,6 +83,19 @@ class FinalPass:
             "seconds": seconds,
         }
         return FinalOutputs(train_features, torch.cat(test_outputs), record)
+
+    def _train_pass(self, probe_train: Split) -> tuple[LayerProbes, Tensor]:
+        """The probes' training subset first, every layer's view added to the probes and the last layer's kept
+        as the output; then the rest of the split, for its output alone. The outputs in the split's order."""
+        probes, outputs = LayerProbes(self.data.num_classes), []
+        for views, y in split_views(self.layer_outputs, probe_train):
+            probes.add(views, y)
+            outputs.append(views[-1])
+        rest = np.setdiff1d(np.arange(len(self.data.y_train)), self.probe_indices)
+        outputs = torch.cat(outputs + self._outputs(self.data.x_train[rest]))
+        in_split_order = torch.empty_like(outputs)
+        in_split_order[torch.from_numpy(np.concatenate([self.probe_indices, rest]))] = outputs
+        return probes, in_split_order
 
     def _probe_train(self) -> Split:
         return self.data.x_train[self.probe_indices], self.data.y_train[self.probe_indices]

@@ -4,8 +4,9 @@ The format head reads only the last layer; a probe per layer shows where along t
 information is, and whether deep layers lose what shallow ones held. Each probe is a `RidgeClassifier`
 (hsic_ray.evaluation: one-hot ridge regression in closed form on standardised features) fitted on the
 training images' layer outputs and scored on the training and test images. hsic_ray.layer_monitor runs it
-after every HSIC epoch on fixed subsets of the splits (`train.probe_samples`), and at the end of the run
-(hsic_ray.run_end) on the whole test split, fitted on up to `train.final_probe_samples` training samples.
+with the epochs' monitors (when hsic_ray.monitor_schedule has them) on fixed subsets of the splits
+(`train.probe_samples`), and hsic_ray.final_pass at the end of the run on the whole test split, fitted on up to
+`train.final_probe_samples` training samples.
 
 Layers wider than MAX_PROBE_FEATURES are reduced first, on the stage that holds them (`probe_view`), so
 that the fit's (d + 1) x (d + 1) system and what crosses Ray stay small: conv maps are average-pooled over
