@@ -32,6 +32,10 @@ from hsic_ray.step_graph import CapturedStep
 
 # Columns of the per-layer statistics a step returns.
 STAT_NAMES = ("loss", "nhsic_zx", "nhsic_zy")
+# On a CPU, eval-mode passes go through the layers in parts whose widest activation fits about this many
+# bytes: a conv net's maps for a whole evaluation chunk outgrow the caches (docs/results.md, "Evaluation in
+# cache-sized parts on a CPU").
+CPU_EVAL_PART_BYTES = 8 * 2**20
 
 
 def make_sgd(params, cfg: OptimConfig) -> SGD:
@@ -106,6 +110,7 @@ class StageStep:
         self.schedule = schedule
         self._step_scale = torch.ones((), device=self.device)
         self._graph: CapturedStep | None = None
+        self._eval_part: int | None = None  # samples per part of an eval-mode pass (CPU), from the layers' widths
         if self.device.type == "cuda":
             # cuSOLVER's batched Cholesky leaves its status on the device; MAGMA's reads it back to the host.
             torch.backends.cuda.preferred_linalg_library("cusolver")
@@ -159,10 +164,26 @@ class StageStep:
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         """Eval-mode output (BatchNorm on running statistics) for evaluation and the format head."""
-        x = x.to(self.device, non_blocking=True)
+        return _joined([self._eval(part) for part in self._eval_parts(x)])
+
+    def _eval(self, x: Tensor) -> Tensor:
         for layer in self.layers:
             x = layer.eval()(x)
         return x
+
+    def _eval_parts(self, x: Tensor) -> tuple[Tensor, ...]:
+        """`x` on the device, in the parts an eval-mode pass takes at a time (samples are independent in eval
+        mode): on a CPU, as many samples as keep the widest layer's output within CPU_EVAL_PART_BYTES."""
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type != "cpu":
+            return (x,)
+        if self._eval_part is None:
+            widest, z = 0, x[:1]
+            for layer in self.layers:
+                z = layer.eval()(z)
+                widest = max(widest, z.numel() * z.element_size())
+            self._eval_part = max(1, CPU_EVAL_PART_BYTES // max(widest, 1))
+        return x.split(self._eval_part)
 
     @torch.no_grad()
     def calibrate_batchnorm(self, batches: list[Tensor], reset: bool = True) -> list[Tensor]:
@@ -187,7 +208,11 @@ class StageStep:
     def layer_outputs(self, x: Tensor, max_features: int = MAX_PROBE_FEATURES) -> tuple[Tensor, list[Tensor]]:
         """Eval-mode output, and every layer's output as its linear probe reads it (`probes.probe_view`, at
         most `max_features` wide: reduced here, so that wide layers never leave the stage's device in full)."""
-        x = x.to(self.device, non_blocking=True)
+        parts = [self._views(part, max_features) for part in self._eval_parts(x)]
+        outputs = _joined([out for out, _ in parts])
+        return outputs, [_joined(layer) for layer in zip(*(views for _, views in parts))]
+
+    def _views(self, x: Tensor, max_features: int) -> tuple[Tensor, list[Tensor]]:
         views = []
         for layer in self.layers:
             x = layer.eval()(x)
@@ -223,3 +248,8 @@ class StageStep:
         self.steps = state["steps"]
         if self._graph is not None:
             self._graph.reset()  # the optimizer's momentum buffers are new tensors: capture again
+
+
+def _joined(parts: Sequence[Tensor]) -> Tensor:
+    """The parts of an eval-mode pass as one batch (a lone part as it is: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts))

@@ -276,3 +276,23 @@ def test_lr_scales_fall_geometrically_and_each_layer_steps_at_its_own_rate():
         assert any((pa - p0).abs().max() > 0 for p0, pa in zip(start, a.parameters()))
     with pytest.raises(ValueError, match="3 layers"):
         StageStep(list(net.layers), objective, optim, lr_scales=[1.0])
+
+
+def test_a_cpu_stage_evaluates_in_cache_sized_parts_and_gives_what_one_pass_gives(monkeypatch):
+    from hsic_ray import stage_step
+
+    net = _net(depth=3, width=16)  # every layer's output 16 floats wide: 64 bytes a sample
+    whole = StageStep(list(net.layers), HSICObjective(HSICConfig(), 4), OptimConfig())
+    monkeypatch.setattr(stage_step, "CPU_EVAL_PART_BYTES", 64 * 10)  # ten samples a part
+    parted = StageStep(list(net.layers), HSICObjective(HSICConfig(), 4), OptimConfig())
+    x, _ = _batch(m=37)
+    calls = []
+    net.layers[0].register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    out = parted.forward(x)
+    assert parted._eval_part == 10 and calls == [1, 10, 10, 10, 7]  # one sample to size the parts, then four
+    monkeypatch.setattr(stage_step, "CPU_EVAL_PART_BYTES", 10**9)
+    assert whole.forward(x).shape == out.shape == (37, 4)
+    assert torch.allclose(whole.forward(x), out, atol=1e-6)
+    (out_whole, views_whole), (out_parted, views_parted) = whole.layer_outputs(x), parted.layer_outputs(x)
+    assert torch.allclose(out_whole, out_parted, atol=1e-6) and len(views_whole) == len(views_parted) == len(net.layers)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(views_whole, views_parted))
