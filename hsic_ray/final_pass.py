@@ -24,7 +24,7 @@ from torch import Tensor
 from hsic_ray.config import TrainConfig
 from hsic_ray.data import ImageData, fixed_indices, split_chunks
 from hsic_ray.pipeline import Pipeline
-from hsic_ray.probes import LayerProbes, Split, Views, fitted_views, probe_layers, split_views
+from hsic_ray.probes import LayerProbes, Split, Views, fitted_views, probe_layers, probe_record, split_views
 from hsic_ray.timeline import Timeline
 
 
@@ -75,13 +75,7 @@ class FinalPass:
         test_outputs: list[Tensor] = []
         test_views = _last_layer_kept(split_views(self.layer_outputs, test), test_outputs)
         test_accuracy = probes.accuracies(test_views, len(test[1]))
-        record = {
-            "train_accuracy": train_accuracy,
-            "test_accuracy": test_accuracy,
-            "train_samples": len(probe_train[1]),
-            "test_samples": len(test[1]),
-            "seconds": seconds,
-        }
+        record = {**probe_record(train_accuracy, test_accuracy, probe_train, test), "seconds": seconds}
         return FinalOutputs(train_features, torch.cat(test_outputs), record)
 
     def _train_pass(self, probe_train: Split) -> tuple[LayerProbes, Tensor]:

@@ -72,8 +72,11 @@ class LayerProbes:
         self.num_classes = num_classes
         self.classifiers: list[RidgeClassifier] = []
         self.kept: list[Views] = []  # a prefix of the chunks added, so that the rest resume in order
-        self.kept_samples = 0
         self._kept_bytes, self._keeping = 0, True
+
+    @property
+    def kept_samples(self) -> int:
+        return sum(len(y) for _, y in self.kept)
 
     def add(self, views: list[Tensor], y: Tensor) -> None:
         self.classifiers = self.classifiers or [RidgeClassifier(self.num_classes) for _ in views]
@@ -83,7 +86,6 @@ class LayerProbes:
         self._keeping = self._keeping and self._kept_bytes <= KEEP_BYTES
         if self._keeping:
             self.kept.append((views, y))
-            self.kept_samples += len(y)
 
     def fit(self) -> None:
         for classifier in self.classifiers:
@@ -112,9 +114,20 @@ def probe_layers(
     for views, y in split_views(layer_outputs, train, chunk):
         probes.add(views, y)
     probes.fit()
+    return probe_record(
+        probes.accuracies(fitted_views(probes, layer_outputs, train, chunk), len(train[1])),
+        probes.accuracies(split_views(layer_outputs, test, chunk), len(test[1])),
+        train,
+        test,
+    )
+
+
+def probe_record(train_accuracy: list[float], test_accuracy: list[float], train: Split, test: Split) -> dict[str, Any]:
+    """What a round of probes reports: each layer's accuracy (%) on the split it was fitted on and on the test
+    split, and the two splits' sample counts."""
     return {
-        "train_accuracy": probes.accuracies(fitted_views(probes, layer_outputs, train, chunk), len(train[1])),
-        "test_accuracy": probes.accuracies(split_views(layer_outputs, test, chunk), len(test[1])),
+        "train_accuracy": train_accuracy,
+        "test_accuracy": test_accuracy,
         "train_samples": len(train[1]),
         "test_samples": len(test[1]),
     }
