@@ -72,7 +72,7 @@ class ModelConfig:
     arch: str = documented(
         "mlp",
         "mlp, resconv (conv, residual blocks, dense to last_width), or conv (plain 3x3 convs in three stages, no "
-        "skip connections, global average pooling, dense to last_width)",
+        "skip connections, average pooling to model.pool_grid, dense to last_width)",
         choices=ARCHITECTURES,
     )
     depth: int = documented(
@@ -85,6 +85,11 @@ class ModelConfig:
         False,
         "conv only: every conv layer after the stem adds its input to its output (through a 1x1 projection where "
         "the size changes): the same net with skip connections, backprop's usual fix for depth",
+    )
+    pool_grid: int = documented(
+        1,
+        "conv only: the last conv map is average-pooled to a pool_grid x pool_grid grid before the dense last layer; "
+        "1 is global average pooling (He et al.'s net), larger keeps where in the image a feature was",
     )
     last_width: int = documented(10, "output width of the last HSIC-trained layer (what the format head reads)")
     activation: str = documented("relu", "the hidden layers' activation", choices=ACTIVATIONS)
@@ -416,6 +421,12 @@ def _validate_model(model: ModelConfig) -> None:
     _check_positive("model.width", model.width)
     _check_positive("model.last_width", model.last_width)
     check_setting(not model.skips or model.arch == "conv", "model.skips", model.skips, "false unless model.arch=conv")
+    check_setting(
+        model.pool_grid == 1 or (model.arch == "conv" and model.pool_grid > 1),
+        "model.pool_grid",
+        model.pool_grid,
+        "a positive integer, and 1 unless model.arch=conv",
+    )
 
 
 def _validate_hsic(hsic: HSICConfig) -> None:

@@ -158,8 +158,9 @@ def stage_depths(depth: int, stages: int = 3) -> list[int]:
 def build_conv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
     """A plain conv net (no skip connections), He et al. (2016)'s CIFAR plain net: a 3x3 stem to `width`
     channels, `depth` 3x3 conv blocks in three stages of width, 2 width and 4 width channels (the first
-    block of stages 2 and 3 at stride 2), then global average pooling and dense to last_width: depth + 2
-    layers, each its own HSIC layer. With `skips`, every conv block after the stem is a `SkipConvBlock`."""
+    block of stages 2 and 3 at stride 2), then average pooling to a `pool_grid` x `pool_grid` grid (1: global)
+    and dense to last_width: depth + 2 layers, each its own HSIC layer. With `skips`, every conv block after the
+    stem is a `SkipConvBlock`."""
     block = SkipConvBlock if cfg.skips else conv_block
     layers: list[nn.Module] = [conv_block(input_shape[0], cfg.width, cfg.activation)]
     channels = cfg.width
@@ -169,8 +170,8 @@ def build_conv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
             stride = 2 if stage > 0 and index == 0 else 1
             layers.append(block(channels, out_channels, cfg.activation, stride))
             channels = out_channels
-    head = dense_block(channels, cfg.last_width, cfg.activation)
-    layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *head))
+    head = dense_block(channels * cfg.pool_grid**2, cfg.last_width, cfg.activation)
+    layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(cfg.pool_grid), nn.Flatten(), *head))
     return LayerwiseNet(layers, _infer_shapes(layers, input_shape))
 
 

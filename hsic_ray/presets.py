@@ -123,11 +123,15 @@ def deep_conv(source: str = "mnist-sample", family: str | None = None) -> Experi
         cfg,
         preset="deep_conv",
         # deep_mlp's depth-robust choices, on conv layers. The format head reads a 128-wide last layer: a
-        # 10-wide one held far less than the conv layers before it, and held less the deeper the net. Through
-        # 56 random 3x3 convs an untrained net loses the image: identity weights start every depth from the
-        # stem's output, and smaller steps keep each layer's input steady while the layers below it train
-        # (docs/results.md, "Deep plain conv nets").
-        model=ModelConfig(arch="conv", depth=20, width=16, last_width=128, activation="elu", init="identity"),
+        # 10-wide one held far less than the conv layers before it, and held less the deeper the net. That
+        # layer reads the last conv map pooled to 4 x 4, not to one average per channel: HSIC's conv features
+        # are not trained to be read by a global average, and where in the image they fire carries the class.
+        # Through 56 random 3x3 convs an untrained net loses the image: identity weights start every depth
+        # from the stem's output, and smaller steps keep each layer's input steady while the layers below it
+        # train (docs/results.md, "Deep plain conv nets").
+        model=ModelConfig(
+            arch="conv", depth=20, width=16, pool_grid=4, last_width=128, activation="elu", init="identity"
+        ),
         optim=dataclasses.replace(cfg.optim, lr=3e-5),
         # Probes read each conv map pooled to 512 features, not 2048: their fit grows with the square, and with
         # dozens of conv layers it took longer than the training it watched (docs/results.md, "Linear probes'

@@ -75,6 +75,25 @@ def test_skips_are_refused_outside_the_conv_net():
         build_config("deep_mlp", overrides={"model.skips": True})
 
 
+def test_pool_grid_keeps_where_in_the_image_a_feature_fired():
+    net = conv_net(depth=4, width=4, pool_grid=4)
+    dense = next(m for m in net.layers[-1].modules() if isinstance(m, nn.Linear))
+    assert dense.in_features == 16 * 4 * 4 and net.shapes[-1] == (10,)
+    assert net(torch.rand(3, 1, 28, 28)).shape == (3, 10)
+    # The last conv map mirrored left to right: global averages cannot tell the two apart, a 4 x 4 grid can.
+    last_map = torch.rand(2, 16, 7, 7)
+    mirrored = last_map.flip(-1)
+    for grid, tells_apart in [(1, False), (4, True)]:
+        pool = conv_net(depth=4, width=4, pool_grid=grid).layers[-1][0]
+        assert torch.allclose(pool(last_map), pool(mirrored)) is not tells_apart
+
+
+@pytest.mark.parametrize("arch, grid", [("mlp", 4), ("conv", 0), ("conv", -2)])
+def test_pool_grid_is_refused_outside_the_conv_net_or_below_one(arch, grid):
+    with pytest.raises(ConfigError, match="model.pool_grid"):
+        build_config("deep_mlp", overrides={"model.arch": arch, "model.pool_grid": grid})
+
+
 def test_orthogonal_init_covers_the_conv_layers():
     for conv in [m for m in conv_net(init="orthogonal").modules() if isinstance(m, nn.Conv2d)]:
         w = conv.weight.detach().flatten(1)
