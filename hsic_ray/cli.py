@@ -150,12 +150,17 @@ def run_job(body: Callable[[], int]) -> int:
 
 
 def exit_job(code: int) -> NoReturn:
-    """End a job's process with `code` as the interpreter would (its other threads joined, its exit handlers
-    run: Ray's shutdown among them, the streams flushed), less the teardown of every module, which after
-    torch's import takes the best part of a second or two and that the user would wait for."""
+    """End a job's process with `code` as the interpreter would (its other threads joined, Ray shut down, its
+    exit handlers run, the streams flushed), less the teardown of every module, which after torch's import
+    takes the best part of a second or two and that the user would wait for."""
     # What CPython's own exit runs first, in its order: threading's exit hooks (they stop idle executor
     # threads, which would never end otherwise), a join of the threads left, then the atexit handlers.
     threading._shutdown()
+    # Ray's own exit handler would shut it down after half a second's wait for its workers' last log lines,
+    # which a job that has printed its result does not need.
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

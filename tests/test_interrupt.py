@@ -138,6 +138,27 @@ def test_ctrl_c_while_a_ray_job_starts_is_one_line_and_leaves_no_process(tmp_pat
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+@pytest.mark.slow
+def test_a_job_that_started_ray_exits_with_its_code_and_leaves_no_process(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    script = (
+        "import ray\n"
+        "from hsic_ray.cli import exit_job\n"
+        "ray.init(address='local', num_cpus=1, include_dashboard=False)\n"
+        "print('started', flush=True)\n"
+        "exit_job(3)\n"
+    )
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 3 and proc.stdout == "started\n", proc.stderr
+        # exit_job shut Ray down itself: every process of its cluster is gone once the job has exited.
+        assert list(Path(ray_tmp).glob("ray/session_*"))
+        wait_for(lambda: not any(_runs_in(p, ray_tmp) for p in psutil.process_iter()), None, timeout=10)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 def _runs_in(process: psutil.Process, ray_tmp: str) -> bool:
     """Whether `process` belongs to the Ray cluster whose files are under `ray_tmp`."""
     try:
