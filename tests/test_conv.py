@@ -94,6 +94,11 @@ def test_pool_grid_is_refused_outside_the_conv_net_or_below_one(arch, grid):
         build_config("deep_mlp", overrides={"model.arch": arch, "model.pool_grid": grid})
 
 
+def test_a_pool_grid_finer_than_the_last_map_is_refused_naming_its_size():
+    with pytest.raises(ConfigError, match=r"model.pool_grid=8 .* the last conv map's side \(7 x 7"):
+        conv_net(depth=4, width=4, pool_grid=8)
+
+
 def test_orthogonal_init_covers_the_conv_layers():
     for conv in [m for m in conv_net(init="orthogonal").modules() if isinstance(m, nn.Conv2d)]:
         w = conv.weight.detach().flatten(1)
