@@ -170,16 +170,16 @@ def build_conv(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
             stride = 2 if stage > 0 and index == 0 else 1
             layers.append(block(channels, out_channels, cfg.activation, stride))
             channels = out_channels
-    last_map = _infer_shapes(layers, input_shape)[-1]
+    shapes = _infer_shapes(layers, input_shape)
     check_setting(
-        cfg.pool_grid <= min(last_map[1:]),
+        cfg.pool_grid <= min(shapes[-1][1:]),
         "model.pool_grid",
         cfg.pool_grid,
-        f"at most the last conv map's side ({last_map[1]} x {last_map[2]} for this data and depth)",
+        f"at most the last conv map's side ({shapes[-1][1]} x {shapes[-1][2]} for this data and depth)",
     )
     head = dense_block(channels * cfg.pool_grid**2, cfg.last_width, cfg.activation)
     layers.append(nn.Sequential(nn.AdaptiveAvgPool2d(cfg.pool_grid), nn.Flatten(), *head))
-    return LayerwiseNet(layers, _infer_shapes(layers, input_shape))
+    return LayerwiseNet(layers, shapes + _infer_shapes(layers[-1:], shapes[-1])[1:])
 
 
 def build_network(cfg: ModelConfig, input_shape: Shape) -> LayerwiseNet:
