@@ -119,6 +119,7 @@ def deep_mlp(source: str = "mnist-sample", family: str | None = None) -> Experim
 def deep_conv(source: str = "mnist-sample", family: str | None = None) -> ExperimentConfig:
     """A deep plain conv net, without skip connections: 3x3 convs in three stages of 16 / 32 / 64 channels."""
     cfg = deep_mlp(source, family)
+    betas = {"mnist": 250.0, "fashion-mnist": 100.0, "cifar10": 50.0}
     return dataclasses.replace(
         cfg,
         preset="deep_conv",
@@ -132,6 +133,10 @@ def deep_conv(source: str = "mnist-sample", family: str | None = None) -> Experi
         model=ModelConfig(
             arch="conv", depth=20, width=16, pool_grid=4, last_width=128, activation="elu", init="identity"
         ),
+        # A tenth of deep_mlp's beta: the input term, nHSIC(Z, X), keeps a layer from dropping what the batch's
+        # labels do not need, and through dozens of conv layers that loss adds up (docs/results.md, "beta at
+        # every depth").
+        hsic=dataclasses.replace(cfg.hsic, beta=betas[dataset_family(source, family)]),
         optim=dataclasses.replace(cfg.optim, lr=3e-5),
         # Probes read each conv map pooled to 512 features, not 2048: their fit grows with the square, and with
         # dozens of conv layers it took longer than the training it watched (docs/results.md, "Linear probes'
