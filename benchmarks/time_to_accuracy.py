@@ -5,6 +5,7 @@
     python benchmarks/time_to_accuracy.py --cases paper_mlp deep_mlp50 --device cuda \
         --json benchmarks/results/time_to_accuracy_gpu.json
     python benchmarks/time_to_accuracy.py --methods hsic-local backprop-eager --epochs 1 --target 50   # a quick look
+    python benchmarks/time_to_accuracy.py --cases deep_mlp50 -- train.batch_size=256   # settings for every method
 
 Each method runs in its own process, started as a user starts a job, so its clock includes the interpreter,
 imports, Ray and compilation. After every epoch it reads the test accuracy cheaply: backprop's own (the
@@ -24,6 +25,8 @@ from pathlib import Path
 
 from job_runs import markdown_table, run_each, run_process, write_results
 
+from hsic_ray.errors import ConfigError
+
 CASES = {  # name -> (preset, settings, target test accuracy %)
     "paper_mlp": ("paper_mlp", {}, 88.0),
     "deep_mlp50": ("deep_mlp", {"model.depth": 50}, 87.0),
@@ -34,17 +37,15 @@ METHODS = ("hsic-local", "hsic-ray", "backprop-eager", "backprop-compiled")
 # --- one method, in its own process ------------------------------------------------------------------------
 
 
-def run_method(method: str, case: str, args: argparse.Namespace, output: str) -> None:
-    """Train `case` by `method`; print one JSON line per epoch: its accuracy and the seconds since the process
-    began."""
-    import psutil
-
+def case_config(case: str, method: str, args: argparse.Namespace, output: str | None = None):
+    """The config `method` trains `case` with: the case's preset and settings, then the command's."""
+    from hsic_ray.cli import setting
     from hsic_ray.config import build_config
 
-    process_started = psutil.Process().create_time()
     preset, settings, _ = CASES[case]
     overrides = {
         **settings,
+        **dict(setting(text) for text in args.settings),
         "data.source": args.dataset,
         "train.device": args.device,
         "train.epochs": args.epochs,
@@ -53,7 +54,16 @@ def run_method(method: str, case: str, args: argparse.Namespace, output: str) ->
     }
     if args.dataset.startswith(("npz:", "parquet:")):  # files: the Fashion-MNIST settings (beta) apply
         overrides["data.family"] = "fashion-mnist"
-    cfg = build_config(preset, overrides=overrides)
+    return build_config(preset, overrides=overrides)
+
+
+def run_method(method: str, case: str, args: argparse.Namespace, output: str) -> None:
+    """Train `case` by `method`; print one JSON line per epoch: its accuracy and the seconds since the process
+    began."""
+    import psutil
+
+    process_started = psutil.Process().create_time()
+    cfg = case_config(case, method, args, output)
 
     def report(accuracy: float, epoch: int) -> None:
         line = {"epoch": epoch, "accuracy": accuracy, "seconds": time.time() - process_started}
@@ -89,8 +99,17 @@ def _backprop(cfg, compiled: bool, report) -> dict:
 
 
 def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> dict:
-    command = [sys.executable, __file__, "--run", method, "--cases", case, *_shared_flags(args)]
-    command += ["--output", str(workdir / f"{case}-{method}")]
+    command = [
+        sys.executable,
+        __file__,
+        "--run",
+        method,
+        "--cases",
+        case,
+        "--output",
+        str(workdir / f"{case}-{method}"),
+    ]
+    command += _shared_flags(args)
     started = time.time()
     done = run_process(command, f"{case} ({method})")
     lines = done.stdout.splitlines()
@@ -112,7 +131,8 @@ def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> 
 
 def _shared_flags(args: argparse.Namespace) -> list[str]:
     flags = ["--dataset", args.dataset, "--device", args.device, "--epochs", str(args.epochs)]
-    return flags + (["--target", str(args.target)] if args.target is not None else [])
+    flags += ["--target", str(args.target)] if args.target is not None else []
+    return flags + ["--", *args.settings]
 
 
 def table(results: list[dict]) -> str:
@@ -143,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--target", type=float, help="test accuracy %% to reach (default: each case's)")
     p.add_argument("--json", metavar="PATH", help="write the results here too")
+    p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="config settings for every method (after --)")
     p.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
     p.add_argument("--output", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run:
         run_method(args.run, args.cases[0], args, args.output)
         return 0
+    try:  # bad settings stop here, before any method starts
+        for case in args.cases:
+            case_config(case, args.methods[0], args)
+    except (ConfigError, argparse.ArgumentTypeError) as exc:
+        p.error(str(exc))
     results = run_each(args.cases, args.methods, lambda case, method, workdir: measure(method, case, args, workdir))
     print(table(results))
     if args.json:
