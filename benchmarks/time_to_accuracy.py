@@ -99,17 +99,8 @@ def _backprop(cfg, compiled: bool, report) -> dict:
 
 
 def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> dict:
-    command = [
-        sys.executable,
-        __file__,
-        "--run",
-        method,
-        "--cases",
-        case,
-        "--output",
-        str(workdir / f"{case}-{method}"),
-    ]
-    command += _shared_flags(args)
+    output = str(workdir / f"{case}-{method}")
+    command = [sys.executable, __file__, "--run", method, "--cases", case, "--output", output, *_shared_flags(args)]
     started = time.time()
     done = run_process(command, f"{case} ({method})")
     lines = done.stdout.splitlines()
