@@ -59,7 +59,6 @@ from hsic_ray.run import checkpoint
 from hsic_ray.run.checkpoint import CheckpointError
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.model_io import MODEL_FILE
-from hsic_ray.run.plots import plot_curves
 from hsic_ray.run.start import Resumption
 from hsic_ray.schedule import LRSchedule
 from hsic_ray.stage_step import make_sgd
@@ -443,6 +442,9 @@ def _write_results(
 
 
 def _plot_grad_norms(run: RunDirectory, records: list[dict[str, Any]], title: str) -> None:
+    # Imported here: every Ray Train worker imports this module, and only the driver draws.
+    from hsic_ray.run.plots import plot_curves
+
     layers = len(records[-1]["grad_norms"])
     series = {
         f"layer {i + 1}": [(r["epoch"], torch.tensor(max(r["grad_norms"][i], 1e-30)).log10().item()) for r in records]
