@@ -3,7 +3,9 @@
 Seeds are replicates, not settings: where the grid runs over `train.seed`, results.md adds the mean of each
 setting's seeds at each depth, and the plot draws that mean, one line per setting, so that a depth study with
 several seeds reads as one curve per method rather than one per seed. `combine_sweeps` writes several finished
-sweeps (say, HSIC in one and backprop in another) as one table and plot. Plain values in, files out: no Ray.
+sweeps (say, HSIC in one and backprop in another) as one table and plot; a setting that one of them ran as a grid
+axis and another did not is filled in, in the other's rows, from what its trials ran with, so that the same
+setting draws one curve. Plain values in, files out: no Ray.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import statistics
 from typing import Any
 
+from hsic_ray.config import config_from_yaml_text
 from hsic_ray.errors import ConfigError, OutputExistsError
 from hsic_ray.run import claim as run_claim
 from hsic_ray.run.directory import RunDirectory
@@ -20,6 +23,9 @@ from hsic_ray.run.plots import plot_curves
 from hsic_ray.sweep_spec import axis_name
 
 SEED_KEY = "train.seed"
+TRIALS_DIR = "trials"  # each trial's run directory, named METHOD-TRIALID (hsic_ray.sweep)
+# Config sections a method does not read: a setting there says nothing of that method's trials.
+UNREAD_SECTIONS = {"hsic": ("backprop",), "backprop": ("hsic", "optim", "head")}
 
 
 def series_label(row: dict[str, Any]) -> str:
@@ -119,17 +125,50 @@ def read_results(run: RunDirectory) -> list[dict[str, Any]]:
     return [{k: _parsed(v) for k, v in r.items()} for r in csv.DictReader(io.StringIO(run.read_text("results.csv")))]
 
 
-def combine(sweeps: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """The rows of several sweeps as one table: every row gets every sweep's columns (None where its sweep had
-    no such axis), grid axes before the result columns, as in each sweep's own table."""
+def trial_settings(run: RunDirectory) -> dict[str, dict[str, Any]]:
+    """Per method, the settings its trials in the sweep `run` ran with, as "section.field" -> value, from one
+    of its trials' config.yaml (the grid axes and the depth are the row's own); {} where the sweep keeps none."""
+    settings: dict[str, dict[str, Any]] = {}
+    for name in run.list_dir(TRIALS_DIR):
+        method, config = name.split("-")[0], f"{TRIALS_DIR}/{name}/config.yaml"
+        if method not in settings and run.exists(config):
+            sections = config_from_yaml_text(run.read_text(config)).to_dict()
+            settings[method] = {
+                f"{section}.{key}": value
+                for section, fields in sections.items()
+                if isinstance(fields, dict)
+                for key, value in fields.items()
+            }
+    return settings
+
+
+def _ran_with(settings: dict[str, dict[str, Any]], method: str, key: str) -> Any:
+    """The value of setting `key` in a method's trials, or None where the method does not read it or the sweep
+    kept no trial of it."""
+    if key.split(".")[0] in UNREAD_SECTIONS.get(method, ()):
+        return None
+    return settings.get(method, {}).get(key)
+
+
+def combine(
+    sweeps: list[list[dict[str, Any]]], settings: list[dict[str, dict[str, Any]]] | None = None
+) -> list[dict[str, Any]]:
+    """The rows of several sweeps as one table: every row gets every sweep's columns, grid axes before the
+    result columns, as in each sweep's own table. An axis a row's sweep did not have takes the value its
+    trials ran with (`settings`, each sweep's `trial_settings`), and None where that is not known or the
+    row's method does not read it."""
     columns: list[str] = []
     for rows in sweeps:
         for key in rows[0] if rows else []:
             if key not in columns:
                 columns.append(key)
-    settings = [c for c in columns if "." in c]
-    order = ["depth", "method", *settings, *(c for c in columns if c not in settings and c not in ("depth", "method"))]
-    combined = [{c: r.get(c) for c in order} for rows in sweeps for r in rows]
+    axes = [c for c in columns if "." in c]
+    order = ["depth", "method", *axes, *(c for c in columns if c not in axes and c not in ("depth", "method"))]
+    combined = []
+    for rows, ran_with in zip(sweeps, settings or [{} for _ in sweeps]):
+        for r in rows:
+            filled = {c: _ran_with(ran_with, r["method"], c) for c in axes if c not in r}
+            combined.append({c: filled[c] if c in filled else r.get(c) for c in order})
     return sorted(combined, key=row_order)
 
 
@@ -169,7 +208,7 @@ def combine_sweeps(sources: list[str], output: str) -> list[dict[str, Any]]:
         raise ConfigError(
             f"--combine: {', '.join(unfinished)} holds no results.csv; name the --output directories of finished sweeps"
         )
-    rows = combine([read_results(run) for run in runs])
+    rows = combine([read_results(run) for run in runs], [trial_settings(run) for run in runs])
     with run_claim.take(output, "sweep") as claim:
         if claim.interrupted:
             raise OutputExistsError(f"{claim.run.uri} holds an unfinished sweep; choose another --output")

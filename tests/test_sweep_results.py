@@ -9,6 +9,7 @@ import pytest
 from matplotlib.image import imread
 
 from hsic_ray import sweep_results
+from hsic_ray.config import build_config, save_config
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.run.plots import plot_curves as real_plot_curves
 from hsic_ray.sweep_results import (
@@ -145,3 +146,37 @@ def test_combine_writes_two_sweeps_as_one_table_and_refuses_what_it_cannot_read(
     missing = combine_job(hsic, str(tmp_path / "none"), "--output", str(tmp_path / "other"))
     assert missing.returncode == 2 and f"{tmp_path / 'none'} holds no results.csv" in missing.stderr.splitlines()[-1]
     assert not (tmp_path / "other").exists()
+
+
+def with_trial(path, method, **settings):
+    """A trial's run directory in the sweep at `path`, holding the config.yaml it ran with."""
+    trial = path / "trials" / f"{method}-0001"
+    trial.mkdir(parents=True)
+    (trial / "config.yaml").write_text(save_config(build_config(overrides=settings)))
+
+
+def test_combine_fills_an_axis_a_sweep_did_not_have_from_what_its_trials_ran_with(tmp_path):
+    # As in a depth study: one sweep without a skips or beta axis, then one that has both.
+    first = [{k: v for k, v in row(m, 8, 1, 80.0).items() if k != "model.skips"} for m in ("hsic", "backprop")]
+    second = [
+        {**row("hsic", 8, 1, 81.0), "hsic.beta": 100.0},
+        {**row("backprop", 8, 1, 82.0, skips=True), "hsic.beta": 100.0},
+    ]
+    sweep_dir(tmp_path / "first", first)
+    sweep_dir(tmp_path / "second", second)
+    for method in ("hsic", "backprop"):
+        with_trial(tmp_path / "first", method, **{"model.skips": False, "hsic.beta": 1000.0})
+    out = tmp_path / "both"
+    proc = combine_job(str(tmp_path / "first"), str(tmp_path / "second"), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["method"], r["test_accuracy"]): r for r in read_results(RunDirectory(str(out)))}
+    assert rows["hsic", 80.0]["model.skips"] is False and rows["hsic", 80.0]["hsic.beta"] == 1000.0
+    # Backprop reads no hsic settings: the first sweep's backprop row takes its skips, not its beta.
+    assert rows["backprop", 80.0]["model.skips"] is False and rows["backprop", 80.0]["hsic.beta"] is None
+    assert rows["backprop", 82.0]["model.skips"] is True and rows["hsic", 81.0]["hsic.beta"] == 100.0
+    assert {series_label(r) for r in rows.values()} == {
+        "hsic skips=False beta=1000.0",
+        "hsic skips=False beta=100.0",
+        "backprop skips=False",
+        "backprop skips=True beta=100.0",
+    }
