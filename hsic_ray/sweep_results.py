@@ -15,7 +15,8 @@ import io
 import statistics
 from typing import Any
 
-from hsic_ray.config import config_from_yaml_text
+import yaml
+
 from hsic_ray.errors import ConfigError, OutputExistsError
 from hsic_ray.run import claim as run_claim
 from hsic_ray.run.directory import RunDirectory
@@ -127,19 +128,32 @@ def read_results(run: RunDirectory) -> list[dict[str, Any]]:
 
 def trial_settings(run: RunDirectory) -> dict[str, dict[str, Any]]:
     """Per method, the settings its trials in the sweep `run` ran with, as "section.field" -> value, from one
-    of its trials' config.yaml (the grid axes and the depth are the row's own); {} where the sweep keeps none."""
+    of its trials' config.yaml (the grid axes and the depth are the row's own); {} where the sweep keeps none.
+
+    The file is read as the trial wrote it, not checked against today's config: a sweep of an older version
+    still says what it ran with."""
     settings: dict[str, dict[str, Any]] = {}
     for name in run.list_dir(TRIALS_DIR):
         method, config = name.split("-")[0], f"{TRIALS_DIR}/{name}/config.yaml"
         if method not in settings and run.exists(config):
-            sections = config_from_yaml_text(run.read_text(config)).to_dict()
-            settings[method] = {
-                f"{section}.{key}": value
-                for section, fields in sections.items()
-                if isinstance(fields, dict)
-                for key, value in fields.items()
-            }
+            settings[method] = _flat_settings(run.read_text(config))
     return settings
+
+
+def _flat_settings(config_text: str) -> dict[str, Any]:
+    """A config.yaml's settings as "section.field" -> value; {} for a file that is not one."""
+    try:
+        sections = yaml.safe_load(config_text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(sections, dict):
+        return {}
+    return {
+        f"{section}.{key}": value
+        for section, fields in sections.items()
+        if isinstance(fields, dict)
+        for key, value in fields.items()
+    }
 
 
 def _ran_with(settings: dict[str, dict[str, Any]], method: str, key: str) -> Any:

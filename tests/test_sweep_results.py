@@ -166,10 +166,17 @@ def test_combine_fills_an_axis_a_sweep_did_not_have_from_what_its_trials_ran_wit
     sweep_dir(tmp_path / "second", second)
     for method in ("hsic", "backprop"):
         with_trial(tmp_path / "first", method, **{"model.skips": False, "hsic.beta": 1000.0})
-    out = tmp_path / "both"
-    proc = combine_job(str(tmp_path / "first"), str(tmp_path / "second"), "--output", str(out))
+    # A third whose trial's config.yaml cannot be read: its row stays blank where it had no axis.
+    sweep_dir(tmp_path / "third", [{k: v for k, v in row("hsic", 8, 2, 83.0).items() if k != "model.skips"}])
+    (tmp_path / "third" / "trials" / "hsic-0001").mkdir(parents=True)
+    (tmp_path / "third" / "trials" / "hsic-0001" / "config.yaml").write_text("model: [unclosed\n")
+    out = tmp_path / "all"
+    sweeps = [str(tmp_path / name) for name in ("first", "second", "third")]
+    proc = combine_job(*sweeps, "--output", str(out))
     assert proc.returncode == 0, proc.stderr
     rows = {(r["method"], r["test_accuracy"]): r for r in read_results(RunDirectory(str(out)))}
+    assert rows["hsic", 83.0]["model.skips"] is None and rows["hsic", 83.0]["hsic.beta"] is None
+    del rows["hsic", 83.0]
     assert rows["hsic", 80.0]["model.skips"] is False and rows["hsic", 80.0]["hsic.beta"] == 1000.0
     # Backprop reads no hsic settings: the first sweep's backprop row takes its skips, not its beta.
     assert rows["backprop", 80.0]["model.skips"] is False and rows["backprop", 80.0]["hsic.beta"] is None
