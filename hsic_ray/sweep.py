@@ -62,7 +62,8 @@ def trial_config(params: dict[str, Any]) -> ExperimentConfig:
     overrides = dict(params["overrides"])
     overrides["model.depth"] = params["depth"]
     overrides.update({k: v for k, v in params.items() if "." in k})  # grid keys and per-trial ray layout
-    overrides["output"] = f"{params['sweep_dir']}/trials/{params['method']}-{tune.get_context().get_trial_id()}"
+    trial = f"{params['method']}-{tune.get_context().get_trial_id()}"
+    overrides["output"] = f"{params['sweep_dir']}/{run_claim.SWEEP_TRIALS}/{trial}"
     return build_config(params["preset"], overrides=overrides)
 
 

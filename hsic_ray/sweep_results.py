@@ -24,7 +24,6 @@ from hsic_ray.run.plots import plot_curves
 from hsic_ray.sweep_spec import axis_name
 
 SEED_KEY = "train.seed"
-TRIALS_DIR = "trials"  # each trial's run directory, named METHOD-TRIALID (hsic_ray.sweep)
 # Config sections a method does not read: a setting there says nothing of that method's trials.
 UNREAD_SECTIONS = {"hsic": ("backprop",), "backprop": ("hsic", "optim", "head")}
 
@@ -133,8 +132,8 @@ def trial_settings(run: RunDirectory) -> dict[str, dict[str, Any]]:
     The file is read as the trial wrote it, not checked against today's config: a sweep of an older version
     still says what it ran with."""
     settings: dict[str, dict[str, Any]] = {}
-    for name in run.list_dir(TRIALS_DIR):
-        method, config = name.split("-")[0], f"{TRIALS_DIR}/{name}/config.yaml"
+    for name in run.list_dir(run_claim.SWEEP_TRIALS):
+        method, config = name.split("-")[0], f"{run_claim.SWEEP_TRIALS}/{name}/{run_claim.CONFIG}"
         if method not in settings and run.exists(config):
             settings[method] = _flat_settings(run.read_text(config))
     return settings

@@ -26,6 +26,7 @@ FINISHED = {"hsic": "metrics.json", "backprop": "metrics.json", "sweep": "result
 # What identifies a run of each kind written before the marker existed.
 LEGACY = {"hsic": "checkpoints", "backprop": "ray_train", "sweep": "tune"}
 CONFIG = "config.yaml"
+SWEEP_TRIALS = "trials"  # a sweep's directory of its trials' run directories, each named METHOD-TRIALID
 
 
 @dataclass

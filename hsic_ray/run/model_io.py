@@ -21,6 +21,7 @@ from torch import nn
 from hsic_ray.config import ExperimentConfig, config_from_yaml_text, save_config
 from hsic_ray.errors import ConfigError, ModelFileError, ModelInputError
 from hsic_ray.models import build_head, build_network
+from hsic_ray.run.claim import SWEEP_TRIALS
 from hsic_ray.run.location import open_location, resolve_location
 
 MODEL_FILE = "model.pt"
@@ -107,9 +108,9 @@ def _refuse_sweep(fs: pafs.FileSystem, root: str, path: str) -> None:
     base = root.rstrip("/")
     if fs.get_file_info(f"{base}/{MODEL_FILE}").type == pafs.FileType.File:
         return
-    trials = fs.get_file_info(pafs.FileSelector(f"{base}/trials", allow_not_found=True))
+    trials = fs.get_file_info(pafs.FileSelector(f"{base}/{SWEEP_TRIALS}", allow_not_found=True))
     models = sorted(
-        f"trials/{t.base_name}/{MODEL_FILE}"
+        f"{SWEEP_TRIALS}/{t.base_name}/{MODEL_FILE}"
         for t in trials
         if t.type == pafs.FileType.Directory and fs.get_file_info(f"{t.path}/{MODEL_FILE}").type == pafs.FileType.File
     )
@@ -118,7 +119,7 @@ def _refuse_sweep(fs: pafs.FileSystem, root: str, path: str) -> None:
     shown = ", ".join(models[:3]) + (", ..." if len(models) > 3 else "") or "none finished yet"
     raise ModelFileError(
         f"{path} is a depth sweep, which has no model of its own: each trial's model is under "
-        f"trials/<trial>/{MODEL_FILE} ({shown}); pass one of those (see results.csv for the trials' accuracies)"
+        f"{SWEEP_TRIALS}/<trial>/{MODEL_FILE} ({shown}); pass one of those (see results.csv for the trials' accuracies)"
     )
 
 
