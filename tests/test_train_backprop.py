@@ -18,7 +18,7 @@ from hsic_ray.data import to_tensor
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop
 from hsic_ray.run.claim import NothingToResumeError, OutputExistsError
-from hsic_ray.train_backprop import RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
+from hsic_ray.train_backprop import CHECKPOINT_NAME, RAY_TRAIN_DIR, RUN_NAME, SNAPSHOT_FILE, train_backprop
 
 # One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("train_backprop")
@@ -139,12 +139,15 @@ def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run
     assert killed and not thread.is_alive()
     assert isinstance(outcome.get("error"), ray.train.TrainingFailedError), outcome
     assert not (out / "metrics.json").exists()
+    written = [CHECKPOINT_NAME.fullmatch(p.name) for p in (out / RAY_TRAIN_DIR / RUN_NAME).iterdir()]
+    newest = max(int(m["epoch"]) for m in written if m)
 
-    # Rerunning on the same output continues from the latest checkpoint (--resume insists on one).
+    # Rerunning on the same output continues from the latest checkpoint (--resume insists on one): the newest
+    # written, or the one before where the kill cut the newest short.
     metrics = train_backprop(cfg, digits, workers=1, resume=True)
     assert len(metrics["resumed_from"]) == 1
     resumed_epoch = metrics["resumed_from"][0]["epoch"]
-    assert 1 <= resumed_epoch < epochs
+    assert 1 <= resumed_epoch <= newest and resumed_epoch < epochs
     assert metrics["resumed_from"][0]["step"] == resumed_epoch * STEPS_PER_EPOCH
     records, resumes = epoch_records(out)
     # Every epoch trained once: those before the checkpoint in the first attempt, the rest after the resume.
