@@ -234,6 +234,20 @@ def test_a_stage_killed_with_sigkill_is_recreated_and_the_run_completes(tmp_path
     assert abs(disturbed["test_accuracy_unformatted"] - undisturbed["test_accuracy_unformatted"]) <= 2.0
 
 
+def kill_and_await_death(actor):
+    """`ray.kill` only asks for the kill: a call made just after it can still be served. Returns once the
+    actor is gone, so the next request is sure to find it dead."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.where.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("a killed stage actor still answers after 30 s")
+
+
 def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoints(tmp_path, digits):
     # A stage can die while the coordinator evaluates or checkpoints (a node lost at the end of an epoch):
     # those requests recover it from the checkpoint and run again, as training steps do.
@@ -251,11 +265,11 @@ def test_a_stage_lost_outside_training_is_recovered_by_evaluation_and_checkpoint
         pipeline.save(run, 0)
         x = torch.rand(64, *digits.input_shape)
         before = pipeline.forward(x)
-        ray.kill(pipeline.stages.actors[1], no_restart=True)
+        kill_and_await_death(pipeline.stages.actors[1])
         assert torch.equal(pipeline.forward(x), before)  # stage 1 recreated from the checkpoint
-        ray.kill(pipeline.stages.actors[1], no_restart=True)  # and again, under a pass of overlapped chunks
+        kill_and_await_death(pipeline.stages.actors[1])  # and again, under a pass of overlapped chunks
         assert all(torch.equal(out, before) for out in pipeline.forward_chunks([x] * 4))
-        ray.kill(pipeline.stages.actors[0], no_restart=True)
+        kill_and_await_death(pipeline.stages.actors[0])
         pipeline.save(run, 1)
         assert [(e["kind"], e["stage"], e["restored_from_step"]) for e in pipeline.events()] == [
             ("recovery", 1, 0),
