@@ -1,9 +1,18 @@
 """Which cluster connect() picks, without starting one: Ray's calls are recorded, not made."""
 
+import io
+
 import pytest
 
 from hsic_ray.distributed import connect as connect_module
-from hsic_ray.distributed.connect import ClusterConnectionError, check_address, connect, started_cluster_address
+from hsic_ray.distributed.connect import (
+    COLOR_PREFIX,
+    ClusterConnectionError,
+    check_address,
+    connect,
+    plain_log_prefixes_off_a_terminal,
+    started_cluster_address,
+)
 
 
 @pytest.fixture
@@ -52,3 +61,37 @@ def test_the_started_cluster_is_the_one_in_ray_tmpdir_and_only_while_its_gcs_run
     assert started_cluster_address() is None  # recorded, but that cluster's GCS is gone (no `ray stop`)
     (tmp_path / "ray" / "ray_current_cluster").write_text("10.0.0.1:6379\n")
     assert started_cluster_address() == "10.0.0.1:6379"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    "stdout, stderr, no_color, colored",
+    [
+        (Terminal(), Terminal(), None, True),
+        (Terminal(), Terminal(), "1", False),  # no-color.org
+        (Terminal(), io.StringIO(), None, False),  # stderr to a file
+        (io.StringIO(), Terminal(), None, False),
+    ],
+)
+def test_ray_colours_its_log_prefixes_only_on_a_terminal(monkeypatch, stdout, stderr, no_color, colored):
+    monkeypatch.delenv(COLOR_PREFIX, raising=False)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    if no_color:
+        monkeypatch.setenv("NO_COLOR", no_color)
+    monkeypatch.setattr(connect_module.sys, "stdout", stdout)
+    monkeypatch.setattr(connect_module.sys, "stderr", stderr)
+    plain_log_prefixes_off_a_terminal()
+    assert (COLOR_PREFIX not in connect_module.os.environ) == colored
+    if not colored:
+        assert connect_module.os.environ[COLOR_PREFIX] == "0"
+
+
+def test_an_explicit_ray_color_prefix_wins(monkeypatch):
+    monkeypatch.setenv(COLOR_PREFIX, "1")
+    monkeypatch.setattr(connect_module.sys, "stdout", io.StringIO())
+    plain_log_prefixes_off_a_terminal()
+    assert connect_module.os.environ[COLOR_PREFIX] == "1"

@@ -40,6 +40,9 @@ def test_job_smoke_test_runs_a_tiny_baseline(tmp_path):
     # and no Ray Train line per report (it repeated the report's raw metrics).
     assert error_lines(proc) == [] and raw_number_lines(proc) == [], proc.stderr[-3000:]
     assert "Reporting training result" not in proc.stderr and "PreemptionWatcher" not in proc.stderr
+    # Its output is a pipe, not a terminal: the lines forwarded from the cluster come without colour codes.
+    output = proc.stdout + proc.stderr
+    assert "(RayTrainWorker pid=" in output and "\x1b[" not in output
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and metrics["epochs"] == 1
     assert "depth: 1" in (out / "config.yaml").read_text()

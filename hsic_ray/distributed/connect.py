@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,18 @@ log = logging.getLogger("hsic_ray")
 
 CONNECT_TIMEOUT_S = 10.0  # for the head's port to accept; Ray itself retries a dead address for minutes
 GCS_TIMEOUT_S = 20.0  # for the head's GCS to answer once the port accepts
+COLOR_PREFIX = "RAY_COLOR_PREFIX"  # read by the driver each time it prints a line from the cluster
+
+
+def plain_log_prefixes_off_a_terminal() -> None:
+    """Ray colours the `(StageActor pid=...)` prefix of every line it forwards from the cluster's processes,
+    wherever the driver's output goes: in a log file, or what `ray job logs` shows, that is escape codes.
+    Colour only where both streams are terminals and NO_COLOR (no-color.org) is unset, as command-line tools
+    do. An explicit RAY_COLOR_PREFIX always wins."""
+    if COLOR_PREFIX in os.environ:
+        return
+    if os.environ.get("NO_COLOR") or not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ[COLOR_PREFIX] = "0"
 
 
 def default_auth_mode() -> None:
@@ -228,6 +241,7 @@ def _connect(
     state_api: bool,
 ) -> None:
     default_auth_mode()
+    plain_log_prefixes_off_a_terminal()
     source = "--ray-address" if address else "RAY_ADDRESS"  # named in errors: the flag, or the environment's
     address = address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
