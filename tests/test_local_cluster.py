@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,32 @@ def head(request):
     # file it writes in this test process's RAY_TMPDIR.
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
     env["RAY_AUTH_MODE"] = request.param  # what the README asks of every shell that runs `ray ...`
-    port, dashboard = free_port(), free_port()
+    dashboard = free_port()
+    options = [
+        f"--dashboard-port={dashboard}",
+        # Any free port for the job agent: Ray's default (52365) may be another cluster's on this machine, and
+        # an agent that cannot bind it serves no jobs.
+        "--dashboard-agent-listen-port=0",
+        "--num-cpus=4",
+        "--num-gpus=2",
+        "--include-dashboard=true",
+    ]
+    with running_head(env, options, ready=lambda status: "2.0 GPU" in status) as address:
+        yield {"env": env, "address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "mode": request.param}
+
+
+@contextlib.contextmanager
+def running_head(
+    env: dict[str, str],
+    options: list[str],
+    ready: Callable[[str], bool] = lambda status: True,
+    start_env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[str]:
+    """`ray start --head --block` with `options` on free ports, its address once `ray status` answers and
+    `ready(its output)` holds (within 90 s); stopped with its process group afterwards. `start_env`: the head's
+    own environment, where it differs from the clients' `env`."""
+    port = free_port()
     proc = subprocess.Popen(
         [
             "ray",
@@ -58,17 +84,12 @@ def head(request):
             "--head",
             "--block",
             f"--port={port}",
-            f"--dashboard-port={dashboard}",
-            # Any free port for the job agent: Ray's default (52365) may be another cluster's on this machine,
-            # and an agent that cannot bind it serves no jobs.
-            "--dashboard-agent-listen-port=0",
             f"--ray-client-server-port={free_port()}",  # not Ray's fixed 10001, which another head may hold
-            "--num-cpus=4",
-            "--num-gpus=2",
-            "--include-dashboard=true",
             "--disable-usage-stats",
+            *options,
         ],
-        env=env,
+        env=start_env or env,
+        cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -76,14 +97,14 @@ def head(request):
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
-        while time.time() < deadline:
+        while True:
             status = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True)
-            if status.returncode == 0 and "2.0 GPU" in status.stdout:
+            if status.returncode == 0 and ready(status.stdout):
                 break
+            if time.time() > deadline:
+                pytest.fail(f"ray start did not come up: {status.stdout[-500:]} {status.stderr[-1500:]}")
             time.sleep(1)
-        else:
-            pytest.fail(f"ray start did not come up: {status.stdout[-500:]} {status.stderr[-1500:]}")
-        yield {"env": env, "address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "mode": request.param}
+        yield address
     finally:
         stop_head(proc, port)
 

@@ -5,11 +5,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from test_local_cluster import free_port, stop_head
+from test_local_cluster import running_head
 
 from hsic_ray.distributed.connect import PACKAGE_DIR, package_runtime_env
 
@@ -42,37 +41,17 @@ def cluster_without_hsic_ray(tmp_path):
     (shadow / "__init__.py").write_text("raise ImportError('hsic_ray is not installed on this node')\n")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}  # the address is given
     env["RAY_AUTH_MODE"] = "disabled"
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "ray",
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            f"--ray-client-server-port={free_port()}",  # not Ray's fixed 10001, which another head may hold
-            "--num-cpus=3",
-            "--include-dashboard=false",
-            "--disable-usage-stats",
-        ],
-        env={**env, "PYTHONPATH": str(tmp_path / "shadow")},
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True).returncode:
-            assert time.time() < deadline, "ray start did not come up"
-            time.sleep(1)
+    options = ["--num-cpus=3", "--include-dashboard=false"]
+    start_env = {**env, "PYTHONPATH": str(tmp_path / "shadow")}
+    # Up once its node has registered: `ray status` answers as soon as the GCS does, and a driver that joins
+    # before the node registers may wait out ray.init's timeout on a busy machine.
+    with running_head(
+        env, options, ready=lambda status: "3.0 CPU" in status, start_env=start_env, cwd=tmp_path
+    ) as address:
         # The drivers import this checkout's hsic_ray (PYTHONPATH) and run from a directory without one.
         work = tmp_path / "work"
         work.mkdir()
         yield {"address": address, "env": {**env, "PYTHONPATH": str(ROOT)}, "cwd": work}
-    finally:
-        stop_head(proc, port)
 
 
 def probe(cluster, mode: str) -> str:
