@@ -69,7 +69,7 @@ def head(request):
 def running_head(
     env: dict[str, str],
     options: list[str],
-    ready: Callable[[str], bool] = lambda status: True,
+    ready: Callable[[str], bool],
     start_env: dict[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Iterator[str]:

@@ -43,8 +43,7 @@ def cluster_without_hsic_ray(tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"
     options = ["--num-cpus=3", "--include-dashboard=false"]
     start_env = {**env, "PYTHONPATH": str(tmp_path / "shadow")}
-    # Up once its node has registered: `ray status` answers as soon as the GCS does, and a driver that joins
-    # before the node registers may wait out ray.init's timeout on a busy machine.
+    # Up once its node has registered, not when the GCS first answers `ray status`.
     with running_head(
         env, options, ready=lambda status: "3.0 CPU" in status, start_env=start_env, cwd=tmp_path
     ) as address:
