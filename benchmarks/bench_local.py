@@ -5,15 +5,16 @@
     python benchmarks/bench_local.py --depths 5 20 --steps 5 --json out.json
     python benchmarks/bench_local.py --device cuda --cuda-graphs off
     python benchmarks/bench_local.py --arch conv --depths 8 --width 16   # the plain conv net (part 1 only)
+    python benchmarks/bench_local.py --arch conv --kernel-views full 4096 1024   # kernels on pooled maps
 
 Part 1 times one training step of the paper MLP (width 1024, batch 256, cca, sigma 6) on the bundled
 digits, all layers in one stage, three ways: the HSIC step; its floor, the same layers and the same
 batched step with a trivial loss (z.square().mean()) in place of HSIC; and eager backprop of the same
 network plus its head (cross-entropy, SGD). Part 2 times each estimator on one batch of 1024-wide
 activations against 10-class labels. With --arch conv, part 1 times the plain conv net (model.arch=conv) instead,
-its HSIC step both with each layer's kernel on the full output and on the pooled view
-(hsic.max_kernel_features=2048), and skips part 2. The authors' figures were measured on a 2-core machine like this
-project's CI machine; docs/results.md gives the machine each of our figures came from.
+its HSIC step with each layer's kernel on the full output and on pooled views (hsic.max_kernel_features;
+--kernel-views), and skips part 2. The authors' figures were measured on a 2-core machine like this project's CI
+machine; docs/results.md gives the machine each of our figures came from.
 """
 
 from __future__ import annotations
@@ -55,9 +56,14 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-# --arch conv: the plain conv net's step with each layer's kernel on its full output and on the pooled view
-# (NULL: an override that sets a field to null; a plain None would leave the default).
-CONV_VIEWS = {"full": NULL, "pooled": 2048}
+def kernel_view(text: str) -> int | None:
+    """A --kernel-views value: full (each layer's kernel on its whole output) or hsic.max_kernel_features."""
+    if text == "full":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not full or a number of features") from None
 
 
 def _setup(depth: int, leave_one_out: bool = False, **overrides):
@@ -147,40 +153,60 @@ def step_comparison(depth: int, steps: int, device: str, cuda_graphs: str = "aut
 
 
 def conv_step_comparison(
-    depth: int, width: int, steps: int, device: str, cuda_graphs: str = "auto", rounds: int = 7
+    depth: int,
+    width: int,
+    steps: int,
+    device: str,
+    views: Sequence[int | None],
+    cuda_graphs: str = "auto",
+    rounds: int = 7,
 ) -> dict:
-    """ms per step of the plain conv net's HSIC step, its kernels on the full outputs and on the pooled view
-    (`CONV_VIEWS`), against its floor and backprop."""
+    """ms per step of the plain conv net's HSIC step with each layer's kernel on each of `views` (None: the full
+    output, else hsic.max_kernel_features), against its floor and backprop."""
     net_fields = {"model.arch": "conv", "model.width": width}
+    names = {view: _view_name(view) for view in views}
     fns = {
-        f"hsic_{view}": hsic_step_fn(depth, device, cuda_graphs, **net_fields, **{"hsic.max_kernel_features": most})
-        for view, most in CONV_VIEWS.items()
+        # NULL: an override that sets the field to null; a plain None would leave the default.
+        f"hsic_{name}": hsic_step_fn(
+            depth, device, cuda_graphs, **net_fields, **{"hsic.max_kernel_features": NULL if view is None else view}
+        )
+        for view, name in names.items()
     }
     fns["floor"] = hsic_step_fn(depth, device, cuda_graphs, trivial=True, **net_fields)
     fns["backprop"] = backprop_step_fn(depth, device, **net_fields)
     ms = _fastest_rounds(fns, steps, rounds)
     row = {"depth": depth, "width": width, "layers": depth + 2, "floor_ms": ms["floor"], "backprop_ms": ms["backprop"]}
-    for view in CONV_VIEWS:
-        row[f"hsic_{view}_ms"] = ms[f"hsic_{view}"]
-        row[f"hsic_{view}_ms_per_layer"] = ms[f"hsic_{view}"] / (depth + 2)
-        row[f"{view}_over_floor"] = ms[f"hsic_{view}"] / ms["floor"]
+    for name in names.values():
+        row[f"hsic_{name}_ms"] = ms[f"hsic_{name}"]
+        row[f"hsic_{name}_ms_per_layer"] = ms[f"hsic_{name}"] / (depth + 2)
+        row[f"{name}_over_floor"] = ms[f"hsic_{name}"] / ms["floor"]
     return row
+
+
+def _view_name(view: int | None) -> str:
+    return "full" if view is None else f"pooled{view}"
 
 
 def print_conv_steps(args, results: dict) -> None:
     print(f"## ms per training step: plain conv net (width {args.width}, batch 256, cca), every layer in one stage\n")
+    names = [_view_name(view) for view in args.kernel_views]
     print(
-        "| depth | layers | HSIC full view ms (per layer) | HSIC pooled view ms (per layer) | floor ms | "
-        "full / floor | pooled / floor | backprop ms |"
+        "| depth | layers | "
+        + "".join(f"HSIC {name} ms (per layer) | " for name in names)
+        + "floor ms | "
+        + "".join(f"{name} / floor | " for name in names)
+        + "backprop ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---" * (4 + 2 * len(names)) + "|")
     for depth in args.depths:
-        row = conv_step_comparison(depth, args.width, args.steps, args.device, args.cuda_graphs)
+        row = conv_step_comparison(depth, args.width, args.steps, args.device, args.kernel_views, args.cuda_graphs)
         results["conv_steps"].append(row)
         print(
-            f"| {depth} | {row['layers']} | {row['hsic_full_ms']:.1f} ({row['hsic_full_ms_per_layer']:.1f}) | "
-            f"{row['hsic_pooled_ms']:.1f} ({row['hsic_pooled_ms_per_layer']:.1f}) | {row['floor_ms']:.1f} | "
-            f"{row['full_over_floor']:.2f}x | {row['pooled_over_floor']:.2f}x | {row['backprop_ms']:.1f} |",
+            f"| {depth} | {row['layers']} | "
+            + "".join(f"{row[f'hsic_{n}_ms']:.1f} ({row[f'hsic_{n}_ms_per_layer']:.1f}) | " for n in names)
+            + f"{row['floor_ms']:.1f} | "
+            + "".join(f"{row[f'{n}_over_floor']:.2f}x | " for n in names)
+            + f"{row['backprop_ms']:.1f} |",
             flush=True,
         )
 
@@ -258,6 +284,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp", help="conv: time the plain conv net instead")
     p.add_argument("--width", type=int, default=16, help="channels of the conv net's first stage (--arch conv)")
+    p.add_argument(
+        "--kernel-views",
+        type=kernel_view,
+        nargs="+",
+        default=[None, build_config("deep_conv").hsic.max_kernel_features or 2048],
+        metavar="VIEW",
+        help="--arch conv: the layers' kernels on their full outputs (full) and average-pooled to at most N features "
+        "(hsic.max_kernel_features); default: full and deep_conv's (2048 where it has none)",
+    )
     args = p.parse_args(argv)
 
     started = time.strftime("%Y-%m-%d %H:%M %Z")
