@@ -288,10 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--kernel-views",
         type=kernel_view,
         nargs="+",
-        default=[None, build_config("deep_conv").hsic.max_kernel_features or 2048],
+        default=[None, build_config("deep_conv").hsic.max_kernel_features],
         metavar="VIEW",
         help="--arch conv: the layers' kernels on their full outputs (full) and average-pooled to at most N features "
-        "(hsic.max_kernel_features); default: full and deep_conv's (2048 where it has none)",
+        "(hsic.max_kernel_features); default: full and deep_conv's",
     )
     args = p.parse_args(argv)
 

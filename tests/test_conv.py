@@ -14,7 +14,7 @@ from hsic_ray.config import NULL, ConfigError, HSICConfig, ModelConfig, build_co
 from hsic_ray.experiment import run_backprop, run_hsic
 from hsic_ray.hsic import gaussian_kernel
 from hsic_ray.models import build_network, forward_macs, layer_step_costs, stage_depths
-from hsic_ray.objective import HSICObjective, kernel_features, kernel_view
+from hsic_ray.objective import HSICObjective, kernel_features, kernel_pool, kernel_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import train_deep  # noqa: E402
@@ -182,6 +182,22 @@ def test_max_kernel_features_is_validated_and_off_by_default():
     assert build_config().hsic.max_kernel_features is None  # the paper's objective: kernels on whole outputs
     assert build_config(overrides={"hsic.max_kernel_features": 2048}).hsic.max_kernel_features == 2048
     assert build_config(overrides={"hsic.max_kernel_features": NULL}).hsic.max_kernel_features is None
+
+
+@pytest.mark.parametrize("input_shape, early_side", [((1, 28, 28), 14), ((3, 32, 32), 16)])
+def test_deep_conv_pools_the_two_larger_stages_by_two_and_keeps_the_last_whole(input_shape, early_side):
+    cfg = build_config("deep_conv")
+    net = build_network(cfg.model, input_shape)
+    most = cfg.hsic.max_kernel_features
+    conv_maps = [shape for shape in net.shapes[1:] if len(shape) == 3]
+    stages = sorted(set(conv_maps), key=lambda shape: shape[0])
+    assert [shape[0] for shape in stages] == [16, 32, 64]
+    first, second, last = stages
+    assert kernel_pool(first, most) == 2 and kernel_features(first, most) == 16 * early_side**2
+    assert kernel_pool(second, most) == 2
+    assert kernel_pool(last, most) == 1 and kernel_features(last, most) == 64 * last[1] * last[2]
+    for other in ("paper_mlp", "paper_resconv", "deep_mlp"):  # the paper's objective: whole outputs
+        assert build_config(other).hsic.max_kernel_features is None
 
 
 def test_step_costs_count_the_conv_layers_and_their_kernels_on_the_pooled_view():
