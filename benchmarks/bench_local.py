@@ -56,7 +56,7 @@ def _timed(fn, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def kernel_view(text: str) -> int | None:
+def parse_kernel_view(text: str) -> int | None:
     """A --kernel-views value: full (each layer's kernel on its whole output) or hsic.max_kernel_features."""
     if text == "full":
         return None
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=16, help="channels of the conv net's first stage (--arch conv)")
     p.add_argument(
         "--kernel-views",
-        type=kernel_view,
+        type=parse_kernel_view,
         nargs="+",
         default=[None, build_config("deep_conv").hsic.max_kernel_features],
         metavar="VIEW",
