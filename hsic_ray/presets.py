@@ -137,7 +137,7 @@ def deep_conv(source: str = "mnist-sample", family: str | None = None) -> Experi
         # labels do not need, and through dozens of conv layers that loss adds up (docs/results.md, "beta at
         # every depth").
         # Each layer's kernel reads its conv map average-pooled to at most 4096 features (2 x 2 windows on the
-        # large early maps): as accurate as the whole map on both datasets measured, for a quarter less of a
+        # large early maps): as accurate as the whole map on both datasets measured, for a cheaper
         # step. Coarser views were faster still but not as accurate everywhere (docs/results.md, "The kernel on
         # a pooled view").
         hsic=dataclasses.replace(cfg.hsic, beta=betas[dataset_family(source, family)], max_kernel_features=4096),
