@@ -88,7 +88,7 @@ def test_wide_layers_are_reduced_the_same_way_everywhere():
 
 
 def test_a_stage_reads_its_layers_at_most_probe_features_wide():
-    cfg = build_config("deep_conv", overrides={"model.depth": 2, "model.width": 8})
+    cfg = build_config("deep_conv", overrides={"model.depth": 2, "model.width": 8, "model.last_width": 128})
     net = build_network(cfg.model, (1, 28, 28))
     stage = StageStep(list(net.layers), HSICObjective(cfg.hsic, 10), cfg.optim)
     x = torch.rand(5, 1, 28, 28)
