@@ -59,7 +59,8 @@ def run_case(case: str, trainer: str, checkout: Path, args: argparse.Namespace, 
     command += args.settings
     busy, started = machine_busy_seconds(), time.time()
     # From the checkout: Ray's workers put the driver's working directory first on their path.
-    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    # Kept after it: a PYTHONPATH that holds packages installed outside the environment (a carried Ray).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
     run_process(command, f"{case} ({trainer}, {checkout})", env=env, cwd=checkout)
     wall, busy = time.time() - started, machine_busy_seconds() - busy
     metrics = json.loads((output / "metrics.json").read_text())
@@ -95,7 +96,13 @@ def machine_busy_seconds() -> float:
 
 
 def _commit(checkout: Path) -> str | None:
-    done = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    """The checkout's commit; None for a copy without git (a lent GPU machine's)."""
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
     return done.stdout.strip() or None
 
 
