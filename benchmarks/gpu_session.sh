@@ -14,7 +14,7 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default: tests check wall cpu16 gpu study; also conv, issue 30's study), e.g. PARTS="tests check gpu" (about 6
+# PARTS picks the parts (default: tests check wall cpu16 gpu study; also mps, startup and conv), e.g. PARTS="tests check gpu" (about 6
 # minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
@@ -75,6 +75,41 @@ if part gpu; then
         --in-process-threads 16 --steps 400 --factors-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
         --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
+fi
+
+# Stages sharing the GPU are separate processes, whose kernels the GPU time-slices; NVIDIA's Multi-Process
+# Service (MPS) runs them in one shared context instead. The same stages without and with it, side by side.
+if part mps; then
+    MPS_CONTROL=$(command -v nvidia-cuda-mps-control || ls /usr/local/nvidia/bin/nvidia-cuda-mps-control 2>/dev/null)
+    shared_gpu() {
+        timeout 120 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages ${GPU_STAGES:-2 4 8} \
+            --threads-per-stage --in-process-threads 16 --steps 400 --factors-on first_stage --json "$1"
+    }
+    shared_gpu "$OUT/pipeline_gpu_without_mps.json"
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
+    mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY
+    if [[ -n $MPS_CONTROL ]] && timeout 10 $MPS_CONTROL -d \
+        && timeout 30 python3 -c "import torch; torch.ones(1, device='cuda')"; then
+        shared_gpu "$OUT/pipeline_gpu_mps.json"
+    else
+        echo "# no MPS here (control: ${MPS_CONTROL:-none}):"; cat $CUDA_MPS_LOG_DIRECTORY/* 2>/dev/null | tail -5
+    fi
+    [[ -n $MPS_CONTROL ]] && echo quit | timeout 10 $MPS_CONTROL
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "# stages sharing the GPU, without and with MPS, done at $((SECONDS - START)) s"
+fi
+
+# Where a job's seconds before its run go on this machine: the interpreter and each import, and CUDA's start.
+if part startup; then
+    python3 -X importtime -c "import hsic_ray.experiment" 2>&1 | sort -t'|' -k2 -n | tail -8
+    python3 - <<'EOF_STARTUP'
+import time
+t = time.perf_counter(); import torch; imported = time.perf_counter() - t
+t = time.perf_counter(); torch.ones(1, device="cuda"); torch.cuda.synchronize(); context = time.perf_counter() - t
+t = time.perf_counter(); import ray; ray_imported = time.perf_counter() - t
+print(f"import torch {imported:.2f} s, CUDA context {context:.2f} s, import ray {ray_imported:.2f} s")
+EOF_STARTUP
+    echo "# start-up costs done at $((SECONDS - START)) s"
 fi
 
 # What a user waits for (issue 27): paper_mlp, 5 epochs, from the command to its exit, in process and on Ray,
