@@ -284,12 +284,14 @@ def main(argv=None):
         run.update(
             stages=stages,
             factors_on=pipeline.factors_on,
+            mps=any(where["mps"] for where in pipeline.placements),  # stages sharing the GPU through MPS
             efficiency=run["samples_per_second"] / (batch / slowest),
             overhead_share=overhead_share(run, batch),
         )
         results["pipeline"].append(run)
         print(
-            f"| ray pipeline | {stages} | {run['factors_on']} | {run['batches_per_call']} | {run['max_in_flight']} "
+            f"| ray pipeline{' (MPS)' if run['mps'] else ''} | {stages} | {run['factors_on']} "
+            f"| {run['batches_per_call']} | {run['max_in_flight']} "
             f"| {run['samples_per_second']:.0f} | {run['samples_per_second'] / best:.2f}x | {1e3 * slowest:.1f} "
             f"| {run['efficiency']:.2f} |",
             flush=True,

@@ -42,10 +42,24 @@ class Costs:
         return max(self.stage_busy) / self.period()
 
 
-def measured_costs(run: dict, hop_seconds: float) -> Costs:
+def pipeline_runs(result: dict) -> list[dict]:
+    """Each measured pipeline run with its stage count and where its factors were computed (older files: a
+    dict by stage count, factors on the coordinator), by stage count."""
+    runs = result["pipeline"]
+    if isinstance(runs, dict):
+        runs = [{**run, "stages": int(stages), "factors_on": "coordinator"} for stages, run in runs.items()]
+    return sorted(runs, key=lambda run: (run["stages"], run["factors_on"]))
+
+
+def coordinator_serial(run: dict) -> float:
+    """The coordinator's serial work per batch: submitting it, and its factors where it computes them (older
+    files call them targets)."""
     coordinator = run["coordinator_per_batch"]
-    serial = coordinator["submit"] + coordinator.get("targets", 0.0)
-    return Costs(run["stage_busy_per_batch"], hop_seconds / run["batches_per_call"], serial)
+    return coordinator["submit"] + coordinator.get("factors", coordinator.get("targets", 0.0))
+
+
+def measured_costs(run: dict, hop_seconds: float) -> Costs:
+    return Costs(run["stage_busy_per_batch"], hop_seconds / run["batches_per_call"], coordinator_serial(run))
 
 
 def batch_size(run: dict) -> float:
@@ -57,36 +71,38 @@ def check(result: dict) -> tuple[str, float]:
     """The model against each measured stage count; the table and the largest efficiency error."""
     hop = result["hop_ms"]["numpy"] / 1000
     rows, worst = [], 0.0
-    for stages, run in sorted(result["pipeline"].items(), key=lambda item: int(item[0])):
+    for run in pipeline_runs(result):
         costs, batch = measured_costs(run, hop), batch_size(run)
         predicted = batch / costs.period()
         error = abs(costs.efficiency() - run["efficiency"])
         worst = max(worst, error)
         rows.append(
-            [stages, f"{run['samples_per_second']:.0f}", f"{predicted:.0f}", f"{run['efficiency']:.3f}"]
-            + [f"{costs.efficiency():.3f}", f"{error:.3f}"]
+            [str(run["stages"]), run["factors_on"], f"{run['samples_per_second']:.0f}", f"{predicted:.0f}"]
+            + [f"{run['efficiency']:.3f}", f"{costs.efficiency():.3f}", f"{error:.3f}"]
         )
-    header = ["stages", "measured samples/s", "model samples/s", "measured eff.", "model eff.", "|difference|"]
+    header = ["stages", "factors on", "measured samples/s", "model samples/s", "measured eff.", "model eff."]
+    header.append("|difference|")
     return markdown_table(header, rows), worst
 
 
 def forecast(result: dict, devices: list[int]) -> str:
     """Samples/s on N devices, each stage on its own, from the in-process trainer and the pipeline's costs."""
     in_process = max(result["in_process"].values())
-    runs = [run for _, run in sorted(result["pipeline"].items(), key=lambda item: int(item[0]))]
-    run = runs[0]
-    batch = batch_size(run)
-    whole_step = batch / in_process
+    runs = pipeline_runs(result)
     transfer = max(max(r["stage_transfer_per_batch"]) for r in runs)
-    call = result["hop_ms"]["numpy"] / 1000 / run["batches_per_call"]
-    coordinator = run["coordinator_per_batch"]
     rows = []
     for n in devices:
-        for factors_on, serial in (
-            ("coordinator", coordinator["submit"] + coordinator.get("targets", 0.0)),
-            ("first_stage", coordinator["submit"]),
-        ):
-            costs = Costs([whole_step / n + transfer] * n, call, serial)
+        for factors_on in ("coordinator", "first_stage"):
+            # The fewest stages measured with the factors there. Without a first_stage run: the coordinator's
+            # run less its factors (on the first stage's device they overlap its step).
+            run = next((r for r in runs if r["factors_on"] == factors_on), None)
+            if run is None and factors_on == "coordinator":
+                continue
+            run = run or runs[0]
+            serial = coordinator_serial(run) if factors_on == "coordinator" else run["coordinator_per_batch"]["submit"]
+            batch = batch_size(run)
+            call = result["hop_ms"]["numpy"] / 1000 / run["batches_per_call"]
+            costs = Costs([batch / in_process / n + transfer] * n, call, serial)
             samples = batch / costs.period()
             bound = "coordinator" if costs.coordinator >= max(costs.stage_busy) + costs.call else "stages"
             rows.append([str(n), factors_on, f"{samples:.0f}", f"{samples / in_process:.2f}", bound])

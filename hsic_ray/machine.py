@@ -1,4 +1,5 @@
-"""This machine's cores and memory, as the processes and threads of a run ask for them.
+"""This machine's cores and memory, as the processes and threads of a run ask for them, and whether its GPUs
+are shared through NVIDIA's Multi-Process Service.
 
 Free of torch, so that a job checks a local cluster's size before it imports torch (it starts Ray while
 torch imports; hsic_ray.distributed.background_connect)."""
@@ -14,6 +15,8 @@ from hsic_ray.errors import ResourceError
 GIB = 1024**3
 # A Ray worker that imports (CUDA-built) torch holds about this much memory of its own.
 PROCESS_BYTES = int(0.7 * GIB)
+# Where NVIDIA's MPS control daemon makes its pipes unless CUDA_MPS_PIPE_DIRECTORY says otherwise.
+MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
 
 def machine_cores() -> int:
@@ -41,3 +44,13 @@ def check_local_cluster(processes: int, cpus_per_process: float) -> None:
             f"{have / GIB:.1f} GiB free; use at most {max(1, have // PROCESS_BYTES)} stages or workers here, or "
             "join a larger cluster with --ray-address"
         )
+
+
+def mps_pipe_directory() -> str:
+    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", MPS_PIPE_DIRECTORY)
+
+
+def mps_running() -> bool:
+    """Whether a CUDA process started here would run through an MPS server (its control daemon's pipe is
+    there): then processes on one GPU share one context, where without it the GPU time-slices theirs."""
+    return os.path.exists(os.path.join(mps_pipe_directory(), "control"))

@@ -1,12 +1,23 @@
-"""Stage planning: balanced partitions, resources per stage, and the fit check (on a real local Ray)."""
+"""Stage planning: balanced partitions, resources per stage, the fit check (on a real local Ray), and the advice
+for stages that share a GPU."""
 
 import itertools
+import os
 
 import pytest
 import ray
 
 from hsic_ray.config import RayConfig, build_config
-from hsic_ray.distributed.placement import PlacementError, StageSpec, bundles, check_fits, partition, plan_stages
+from hsic_ray.distributed.placement import (
+    PlacementError,
+    StageSpec,
+    bundles,
+    check_fits,
+    gpu_sharing_advice,
+    partition,
+    plan_stages,
+)
+from hsic_ray.machine import mps_running
 from hsic_ray.models import build_network, layer_step_costs
 
 # One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
@@ -66,6 +77,41 @@ def four_cpu_ray():
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
     ray.shutdown()
+
+
+def where(node_ip, device, gpu_ids, mps=False):
+    return {"node_ip": node_ip, "device": device, "gpu_ids": gpu_ids, "mps": mps}
+
+
+def test_advice_names_the_stages_that_share_a_gpu_without_mps():
+    placements = [
+        where("10.0.0.1", "cuda:0", ["0"]),
+        where("10.0.0.1", "cuda:0", ["0"]),
+        where("10.0.0.1", "cuda:0", ["1"]),  # a GPU of its own
+        where("10.0.0.2", "cuda:0", ["0"]),  # GPU 0 of another node
+    ]
+    advice = gpu_sharing_advice(placements)
+    assert "stages 0, 1 on GPU 0 of 10.0.0.1" in advice and "nvidia-cuda-mps-control -d" in advice
+    assert "stages 2" not in advice and "stages 3" not in advice and "10.0.0.2" not in advice
+
+
+@pytest.mark.parametrize(
+    "placements",
+    [
+        [where("n", "cuda:0", ["0"], mps=True), where("n", "cuda:0", ["0"], mps=True)],  # MPS runs them side by side
+        [where("n", "cuda:0", ["0"]), where("n", "cuda:0", ["1"])],  # one GPU each
+        [where("n", "cpu", ["0"]), where("n", "cpu", ["0"])],  # a GPU declared, the stages on the CPU
+    ],
+)
+def test_no_advice_where_no_cuda_device_is_time_sliced(placements):
+    assert gpu_sharing_advice(placements) is None
+
+
+def test_mps_is_seen_by_its_control_pipe(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert not mps_running()
+    os.mkfifo(tmp_path / "control")  # what the control daemon makes when it starts
+    assert mps_running()
 
 
 def test_fit_check_names_what_is_needed_and_what_the_cluster_has(four_cpu_ray):

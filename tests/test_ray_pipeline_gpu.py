@@ -13,6 +13,8 @@ import ray
 import torch
 from test_ray_pipeline import assert_same_training, config, records, run_local_and_ray  # the CPU pipeline's run
 
+from hsic_ray.machine import mps_running
+
 # One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("ray_pipeline_gpu")
 
@@ -47,6 +49,7 @@ def test_stages_holding_gpu_shares_reproduce_the_in_process_trainer(tmp_path, di
     placements = json.loads((tmp_path / "ray" / "placements.json").read_text())
     assert [p["device"].split(":")[0] for p in placements] == ["cuda" if CUDA else "cpu"] * 2
     assert all(len(p["gpu_ids"]) == 1 for p in placements)  # each stage holds its share of the one GPU
+    assert ("without NVIDIA MPS" in caplog.text) == (CUDA and not mps_running())  # time-sliced: the user is told
     assert piped["stages"] == 2 and len(records(tmp_path / "ray", "step")) == 3
     # On a GPU, batched products over a stage's 2 layers need not round as over the trainer's 4, and factors
     # from the host's float32 factors differ from the GPU's float64 ones in the last bits.

@@ -147,3 +147,23 @@ def describe_plan(specs: Sequence[StageSpec], placements: Sequence[dict[str, Any
         layers = f"{spec.start}-{spec.stop - 1}" if spec.stop - spec.start > 1 else f"{spec.start}"
         lines.append(f"{spec.index:<6} {layers:<11} {where['node_ip']:<17} {where['device']:<8} {where['pid']}")
     return "\n".join(lines)
+
+
+def gpu_sharing_advice(placements: Sequence[dict[str, Any]]) -> str | None:
+    """What to do about stages that share a CUDA device without MPS, if any do: each is its own process, and
+    the GPU time-slices between their contexts rather than running their kernels side by side."""
+    sharing: dict[tuple[str, str], list[int]] = {}
+    for stage, where in enumerate(placements):
+        if where["device"].startswith("cuda") and not where.get("mps"):
+            for gpu in where["gpu_ids"]:
+                sharing.setdefault((where["node_ip"], gpu), []).append(stage)
+    shared = {key: stages for key, stages in sharing.items() if len(stages) > 1}
+    if not shared:
+        return None
+    where = "; ".join(f"stages {', '.join(map(str, s))} on GPU {gpu} of {node}" for (node, gpu), s in shared.items())
+    return (
+        f"stages share a GPU without NVIDIA MPS ({where}): the GPU time-slices their processes instead of "
+        "running their kernels side by side, and the pipeline runs well below one process's speed; start MPS on "
+        "those nodes before the job (`nvidia-cuda-mps-control -d`) or give each stage a GPU of its own "
+        "(ray.gpus_per_stage=1)"
+    )

@@ -35,7 +35,7 @@ from torch import Tensor
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.data import Batch
 from hsic_ray.distributed.batches_per_call import BatchesPerCall
-from hsic_ray.distributed.placement import StageSpec, describe_plan
+from hsic_ray.distributed.placement import StageSpec, describe_plan, gpu_sharing_advice
 from hsic_ray.distributed.stage_actor import Hop, StageSettings
 from hsic_ray.distributed.stages import LOST, Stages
 from hsic_ray.distributed.transport import WireFactors, factors_to_numpy
@@ -108,6 +108,8 @@ class RayPipeline:
             self.factors_on.replace("_", " "),
             describe_plan(specs, self.placements),
         )
+        if advice := gpu_sharing_advice(self.placements):
+            log.warning(advice)
 
     @property
     def batches_per_call(self) -> int:

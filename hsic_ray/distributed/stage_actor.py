@@ -22,7 +22,7 @@ from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport, WireFactors, factors_to_numpy
-from hsic_ray.machine import threads_for
+from hsic_ray.machine import mps_running, threads_for
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import HSICObjective
 from hsic_ray.run import checkpoint
@@ -176,6 +176,7 @@ class StageActor:
             "pid": os.getpid(),
             "device": str(self.device),
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "mps": self.device.type == "cuda" and mps_running(),
             "layers": [self.spec.start, self.spec.stop],
         }
 
