@@ -2,11 +2,14 @@
 
     python benchmarks/ray_start_cost.py             # a cluster as a job starts it (2 logical CPUs, no dashboard)
     python benchmarks/ray_start_cost.py --cpus 5    # more logical CPUs: more idle workers started
+    python benchmarks/ray_start_cost.py --preload torch   # its workers import torch as they start
 
 Starts a new local cluster the way hsic_ray's jobs do when none is running (`ray.init(address="local")`, the
 dashboard left out), runs one empty task, waits `--settle` seconds for the cluster's processes to finish
 starting, then lists every process of the cluster (the driver's descendants), with the CPU time it used, and
-the driver's own.
+the driver's own; then times an actor that imports torch (as a stage actor does), from its creation to its
+first answer. With `--preload`, the cluster's workers import those modules as they start (Ray's
+`preload_python_modules`), ahead of any actor, while the driver goes on with its own work (here: the wait).
 Every job that starts its own cluster pays this, and so does every test that does.
 """
 
@@ -25,10 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpus", type=float, default=2.0, help="the cluster's logical CPUs")
     p.add_argument("--settle", type=float, default=6.0, help="seconds to wait before counting")
+    p.add_argument("--preload", nargs="+", default=[], metavar="MODULE", help="modules workers import as they start")
     args = p.parse_args(argv)
 
     started = time.time()
-    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    system_config = {"preload_python_modules": args.preload} if args.preload else None
+    ray.init(
+        address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _system_config=system_config
+    )
     ray.get(ray.remote(lambda: None).remote())
     to_first_task = time.time() - started
     time.sleep(args.settle)
@@ -38,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             times = proc.cpu_times()
             rows.append((times.user + times.system, _label(proc.cmdline() or [proc.name()])))
     driver = sum(psutil.Process().cpu_times()[:2])
+    created = time.time()
+    ray.get(TorchActor.remote().ready.remote())
+    actor_ready = time.time() - created
     ray.shutdown()
 
     print(f"ray.init and a first task: {to_first_task:.2f} s wall; the cluster's processes after {args.settle:g} s:")
@@ -46,7 +56,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {label} | {cpu:.2f} |")
     print(f"| all of the cluster's | {sum(cpu for cpu, _ in rows):.2f} |")
     print(f"| the driver (imports, ray.init, the task) | {driver:.2f} |")
+    print(
+        f"\nan actor that imports torch, created {args.settle:g} s after the first task: ready in {actor_ready:.2f} s"
+    )
     return 0
+
+
+@ray.remote(num_cpus=1)
+class TorchActor:
+    def __init__(self):
+        import torch
+
+        self.device = torch.device("cpu")
+
+    def ready(self) -> bool:
+        return True
 
 
 def _label(cmdline: list[str]) -> str:
