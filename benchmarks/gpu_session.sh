@@ -109,6 +109,11 @@ t = time.perf_counter(); torch.ones(1, device="cuda"); torch.cuda.synchronize();
 t = time.perf_counter(); import ray; ray_imported = time.perf_counter() - t
 print(f"import torch {imported:.2f} s, CUDA context {context:.2f} s, import ray {ray_imported:.2f} s")
 EOF_STARTUP
+    # A stage actor's torch import, with and without workers that import it as they start (docs/results.md,
+    # "Start-up: imports"): on 16 cores their imports may run beside the driver's.
+    for preload in "" "--preload torch"; do
+        timeout 60 python3 benchmarks/ray_start_cost.py --cpus 16 $preload | grep -E "ray.init and|an actor"
+    done
     echo "# start-up costs done at $((SECONDS - START)) s"
 fi
 
