@@ -226,3 +226,25 @@ def test_layer_and_epoch_axes_of_probes_and_information_plane_are_whole_numbers(
     assert _tick_labels(epochs_bar.yaxis, epochs_bar.get_ylim()) == ["0", "1", "2", "3"]
     layer_bar = figures[1].axes[1]
     assert _tick_labels(layer_bar.yaxis, layer_bar.get_ylim()) == ["1", "2", "3", "4", "5"]
+
+
+def _legend_and_axes_boxes(fig):
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    return ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+
+
+def test_a_long_legend_goes_below_the_curves_and_stays_in_the_figure(tmp_path, monkeypatch):
+    figures = _figures_drawn(monkeypatch)
+    names = [f"hsic seed {seed} model.last_width=512 model.init=identity" for seed in range(6)]
+    plot_curves({name: [(8, 80.0 + k), (56, 82.0 + k)] for k, name in enumerate(names)}, tmp_path / "c.png", "x", "y")
+    legend, axes = _legend_and_axes_boxes(figures[0])
+    assert legend.y1 < axes.y0 and legend.y0 >= 0  # under the axes (and their labels), inside the figure
+    assert [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()] == names
+
+
+def test_a_short_legend_stays_inside_the_axes(tmp_path, monkeypatch):
+    figures = _figures_drawn(monkeypatch)
+    plot_curves({"hsic": [(8, 87.0), (20, 86.0)], "backprop": [(8, 88.0), (20, 85.0)]}, tmp_path / "c.png", "x", "y")
+    legend, axes = _legend_and_axes_boxes(figures[0])
+    assert axes.x0 <= legend.x0 and legend.x1 <= axes.x1 and axes.y0 <= legend.y0 and legend.y1 <= axes.y1

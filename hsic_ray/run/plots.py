@@ -26,6 +26,8 @@ from matplotlib.ticker import MaxNLocator
 DPI = 100
 FIGSIZE = (7.0, 5.0)
 MAX_POINT_TICKS = 12  # up to this many whole-number x values, each gets its own tick
+LEGEND_INSIDE_MAX, LEGEND_INSIDE_CHARS = 4, 28  # a curve plot's legend beyond these goes below the axes
+LEGEND_ROW_INCHES = 0.22
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
@@ -280,5 +282,17 @@ def plot_curves(
         ax.set_ylim(bottom=floor)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend(loc="best", fontsize="small")
+    _curve_legend(ax, [name for name, _, _ in data])
     _finish(fig, ax, path, title)
+
+
+def _curve_legend(ax, names: list[str]) -> None:
+    """Inside the axes where it is small; below them where it would cover the curves (many or long names,
+    as a combined sweep's), the figure grown to hold it."""
+    if len(names) <= LEGEND_INSIDE_MAX and max(map(len, names)) <= LEGEND_INSIDE_CHARS:
+        ax.legend(loc="best", fontsize="small")
+        return
+    columns = 2 if max(map(len, names)) <= LEGEND_INSIDE_CHARS else 1
+    rows = -(-len(names) // columns)
+    ax.figure.set_figheight(ax.figure.get_figheight() + LEGEND_ROW_INCHES * rows)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=columns, fontsize="small", frameon=False)
