@@ -6,15 +6,17 @@
     python benchmarks/bench_local.py --device cuda --cuda-graphs off
     python benchmarks/bench_local.py --arch conv --depths 8 --width 16   # the plain conv net (part 1 only)
     python benchmarks/bench_local.py --arch conv --kernel-views full 4096 1024   # kernels on pooled maps
+    python benchmarks/bench_local.py --arch conv --preset deep_conv --depths 20   # the conv preset as users run it
 
 Part 1 times one training step of the paper MLP (width 1024, batch 256, cca, sigma 6) on the bundled
 digits, all layers in one stage, three ways: the HSIC step; its floor, the same layers and the same
 batched step with a trivial loss (z.square().mean()) in place of HSIC; and eager backprop of the same
 network plus its head (cross-entropy, SGD). Part 2 times each estimator on one batch of 1024-wide
-activations against 10-class labels. With --arch conv, part 1 times the plain conv net (model.arch=conv) instead,
-its HSIC step with each layer's kernel on the full output and on pooled views (hsic.max_kernel_features;
---kernel-views), and skips part 2. The authors' figures were measured on a 2-core machine like this project's CI
-machine; docs/results.md gives the machine each of our figures came from.
+activations against 10-class labels. With --arch conv, part 1 times the plain conv net (model.arch=conv)
+instead, its HSIC step with each layer's kernel on the full output and on pooled views
+(hsic.max_kernel_features; --kernel-views), from the paper MLP's other settings or `--preset`'s, and skips part
+2. The authors' figures were measured on a 2-core machine like this project's CI machine; docs/results.md gives
+the machine each of our figures came from.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ def parse_kernel_view(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not full or a number of features") from None
 
 
-def _setup(depth: int, leave_one_out: bool = False, **overrides):
-    """`overrides`: config fields on top of the paper MLP's (e.g. model.arch=conv)."""
-    overrides = {"model.depth": depth, "hsic.leave_one_out": leave_one_out, **overrides}
-    cfg = build_config("paper_mlp", overrides=overrides)
+def _setup(depth: int, leave_one_out: bool | None = None, preset: str = "paper_mlp", **overrides):
+    """`overrides`: config fields on top of the preset's (e.g. model.arch=conv); `leave_one_out`: the
+    estimator's fit, where not the preset's."""
+    overrides = {"model.depth": depth, **overrides}
+    if leave_one_out is not None:
+        overrides["hsic.leave_one_out"] = leave_one_out
+    cfg = build_config(preset, overrides=overrides)
     data = load_dataset(cfg.data)
     net = build_seeded_network(cfg, data)
     objective = HSICObjective(cfg.hsic, data.num_classes)
@@ -91,20 +96,21 @@ def hsic_step_fn(
     device: str,
     cuda_graphs: str = "auto",
     trivial: bool = False,
-    leave_one_out: bool = False,
+    leave_one_out: bool | None = None,
+    preset: str = "paper_mlp",
     **overrides,
 ):
     """One stage holding every layer: factors once per batch, the batched step of all layers."""
-    cfg, net, objective, batch = _setup(depth, leave_one_out, **overrides)
+    cfg, net, objective, batch = _setup(depth, leave_one_out, preset, **overrides)
     stage = StageStep(list(net.layers), TrivialObjective() if trivial else objective, cfg.optim, device, cuda_graphs)
     x = batch.x.to(device)
     factors = objective.kernel_factors(x, batch.y.to(device))
     return lambda: stage.train_step(x, factors)
 
 
-def backprop_step_fn(depth: int, device: str, **overrides):
+def backprop_step_fn(depth: int, device: str, preset: str = "paper_mlp", **overrides):
     """Eager backprop of the same network and its head: forward, cross-entropy, backward, SGD step."""
-    cfg, net, _, batch = _setup(depth, **overrides)
+    cfg, net, _, batch = _setup(depth, preset=preset, **overrides)
     model = build_model(net, 10).to(device)
     optimizer = make_sgd(model.parameters(), cfg.backprop)
     x, y = batch.x.to(device), batch.y.to(device)
@@ -160,20 +166,26 @@ def conv_step_comparison(
     views: Sequence[int | None],
     cuda_graphs: str = "auto",
     rounds: int = 7,
+    preset: str = "paper_mlp",
 ) -> dict:
     """ms per step of the plain conv net's HSIC step with each layer's kernel on each of `views` (None: the full
-    output, else hsic.max_kernel_features), against its floor and backprop."""
+    output, else hsic.max_kernel_features), against its floor and backprop; the net's other settings `preset`'s."""
     net_fields = {"model.arch": "conv", "model.width": width}
     names = {view: _view_name(view) for view in views}
     fns = {
         # NULL: an override that sets the field to null; a plain None would leave the default.
         f"hsic_{name}": hsic_step_fn(
-            depth, device, cuda_graphs, **net_fields, **{"hsic.max_kernel_features": NULL if view is None else view}
+            depth,
+            device,
+            cuda_graphs,
+            preset=preset,
+            **net_fields,
+            **{"hsic.max_kernel_features": NULL if view is None else view},
         )
         for view, name in names.items()
     }
-    fns["floor"] = hsic_step_fn(depth, device, cuda_graphs, trivial=True, **net_fields)
-    fns["backprop"] = backprop_step_fn(depth, device, **net_fields)
+    fns["floor"] = hsic_step_fn(depth, device, cuda_graphs, trivial=True, preset=preset, **net_fields)
+    fns["backprop"] = backprop_step_fn(depth, device, preset, **net_fields)
     ms = _fastest_rounds(fns, steps, rounds)
     row = {"depth": depth, "width": width, "layers": depth + 2, "floor_ms": ms["floor"], "backprop_ms": ms["backprop"]}
     for name in names.values():
@@ -188,7 +200,10 @@ def _view_name(view: int | None) -> str:
 
 
 def print_conv_steps(args, results: dict) -> None:
-    print(f"## ms per training step: plain conv net (width {args.width}, batch 256, cca), every layer in one stage\n")
+    print(
+        f"## ms per training step: plain conv net (width {args.width}, {args.preset}'s other settings), every "
+        "layer in one stage\n"
+    )
     names = [_view_name(view) for view in args.kernel_views]
     print(
         "| depth | layers | "
@@ -199,7 +214,9 @@ def print_conv_steps(args, results: dict) -> None:
     )
     print("|---" * (4 + 2 * len(names)) + "|")
     for depth in args.depths:
-        row = conv_step_comparison(depth, args.width, args.steps, args.device, args.kernel_views, args.cuda_graphs)
+        row = conv_step_comparison(
+            depth, args.width, args.steps, args.device, args.kernel_views, args.cuda_graphs, preset=args.preset
+        )
         results["conv_steps"].append(row)
         print(
             f"| {depth} | {row['layers']} | "
@@ -284,6 +301,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     p.add_argument("--arch", choices=("mlp", "conv"), default="mlp", help="conv: time the plain conv net instead")
     p.add_argument("--width", type=int, default=16, help="channels of the conv net's first stage (--arch conv)")
+    p.add_argument(
+        "--preset",
+        default="paper_mlp",
+        help="--arch conv: the preset whose other settings the conv net takes (deep_conv: as users run it)",
+    )
     p.add_argument(
         "--kernel-views",
         type=parse_kernel_view,
