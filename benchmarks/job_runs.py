@@ -1,5 +1,5 @@
 """What the benchmarks that time whole jobs as processes share (wall_clock.py, time_to_accuracy.py): their
-tables and their JSON file, which names the machine they ran on."""
+tables, their JSON file, which names the machine they ran on, and the path their processes import from."""
 
 from __future__ import annotations
 
@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def python_path_from(checkout: Path) -> str:
+    """A PYTHONPATH that imports hsic_ray from `checkout`, keeping this one's entries after it (packages installed
+    outside the environment: a carried Ray)."""
+    return os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))
 
 
 def run_process(

@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from job_runs import REPO, markdown_table, run_each, run_process, write_results
+from job_runs import REPO, markdown_table, python_path_from, run_each, run_process, write_results
 
 CASES = {  # name -> the job's arguments (a dataset is added where the case reads one)
     "default": [],
@@ -59,8 +59,7 @@ def run_case(case: str, trainer: str, checkout: Path, args: argparse.Namespace, 
     command += args.settings
     busy, started = machine_busy_seconds(), time.time()
     # From the checkout: Ray's workers put the driver's working directory first on their path.
-    # Kept after it: a PYTHONPATH that holds packages installed outside the environment (a carried Ray).
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": python_path_from(checkout)}
     run_process(command, f"{case} ({trainer}, {checkout})", env=env, cwd=checkout)
     wall, busy = time.time() - started, machine_busy_seconds() - busy
     metrics = json.loads((output / "metrics.json").read_text())

@@ -46,11 +46,8 @@ def check_local_cluster(processes: int, cpus_per_process: float) -> None:
         )
 
 
-def mps_pipe_directory() -> str:
-    return os.environ.get("CUDA_MPS_PIPE_DIRECTORY", MPS_PIPE_DIRECTORY)
-
-
 def mps_running() -> bool:
     """Whether a CUDA process started here would run through an MPS server (its control daemon's pipe is
     there): then processes on one GPU share one context, where without it the GPU time-slices theirs."""
-    return os.path.exists(os.path.join(mps_pipe_directory(), "control"))
+    pipes = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", MPS_PIPE_DIRECTORY)
+    return os.path.exists(os.path.join(pipes, "control"))

@@ -160,9 +160,9 @@ def gpu_sharing_advice(placements: Sequence[dict[str, Any]]) -> str | None:
     shared = {key: stages for key, stages in sharing.items() if len(stages) > 1}
     if not shared:
         return None
-    where = "; ".join(f"stages {', '.join(map(str, s))} on GPU {gpu} of {node}" for (node, gpu), s in shared.items())
+    which = "; ".join(f"stages {', '.join(map(str, s))} on GPU {gpu} of {node}" for (node, gpu), s in shared.items())
     return (
-        f"stages share a GPU without NVIDIA MPS ({where}): the GPU time-slices their processes instead of "
+        f"stages share a GPU without NVIDIA MPS ({which}): the GPU time-slices their processes instead of "
         "running their kernels side by side, and the pipeline runs well below one process's speed; start MPS on "
         "those nodes before the job (`nvidia-cuda-mps-control -d`) or give each stage a GPU of its own "
         "(ray.gpus_per_stage=1)"
