@@ -38,6 +38,7 @@ from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.hsic import gaussian_kernel, hsic_biased, hsic_cca, hsic_cka, plausible_loss
 from hsic_ray.objective import HSICObjective, KernelFactors, StageLosses
+from hsic_ray.presets import PRESETS
 from hsic_ray.stage_step import StageStep, make_sgd
 
 # Seconds per step of the authors' code on a 2-core machine (issue #2), and their cca forward in ms.
@@ -304,6 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--preset",
         default="paper_mlp",
+        choices=sorted(PRESETS),
         help="--arch conv: the preset whose other settings the conv net takes (deep_conv: as users run it)",
     )
     p.add_argument(

@@ -134,8 +134,8 @@ def test_ctrl_c_while_a_ray_job_starts_is_one_line_and_leaves_no_process(tmp_pat
         assert lines[-1] == "interrupted; rerun the same command to continue"
         # Nothing else but the job's own progress lines: no traceback, no library's notes at exit.
         assert [line for line in lines[:-1] if not re.match(r"\d\d:\d\d:\d\d (started|run )", line)] == []
-        # Ray's processes notice their driver's end by polling; on a loaded machine (the whole suite in parallel
-        # on 2 cores) one outlived 20 s once.
+        # Ray's processes notice their driver's end by polling, slowly on a loaded machine (the whole suite in
+        # parallel on 2 cores: docs/results.md, "Fresh runs").
         try:
             wait_for(lambda: not _cluster_processes(ray_tmp), None, timeout=60)
         except AssertionError as failure:
