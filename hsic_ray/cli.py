@@ -157,10 +157,12 @@ def exit_job(code: int) -> NoReturn:
     # threads, which would never end otherwise), a join of the threads left, then the atexit handlers.
     threading._shutdown()
     # Ray's own exit handler would shut it down after half a second's wait for its workers' last log lines,
-    # which a job that has printed its result does not need.
+    # which a job that has printed its result does not need, and a second more for its autoscaler monitor.
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        ray.shutdown()
+        from hsic_ray.distributed.shutdown import shutdown
+
+        shutdown()
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
