@@ -3,7 +3,8 @@
 loss_i = dep(Z_i, X) - beta * dep(Z_i, Y), where dep is the chosen estimator (nHSIC for "cca").
 
 The kernels of X and Y (and their estimator factors: centring, and for cca a Cholesky solve) depend only
-on the batch, so `HSICObjective.kernel_factors` computes them once and every layer reuses them. The authors'
+on the batch, so `HSICObjective.kernel_factors` computes them once and every layer reuses them. The labels'
+cca factor has a closed form (`hsic.one_hot_cca_factor_ex`): a C x C solve instead of an m x m one. The authors'
 schedule rebuilds the X and Y kernels and solves for every layer at every step: per layer it builds
 three kernels (X with 784-3072 features) and does four m x m solves; here a layer builds one kernel
 (its own Z), and `stage_losses` treats all of a stage's layers as one batched [layers, m, m] problem.
@@ -64,6 +65,13 @@ def factors_failed() -> FloatingPointError:
     """The error for factors whose `failed` flag was set: float64 could not make their kernel system
     positive definite either."""
     return not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
+
+
+def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """Two failed flags as one: set where either is; None where neither can fail."""
+    if a is None or b is None:
+        return b if a is None else a
+    return a | b
 
 
 @dataclass
@@ -158,16 +166,24 @@ class HSICObjective:
     def kernel_factors(self, x: Tensor, labels: Tensor, host_free: bool | None = None) -> KernelFactors:
         """X's and Y's factors for one batch (x: raw inputs, labels: integer classes). Checked here, or with
         `host_free` (default: on CUDA) computed in float64 with their `failed` flag left on the device."""
-        y = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
-        if not (x.is_cuda if host_free is None else host_free):
-            x_factor = None if self.estimator.self_input else self._factor(x)
-            return KernelFactors(x_factor, self._factor(y))
-        y_factor, y_failed = self._factor_on_device(y)
+        host_free = x.is_cuda if host_free is None else host_free
+        y_factor, y_failed = self._label_factor(F.one_hot(labels.long(), self.num_classes).to(x.dtype), host_free)
         if self.estimator.self_input:
             return KernelFactors(None, y_factor, y_failed)
-        x_factor, x_failed = self._factor_on_device(x)
-        failed = None if x_failed is None else x_failed | y_failed
-        return KernelFactors(x_factor, y_factor, failed)
+        x_factor, x_failed = self._factor_on_device(x) if host_free else (self._factor(x), None)
+        return KernelFactors(x_factor, y_factor, _either(x_failed, y_failed))
+
+    def _label_factor(self, y: Tensor, host_free: bool) -> tuple[Tensor, Tensor | None]:
+        """The factor of one-hot labels `y` and its failed flag (None: checked), in closed form where the
+        estimator has one (cca: a C x C solve instead of an m x m one)."""
+        if self.estimator.one_hot_factor_ex is None or self.cfg.sigma is None:
+            return self._factor_on_device(y) if host_free else (self._factor(y), None)
+        factor, failed = self.estimator.one_hot_factor_ex(y, self.cfg.sigma)
+        if host_free:
+            return factor, failed
+        if bool(failed):
+            raise not_positive_definite("hsic_cca (the kernel of a batch's labels)")
+        return factor, None
 
     def stage_losses(
         self, zs: Sequence[Tensor], factors: KernelFactors, dtype: torch.dtype | None = None

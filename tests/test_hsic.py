@@ -31,6 +31,7 @@ from hsic_ray.hsic import (
     hsic_cka,
     make_estimator,
     median_sigma,
+    one_hot_cca_factor_ex,
     plausible_loss,
     squared_distances,
 )
@@ -435,6 +436,36 @@ def test_cca_of_labels_with_themselves_is_classes_minus_one():
     assert hsic_cca(l, l).item() == pytest.approx(classes - 1, abs=0.05)
     x = randn(m, 4, seed=22)
     assert hsic_cca(gaussian_kernel(x, 1.0), l).item() < classes - 1
+
+
+@pytest.mark.parametrize(
+    ("m", "classes", "sigma", "eps"), [(40, 10, 6.0, 1e-5), (64, 3, 0.5, 1e-2), (33, 7, 50.0, 1e-5)]
+)
+def test_one_hot_cca_factor_is_the_labels_kernel_factor(m, classes, sigma, eps):
+    # The closed form against the textbook R = Kc (Kc + eps m I)^-1 of the labels' Gaussian kernel, with a
+    # class missing from the batch in one case (its column of Yc is zero).
+    labels = torch.randint(0, classes - (classes == 7), (m,), generator=torch.Generator().manual_seed(m))
+    y = torch.nn.functional.one_hot(labels, classes).to(F64)
+    factor, failed = one_hot_cca_factor_ex(y, sigma, eps)
+    close(factor, ref_r(ref_kernel(y, sigma), eps), rtol=1e-6, atol=1e-10)
+    assert not bool(failed)
+    as_float, _ = one_hot_cca_factor_ex(y.float(), sigma, eps)
+    assert as_float.dtype == torch.float32
+    close(as_float.double(), factor, rtol=0, atol=1e-6)
+
+
+def test_one_hot_cca_factor_flags_a_system_that_is_not_positive_definite():
+    y = torch.nn.functional.one_hot(torch.arange(20) % 4, 4).to(F64)
+    assert bool(one_hot_cca_factor_ex(y, 1.0, eps=-1.0)[1])
+
+
+@pytest.mark.parametrize("sigma", [1e10, 1e200])
+def test_one_hot_cca_factor_of_a_near_constant_kernel_is_zero(sigma):
+    # Bandwidths so wide that every pair's kernel rounds to 1 (Kc = 0, R = 0), the widest beyond float64's
+    # range for 1 - c: zeros, not a division by zero.
+    y = torch.nn.functional.one_hot(torch.arange(12) % 3, 3).to(F64)
+    factor, failed = one_hot_cca_factor_ex(y, sigma, 1e-5)
+    assert factor.abs().max().item() < 1e-12 and not bool(failed)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
