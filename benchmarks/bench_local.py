@@ -12,7 +12,9 @@ Part 1 times one training step of the paper MLP (width 1024, batch 256, cca, sig
 digits, all layers in one stage, three ways: the HSIC step; its floor, the same layers and the same
 batched step with a trivial loss (z.square().mean()) in place of HSIC; and eager backprop of the same
 network plus its head (cross-entropy, SGD). Part 2 times each estimator on one batch of 1024-wide
-activations against 10-class labels. With --arch conv, part 1 times the plain conv net (model.arch=conv)
+activations against 10-class labels; part 3 a batch's kernel factors (784-pixel inputs, 10-class labels), the
+labels' by the general m x m solve and in closed form, in the precision the training loop uses there (float64
+on a GPU, float32 on a CPU). With --arch conv, part 1 times the plain conv net (model.arch=conv)
 instead, its HSIC step with each layer's kernel on the full output and on pooled views
 (hsic.max_kernel_features; --kernel-views), from the paper MLP's other settings or `--preset`'s, and skips part
 2. The authors' figures were measured on a 2-core machine like this project's CI machine; docs/results.md gives
@@ -33,10 +35,18 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hsic_ray.backprop import build_model
-from hsic_ray.config import NULL, build_config
+from hsic_ray.config import NULL, HSICConfig, build_config
 from hsic_ray.data import iterate_batches, load_dataset
 from hsic_ray.experiment import build_seeded_network
-from hsic_ray.hsic import gaussian_kernel, hsic_biased, hsic_cca, hsic_cka, plausible_loss
+from hsic_ray.hsic import (
+    cca_factor_ex,
+    gaussian_kernel,
+    hsic_biased,
+    hsic_cca,
+    hsic_cka,
+    one_hot_cca_factor_ex,
+    plausible_loss,
+)
 from hsic_ray.objective import HSICObjective, KernelFactors, StageLosses
 from hsic_ray.presets import PRESETS
 from hsic_ray.stage_step import StageStep, make_sgd
@@ -291,6 +301,24 @@ def estimator_ms(m: int, repeats: int, device: str) -> dict[str, dict[str, float
     return out
 
 
+def factor_ms(m: int, repeats: int, device: str) -> dict[str, float]:
+    """ms for one batch's kernel factors: X's, Y's by the general m x m solve and in closed form, and
+    `HSICObjective.kernel_factors` as the training loop calls it (cca, sigma 6)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(m, 784, generator=g).to(device)
+    labels = torch.randint(0, 10, (m,), generator=g).to(device)
+    dtype = torch.float64 if x.is_cuda else torch.float32  # as HSICObjective computes them there
+    y = F.one_hot(labels, 10).to(dtype)
+    objective = HSICObjective(HSICConfig(estimator="cca", sigma=6.0), 10)
+    fns = {
+        "x": lambda: cca_factor_ex(gaussian_kernel(x.to(dtype), 6.0)),
+        "y_general": lambda: cca_factor_ex(gaussian_kernel(y, 6.0)),
+        "y_closed_form": lambda: one_hot_cca_factor_ex(y, 6.0),
+        "kernel_factors": lambda: objective.kernel_factors(x, labels),
+    }
+    return {f"{name}_ms": 1e3 * _timed(fn, repeats) for name, fn in fns.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depths", type=int, nargs="+", default=[5, 20, 50])
@@ -365,6 +393,18 @@ def main(argv: list[str] | None = None) -> dict:
         for name, t in timings.items():
             authors = AUTHORS_CCA_MS.get(m, "-") if name == "cca" else ""
             print(f"| {m} | {name} | {t['forward_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | {authors} |", flush=True)
+
+    print("\n## Kernel factors of one batch: 784-pixel inputs, 10-class labels (cca, sigma 6)\n")
+    print("| m | X's ms | Y's ms, m x m solve | Y's ms, closed form | kernel_factors ms (both) |")
+    print("|---|---|---|---|---|")
+    results["factors"] = {}
+    for m in args.sizes:
+        t = results["factors"][m] = factor_ms(m, repeats=20 if m <= 512 else 5, device=args.device)
+        print(
+            f"| {m} | {t['x_ms']:.2f} | {t['y_general_ms']:.2f} | {t['y_closed_form_ms']:.2f} | "
+            f"{t['kernel_factors_ms']:.2f} |",
+            flush=True,
+        )
     return _write_json(args.json, results)
 
 
