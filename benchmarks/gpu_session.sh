@@ -14,13 +14,13 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default: tests check wall cpu16 gpu study; also mps, startup and conv), e.g. PARTS="tests check gpu" (about 6
+# PARTS picks the parts (default: tests check local wall cpu16 gpu study; also mps, startup and conv), e.g. PARTS="tests check gpu" (about 6
 # minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
 mkdir -p "$OUT"
 DEADLINE=${DEADLINE:-570}  # seconds from now at which time to accuracy and the depth studies are stopped
-PARTS=" ${PARTS:-tests check wall cpu16 gpu study} "
+PARTS=" ${PARTS:-tests check local wall cpu16 gpu study} "
 part() { [[ $PARTS == *" $1 "* ]]; }
 START=$SECONDS
 export PYTHONUNBUFFERED=1
@@ -58,6 +58,14 @@ if part check; then
     # backprop from the command: not measured twice.
     timeout 150 python3 -m benchmarks.gpu_check --data $DATA --steps-only --json "$OUT/gpu_check.json"
     echo "# gpu_check done at $((SECONDS - START)) s"
+fi
+
+# The step against its floor and backprop at depth 5, and a batch's kernel factors (the labels' by the m x m solve
+# and in closed form): what the first stage adds to its layers' work when it computes them (ray.factors_on).
+if part local; then
+    timeout 150 python3 benchmarks/bench_local.py --device cuda --depths 5 --sizes 256 512 1024 \
+        --json "$OUT/bench_local_gpu.json"
+    echo "# in-process step and factors done at $((SECONDS - START)) s"
 fi
 
 if part cpu16; then
