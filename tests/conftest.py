@@ -53,5 +53,7 @@ def pytest_collection_modifyitems(config, items):
 def pytest_unconfigure(config):
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
-        ray.shutdown()  # before its session directory goes
+        from hsic_ray.distributed.shutdown import shutdown
+
+        shutdown()  # before its session directory goes
     shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)

@@ -20,6 +20,7 @@ from hsic_ray.cli import USER_ERRORS
 from hsic_ray.config import ExperimentConfig
 from hsic_ray.distributed import connect as connect_module
 from hsic_ray.distributed.connect import ClusterConnectionError, check_address
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.run.claim import OutputExistsError, claim
 from hsic_ray.run.directory import OutputLocationError, check_location
 
@@ -448,4 +449,4 @@ def test_resume_with_another_stage_count_is_refused_before_any_actor_starts(tmp_
         assert tree(tmp_path / "run") == before  # placements.json and metrics.jsonl untouched
         assert run_hsic(config(None))["stages"] == 2  # without --stages it keeps the checkpoint's count
     finally:
-        ray.shutdown()
+        shutdown()

@@ -11,6 +11,7 @@ from torch import nn
 
 from hsic_ray.cli import HSIC_FLAGS, RUN_FLAGS, build_run_config
 from hsic_ray.config import NULL, ConfigError, HSICConfig, ModelConfig, build_config
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.experiment import run_backprop, run_hsic
 from hsic_ray.hsic import gaussian_kernel
 from hsic_ray.models import build_network, forward_macs, layer_step_costs, stage_depths
@@ -265,6 +266,6 @@ def test_the_ray_pipeline_reproduces_the_in_process_trainer_on_the_conv_net(tmp_
         grouping = {"ray.stages": 2, "ray.max_in_flight": 1, "ray.batches_per_call": 1}
         local, piped = run_local_and_ray(tmp_path, digits, tiny_conv, grouping)
     finally:
-        ray.shutdown()
+        shutdown()
     assert piped["stages"] == 2
     assert_same_training(tmp_path, local, piped)

@@ -8,6 +8,7 @@ import torch
 import hsic_ray
 from hsic_ray.config import build_config
 from hsic_ray.data import to_tensor
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.errors import USER_ERRORS, ConfigError, ModelInputError
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop, run_hsic
@@ -45,7 +46,7 @@ def loaded_accuracy(out, data) -> float:
 def local_ray():
     ray.init(address="local", num_cpus=3, num_gpus=0, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown()
 
 
 def test_hsic_run_on_the_ray_pipeline_loads_and_reproduces_its_accuracy(tmp_path, digits, local_ray):

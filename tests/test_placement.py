@@ -17,6 +17,7 @@ from hsic_ray.distributed.placement import (
     partition,
     plan_stages,
 )
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.machine import mps_running
 from hsic_ray.models import build_network, layer_step_costs
 
@@ -76,7 +77,7 @@ def test_plan_on_cpus_leaves_the_coordinator_its_cpu_and_honours_fractions():
 def four_cpu_ray():
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown()
 
 
 def where(node_ip, device, gpu_ids, mps=False):

@@ -16,6 +16,7 @@ from hsic_ray.data import iterate_batches
 from hsic_ray.distributed.batches_per_call import GROUPS_BEFORE_CHOOSING, choose_batches_per_call
 from hsic_ray.distributed.placement import plan_stages
 from hsic_ray.distributed.ray_pipeline import RayPipeline
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.experiment import build_seeded_network, run_hsic
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.xdist_group("ray_pipeline")
 def local_ray():
     ray.init(address="local", num_cpus=5, num_gpus=0, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown()
 
 
 def config(out, trainer, **extra):

@@ -13,6 +13,7 @@ import ray
 import torch
 from test_ray_pipeline import assert_same_training, config, records, run_local_and_ray  # the CPU pipeline's run
 
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.machine import mps_running
 
 # One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
@@ -25,7 +26,7 @@ CUDA = torch.cuda.is_available()
 def local_ray_with_a_gpu():
     ray.init(address="local", num_cpus=5, num_gpus=1, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown()
 
 
 def gpu_config(out, trainer, **extra):

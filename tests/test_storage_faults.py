@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import hsic_ray
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.errors import ModelFileError, OutputLocationError, StorageError
 from hsic_ray.run import checkpoint
 from hsic_ray.run.directory import RunDirectory, check_location
@@ -115,7 +116,6 @@ def test_the_hsic_job_on_a_disk_that_fills_mid_run_prints_one_line_and_keeps_its
     """The estimate is waved through (0 bytes) so the run starts on a disk too small for it, as one whose
     disk other programs fill meanwhile would. On Ray the stage actors write their own files: a full disk
     there reaches the driver inside Ray's task error, and is still one line."""
-    import ray
 
     import hsic_ray.resources
 
@@ -129,7 +129,7 @@ def test_the_hsic_job_on_a_disk_that_fills_mid_run_prints_one_line_and_keeps_its
     try:
         assert main(argv) == 2
     finally:
-        ray.shutdown()  # the Ray variant's cluster, started in this process
+        shutdown()  # the Ray variant's cluster, started in this process
     line = one_line(capsys.readouterr().err)
     assert "cannot write" in line and "the disk is full" in line and str(out) in line
     assert temporaries(disk) == []

@@ -22,6 +22,7 @@ import hsic_ray
 from hsic_ray.cli import grid_axis
 from hsic_ray.config import build_config
 from hsic_ray.data import load_dataset, to_tensor
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.evaluation import accuracy
 from hsic_ray.sweep import METRIC, PROGRESS_EVERY_S, run_trial
 from hsic_ray.sweep_progress import best_finished, progress_table, trial_status
@@ -285,7 +286,7 @@ def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial
     try:
         grid = tune.Tuner.restore(str(out / "tune"), trainable=run_trial).get_results()
     finally:
-        ray.shutdown()
+        shutdown()
     best = grid.get_best_result(metric=METRIC, mode="max")
     assert best.metrics["final"] and best.checkpoint is not None
     with best.checkpoint.as_directory() as directory:

@@ -15,6 +15,7 @@ import torch
 import hsic_ray
 from hsic_ray.config import ConfigError, build_config, save_config
 from hsic_ray.data import to_tensor
+from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.evaluation import accuracy
 from hsic_ray.experiment import run_backprop
 from hsic_ray.run.claim import NothingToResumeError, OutputExistsError
@@ -39,7 +40,7 @@ STEPS_PER_EPOCH = 2000 // 128  # the `digits` fixture's 2000 training samples in
 def ray_cluster():
     ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False)
     yield
-    ray.shutdown()
+    shutdown()
 
 
 def small_config(out, **extra):
