@@ -161,6 +161,45 @@ def hop_ms(kind: str, hops: int = 50) -> float:
     return 1e3 * (time.perf_counter() - started) / hops
 
 
+@ray.remote(num_cpus=0, num_gpus=0.5)
+class CudaEcho:
+    """Two of these share one GPU, as two stages do with ray.gpus_per_stage=0.5: a 1 MiB batch of activations
+    passed on through the host, as the pipeline sends it, or kept on the GPU and passed by CUDA IPC handle
+    (Ray Direct Transport, alpha in Ray 2.60), each hop a new tensor as a stage's step makes."""
+
+    def make_on_host(self):
+        return torch.rand(256, 1024, device="cuda").cpu().numpy()
+
+    def pass_on_host(self, x):
+        return (torch.from_numpy(x).cuda() + 1.0).cpu().numpy()
+
+    @ray.method(tensor_transport="cuda_ipc")
+    def make_on_device(self):
+        return torch.rand(256, 1024, device="cuda")
+
+    @ray.method(tensor_transport="cuda_ipc")
+    def pass_on_device(self, x):
+        return x + 1.0
+
+    def total(self, x) -> float:
+        return float(torch.as_tensor(x, device="cuda").sum())
+
+
+def gpu_hop_ms(transport: str, hops: int = 50) -> float:
+    """Milliseconds per actor-to-actor pass of one 256 x 1024 float32 batch between two actors sharing the GPU:
+    `host` (to numpy and back, through the object store) or `cuda_ipc` (Ray Direct Transport)."""
+    a, b = CudaEcho.remote(), CudaEcho.remote()
+    on_device = transport == "cuda_ipc"
+    make, pass_on = ("make_on_device", "pass_on_device") if on_device else ("make_on_host", "pass_on_host")
+    ref = getattr(a, make).remote()
+    ray.get(b.total.remote(getattr(b, pass_on).remote(ref)))  # warm: CUDA contexts, IPC handles
+    started = time.perf_counter()
+    for i in range(hops):
+        ref = getattr(a if i % 2 else b, pass_on).remote(ref)
+    ray.get(a.total.remote(ref))
+    return 1e3 * (time.perf_counter() - started) / hops
+
+
 def _chosen_from(event) -> str:
     if event is None:
         return "given"
@@ -321,6 +360,15 @@ def main(argv=None):
     for kind in ("numpy", "torch", "torch zero-copy"):
         results["hop_ms"][kind] = hop_ms(kind)
         print(f"| {kind} | {results['hop_ms'][kind]:.2f} |", flush=True)
+    if device == "cuda":  # between actors sharing the GPU: the way the pipeline sends, and by CUDA IPC handle
+        for transport in ("host", "cuda_ipc"):
+            kind = f"CUDA tensor, {'through the host' if transport == 'host' else 'CUDA IPC (Ray Direct Transport)'}"
+            try:
+                results["hop_ms"][kind] = gpu_hop_ms(transport)
+            except Exception as exc:  # an alpha API: say what failed, keep the figures measured
+                print(f"| {kind} | failed: {type(exc).__name__}: {exc} |", flush=True)
+                continue
+            print(f"| {kind} | {results['hop_ms'][kind]:.2f} |", flush=True)
 
     if args.long:
         cfg.ray.stages, cfg.ray.cpus_per_stage = min(args.stages), 1
