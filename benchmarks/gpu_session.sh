@@ -14,7 +14,7 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default: tests check local wall cpu16 gpu study; also mps, startup and conv), e.g. PARTS="tests check gpu" (about 6
+# PARTS picks the parts (default: tests check local wall cpu16 gpu study; also mps, startup, seeds and conv), e.g. PARTS="tests check gpu" (about 6
 # minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
@@ -138,6 +138,21 @@ if part wall; then
             --device cuda --json "$OUT/time_to_accuracy_gpu_$case.json"
         echo "# time to accuracy, $case, done at $((SECONDS - START)) s"
     done
+fi
+
+# Time to accuracy for more seeds (part `wall` runs the config's own): HSIC in process against eager backprop.
+# A readout on the target's line after some epoch makes one seed's verdict a coin toss (docs/results.md, "Time
+# to accuracy against backprop, 2 cores").
+if part seeds; then
+    for seed in ${SEEDS:-1 2}; do
+        for case in paper_mlp deep_mlp50; do
+            LEFT=$((DEADLINE - (SECONDS - START)))
+            ((LEFT > 30)) && timeout $LEFT python3 benchmarks/time_to_accuracy.py --cases $case --dataset npz:$DATA \
+                --device cuda --methods hsic-local backprop-eager --json "$OUT/time_to_accuracy_gpu_${case}_seed$seed.json" \
+                -- train.seed=$seed
+        done
+    done
+    echo "# time to accuracy for seeds ${SEEDS:-1 2} done at $((SECONDS - START)) s"
 fi
 
 # Issue 30's depth study of plain conv nets (not in the default parts; not yet run on a GPU): HSIC and backprop
