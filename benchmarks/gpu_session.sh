@@ -144,13 +144,11 @@ fi
 # A readout on the target's line after some epoch makes one seed's verdict a coin toss (docs/results.md, "Time
 # to accuracy against backprop, 2 cores").
 if part seeds; then
-    for seed in ${SEEDS:-1 2}; do
-        for case in paper_mlp deep_mlp50; do
-            LEFT=$((DEADLINE - (SECONDS - START)))
-            ((LEFT > 30)) && timeout $LEFT python3 benchmarks/time_to_accuracy.py --cases $case --dataset npz:$DATA \
-                --device cuda --methods hsic-local backprop-eager --json "$OUT/time_to_accuracy_gpu_${case}_seed$seed.json" \
-                -- train.seed=$seed
-        done
+    for case in paper_mlp deep_mlp50; do
+        LEFT=$((DEADLINE - (SECONDS - START)))
+        ((LEFT > 30)) && timeout $LEFT python3 benchmarks/time_to_accuracy.py --cases $case --dataset npz:$DATA \
+            --device cuda --methods hsic-local backprop-eager --seeds ${SEEDS:-1 2} \
+            --json "$OUT/time_to_accuracy_gpu_${case}_seeds.json"
     done
     echo "# time to accuracy for seeds ${SEEDS:-1 2} done at $((SECONDS - START)) s"
 fi

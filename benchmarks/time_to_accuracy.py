@@ -6,19 +6,24 @@
         --json benchmarks/results/time_to_accuracy_gpu.json
     python benchmarks/time_to_accuracy.py --methods hsic-local backprop-eager --epochs 1 --target 50   # a quick look
     python benchmarks/time_to_accuracy.py --cases deep_mlp50 -- train.batch_size=256   # settings for every method
+    python benchmarks/time_to_accuracy.py --methods hsic-local backprop-eager --seeds 1 2 3   # every method per seed
 
 Each method runs in its own process, started as a user starts a job, so its clock includes the interpreter,
 imports, Ray and compilation. After every epoch it reads the test accuracy cheaply: backprop's own (the
 network and head it trains), and for HSIC the least-squares readout of the network's output, which stands in
 for the format head that trains only once the layers are done (the run's formatted accuracy is reported too).
 The table gives, per method, the seconds from launch to the first epoch at or above the target, and that
-epoch; "-" where it was not reached within the epochs run.
+epoch; "-" where it was not reached within the epochs run. With `--seeds`, every method runs once per seed
+(`train.seed`), one seed's methods back to back, and a second table gives each method's seconds to the target
+over eager backprop's, seed by seed and their median: where a readout sits on the target's line after some
+epoch, one seed's verdict is a coin toss.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -98,9 +103,12 @@ def _backprop(cfg, compiled: bool, report) -> dict:
 # --- the comparison ----------------------------------------------------------------------------------------
 
 
-def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> dict:
-    output = str(workdir / f"{case}-{method}")
-    command = [sys.executable, __file__, "--run", method, "--cases", case, "--output", output, *_shared_flags(args)]
+def measure(method: str, seed: int | None, case: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """`method` on `case` in its own process (with `seed`, as train.seed): its readout after every epoch, the
+    seconds to the target and the final formatted accuracy."""
+    output = str(workdir / f"{case}-{method}-seed{seed}")
+    flags = _shared_flags(args) + ([] if seed is None else [f"train.seed={seed}"])
+    command = [sys.executable, __file__, "--run", method, "--cases", case, "--output", output, *flags]
     started = time.time()
     done = run_process(command, f"{case} ({method})")
     lines = done.stdout.splitlines()
@@ -111,6 +119,7 @@ def measure(method: str, case: str, args: argparse.Namespace, workdir: Path) -> 
     return {
         "case": case,
         "method": method,
+        "seed": seed,
         "target": target,
         "epochs": epochs,
         "reached_epoch": reached and reached["epoch"],
@@ -127,16 +136,36 @@ def _shared_flags(args: argparse.Namespace) -> list[str]:
 
 
 def table(results: list[dict]) -> str:
-    header = ["case", "method", "target %", "s to target", "epoch", "s per epoch", "final %", "wall s"]
+    seeded = any(r["seed"] is not None for r in results)
+    header = ["case", "method", *(["seed"] if seeded else []), "target %", "s to target", "epoch", "s per epoch"]
+    header += ["final %", "wall s"]
     rows = []
     for r in results:
         per_epoch = _seconds_per_epoch(r["epochs"])
-        cells = [r["case"], r["method"], f"{r['target']:g}"]
+        cells = [r["case"], r["method"], *([str(r["seed"])] if seeded else []), f"{r['target']:g}"]
         cells += ["-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
         cells += ["-" if r["reached_epoch"] is None else str(r["reached_epoch"]), f"{per_epoch:.1f}"]
         cells += [f"{r['final_formatted']:.2f}", f"{r['wall_seconds']:.1f}"]
         rows.append(cells)
     return markdown_table(header, rows)
+
+
+def against_backprop(results: list[dict]) -> str:
+    """Each method's seconds to the target over eager backprop's in the same case and seed ("-" where either
+    missed it), seed by seed, and the median of those that reached it."""
+    baseline = {(r["case"], r["seed"]): r["seconds_to_target"] for r in results if r["method"] == "backprop-eager"}
+    seeds = list(dict.fromkeys(r["seed"] for r in results))
+    rows = []
+    for case, method in dict.fromkeys((r["case"], r["method"]) for r in results if r["method"] != "backprop-eager"):
+        ratios = []
+        for r in results:
+            if (r["case"], r["method"]) == (case, method):
+                base, own = baseline.get((case, r["seed"])), r["seconds_to_target"]
+                ratios.append(None if not (base and own) else own / base)
+        reached = [x for x in ratios if x is not None]
+        median = f"{statistics.median(reached):.2f}x" if reached else "-"
+        rows.append([case, method, *("-" if x is None else f"{x:.2f}x" for x in ratios), median])
+    return markdown_table(["case", "method", *(f"seed {seed}" for seed in seeds), "median"], rows)
 
 
 def _seconds_per_epoch(epochs: list[dict]) -> float:
@@ -153,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--target", type=float, help="test accuracy %% to reach (default: each case's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run every method once per seed (train.seed)")
     p.add_argument("--json", metavar="PATH", help="write the results here too")
     p.add_argument("settings", nargs="*", metavar="KEY=VALUE", help="config settings for every method (after --)")
     p.add_argument("--run", choices=METHODS, help=argparse.SUPPRESS)  # one method, in a child process
@@ -166,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             case_config(case, args.methods[0], args)
     except (ConfigError, argparse.ArgumentTypeError) as exc:
         p.error(str(exc))
-    results = run_each(args.cases, args.methods, lambda case, method, workdir: measure(method, case, args, workdir))
+    variants = [(method, seed) for seed in args.seeds or [None] for method in args.methods]
+    results = run_each(args.cases, variants, lambda case, variant, workdir: measure(*variant, case, args, workdir))
     print(table(results))
+    if args.seeds and "backprop-eager" in args.methods and len(args.methods) > 1:
+        print("\nSeconds to the target over eager backprop's:\n")
+        print(against_backprop(results))
     if args.json:
         write_results(args.json, results)
     return 0
