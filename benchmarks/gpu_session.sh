@@ -119,10 +119,14 @@ print(f"import torch {imported:.2f} s, CUDA context {context:.2f} s, import ray 
 EOF_STARTUP
     # A stage actor's torch import, with and without workers that import it as they start (docs/results.md,
     # "Start-up: imports"): on 16 cores their imports may run beside the driver's.
-    # Whole output: on the H200 of 2026-12-04 these two printed nothing within a minute (not yet understood).
-    for preload in "" "--preload torch"; do
-        timeout 90 python3 benchmarks/ray_start_cost.py --cpus 16 $preload || echo "# ray_start_cost $preload: exit $?"
+    # Whole output: on the H200 of 2026-12-04 these printed nothing within a minute (not yet understood). A job's
+    # own cluster declares every core and Ray starts an idle worker per CPU as the driver connects, beside the
+    # driver's torch import: the same with a cluster of 3 CPUs, and with no workers started ahead.
+    for variant in "--cpus 16" "--cpus 16 --preload torch" "--cpus 3"; do
+        timeout 90 python3 benchmarks/ray_start_cost.py $variant || echo "# ray_start_cost $variant: exit $?"
     done
+    RAY_prestart_worker_first_driver=0 timeout 90 python3 benchmarks/ray_start_cost.py --cpus 16 \
+        || echo "# ray_start_cost without prestarted workers: exit $?"
     echo "# start-up costs done at $((SECONDS - START)) s"
 fi
 
