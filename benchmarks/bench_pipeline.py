@@ -191,13 +191,18 @@ def gpu_hop_ms(transport: str, hops: int = 50) -> float:
     a, b = CudaEcho.remote(), CudaEcho.remote()
     on_device = transport == "cuda_ipc"
     make, pass_on = ("make_on_device", "pass_on_device") if on_device else ("make_on_host", "pass_on_host")
-    ref = getattr(a, make).remote()
-    ray.get(b.total.remote(getattr(b, pass_on).remote(ref)))  # warm: CUDA contexts, IPC handles
-    started = time.perf_counter()
-    for i in range(hops):
-        ref = getattr(a if i % 2 else b, pass_on).remote(ref)
-    ray.get(a.total.remote(ref))
-    return 1e3 * (time.perf_counter() - started) / hops
+    try:
+        ref = getattr(a, make).remote()
+        # Bounded: an alpha API that hangs must not cost the run the figures it has measured already.
+        ray.get(b.total.remote(getattr(b, pass_on).remote(ref)), timeout=120)  # warm: CUDA contexts, IPC handles
+        started = time.perf_counter()
+        for i in range(hops):
+            ref = getattr(a if i % 2 else b, pass_on).remote(ref)
+        ray.get(a.total.remote(ref), timeout=60)
+        return 1e3 * (time.perf_counter() - started) / hops
+    finally:  # their GPU shares go back either way
+        for actor in (a, b):
+            ray.kill(actor)
 
 
 def _chosen_from(event) -> str:
