@@ -86,7 +86,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))
     pending, memory, timed, started = collections.deque(), [], 0, None
     submitted, last_untimed = 0, None  # the last batch before the clock, once known
-    stage = np.zeros((pipeline.num_stages, 3))  # per stage: seconds busy, idle, transferring
+    stage = np.zeros((pipeline.num_stages, 4))  # per stage: seconds busy, idle, transferring, computing factors
 
     def finish():
         nonlocal timed, started
@@ -100,6 +100,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
         if step.stage_seconds:  # the in-process trainer reports none
             stage[:, :2] += step.stage_seconds
             stage[:, 2] += step.stage_transfer_seconds
+            stage[:, 3] += step.stage_factor_seconds
 
     while last_untimed is None or submitted <= last_untimed + steps:
         if last_untimed is None and getattr(pipeline, "settled", True):
@@ -120,6 +121,7 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
         "stage_busy_per_batch": stage[:, 0].tolist(),
         "stage_idle_per_batch": stage[:, 1].tolist(),
         "stage_transfer_per_batch": stage[:, 2].tolist(),
+        "stage_factors_per_batch": stage[:, 3].tolist(),
         "coordinator_per_batch": {part: s / timed for part, s in watch.seconds.items()},
         "batches_per_call": getattr(pipeline, "batches_per_call", 1),
         # what the pipeline measured to choose its batches per call (none where they were given)
@@ -203,6 +205,13 @@ def gpu_hop_ms(transport: str, hops: int = 50) -> float:
     finally:  # their GPU shares go back either way
         for actor in (a, b):
             ray.kill(actor)
+
+
+def _busy_by_stage(run: dict) -> str:
+    """Each stage's busy ms per batch, the first's with the part it spent computing the kernel factors."""
+    busy = [f"{1e3 * b:.1f}" for b in run["stage_busy_per_batch"]]
+    busy[0] += f" ({1e3 * run['stage_factors_per_batch'][0]:.1f})"
+    return " / ".join(busy)
 
 
 def _chosen_from(event) -> str:
@@ -345,9 +354,9 @@ def main(argv=None):
     print(
         "| stages | factors on | coordinator: factors (thread) | waiting for factors | submit | waiting for results "
         "| slowest stage: busy | of which transfer | idle | Ray overhead / compute "
-        "| batches per call chosen from: step / wait between calls |"
+        "| each stage busy (first: of which factors) | batches per call chosen from: step / wait between calls |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in results["pipeline"]:
         c = {k: 1e3 * v for k, v in run["coordinator_per_batch"].items()}
         s_ = int(np.argmax(run["stage_busy_per_batch"]))
@@ -356,7 +365,7 @@ def main(argv=None):
             f"{c.get('waiting for factors', 0):.1f} | {c.get('submit', 0):.1f} "
             f"| {c.get('waiting for results', 0):.1f} | {1e3 * run['stage_busy_per_batch'][s_]:.1f} "
             f"| {1e3 * run['stage_transfer_per_batch'][s_]:.1f} | {1e3 * run['stage_idle_per_batch'][s_]:.1f} "
-            f"| {run['overhead_share']:.2f} | {_chosen_from(run['chosen_from'])} |"
+            f"| {run['overhead_share']:.2f} | {_busy_by_stage(run)} | {_chosen_from(run['chosen_from'])} |"
         )
 
     print("\n| activations sent as | ms per actor-to-actor hop (1 MiB batch) |")

@@ -26,6 +26,8 @@ class StepResult:
     output: Tensor | None = None  # the last layer's output (CPU), when asked for
     stage_seconds: list[tuple[float, float]] | None = None  # per stage (busy, idle) for this step
     stage_transfer_seconds: list[float] | None = None  # per stage, the part of busy spent moving arrays
+    # per stage, the part of busy spent computing kernel factors (the first stage's, with ray.factors_on=first_stage)
+    stage_factor_seconds: list[float] | None = None
 
 
 class Pipeline(Protocol):

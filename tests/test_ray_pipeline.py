@@ -20,6 +20,7 @@ from hsic_ray.distributed.shutdown import shutdown
 from hsic_ray.experiment import build_seeded_network, run_hsic
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective
+from hsic_ray.trainer import with_factors
 
 # One Ray cluster for the module (its fixture): its tests run on one pytest-xdist worker.
 pytestmark = pytest.mark.xdist_group("ray_pipeline")
@@ -170,6 +171,28 @@ def test_the_pipeline_settles_its_batches_per_call_after_timing_the_first_groups
         assert pipeline.settled and (pipeline.batches_per_call, pipeline.max_in_flight) == (3, 12)
     finally:
         pipeline.shutdown()
+
+
+@pytest.mark.parametrize("factors_on", ["coordinator", "first_stage"])
+def test_a_stage_reports_the_part_of_its_time_spent_computing_factors(tmp_path, digits, factors_on):
+    # What tells the first stage's extra work apart from its layers' (benchmarks/bench_pipeline.py prints it).
+    cfg = config(tmp_path, "ray", **{"ray.factors_on": factors_on, "ray.batches_per_call": 2})
+    net = build_seeded_network(cfg, digits)
+    specs = plan_stages(cfg.ray, layer_step_costs(net, cfg.train.batch_size), {"CPU": 3.0, "GPU": 0.0})
+    pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
+    try:
+        batches = iterate_batches(digits.x_train, digits.y_train, cfg.train.batch_size, seed=0, epoch=1)
+        items = with_factors(batches, HSICObjective(cfg.hsic, digits.num_classes).kernel_factors, pipeline)
+        handles = [pipeline.submit(*item) for _, item in zip(range(4), items)]
+        results = [pipeline.result(handle, want_output=False) for handle in handles]
+        getattr(items, "close", lambda: None)()  # the coordinator's prefetching thread
+    finally:
+        pipeline.shutdown()
+    for result in results:
+        (first_busy, _), _ = result.stage_seconds
+        first, second = result.stage_factor_seconds
+        assert second == 0.0
+        assert (0.0 < first < first_busy) if factors_on == "first_stage" else first == 0.0
 
 
 @pytest.mark.slow

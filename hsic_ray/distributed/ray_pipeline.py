@@ -183,7 +183,8 @@ class RayPipeline:
         output = torch.from_numpy(np.array(group.outputs[handle.slot])) if want_output else None
         size = len(group.reports[0]["stats"])  # a call's times are shared by the batches of its group
         seconds = [(r["busy"] / size, r["idle"] / size) for r in group.reports]
-        return StepResult(stats, output, seconds, [r["transfer"] / size for r in group.reports])
+        transfer, factors = ([r[part] / size for r in group.reports] for part in ("transfer", "factors"))
+        return StepResult(stats, output, seconds, transfer, factors)
 
     def _fetch(self, group: _Group) -> None:
         def resend() -> None:

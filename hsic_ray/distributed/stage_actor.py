@@ -9,8 +9,10 @@ stage instead of one report per stage. Arrays cross devices in `hsic_ray.distrib
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -108,7 +110,7 @@ class StageActor:
         returned, for the wire)."""
         started = time.perf_counter()
         idle = 0.0 if self._last_end is None else max(0.0, started - self._last_end)
-        results, computed, transfer = [], [], 0.0
+        results, computed, transfer, factor_clock = [], [], 0.0, DeviceClock(self.device)
         for slot, x in enumerate(hop.activations):
             moved = time.perf_counter()
             x = self.transport.receive(x, f"x{slot}")
@@ -118,7 +120,8 @@ class StageActor:
                 y = self.transport.receive(labels[slot], f"y{slot}")
             transfer += time.perf_counter() - moved
             if labels is not None:
-                batch_factors = self.stage_step.objective.kernel_factors(x, y)
+                with factor_clock.timing():
+                    batch_factors = self.stage_step.objective.kernel_factors(x, y)
                 computed.append(batch_factors)
             results.append(self.stage_step.train_step(x, batch_factors))
         if self.device.type == "cuda":
@@ -136,6 +139,7 @@ class StageActor:
             "busy": self._last_end - started,
             "idle": idle,
             "transfer": transfer,
+            "factors": factor_clock.seconds(),  # read after the device was waited for above
         }
         return Hop(outputs, hop.reports + [report]), wire
 
@@ -179,6 +183,33 @@ class StageActor:
             "mps": self.device.type == "cuda" and mps_running(),
             "layers": [self.spec.start, self.spec.stop],
         }
+
+
+class DeviceClock:
+    """Seconds of some parts of a call's work: host time on a CPU; on a GPU, where the call queues its work and
+    waits for the device once, the device's time between CUDA events around each part, read after that wait."""
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._host_seconds = 0.0
+
+    @contextlib.contextmanager
+    def timing(self) -> Iterator[None]:
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((start, end))
+            return
+        started = time.perf_counter()
+        yield
+        self._host_seconds += time.perf_counter() - started
+
+    def seconds(self) -> float:
+        """The parts' total; on a GPU only once the device has done them (after a synchronize)."""
+        return self._host_seconds + sum(start.elapsed_time(end) for start, end in self._events) / 1e3
 
 
 def _build_stage_step(spec: StageSpec, settings: StageSettings, device: torch.device) -> StageStep:
