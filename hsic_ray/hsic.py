@@ -246,9 +246,13 @@ def cca_factor_ex(k: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
 
 def cca_factor(k: Tensor, eps: float = 1e-5) -> Tensor:
     """`cca_factor_ex`'s R_K, checked on the host: FloatingPointError where the system was not positive definite."""
-    factor, failed = cca_factor_ex(k, eps)
+    return checked_factor(*cca_factor_ex(k, eps))
+
+
+def checked_factor(factor: Tensor, failed: Tensor, where: str = "hsic_cca") -> Tensor:
+    """A `*_factor_ex` result read on the host: the factor, or FloatingPointError naming `where` if it failed."""
     if bool(failed.any()):
-        raise not_positive_definite("hsic_cca")
+        raise not_positive_definite(where)
     return factor
 
 
@@ -265,7 +269,8 @@ def one_hot_cca_factor_ex(y: Tensor, sigma: float, eps: float = 1e-5) -> tuple[T
     spread = -math.expm1(-1.0 / classes / sigma / sigma)  # 1 - c, without overflowing sigma^2
     if spread == 0.0:  # every pair's kernel is 1: Kc = 0, and so is R_K
         return torch.zeros(m, m, dtype=y.dtype, device=y.device), torch.full((), eps <= 0, device=y.device)
-    yc = y.double() - y.double().mean(dim=0, keepdim=True)
+    y64 = y.double()
+    yc = y64 - y64.mean(dim=0, keepdim=True)
     system = yc.mT @ yc
     system.diagonal().add_(eps * m / spread)
     chol, info = torch.linalg.cholesky_ex(system)

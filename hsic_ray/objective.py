@@ -41,7 +41,15 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from hsic_ray.config import HSICConfig
-from hsic_ray.hsic import Estimator, cca_inner, gaussian_kernel, make_estimator, not_positive_definite, trace
+from hsic_ray.hsic import (
+    Estimator,
+    cca_inner,
+    checked_factor,
+    gaussian_kernel,
+    make_estimator,
+    not_positive_definite,
+    trace,
+)
 
 
 @dataclass
@@ -181,9 +189,7 @@ class HSICObjective:
         factor, failed = self.estimator.one_hot_factor_ex(y, self.cfg.sigma)
         if host_free:
             return factor, failed
-        if bool(failed):
-            raise not_positive_definite("hsic_cca (the kernel of a batch's labels)")
-        return factor, None
+        return checked_factor(factor, failed, "hsic_cca (the kernel of a batch's labels)"), None
 
     def stage_losses(
         self, zs: Sequence[Tensor], factors: KernelFactors, dtype: torch.dtype | None = None
