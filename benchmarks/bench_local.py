@@ -47,7 +47,7 @@ from hsic_ray.hsic import (
     one_hot_cca_factor_ex,
     plausible_loss,
 )
-from hsic_ray.objective import HSICObjective, KernelFactors, StageLosses
+from hsic_ray.objective import AUTO_FACTOR_GROUP, HSICObjective, KernelFactors, StageLosses
 from hsic_ray.presets import PRESETS
 from hsic_ray.stage_step import StageStep, make_sgd
 
@@ -302,11 +302,13 @@ def estimator_ms(m: int, repeats: int, device: str) -> dict[str, dict[str, float
 
 
 def factor_ms(m: int, repeats: int, device: str) -> dict[str, float]:
-    """ms for one batch's kernel factors: X's, Y's by the general m x m solve and in closed form, and
-    `HSICObjective.kernel_factors` as the training loop calls it (cca, sigma 6)."""
+    """ms for one batch's kernel factors: X's, Y's by the general m x m solve and in closed form,
+    `HSICObjective.kernel_factors` as the training loop calls it (cca, sigma 6), and per batch of a group of
+    AUTO_FACTOR_GROUP computed together (`group_kernel_factors`, train.factor_group)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.rand(m, 784, generator=g).to(device)
-    labels = torch.randint(0, 10, (m,), generator=g).to(device)
+    xs = torch.rand(AUTO_FACTOR_GROUP, m, 784, generator=g).to(device)
+    group_labels = torch.randint(0, 10, (AUTO_FACTOR_GROUP, m), generator=g).to(device)
+    x, labels = xs[0], group_labels[0]
     dtype = torch.float64 if x.is_cuda else torch.float32  # as HSICObjective computes them there
     y = F.one_hot(labels, 10).to(dtype)
     objective = HSICObjective(HSICConfig(estimator="cca", sigma=6.0), 10)
@@ -315,8 +317,11 @@ def factor_ms(m: int, repeats: int, device: str) -> dict[str, float]:
         "y_general": lambda: cca_factor_ex(gaussian_kernel(y, 6.0)),
         "y_closed_form": lambda: one_hot_cca_factor_ex(y, 6.0),
         "kernel_factors": lambda: objective.kernel_factors(x, labels),
+        "group_kernel_factors": lambda: objective.group_kernel_factors(xs.unbind(), group_labels.unbind()),
     }
-    return {f"{name}_ms": 1e3 * _timed(fn, repeats) for name, fn in fns.items()}
+    times = {f"{name}_ms": 1e3 * _timed(fn, repeats) for name, fn in fns.items()}
+    times["grouped_per_batch_ms"] = times.pop("group_kernel_factors_ms") / AUTO_FACTOR_GROUP
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -395,14 +400,17 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {m} | {name} | {t['forward_ms']:.2f} | {t['fwd_bwd_ms']:.2f} | {authors} |", flush=True)
 
     print("\n## Kernel factors of one batch: 784-pixel inputs, 10-class labels (cca, sigma 6)\n")
-    print("| m | X's ms | Y's ms, m x m solve | Y's ms, closed form | kernel_factors ms (both) |")
-    print("|---|---|---|---|---|")
+    print(
+        "| m | X's ms | Y's ms, m x m solve | Y's ms, closed form | kernel_factors ms (both) "
+        f"| per batch, {AUTO_FACTOR_GROUP} batches together (train.factor_group) |"
+    )
+    print("|---|---|---|---|---|---|")
     results["factors"] = {}
     for m in args.sizes:
         t = results["factors"][m] = factor_ms(m, repeats=20 if m <= 512 else 5, device=args.device)
         print(
             f"| {m} | {t['x_ms']:.2f} | {t['y_general_ms']:.2f} | {t['y_closed_form_ms']:.2f} | "
-            f"{t['kernel_factors_ms']:.2f} |",
+            f"{t['kernel_factors_ms']:.2f} | {t['grouped_per_batch_ms']:.2f} |",
             flush=True,
         )
     return _write_json(args.json, results)

@@ -37,14 +37,22 @@ from hsic_ray.distributed.ray_pipeline import RayPipeline
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.local_pipeline import LocalPipeline
 from hsic_ray.models import layer_step_costs
-from hsic_ray.objective import HSICObjective
+from hsic_ray.objective import HSICObjective, factor_group_size
 from hsic_ray.run.plots import plot_curves
-from hsic_ray.trainer import with_factors
+from hsic_ray.trainer import loop_factor_group, with_factors
 
 
 def object_store_mib() -> float:
     match = re.search(r"Plasma memory usage (\d+) MiB", memory_summary(stats_only=True))
     return float(match.group(1)) if match else float("nan")
+
+
+def _factor_group(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 1 or auto")
+    return int(text)
 
 
 def batches(data, batch_size):
@@ -70,7 +78,14 @@ class _Stopwatch:
         return run
 
 
-def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0):
+class _TimedFactors:
+    """The objective's factors, as `with_factors` asks for them, timed by a stopwatch (the coordinator's share)."""
+
+    def __init__(self, objective, watch):
+        self.group_kernel_factors = watch.timed("factors", objective.group_kernel_factors)
+
+
+def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0, factor_group=None):
     """The trainer's loop without its logging: factors computed as the trainer does (`with_factors`),
     submission with bounded in-flight batches, results collected in order; timed part by part.
 
@@ -80,7 +95,8 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     (a third of the time over a few dozen batches at 16 stages, and again when the group size changes),
     is paid once by a training run's thousands of batches."""
     watch = _Stopwatch()
-    items = with_factors(batches(data, batch_size), watch.timed("factors", objective.kernel_factors), pipeline)
+    group = loop_factor_group(pipeline, factor_group, batch_size)
+    items = with_factors(batches(data, batch_size), _TimedFactors(objective, watch), pipeline, group)
     next_item = watch.timed("waiting for factors", lambda: next(items))
     submit = watch.timed("submit", pipeline.submit)
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))
@@ -252,6 +268,14 @@ def main(argv=None):
         "pipeline's choice (the first stage when stages have GPUs)",
     )
     p.add_argument(
+        "--factor-group",
+        type=_factor_group,
+        default=None,
+        metavar="N|auto",
+        help="batches whose factors are computed in one call (train.factor_group), in process and by a first "
+        "stage that computes them; auto (default): the trainer's choice (8 on a GPU, 1 on a CPU)",
+    )
+    p.add_argument(
         "--threads-per-stage", action="store_true", help="give each stage cores / stages threads (default 1)"
     )
     p.add_argument(
@@ -276,21 +300,26 @@ def main(argv=None):
         if not os.path.isdir(os.path.dirname(path) or "."):
             p.error(f"{path}: its directory does not exist; create it first")
 
-    cfg = build_config("paper_mlp", overrides={"model.depth": args.depth, "model.width": args.width})
+    cfg = build_config(
+        "paper_mlp",
+        overrides={"model.depth": args.depth, "model.width": args.width, "train.factor_group": args.factor_group},
+    )
     data = load_dataset(cfg.data)
     objective = HSICObjective(cfg.hsic, data.num_classes)
     batch = cfg.train.batch_size
     cores = os.cpu_count()
+    group = factor_group_size(args.factor_group, args.device, batch)
     print(
         f"# hsic-ray pipeline benchmark ({platform.machine()}, {cores} cores, torch {torch.__version__}, "
-        f"ray {ray.__version__}; width {args.width}, {cfg.num_hsic_layers} layers, batch {batch})\n"
+        f"ray {ray.__version__}; width {args.width}, {cfg.num_hsic_layers} layers, batch {batch}; factors of "
+        f"{group} batches per call where the loop or a first stage computes them)\n"
     )
 
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device here")
     card = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    results = {"device": device, "card": card, "cores": cores, "in_process": {}, "pipeline": []}
+    results = {"device": device, "card": card, "cores": cores, "factor_group": group, "in_process": {}, "pipeline": []}
     for threads in sorted(set(args.in_process_threads or {1, 2, cores // 2, cores}) - {0}):
         torch.set_num_threads(threads)
         local = drive(
@@ -300,6 +329,7 @@ def main(argv=None):
             batch,
             args.steps,
             args.warmup,
+            factor_group=args.factor_group,
         )
         results["in_process"][threads] = local["samples_per_second"]
     best_threads = max(results["in_process"], key=results["in_process"].get)
@@ -331,7 +361,7 @@ def main(argv=None):
         cfg.ray.factors_on = None if factors_on == "auto" else factors_on
         totals = {"CPU": float(stages * cfg.ray.cpus_per_stage + 1), "GPU": float(gpus)}
         pipeline = RayPipeline(cfg, plan_stages(cfg.ray, costs, totals), data.input_shape, data.num_classes)
-        run = drive(pipeline, objective, data, batch, args.steps, args.warmup)
+        run = drive(pipeline, objective, data, batch, args.steps, args.warmup, factor_group=args.factor_group)
         pipeline.shutdown()
         slowest = max(run["stage_busy_per_batch"])
         run.update(

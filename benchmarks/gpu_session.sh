@@ -14,7 +14,7 @@
 #   pip download ... -d /tmp ray==2.60.0, unzip it, delete ray/jars ray/dashboard/client ray/rllib ray/serve, and
 #   zip the rest into .raypkg/ray.zip with zipfile.ZIP_LZMA; lzma-compress the dev npz into .data/fashion.npz.xz.
 # Then, with the device tool: run `OUT=$OUT bash benchmarks/gpu_session.sh`, carrying .whl, .raypkg and .data.
-# PARTS picks the parts (default: tests check local wall cpu16 gpu study; also mps, startup, seeds and conv), e.g. PARTS="tests check gpu" (about 6
+# PARTS picks the parts (default: tests check local wall cpu16 gpu study; also groups, mps, startup, seeds and conv), e.g. PARTS="tests check gpu" (about 6
 # minutes, within one call's 10) and then PARTS=cpu16 (about 5) if the device time allows.
 set -u
 OUT=${OUT:-benchmarks/results/session}
@@ -83,6 +83,17 @@ if part gpu; then
         --in-process-threads 16 --steps 400 --factors-on coordinator first_stage --json "$OUT/pipeline_gpu.json" \
         --plot "$OUT/pipeline_gpu.png"
     echo "# pipeline on the GPU done at $((SECONDS - START)) s"
+fi
+
+# Factors of several batches in one batched call (train.factor_group; auto: 8 on a GPU) against one batch per call,
+# side by side: the in-process trainer, and two stages sharing the GPU with the first computing every batch's.
+if part groups; then
+    for group in 1 auto; do
+        timeout 150 python3 benchmarks/bench_pipeline.py --device cuda --depth 14 --stages 2 --threads-per-stage \
+            --in-process-threads 16 --steps 400 --factors-on first_stage --factor-group $group \
+            --json "$OUT/pipeline_gpu_factor_group_$group.json"
+    done
+    echo "# factors a group at a time done at $((SECONDS - START)) s"
 fi
 
 # Stages sharing the GPU are separate processes, whose kernels the GPU time-slices; NVIDIA's Multi-Process

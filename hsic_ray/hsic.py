@@ -9,8 +9,9 @@ Every estimator here is an inner product of two per-variable "factors" of the ke
 so a factor that depends only on the batch (the input X, the labels Y) can be computed once and reused by
 every layer (see `Estimator` and `hsic_ray.objective`). No m x m matrix product is ever formed for centring.
 
-Everything from the kernel on also accepts a batch of kernels, [..., m, m] (one per layer of a stage), and
-`cca_inner` gives the training step the cca estimator in closed form without a host round trip.
+Everything from the kernel on also accepts a stack of kernels, [..., m, m] (one per layer of a stage, or one per
+batch of a group whose factors are computed together), and `cca_inner` gives the training step the cca estimator
+in closed form without a host round trip.
 """
 
 from __future__ import annotations
@@ -27,31 +28,45 @@ from hsic_ray.config import ESTIMATORS
 MEDIAN_SIGMA_FLOOR = 1e-2
 
 
-def _flatten(x: Tensor) -> Tensor:
-    return x.reshape(x.shape[0], -1)
+def _flatten(x: Tensor, stacked: bool = False) -> Tensor:
+    """Samples [m, ...] as rows [m, d]; with `stacked`, batches [n, m, ...] as [n, m, d]."""
+    return x.flatten(2) if stacked else x.reshape(x.shape[0], -1)
+
+
+def _diagonal_view(a: Tensor) -> Tensor:
+    return a.diagonal(dim1=-2, dim2=-1)
 
 
 def _centred_distances(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(x - mean(x), raw squared distances), the latter possibly with tiny negatives from rounding."""
+    """(x - mean(x), raw squared distances) of the rows of x [..., m, d], the latter possibly with tiny
+    negatives from rounding."""
     # Distances are translation invariant; removing the sample mean first keeps |a|^2 + |b|^2 - 2ab from
     # cancelling catastrophically when the features share a large offset (in float32, features of
     # 10 +- 0.1 otherwise lose ~0.5% of every distance, and duplicates get a kernel value below 1).
-    xc = x - x.mean(dim=0, keepdim=True)
-    gram = xc @ xc.T
-    sq = gram.diagonal()
-    return xc, (sq[:, None] + sq[None, :]).sub_(gram, alpha=2.0)
+    xc = x - x.mean(dim=-2, keepdim=True)
+    gram = xc @ xc.mT
+    sq = _diagonal_view(gram)
+    return xc, (sq[..., :, None] + sq[..., None, :]).sub_(gram, alpha=2.0)
+
+
+def _clean_distances_(d: Tensor) -> Tensor:
+    """Raw squared distances with rounding's tiny negatives (and non-zero diagonal), where the true distance
+    is 0, made 0, in place."""
+    d.clamp_min_(0.0)
+    _diagonal_view(d).zero_()
+    return d
 
 
 def squared_distances(x: Tensor) -> Tensor:
     """Pairwise squared Euclidean distances between the rows of `x` (flattened per sample)."""
     _, d = _centred_distances(_flatten(x))
-    # Rounding can leave tiny negatives (and a non-zero diagonal) where the true distance is 0.
-    return d.clamp_min(0.0).fill_diagonal_(0.0)
+    return _clean_distances_(d)
 
 
 def _median_distance(d: Tensor) -> Tensor:
-    rows, cols = torch.triu_indices(d.shape[0], d.shape[0], offset=1, device=d.device)
-    return d[rows, cols].sqrt().median().clamp_min(MEDIAN_SIGMA_FLOOR)
+    """The median distance between distinct samples of each [..., m, m] matrix of squared distances."""
+    rows, cols = torch.triu_indices(d.shape[-1], d.shape[-1], offset=1, device=d.device)
+    return d[..., rows, cols].sqrt().median(dim=-1).values.clamp_min(MEDIAN_SIGMA_FLOOR)
 
 
 def median_bandwidth(x: Tensor) -> Tensor:
@@ -72,9 +87,12 @@ class _GaussianKernel(torch.autograd.Function):
     def forward(ctx, x: Tensor, sigma: float | None) -> Tensor:
         xc, d = _centred_distances(x)
         clamped = d < 0
-        d.clamp_min_(0.0).fill_diagonal_(0.0)
+        _clean_distances_(d)
         # The median bandwidth is a constant of the batch: no gradient flows through it.
-        scale = 1.0 / (2.0 * sigma**2 * x.shape[1]) if sigma is not None else 0.5 / _median_distance(d) ** 2
+        if sigma is not None:
+            scale = 1.0 / (2.0 * sigma**2 * x.shape[-1])
+        else:
+            scale = (0.5 / _median_distance(d) ** 2)[..., None, None]
         kernel = d.mul_(-scale).exp_()
         ctx.save_for_backward(xc, kernel, clamped)
         ctx.scale = scale
@@ -88,19 +106,20 @@ class _GaussianKernel(torch.autograd.Function):
         # backward takes two plus m x d elementwise passes. The diagonal cancels (d_ii = 0 identically), and
         # the rows sum to zero, so the mean's backward leaves the result unchanged.
         g = (grad * kernel).mul_(-2.0 * ctx.scale).masked_fill_(clamped, 0.0)  # 2 G
-        laplacian = (g + g.T).neg_()
-        laplacian.diagonal().sub_(laplacian.sum(dim=1))
+        laplacian = (g + g.mT).neg_()
+        _diagonal_view(laplacian).sub_(laplacian.sum(dim=-1))
         return laplacian @ xc, None
 
 
-def gaussian_kernel(x: Tensor, sigma: float | None) -> Tensor:
-    """Gaussian kernel exp(-|a-b|^2 / (2 sigma^2 d)) with the bandwidth scaled by the dimension d of x.
+def gaussian_kernel(x: Tensor, sigma: float | None, stacked: bool = False) -> Tensor:
+    """Gaussian kernel exp(-|a-b|^2 / (2 sigma^2 d)) of samples x [m, ...], with the bandwidth scaled by their
+    dimension d; with `stacked`, one kernel [n, m, m] per batch of x [n, m, ...].
 
     sigma=None uses the median heuristic without dimension scaling, as the authors' code falls back to.
     """
     if sigma is not None and sigma <= 0:
         raise ValueError(f"sigma must be positive or None (median heuristic), got {sigma}")
-    return _GaussianKernel.apply(_flatten(x), sigma)
+    return _GaussianKernel.apply(_flatten(x, stacked), sigma)
 
 
 def center(k: Tensor) -> Tensor:
@@ -257,7 +276,7 @@ def checked_factor(factor: Tensor, failed: Tensor, where: str = "hsic_cca") -> T
 
 
 def one_hot_cca_factor_ex(y: Tensor, sigma: float, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """`cca_factor_ex` of the Gaussian kernel of one-hot labels y [m, C], in closed form: no m x m solve.
+    """`cca_factor_ex` of the Gaussian kernel of one-hot labels y [..., m, C], in closed form: no m x m solve.
 
     Two samples' kernel is 1 in the same class and c = exp(-1 / (sigma^2 C)) in different ones, so
     K = c 11^T + (1 - c) Y Y^T and Kc = (1 - c) Yc Yc^T with Yc = H Y, the labels less their batch mean. Then
@@ -265,14 +284,15 @@ def one_hot_cca_factor_ex(y: Tensor, sigma: float, eps: float = 1e-5) -> tuple[T
     for any eps > 0, and O(m^2 C) work where the general factor takes O(m^3). Computed in float64, returned in
     y's dtype with the failed flag of the C x C system, unread.
     """
-    m, classes = y.shape
+    *stack, m, classes = y.shape
     spread = -math.expm1(-1.0 / classes / sigma / sigma)  # 1 - c, without overflowing sigma^2
     if spread == 0.0:  # every pair's kernel is 1: Kc = 0, and so is R_K
-        return torch.zeros(m, m, dtype=y.dtype, device=y.device), torch.full((), eps <= 0, device=y.device)
+        zeros = torch.zeros(*stack, m, m, dtype=y.dtype, device=y.device)
+        return zeros, torch.full(stack, eps <= 0, device=y.device)
     y64 = y.double()
-    yc = y64 - y64.mean(dim=0, keepdim=True)
+    yc = y64 - y64.mean(dim=-2, keepdim=True)
     system = yc.mT @ yc
-    system.diagonal().add_(eps * m / spread)
+    _diagonal_view(system).add_(eps * m / spread)
     chol, info = torch.linalg.cholesky_ex(system)
     return (yc @ torch.cholesky_solve(yc.mT, chol)).to(y.dtype), info != 0
 

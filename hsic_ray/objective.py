@@ -68,11 +68,36 @@ class KernelFactors:
 
         return KernelFactors(move(self.x_factor), move(self.y_factor), move(self.failed))
 
+    def unbind(self) -> list[KernelFactors]:
+        """A stack of batches' factors ([n, m, m] each, flags [n]) as each batch's own (views of the stack)."""
+
+        def each(t: Tensor | None) -> Sequence[Tensor | None]:
+            return [None] * len(self.y_factor) if t is None else t.unbind()
+
+        return [KernelFactors(*parts) for parts in zip(each(self.x_factor), self.y_factor.unbind(), each(self.failed))]
+
 
 def factors_failed() -> FloatingPointError:
     """The error for factors whose `failed` flag was set: float64 could not make their kernel system
     positive definite either."""
     return not_positive_definite("hsic_cca (the kernel of a batch's inputs or labels, in float64)")
+
+
+# A group's float64 m x m systems, several copies each, held at once: auto groups (`factor_group_size`) keep
+# one copy of the group's under this.
+_AUTO_GROUP_BYTES = 64 * 2**20
+AUTO_FACTOR_GROUP = 8
+
+
+def factor_group_size(setting: int | None, device: torch.device | str, batch_size: int) -> int:
+    """How many batches' factors are computed in one call (`train.factor_group`): the setting; by default,
+    on a GPU up to AUTO_FACTOR_GROUP, as many as keep the group's float64 systems under _AUTO_GROUP_BYTES, and
+    1 on a CPU, where a solve costs its arithmetic, which batching does not reduce."""
+    if setting is not None:
+        return setting
+    if torch.device(device).type != "cuda":
+        return 1
+    return max(1, min(AUTO_FACTOR_GROUP, _AUTO_GROUP_BYTES // (8 * batch_size**2)))
 
 
 def _either(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -148,44 +173,59 @@ class HSICObjective:
         self._input_weights = None if layers is None else input_weights(cfg.input_weight_first, layers, num_layers)
         self._weight_tensors: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
-    def _factor(self, v: Tensor) -> Tensor:
+    def _factor(self, v: Tensor, stacked: bool) -> Tensor:
         try:
-            return self.estimator.factor(gaussian_kernel(v, self.cfg.sigma))
+            return self.estimator.factor(gaussian_kernel(v, self.cfg.sigma, stacked))
         except FloatingPointError:
             if v.dtype == torch.float64:
                 raise
             # Badly scaled inputs can lose the kernel's positive definiteness to float32 rounding; float64
             # restores it.
-            return self.estimator.factor(gaussian_kernel(v.double(), self.cfg.sigma)).to(v.dtype)
+            return self.estimator.factor(gaussian_kernel(v.double(), self.cfg.sigma, stacked)).to(v.dtype)
 
-    def _factor_on_device(self, v: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _factor_on_device(self, v: Tensor, stacked: bool) -> tuple[Tensor, Tensor | None]:
         """The factor computed in float64 from the start, with its failed flag left on the device.
 
         On a GPU, checking the solve on the host (for the float32 -> float64 retry of `_factor`) makes the
         loop wait for every step queued before it; float64 costs a GPU little at batch size and needs no
         retry, so nothing is read back and the loop runs ahead of the device."""
-        kernel = gaussian_kernel(v.double(), self.cfg.sigma)
+        kernel = gaussian_kernel(v.double(), self.cfg.sigma, stacked)
         if self.estimator.factor_ex is None:
             return self.estimator.factor(kernel).to(v.dtype), None
         factor, failed = self.estimator.factor_ex(kernel)
-        return factor.to(v.dtype), failed.any()
+        return factor.to(v.dtype), failed
 
     @torch.no_grad()
     def kernel_factors(self, x: Tensor, labels: Tensor, host_free: bool | None = None) -> KernelFactors:
         """X's and Y's factors for one batch (x: raw inputs, labels: integer classes). Checked here, or with
         `host_free` (default: on CUDA) computed in float64 with their `failed` flag left on the device."""
+        return self._kernel_factors(x, labels, host_free, stacked=False)
+
+    @torch.no_grad()
+    def group_kernel_factors(
+        self, xs: Sequence[Tensor], labels: Sequence[Tensor], host_free: bool | None = None
+    ) -> list[KernelFactors]:
+        """`kernel_factors` of each of a group of equal-sized batches, computed together: every kernel and
+        solve is one batched call over the group, where a GPU would take one call about as long for each batch.
+        Each batch's failed flag is its own."""
+        if len(xs) == 1:
+            return [self.kernel_factors(xs[0], labels[0], host_free)]
+        return self._kernel_factors(torch.stack(list(xs)), torch.stack(list(labels)), host_free, stacked=True).unbind()
+
+    def _kernel_factors(self, x: Tensor, labels: Tensor, host_free: bool | None, stacked: bool) -> KernelFactors:
         host_free = x.is_cuda if host_free is None else host_free
-        y_factor, y_failed = self._label_factor(F.one_hot(labels.long(), self.num_classes).to(x.dtype), host_free)
+        y = F.one_hot(labels.long(), self.num_classes).to(x.dtype)
+        y_factor, y_failed = self._label_factor(y, host_free, stacked)
         if self.estimator.self_input:
             return KernelFactors(None, y_factor, y_failed)
-        x_factor, x_failed = self._factor_on_device(x) if host_free else (self._factor(x), None)
+        x_factor, x_failed = self._factor_on_device(x, stacked) if host_free else (self._factor(x, stacked), None)
         return KernelFactors(x_factor, y_factor, _either(x_failed, y_failed))
 
-    def _label_factor(self, y: Tensor, host_free: bool) -> tuple[Tensor, Tensor | None]:
+    def _label_factor(self, y: Tensor, host_free: bool, stacked: bool) -> tuple[Tensor, Tensor | None]:
         """The factor of one-hot labels `y` and its failed flag (None: checked), in closed form where the
         estimator has one (cca: a C x C solve instead of an m x m one)."""
         if self.estimator.one_hot_factor_ex is None or self.cfg.sigma is None:
-            return self._factor_on_device(y) if host_free else (self._factor(y), None)
+            return self._factor_on_device(y, stacked) if host_free else (self._factor(y, stacked), None)
         factor, failed = self.estimator.one_hot_factor_ex(y, self.cfg.sigma)
         if host_free:
             return factor, failed

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ from hsic_ray.head import FormatHead
 from hsic_ray.layer_monitor import LayerMonitor
 from hsic_ray.monitor_schedule import MonitorSchedule
 from hsic_ray.network_evaluation import NetworkEvaluation
-from hsic_ray.objective import HSICObjective, KernelFactors
+from hsic_ray.objective import HSICObjective, KernelFactors, factor_group_size
 from hsic_ray.pipeline import Pipeline, StepResult
 from hsic_ray.prefetch import prefetched
 from hsic_ray.run.directory import RunDirectory
@@ -155,7 +156,8 @@ class HSICTrainer:
         batches = iterate_batches(
             self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
         )
-        return with_factors(batches, self.objective.kernel_factors, self.pipeline)
+        group = loop_factor_group(self.pipeline, train.factor_group, train.batch_size)
+        return with_factors(batches, self.objective, self.pipeline, group)
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
         """The epoch's monitors where the schedule (hsic_ray.monitor_schedule) has them. After every epoch for
@@ -265,18 +267,43 @@ def batchnorm_calibration_batches(x_train: np.ndarray, train: TrainConfig) -> li
     return [to_tensor(x_train[np.sort(chunk)]) for chunk in np.array_split(order, max(1, len(order) // size))]
 
 
+def loop_factor_group(pipeline: Pipeline, setting: int | None, batch_size: int) -> int:
+    """How many batches' factors the loop computes in one call (`with_factors`): `train.factor_group` on the
+    pipeline's `factors_device`; 1 where the pipeline computes them itself."""
+    device = pipeline.factors_device
+    return 1 if device is None else factor_group_size(setting, device, batch_size)
+
+
 def with_factors(
-    batches: Iterable[Batch], factors: Callable[[Tensor, Tensor], KernelFactors], pipeline: Pipeline
+    batches: Iterable[Batch], objective: HSICObjective, pipeline: Pipeline, group: int = 1
 ) -> Iterator[tuple[Batch, KernelFactors | None]]:
-    """Each batch on the pipeline's `factors_device` with its factors (`factors(x, labels)`), computed
-    ahead in a thread where the pipeline asks for it; None where the pipeline computes them itself."""
+    """Each batch on the pipeline's `factors_device` with its factors, computed `group` batches at a time
+    (`HSICObjective.group_kernel_factors`) and ahead in a thread where the pipeline asks for it; None where the
+    pipeline computes them itself."""
     if pipeline.factors_device is None:
         return ((batch, None) for batch in batches)
+    device = pipeline.factors_device
 
-    def prepare(batch: Batch) -> tuple[Batch, KernelFactors]:
-        batch = batch.to(pipeline.factors_device)
-        return batch, factors(batch.x, batch.y)
+    def prepare(members: list[Batch]) -> list[tuple[Batch, KernelFactors]]:
+        moved = [batch.to(device) for batch in members]
+        return list(zip(moved, objective.group_kernel_factors([b.x for b in moved], [b.y for b in moved])))
 
+    groups = _groups(batches, group)
     if pipeline.prefetch_factors:
-        return prefetched(batches, prepare, depth=pipeline.max_in_flight)
-    return map(prepare, batches)
+        return _each(prefetched(groups, prepare, depth=max(1, pipeline.max_in_flight // group)))
+    return _each(map(prepare, groups))
+
+
+def _groups(items: Iterable[Batch], size: int) -> Iterator[list[Batch]]:
+    iterator = iter(items)
+    while group := list(itertools.islice(iterator, size)):
+        yield group
+
+
+def _each(groups: Iterator[list[tuple[Batch, KernelFactors]]]) -> Iterator[tuple[Batch, KernelFactors]]:
+    """The groups' items in order; closing this closes `groups` (a prefetching thread stops)."""
+    try:
+        for items in groups:
+            yield from items
+    finally:
+        getattr(groups, "close", lambda: None)()

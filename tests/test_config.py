@@ -357,3 +357,11 @@ def test_job_help_imports_neither_torch_nor_ray():
         )
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
         assert out.stderr.strip().splitlines()[-1] == "[]", (job, out.stderr)
+
+
+@pytest.mark.parametrize("value", [0, -2])
+def test_a_factor_group_below_one_is_refused_before_anything_runs(value):
+    with pytest.raises(ConfigError, match=r"train.factor_group=.* is invalid: expected a number >= 1 or null \(auto\)"):
+        build_config("paper_mlp", overrides={"train.factor_group": value})
+    cfg = build_config("paper_mlp", overrides={"train.factor_group": 4})
+    assert config_from_yaml_text(save_config(cfg)).train.factor_group == 4

@@ -454,6 +454,19 @@ def test_one_hot_cca_factor_is_the_labels_kernel_factor(m, classes, sigma, eps):
     close(as_float.double(), factor, rtol=0, atol=1e-6)
 
 
+def test_one_hot_cca_factor_of_stacked_batches_is_each_batch_factor():
+    # A group of batches' labels in one call, one with a class missing: each factor and flag its own batch's.
+    g = torch.Generator().manual_seed(5)
+    labels = torch.stack([torch.randint(0, 6, (24,), generator=g), torch.randint(0, 5, (24,), generator=g)])
+    y = torch.nn.functional.one_hot(labels, 6).to(F64)
+    factors, failed = one_hot_cca_factor_ex(y, 6.0, 1e-5)
+    assert factors.shape == (2, 24, 24) and failed.shape == (2,)
+    for i in range(2):
+        close(factors[i], one_hot_cca_factor_ex(y[i], 6.0, 1e-5)[0], rtol=0, atol=1e-14)
+    wide, wide_failed = one_hot_cca_factor_ex(y, 1e200, 1e-5)
+    assert wide.shape == (2, 24, 24) and wide_failed.shape == (2,) and not wide_failed.any()
+
+
 def test_one_hot_cca_factor_flags_a_system_that_is_not_positive_definite():
     y = torch.nn.functional.one_hot(torch.arange(20) % 4, 4).to(F64)
     assert bool(one_hot_cca_factor_ex(y, 1.0, eps=-1.0)[1])
@@ -520,6 +533,27 @@ def _grad_inputs(seed: int = 26):
     _, y = pair(GRAD_M, seed + 1, dx=GRAD_D, dy=3)
     x = randn(GRAD_M, 2, 3, seed=seed + 2)
     return z, gaussian_kernel(y, 1.0), gaussian_kernel(x, 1.0)
+
+
+@pytest.mark.parametrize("sigma", [None, 0.8])
+def test_stacked_kernels_are_each_batch_kernel_with_its_gradient(sigma):
+    # One kernel per batch of a stack [n, m, ...] (a group's factors in one call): values, and gradients, equal
+    # the batches' own; the median bandwidth is each batch's, not the stack's.
+    x = torch.stack([randn(9, 2, 3, seed=40), 5.0 * randn(9, 2, 3, seed=41)]).requires_grad_()
+    weights = randn(2, 9, 9, seed=42)
+    stacked = gaussian_kernel(x, sigma, stacked=True)
+    assert stacked.shape == (2, 9, 9)
+    (stacked * weights).sum().backward()
+    for i in range(2):
+        alone = x[i].detach().clone().requires_grad_()
+        kernel = gaussian_kernel(alone, sigma)
+        (kernel * weights[i]).sum().backward()
+        close(stacked[i], kernel, rtol=1e-12)
+        close(x.grad[i], alone.grad, rtol=1e-10, atol=1e-14)
+    if sigma is not None:  # the median bandwidth is a constant to the backward, not to finite differences
+        assert torch.autograd.gradcheck(
+            lambda t: gaussian_kernel(t, sigma, stacked=True), (x.detach().requires_grad_(),)
+        )
 
 
 def test_gradcheck_squared_distances_and_kernel():

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from hsic_ray.config import HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.hsic import biased_factor, center, gaussian_kernel, hsic_biased, hsic_cca, hsic_cka
 from hsic_ray.models import build_network
-from hsic_ray.objective import HSICObjective, input_weights
+from hsic_ray.objective import AUTO_FACTOR_GROUP, HSICObjective, factor_group_size, input_weights
 from hsic_ray.stage_step import StageStep, layer_lr_scales
 
 
@@ -253,6 +253,45 @@ def test_host_free_factors_are_float64_factors_with_their_failure_flag_left_unre
         assert bool(broken.kernel_factors(x, y, host_free=True).failed)
         with pytest.raises(FloatingPointError, match="not positive definite"):
             broken.kernel_factors(x, y)
+
+
+@pytest.mark.parametrize("host_free", [False, True])
+@pytest.mark.parametrize("sigma", [2.0, None])
+@pytest.mark.parametrize("estimator", ["cca", "biased", "cka", "plausible"])
+def test_a_groups_factors_computed_together_are_each_batchs_own(estimator, sigma, host_free):
+    # train.factor_group: one batched call for several batches, where a GPU would take one per batch.
+    batches = [_batch(m=40, seed=seed) for seed in range(3)]
+    objective = HSICObjective(HSICConfig(sigma=sigma, estimator=estimator), num_classes=4)
+    together = objective.group_kernel_factors([x for x, _ in batches], [y for _, y in batches], host_free)
+    assert len(together) == 3
+    for (x, y), factors in zip(batches, together):
+        alone = objective.kernel_factors(x, y, host_free)
+        for name in ("x_factor", "y_factor"):
+            expected, actual = getattr(alone, name), getattr(factors, name)
+            assert (actual is None) == (expected is None)
+            if expected is not None:
+                torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+        assert (factors.failed is None) == (alone.failed is None)
+        if factors.failed is not None:
+            assert factors.failed.shape == alone.failed.shape and not bool(factors.failed)
+
+
+def test_a_group_flags_only_the_batch_whose_solve_failed():
+    batches = [_batch(m=40, seed=seed) for seed in range(3)]
+    xs, ys = [x.clone() for x, _ in batches], [y for _, y in batches]
+    xs[1][0, 0, 0, 0] = float("nan")  # its kernel system cannot be factored
+    objective = HSICObjective(HSICConfig(sigma=2.0), num_classes=4)
+    assert [bool(f.failed) for f in objective.group_kernel_factors(xs, ys, host_free=True)] == [False, True, False]
+    with pytest.raises(FloatingPointError, match="not positive definite"):  # checked on the host: raised
+        objective.group_kernel_factors(xs, ys)
+
+
+def test_factors_are_grouped_on_a_gpu_within_a_memory_bound_and_not_on_a_cpu():
+    assert factor_group_size(None, "cpu", 256) == 1
+    assert factor_group_size(None, "cuda", 256) == factor_group_size(None, "cuda", 1024) == AUTO_FACTOR_GROUP
+    assert factor_group_size(None, "cuda", 2048) == 2  # a group's float64 systems: 64 MiB
+    assert factor_group_size(None, "cuda", 8192) == 1
+    assert factor_group_size(3, "cpu", 256) == factor_group_size(3, "cuda", 8192) == 3
 
 
 def test_lr_scales_fall_geometrically_and_each_layer_steps_at_its_own_rate():

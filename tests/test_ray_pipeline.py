@@ -93,6 +93,10 @@ def assert_same_training(tmp_path, local, piped, rel=1e-4):
         {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "ray.factors_on": "first_stage"},
         {"ray.batches_per_call": 2, "ray.factors_on": "first_stage"},
         {"ray.stages": 1, "ray.batches_per_call": 2, "ray.factors_on": "first_stage"},  # first and last: 3 returns
+        # Factors computed a group of batches at a time (train.factor_group; the in-process run groups them too):
+        # by the first stage within each call of three (a group of two, then one), by the coordinator across calls.
+        {"ray.batches_per_call": 3, "ray.factors_on": "first_stage", "train.factor_group": 2},
+        {"ray.batches_per_call": 2, "ray.factors_on": "coordinator", "train.factor_group": 3},
         # The objective's extensions (the leave-one-out fit among them): each stage weighs its layers by their
         # place in the whole network; and each stage follows the learning-rate schedule from its own step count.
         {
@@ -182,7 +186,7 @@ def test_a_stage_reports_the_part_of_its_time_spent_computing_factors(tmp_path, 
     pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
     try:
         batches = iterate_batches(digits.x_train, digits.y_train, cfg.train.batch_size, seed=0, epoch=1)
-        items = with_factors(batches, HSICObjective(cfg.hsic, digits.num_classes).kernel_factors, pipeline)
+        items = with_factors(batches, HSICObjective(cfg.hsic, digits.num_classes), pipeline)
         handles = [pipeline.submit(*item) for _, item in zip(range(4), items)]
         results = [pipeline.result(handle, want_output=False) for handle in handles]
         getattr(items, "close", lambda: None)()  # the coordinator's prefetching thread

@@ -156,7 +156,7 @@ def test_the_loop_computes_factors_where_the_in_process_step_runs(digits, device
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, device)
     batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:3]
-    items = list(with_factors(batches, objective.kernel_factors, pipeline))
+    items = list(with_factors(batches, objective, pipeline))
     assert [batch.index for batch, _ in items] == [0, 1, 2]
     for (batch, factors), original in zip(items, batches):
         assert batch.x.device.type == batch.y.device.type == factors.y_factor.device.type == device
@@ -181,17 +181,17 @@ def test_the_loop_computes_factors_where_the_in_process_step_runs(digits, device
 @pytest.mark.skipif(
     not torch.cuda.is_available(), reason="host syncs are a GPU's cost (the loop's logic is tested on CPU)"
 )
-def test_the_in_process_loop_on_a_gpu_never_waits_for_the_device_between_log_steps(digits):
+@pytest.mark.parametrize("group", [1, 4])
+def test_the_in_process_loop_on_a_gpu_never_waits_for_the_device_between_log_steps(digits, group):
     # A host read in the loop (a solve's status, a pageable copy) makes each step wait for the one before:
-    # torch's sync debug mode raises on any of them.
+    # torch's sync debug mode raises on any of them. `group`: batches whose factors are computed together.
     cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(
         build_seeded_network(cfg, digits), objective, cfg.optim, "cuda", schedule=LRSchedule("cosine", 100)
     )  # each step writes its factor to the device
-    items = with_factors(
-        iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1), objective.kernel_factors, pipeline
-    )
+    batches = iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1)
+    items = with_factors(batches, objective, pipeline, group)
     for batch, factors in itertools.islice(items, 3):  # the first step captures the graph
         pipeline.result(pipeline.submit(batch, factors), want_output=False, read_back=True)
     torch.cuda.synchronize()
@@ -210,12 +210,40 @@ def test_factors_computed_ahead_in_a_thread_arrive_in_order_and_unchanged(digits
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cpu")
     batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:4]
-    inline = list(with_factors(batches, objective.kernel_factors, pipeline))
+    inline = list(with_factors(batches, objective, pipeline))
     pipeline.prefetch_factors, pipeline.max_in_flight = True, 2  # as the Ray pipeline's coordinator does
-    ahead = list(with_factors(batches, objective.kernel_factors, pipeline))
+    ahead = list(with_factors(batches, objective, pipeline))
     assert [b.index for b, _ in ahead] == [b.index for b, _ in inline] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(ahead, inline):
         assert torch.equal(a.x_factor, b.x_factor) and torch.equal(a.y_factor, b.y_factor)
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_factors_computed_a_group_at_a_time_are_each_batchs_in_order(digits, prefetch):
+    # train.factor_group: seven batches in groups of three (the last alone), inline and from the thread.
+    cfg = build_config("paper_mlp", overrides={"model.depth": 1, "model.width": 32})
+    objective = HSICObjective(cfg.hsic, 10)
+    pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cpu")
+    pipeline.prefetch_factors, pipeline.max_in_flight = prefetch, 4
+    batches = list(iterate_batches(digits.x_train, digits.y_train, 64, seed=1, epoch=1))[:7]
+    one_by_one = list(with_factors(batches, objective, pipeline))
+    grouped = list(with_factors(batches, objective, pipeline, group=3))
+    assert [b.index for b, _ in grouped] == [b.index for b, _ in one_by_one] == list(range(7))
+    for (batch, factors), (alone, expected) in zip(grouped, one_by_one):
+        assert torch.equal(batch.x, alone.x) and torch.equal(batch.y, alone.y)
+        torch.testing.assert_close(factors.x_factor, expected.x_factor, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(factors.y_factor, expected.y_factor, rtol=1e-5, atol=1e-7)
+
+
+def test_a_run_with_grouped_factors_trains_as_one_with_factors_batch_by_batch(tmp_path, digits):
+    settings = {"train.epochs": 1, "head.epochs": 1}
+    alone = run_hsic(small_config(tmp_path / "alone", **settings, **{"train.factor_group": 1}), digits)
+    grouped = run_hsic(small_config(tmp_path / "grouped", **settings, **{"train.factor_group": 4}), digits)
+    assert grouped["steps"] == alone["steps"]
+    for a, b in zip(alone["per_layer"], grouped["per_layer"]):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
 
 
 def test_same_seed_same_run_on_cpu(tmp_path, digits):

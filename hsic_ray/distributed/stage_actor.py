@@ -26,7 +26,7 @@ from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport, WireFactors, factors_to_numpy
 from hsic_ray.machine import mps_running, threads_for
 from hsic_ray.models import Shape, build_network
-from hsic_ray.objective import HSICObjective
+from hsic_ray.objective import HSICObjective, KernelFactors, factor_group_size
 from hsic_ray.run import checkpoint
 from hsic_ray.run.directory import RunDirectory
 from hsic_ray.schedule import LRSchedule
@@ -47,6 +47,7 @@ class StageSettings:
     input_shape: Shape
     num_classes: int
     schedule: LRSchedule | None = None
+    factor_group: int | None = None  # train.factor_group: a first stage computing factors does so in such groups
 
     @classmethod
     def for_run(
@@ -62,6 +63,7 @@ class StageSettings:
             input_shape=tuple(input_shape),
             num_classes=num_classes,
             schedule=schedule,
+            factor_group=cfg.train.factor_group,
         )
 
 
@@ -81,6 +83,7 @@ class StageActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transport = Transport(self.device)
         self.stage_step = _build_stage_step(spec, settings, self.device)
+        self.factor_group = settings.factor_group
         self._last_end: float | None = None
         if restore is not None:
             self.load(*restore)
@@ -110,26 +113,23 @@ class StageActor:
         returned, for the wire)."""
         started = time.perf_counter()
         idle = 0.0 if self._last_end is None else max(0.0, started - self._last_end)
-        results, computed, transfer, factor_clock = [], [], 0.0, DeviceClock(self.device)
-        for slot, x in enumerate(hop.activations):
-            moved = time.perf_counter()
-            x = self.transport.receive(x, f"x{slot}")
-            if labels is None:
-                batch_factors = self.transport.receive_factors(factors[slot], slot)
-            else:
-                y = self.transport.receive(labels[slot], f"y{slot}")
-            transfer += time.perf_counter() - moved
-            if labels is not None:
-                with factor_clock.timing():
-                    batch_factors = self.stage_step.objective.kernel_factors(x, y)
-                computed.append(batch_factors)
-            results.append(self.stage_step.train_step(x, batch_factors))
+        xs = [self.transport.receive(x, f"x{slot}") for slot, x in enumerate(hop.activations)]
+        if labels is None:
+            batch_factors = [self.transport.receive_factors(wire, slot) for slot, wire in enumerate(factors)]
+        else:
+            ys = [self.transport.receive(y, f"y{slot}") for slot, y in enumerate(labels)]
+        transfer = time.perf_counter() - started
+        factor_clock = DeviceClock(self.device)
+        if labels is not None:
+            with factor_clock.timing():
+                batch_factors = self._kernel_factors(xs, ys)
+        results = [self.stage_step.train_step(x, f) for x, f in zip(xs, batch_factors)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copies back wait for the steps anyway: time them apart
         moved = time.perf_counter()
         outputs = self.transport.send([out for out, _ in results])
         stats = torch.stack([layer_stats for _, layer_stats in results]).cpu().numpy()
-        wire = [factors_to_numpy(t) for t in computed] if labels is not None else None
+        wire = [factors_to_numpy(t) for t in batch_factors] if labels is not None else None
         transfer += time.perf_counter() - moved
         self.stage_step.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
@@ -142,6 +142,16 @@ class StageActor:
             "factors": factor_clock.seconds(),  # read after the device was waited for above
         }
         return Hop(outputs, hop.reports + [report]), wire
+
+    def _kernel_factors(self, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[KernelFactors]:
+        """The group's factors, `train.factor_group` batches in each call (`factor_group_size`)."""
+        size = factor_group_size(self.factor_group, self.device, len(ys[0]))
+        objective = self.stage_step.objective
+        return [
+            f
+            for i in range(0, len(xs), size)
+            for f in objective.group_kernel_factors(xs[i : i + size], ys[i : i + size])
+        ]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self._last_end = None  # evaluation breaks the stream: the next step's wait is not pipeline idle
