@@ -232,8 +232,8 @@ class TrainConfig:
     factor_group: int | None = documented(
         None,
         "training batches whose kernel factors (each batch's input and label solves) are computed together, in "
-        "one batched call: on a GPU such small solves take about as long for several as for one; auto (null): up "
-        "to 8 on a GPU (fewer for batches over 1024 samples), 1 on a CPU, where batching saves no arithmetic",
+        "one batched call: for a GPU, which one batch's small solves leave mostly idle; auto (null): up to 8 on a "
+        "GPU (fewer for batches over 1024 samples), 1 on a CPU, where batching saves no arithmetic",
         null_word="auto",
     )
     tensorboard: bool = documented(

@@ -88,15 +88,14 @@ def assert_same_training(tmp_path, local, piped, rel=1e-4):
     [
         {"ray.max_in_flight": 1, "ray.batches_per_call": 1},  # one batch at a time through the stages
         {"ray.max_in_flight": 3, "ray.batches_per_call": 3},  # one group of three at a time
-        {"ray.batches_per_call": 2},  # groups of two, 2 x 2 x 2 batches in flight
-        # Factors computed by the first stage (the default with GPU stages) rather than the coordinator.
+        # Groups of two, 2 x 2 x 2 batches in flight; the coordinator computes factors three batches at a time
+        # (train.factor_group; the in-process run groups them too), across calls.
+        {"ray.batches_per_call": 2, "train.factor_group": 3},
+        # Factors computed by the first stage (the default with GPU stages) rather than the coordinator: one
+        # batch per call; within each call of three, a group of two and then one.
         {"ray.max_in_flight": 1, "ray.batches_per_call": 1, "ray.factors_on": "first_stage"},
-        {"ray.batches_per_call": 2, "ray.factors_on": "first_stage"},
-        {"ray.stages": 1, "ray.batches_per_call": 2, "ray.factors_on": "first_stage"},  # first and last: 3 returns
-        # Factors computed a group of batches at a time (train.factor_group; the in-process run groups them too):
-        # by the first stage within each call of three (a group of two, then one), by the coordinator across calls.
         {"ray.batches_per_call": 3, "ray.factors_on": "first_stage", "train.factor_group": 2},
-        {"ray.batches_per_call": 2, "ray.factors_on": "coordinator", "train.factor_group": 3},
+        {"ray.stages": 1, "ray.batches_per_call": 2, "ray.factors_on": "first_stage"},  # first and last: 3 returns
         # The objective's extensions (the leave-one-out fit among them): each stage weighs its layers by their
         # place in the whole network; and each stage follows the learning-rate schedule from its own step count.
         {
