@@ -13,6 +13,7 @@ from hsic_ray.distributed.batches_per_call import (
     choose_batches_per_call,
 )
 from hsic_ray.distributed.transport import Transport
+from hsic_ray.objective import KernelFactors
 
 
 @pytest.mark.parametrize(
@@ -94,6 +95,32 @@ def test_cpu_transport_gives_writable_tensors_and_arrays_back():
     assert wire[0, 0] == 0 and tensor[0, 0] == 1
     [sent] = transport.send([tensor])
     np.testing.assert_array_equal(sent, wire + 1)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+    ],
+)
+@pytest.mark.parametrize("with_x", [True, False])  # False: an estimator that compresses against Z itself
+def test_a_first_stage_sends_its_factors_on_as_the_next_stage_receives_them(device, with_x):
+    transport, after = Transport(torch.device(device)), Transport(torch.device(device))
+    rng = np.random.default_rng(0)
+    factors = [
+        KernelFactors(
+            torch.from_numpy(rng.random((8, 8), dtype=np.float32)).to(device) if with_x else None,
+            torch.from_numpy(rng.random((8, 8), dtype=np.float32)).to(device),
+        )
+        for _ in range(3)
+    ]
+    wire = transport.send_factors(factors)
+    for slot, (sent, received) in enumerate(zip(factors, (after.receive_factors(w, i) for i, w in enumerate(wire)))):
+        assert (received.x_factor is None) == (sent.x_factor is None), slot
+        if sent.x_factor is not None:
+            assert torch.equal(received.x_factor.cpu(), sent.x_factor.cpu()), slot
+        assert torch.equal(received.y_factor.cpu(), sent.y_factor.cpu()), slot
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging buffers are for CUDA stages")

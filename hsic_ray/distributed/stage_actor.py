@@ -23,7 +23,7 @@ import torch
 from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.distributed.placement import StageSpec
-from hsic_ray.distributed.transport import Transport, WireFactors, factors_to_numpy
+from hsic_ray.distributed.transport import Transport, WireFactors
 from hsic_ray.machine import mps_running, threads_for
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import HSICObjective, KernelFactors, factor_group_size
@@ -129,7 +129,7 @@ class StageActor:
         moved = time.perf_counter()
         outputs = self.transport.send([out for out, _ in results])
         stats = torch.stack([layer_stats for _, layer_stats in results]).cpu().numpy()
-        wire = [factors_to_numpy(t) for t in batch_factors] if labels is not None else None
+        wire = self.transport.send_factors(batch_factors) if labels is not None else None
         transfer += time.perf_counter() - moved
         self.stage_step.check_solves()  # the copies above synchronised already: checking costs nothing more
         self._last_end = time.perf_counter()
