@@ -134,12 +134,12 @@ def _inner(a: Tensor, b: Tensor) -> Tensor:
 
 
 def trace(a: Tensor) -> Tensor:
-    return a.diagonal(dim1=-2, dim2=-1).sum(-1)
+    return _diagonal_view(a).sum(-1)
 
 
 def _regularise_(kc: Tensor, eps: float) -> Tensor:
     """Kc + eps m I, in place (Cholesky reads its lower triangle only)."""
-    kc.diagonal(dim1=-2, dim2=-1).add_(eps * kc.shape[-1])
+    _diagonal_view(kc).add_(eps * kc.shape[-1])
     return kc
 
 
@@ -194,7 +194,7 @@ class _CCAInner(torch.autograd.Function):
 
 def _diagonal(inverse: Tensor) -> Tensor:
     # A positive definite inverse has a positive diagonal; a failed solve's zeros divide by 1, staying 0.
-    diag = inverse.diagonal(dim1=-2, dim2=-1)
+    diag = _diagonal_view(inverse)
     return torch.where(diag > 0, diag, torch.ones_like(diag))
 
 
