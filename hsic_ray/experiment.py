@@ -20,6 +20,7 @@ from hsic_ray.backprop import BackpropTrainer
 from hsic_ray.config import ConfigError, ExperimentConfig, TrainConfig
 from hsic_ray.data import ImageData, load_dataset
 from hsic_ray.local_pipeline import LocalPipeline
+from hsic_ray.machine import keep_freed_memory
 from hsic_ray.models import LayerwiseNet, build_network, layer_step_costs
 from hsic_ray.objective import HSICObjective
 from hsic_ray.resources import check_disk, check_memory
@@ -87,7 +88,11 @@ def prepare_run(
     """Claim the output directory and find what an interrupted run continues from (`plan_start`), load the
     data, check that it and the network fit, and, for a run that trains in this process, resolve its device
     and build its seeded network. Writes only the directory's lock, which the run holds until it ends (`with
-    prepared.start:`; released here on any error): the run calls `start.commit` once its own checks pass."""
+    prepared.start:`; released here on any error): the run calls `start.commit` once its own checks pass.
+
+    From here on this process trains or evaluates: it keeps the memory it frees for its next step
+    (`keep_freed_memory`), as stage actors and Ray Train workers do."""
+    keep_freed_memory()
     start = plan_start(cfg, method, resume, resumption)
     try:
         data = data or load_dataset(cfg.data)

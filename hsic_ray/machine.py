@@ -1,11 +1,13 @@
-"""This machine's cores and memory, as the processes and threads of a run ask for them, and whether its GPUs
-are shared through NVIDIA's Multi-Process Service.
+"""This machine's cores and memory, as the processes and threads of a run ask for them, how a process reuses
+the memory it frees, and whether its GPUs are shared through NVIDIA's Multi-Process Service.
 
 Free of torch, so that a job checks a local cluster's size before it imports torch (it starts Ray while
 torch imports; hsic_ray.distributed.background_connect)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 import psutil
@@ -15,6 +17,9 @@ from hsic_ray.errors import ResourceError
 GIB = 1024**3
 # A Ray worker that imports (CUDA-built) torch holds about this much memory of its own.
 PROCESS_BYTES = int(0.7 * GIB)
+# glibc's mallopt parameters (malloc.h): the most blocks mapped on their own, and the free space kept at the heap's top.
+_M_MMAP_MAX = -4
+_M_TRIM_THRESHOLD = -1
 # Where NVIDIA's MPS control daemon makes its pipes unless CUDA_MPS_PIPE_DIRECTORY says otherwise.
 MPS_PIPE_DIRECTORY = "/tmp/nvidia-mps"
 
@@ -26,6 +31,24 @@ def machine_cores() -> int:
 def threads_for(cpus: float) -> int:
     """Torch threads for a process that reserved `cpus`: at least one, never more than the machine's cores."""
     return max(1, min(int(cpus), machine_cores()))
+
+
+def keep_freed_memory() -> bool:
+    """Have this process's malloc (glibc's) reuse the memory it frees rather than return it to the kernel: no
+    block gets a mapping of its own, and the heap is never trimmed. Returns whether it applies (glibc only).
+
+    A training step allocates and frees the same large tensors every step (a stage's kernel systems are
+    [layers, m, m]: tens of MB). glibc maps a large block on its own and unmaps it when freed, and trims the
+    heap's free top, so each step would page-fault its whole working set in again: for a deep stage on a CPU,
+    a large share of its step (docs/results.md, "Memory reused between steps"). A process keeps its peak
+    memory instead, as PyTorch's CUDA allocator does on a GPU.
+    """
+    try:
+        os.confstr("CS_GNU_LIBC_VERSION")
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (ValueError, OSError):  # not glibc (macOS, musl): its own allocator's ways
+        return False
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def check_local_cluster(processes: int, cpus_per_process: float) -> None:

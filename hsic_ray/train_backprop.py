@@ -54,7 +54,7 @@ from hsic_ray.distributed.connect import connect
 from hsic_ray.distributed.placement import PlacementError, cluster_totals
 from hsic_ray.distributed.stop_request import StopCheck, StopRequest
 from hsic_ray.experiment import build_seeded_network, prepare_run
-from hsic_ray.machine import threads_for
+from hsic_ray.machine import keep_freed_memory, threads_for
 from hsic_ray.run import checkpoint
 from hsic_ray.run.checkpoint import CheckpointError
 from hsic_ray.run.directory import RunDirectory
@@ -217,6 +217,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     interrupt.worker_exits_quietly()
     torch.set_num_threads(threads_for(config["cpus_per_worker"]))
+    keep_freed_memory()
     _quiet_report_lines()
     if rank == 0:
         _setup_worker_logging()

@@ -24,7 +24,7 @@ from hsic_ray import interrupt
 from hsic_ray.config import ExperimentConfig, HSICConfig, ModelConfig, OptimConfig
 from hsic_ray.distributed.placement import StageSpec
 from hsic_ray.distributed.transport import Transport, WireFactors
-from hsic_ray.machine import mps_running, threads_for
+from hsic_ray.machine import keep_freed_memory, mps_running, threads_for
 from hsic_ray.models import Shape, build_network
 from hsic_ray.objective import HSICObjective, KernelFactors, factor_group_size
 from hsic_ray.run import checkpoint
@@ -79,6 +79,7 @@ class StageActor:
     def __init__(self, spec: StageSpec, settings: StageSettings, restore: tuple[str, int] | None = None):
         interrupt.worker_exits_quietly()
         torch.set_num_threads(threads_for(spec.num_cpus))
+        keep_freed_memory()
         self.spec = spec
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transport = Transport(self.device)
