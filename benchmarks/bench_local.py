@@ -47,6 +47,7 @@ from hsic_ray.hsic import (
     one_hot_cca_factor_ex,
     plausible_loss,
 )
+from hsic_ray.machine import keep_freed_memory
 from hsic_ray.objective import AUTO_FACTOR_GROUP, HSICObjective, KernelFactors, StageLosses
 from hsic_ray.presets import PRESETS
 from hsic_ray.stage_step import StageStep, make_sgd
@@ -351,6 +352,7 @@ def main(argv: list[str] | None = None) -> dict:
         "(hsic.max_kernel_features); default: full and deep_conv's",
     )
     args = p.parse_args(argv)
+    keep_freed_memory()  # as a run's processes do (benchmarks/memory_reuse.py times the difference)
 
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     machine = f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"

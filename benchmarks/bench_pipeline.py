@@ -36,6 +36,7 @@ from hsic_ray.distributed.placement import plan_stages
 from hsic_ray.distributed.ray_pipeline import RayPipeline
 from hsic_ray.experiment import build_seeded_network
 from hsic_ray.local_pipeline import LocalPipeline
+from hsic_ray.machine import keep_freed_memory
 from hsic_ray.models import layer_step_costs
 from hsic_ray.objective import HSICObjective, factor_group_size
 from hsic_ray.run.plots import plot_curves
@@ -296,6 +297,7 @@ def main(argv=None):
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PNG", help="also draw samples/s against stages, beside the in-process trainer's")
     args = p.parse_args(argv)
+    keep_freed_memory()  # as a run's processes do, the in-process trainer's here included
     for path in filter(None, (args.json, args.plot)):
         if not os.path.isdir(os.path.dirname(path) or "."):
             p.error(f"{path}: its directory does not exist; create it first")

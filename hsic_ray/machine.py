@@ -46,7 +46,7 @@ def keep_freed_memory() -> bool:
     try:
         os.confstr("CS_GNU_LIBC_VERSION")
         libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except (ValueError, OSError):  # not glibc (macOS, musl): its own allocator's ways
+    except (AttributeError, ValueError, OSError):  # not glibc (macOS, musl, Windows): its own allocator's ways
         return False
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
