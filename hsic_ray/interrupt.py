@@ -5,10 +5,10 @@ under `at_safe_points`, a signal only asks them to stop: they check `requested` 
 batches in flight, write a checkpoint and raise `Interrupted` with the step. Anywhere else (loading data,
 starting actors, the end of a run), and at a second signal, `Interrupted` is raised at once: what the run
 had not checkpointed is redone when it is continued. During a job's imports (`exits_at_once`) the process
-ends at once instead. The job prints one line for it and exits 128 + the
+and those it started end at once instead. The job prints one line for it and exits 128 + the
 signal's number (130 for SIGINT, 143 for SIGTERM).
 
-Pure Python (no torch, no Ray), so the command line can import it.
+Free of torch and Ray, so the command line can import it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+
+import psutil
 
 from hsic_ray.errors import Interrupted
 
@@ -35,12 +37,22 @@ class _State:
 def _handle(signum: int, frame) -> None:
     if _State.immediate:
         print(Interrupted(signum), file=sys.stderr, flush=True)
+        _kill_descendants()
         os._exit(128 + signum)
     if _State.requested is None and _State.deferred:
         _State.requested = signum
         return
     _State.requested = _State.requested or signum
     raise Interrupted(signum)
+
+
+def _kill_descendants() -> None:
+    """SIGKILL the processes this one started: a local Ray cluster starting beside the job's imports. Ray ties
+    them to this process with PR_SET_PDEATHSIG, which each child sets for itself once it runs, so one forked
+    just before this process ends would outlive it."""
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.kill()
 
 
 @contextlib.contextmanager
@@ -65,11 +77,11 @@ def signals_stop_the_run() -> Iterator[None]:
 
 @contextlib.contextmanager
 def exits_at_once() -> Iterator[None]:
-    """Inside the block a signal ends the process at once, with the same line and exit code, instead of
-    raising `Interrupted`: for a job's start-up, which has nothing to save yet. An exception raised at an
-    arbitrary point of an import can be lost (in a weakref callback of the import machinery, which ignores
-    it) and leave a module's import lock held, on which another thread importing (Ray, starting beside the
-    job's imports) would wait for ever."""
+    """Inside the block a signal ends the process at once, and the processes it started, with the same line
+    and exit code, instead of raising `Interrupted`: for a job's start-up, which has nothing to save yet. An
+    exception raised at an arbitrary point of an import can be lost (in a weakref callback of the import
+    machinery, which ignores it) and leave a module's import lock held, on which another thread importing
+    (Ray, starting beside the job's imports) would wait for ever."""
     _State.immediate += 1
     try:
         yield

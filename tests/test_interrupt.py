@@ -118,6 +118,31 @@ def test_a_second_sigint_stops_at_once_in_one_line(tmp_path):
     assert not (out / LOCK_FILE).exists()
 
 
+STARTING = """
+import subprocess, sys, time
+from hsic_ray import interrupt
+
+with interrupt.signals_stop_the_run(), interrupt.exits_at_once():
+    # A child that nothing ties to this process, as a Ray process forked an instant before the signal is.
+    child = subprocess.Popen(["sleep", "600"])
+    print(child.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_signal_during_start_up_ends_the_processes_the_job_started():
+    proc = subprocess.Popen([sys.executable, "-c", STARTING], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = psutil.Process(int(proc.stdout.readline()))
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and stderr.strip() == "interrupted; rerun the same command to continue"
+    try:
+        assert child.wait(timeout=10) is None or not child.is_running()  # killed, and reaped by its new parent
+    except psutil.TimeoutExpired:
+        child.kill()
+        pytest.fail("the process the job started outlived it")
+
+
 @pytest.mark.slow
 def test_ctrl_c_while_a_ray_job_starts_is_one_line_and_leaves_no_process(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # the job's own: short, for Ray's socket paths

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,6 +78,7 @@ def running_head(
     `ready(its output)` holds (within 90 s); stopped with its process group afterwards. `start_env`: the head's
     own environment, where it differs from the clients' `env`."""
     port = free_port()
+    log = tempfile.TemporaryFile(mode="w+")  # the head's own output, for a failure to show
     proc = subprocess.Popen(
         [
             "ray",
@@ -90,8 +92,8 @@ def running_head(
         ],
         env=start_env or env,
         cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     address = f"127.0.0.1:{port}"
@@ -101,12 +103,17 @@ def running_head(
             status = subprocess.run(["ray", "status", "--address", address], env=env, capture_output=True, text=True)
             if status.returncode == 0 and ready(status.stdout):
                 break
-            if time.time() > deadline:
-                pytest.fail(f"ray start did not come up: {status.stdout[-500:]} {status.stderr[-1500:]}")
+            if time.time() > deadline or proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(
+                    f"ray start did not come up (exit code {proc.poll()}): {status.stderr[-1000:]}\n"
+                    f"its output: {log.read()[-2000:]}"
+                )
             time.sleep(1)
         yield address
     finally:
         stop_head(proc, port)
+        log.close()
 
 
 def stop_head(proc: subprocess.Popen, port: int) -> None:
