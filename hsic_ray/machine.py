@@ -7,7 +7,6 @@ torch imports; hsic_ray.distributed.background_connect)."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 import psutil
@@ -44,10 +43,12 @@ def keep_freed_memory() -> bool:
     memory instead, as PyTorch's CUDA allocator does on a GPU.
     """
     try:
-        os.confstr("CS_GNU_LIBC_VERSION")
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    except (AttributeError, ValueError, OSError):  # not glibc (macOS, musl, Windows): its own allocator's ways
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (AttributeError, ValueError):
+        glibc = None
+    if not glibc:  # macOS, musl, Windows: their own allocators' ways
         return False
+    libc = ctypes.CDLL(None)  # this process's own symbols, glibc's among them: no library search (a subprocess)
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
 
 

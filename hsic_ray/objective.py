@@ -218,14 +218,18 @@ class HSICObjective:
         y_factor, y_failed = self._label_factor(y, host_free, stacked)
         if self.estimator.self_input:
             return KernelFactors(None, y_factor, y_failed)
-        x_factor, x_failed = self._factor_on_device(x, stacked) if host_free else (self._factor(x, stacked), None)
+        x_factor, x_failed = self._general_factor(x, host_free, stacked)
         return KernelFactors(x_factor, y_factor, _either(x_failed, y_failed))
+
+    def _general_factor(self, v: Tensor, host_free: bool, stacked: bool) -> tuple[Tensor, Tensor | None]:
+        """The factor of `v`'s kernel by the estimator's m x m solve, and its failed flag (None: checked here)."""
+        return self._factor_on_device(v, stacked) if host_free else (self._factor(v, stacked), None)
 
     def _label_factor(self, y: Tensor, host_free: bool, stacked: bool) -> tuple[Tensor, Tensor | None]:
         """The factor of one-hot labels `y` and its failed flag (None: checked), in closed form where the
         estimator has one (cca: a C x C solve instead of an m x m one)."""
         if self.estimator.one_hot_factor_ex is None or self.cfg.sigma is None:
-            return self._factor_on_device(y, stacked) if host_free else (self._factor(y, stacked), None)
+            return self._general_factor(y, host_free, stacked)
         factor, failed = self.estimator.one_hot_factor_ex(y, self.cfg.sigma)
         if host_free:
             return factor, failed
