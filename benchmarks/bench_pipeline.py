@@ -79,13 +79,6 @@ class _Stopwatch:
         return run
 
 
-class _TimedFactors:
-    """The objective's factors, as `with_factors` asks for them, timed by a stopwatch (the coordinator's share)."""
-
-    def __init__(self, objective, watch):
-        self.group_kernel_factors = watch.timed("factors", objective.group_kernel_factors)
-
-
 def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_every=0, factor_group=None):
     """The trainer's loop without its logging: factors computed as the trainer does (`with_factors`),
     submission with bounded in-flight batches, results collected in order; timed part by part.
@@ -97,7 +90,9 @@ def drive(pipeline, objective, data, batch_size, steps, warmup, sample_memory_ev
     is paid once by a training run's thousands of batches."""
     watch = _Stopwatch()
     group = loop_factor_group(pipeline, factor_group, batch_size)
-    items = with_factors(batches(data, batch_size), _TimedFactors(objective, watch), pipeline, group)
+    items = with_factors(
+        batches(data, batch_size), watch.timed("factors", objective.group_kernel_factors), pipeline, group
+    )
     next_item = watch.timed("waiting for factors", lambda: next(items))
     submit = watch.timed("submit", pipeline.submit)
     result = watch.timed("waiting for results", lambda h: pipeline.result(h, want_output=False, read_back=False))

@@ -157,7 +157,7 @@ class HSICTrainer:
             self.data.x_train, self.data.y_train, train.batch_size, train.seed, position.epoch, start=position.batch
         )
         group = loop_factor_group(self.pipeline, train.factor_group, train.batch_size)
-        return with_factors(batches, self.objective, self.pipeline, group)
+        return with_factors(batches, self.objective.group_kernel_factors, self.pipeline, group)
 
     def _end_epoch(self, epoch: int, last: bool) -> None:
         """The epoch's monitors where the schedule (hsic_ray.monitor_schedule) has them. After every epoch for
@@ -275,18 +275,21 @@ def loop_factor_group(pipeline: Pipeline, setting: int | None, batch_size: int) 
 
 
 def with_factors(
-    batches: Iterable[Batch], objective: HSICObjective, pipeline: Pipeline, group: int = 1
+    batches: Iterable[Batch],
+    group_factors: Callable[[list[Tensor], list[Tensor]], list[KernelFactors]],
+    pipeline: Pipeline,
+    group: int = 1,
 ) -> Iterator[tuple[Batch, KernelFactors | None]]:
     """Each batch on the pipeline's `factors_device` with its factors, computed `group` batches at a time
-    (`HSICObjective.group_kernel_factors`) and ahead in a thread where the pipeline asks for it; None where the
-    pipeline computes them itself."""
+    (`group_factors(xs, labels)`, as `HSICObjective.group_kernel_factors`) and ahead in a thread where the
+    pipeline asks for it; None where the pipeline computes them itself."""
     if pipeline.factors_device is None:
         return ((batch, None) for batch in batches)
     device = pipeline.factors_device
 
     def prepare(members: list[Batch]) -> list[tuple[Batch, KernelFactors]]:
         moved = [batch.to(device) for batch in members]
-        return list(zip(moved, objective.group_kernel_factors([b.x for b in moved], [b.y for b in moved])))
+        return list(zip(moved, group_factors([b.x for b in moved], [b.y for b in moved])))
 
     groups = _groups(batches, group)
     if pipeline.prefetch_factors:

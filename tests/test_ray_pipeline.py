@@ -185,7 +185,7 @@ def test_a_stage_reports_the_part_of_its_time_spent_computing_factors(tmp_path, 
     pipeline = RayPipeline(cfg, specs, digits.input_shape, digits.num_classes)
     try:
         batches = iterate_batches(digits.x_train, digits.y_train, cfg.train.batch_size, seed=0, epoch=1)
-        items = with_factors(batches, HSICObjective(cfg.hsic, digits.num_classes), pipeline)
+        items = with_factors(batches, HSICObjective(cfg.hsic, digits.num_classes).group_kernel_factors, pipeline)
         handles = [pipeline.submit(*item) for _, item in zip(range(4), items)]
         results = [pipeline.result(handle, want_output=False) for handle in handles]
         getattr(items, "close", lambda: None)()  # the coordinator's prefetching thread

@@ -156,7 +156,7 @@ def test_the_loop_computes_factors_where_the_in_process_step_runs(digits, device
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, device)
     batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:3]
-    items = list(with_factors(batches, objective, pipeline))
+    items = list(with_factors(batches, objective.group_kernel_factors, pipeline))
     assert [batch.index for batch, _ in items] == [0, 1, 2]
     for (batch, factors), original in zip(items, batches):
         assert batch.x.device.type == batch.y.device.type == factors.y_factor.device.type == device
@@ -191,7 +191,7 @@ def test_the_in_process_loop_on_a_gpu_never_waits_for_the_device_between_log_ste
         build_seeded_network(cfg, digits), objective, cfg.optim, "cuda", schedule=LRSchedule("cosine", 100)
     )  # each step writes its factor to the device
     batches = iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1)
-    items = with_factors(batches, objective, pipeline, group)
+    items = with_factors(batches, objective.group_kernel_factors, pipeline, group)
     for batch, factors in itertools.islice(items, 3):  # the first step captures the graph
         pipeline.result(pipeline.submit(batch, factors), want_output=False, read_back=True)
     torch.cuda.synchronize()
@@ -210,9 +210,9 @@ def test_factors_computed_ahead_in_a_thread_arrive_in_order_and_unchanged(digits
     objective = HSICObjective(cfg.hsic, 10)
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cpu")
     batches = list(iterate_batches(digits.x_train, digits.y_train, 128, seed=1, epoch=1))[:4]
-    inline = list(with_factors(batches, objective, pipeline))
+    inline = list(with_factors(batches, objective.group_kernel_factors, pipeline))
     pipeline.prefetch_factors, pipeline.max_in_flight = True, 2  # as the Ray pipeline's coordinator does
-    ahead = list(with_factors(batches, objective, pipeline))
+    ahead = list(with_factors(batches, objective.group_kernel_factors, pipeline))
     assert [b.index for b, _ in ahead] == [b.index for b, _ in inline] == [0, 1, 2, 3]
     for (_, a), (_, b) in zip(ahead, inline):
         assert torch.equal(a.x_factor, b.x_factor) and torch.equal(a.y_factor, b.y_factor)
@@ -226,8 +226,8 @@ def test_factors_computed_a_group_at_a_time_are_each_batchs_in_order(digits, pre
     pipeline = LocalPipeline(build_seeded_network(cfg, digits), objective, cfg.optim, "cpu")
     pipeline.prefetch_factors, pipeline.max_in_flight = prefetch, 4
     batches = list(iterate_batches(digits.x_train, digits.y_train, 64, seed=1, epoch=1))[:7]
-    one_by_one = list(with_factors(batches, objective, pipeline))
-    grouped = list(with_factors(batches, objective, pipeline, group=3))
+    one_by_one = list(with_factors(batches, objective.group_kernel_factors, pipeline))
+    grouped = list(with_factors(batches, objective.group_kernel_factors, pipeline, group=3))
     assert [b.index for b, _ in grouped] == [b.index for b, _ in one_by_one] == list(range(7))
     for (batch, factors), (alone, expected) in zip(grouped, one_by_one):
         assert torch.equal(batch.x, alone.x) and torch.equal(batch.y, alone.y)
