@@ -61,13 +61,32 @@ def measure(preset: str, depth: int, steps: int, rounds: int) -> dict:
     }
 
 
+def _case(text: str) -> tuple[str, int]:
+    from hsic_ray.presets import PRESETS
+
+    preset, _, depth = text.partition(":")
+    if preset not in PRESETS or not depth.isdigit() or int(depth) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PRESET:DEPTH (presets: {', '.join(sorted(PRESETS))})")
+    return preset, int(depth)
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cases", nargs="+", default=["deep_mlp:10", "deep_mlp:50", "paper_mlp:5"], help="PRESET:DEPTH")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of the two processes")
+    p.add_argument(
+        "--cases", nargs="+", type=_case, default=["deep_mlp:10", "deep_mlp:50", "paper_mlp:5"], help="PRESET:DEPTH"
+    )
+    p.add_argument("--steps", type=_positive, default=3, help="timed steps per round")
+    p.add_argument("--rounds", type=_positive, default=2, help="alternating rounds of the two processes")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = p.parse_args(argv)
+    if args.json and not Path(args.json).parent.is_dir():
+        p.error(f"--json {args.json}: its directory does not exist; create it first")
 
     rows = []
     print(f"# memory reuse ({platform.machine()}, {os.cpu_count()} cores, {os.confstr('CS_GNU_LIBC_VERSION')})")
@@ -76,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         "| backprop ms, default | kept |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for case in args.cases:
-        preset, depth = case.split(":")
-        row = measure(preset, int(depth), args.steps, args.rounds)
+    for preset, depth in args.cases:
+        row = measure(preset, depth, args.steps, args.rounds)
         rows.append(row)
         print(
             f"| {preset} depth {depth} | {row['default_hsic_ms']:.1f} | {row['keep_hsic_ms']:.1f} | "
