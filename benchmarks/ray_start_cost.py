@@ -3,6 +3,7 @@
     python benchmarks/ray_start_cost.py             # a cluster as a job starts it (2 logical CPUs, no dashboard)
     python benchmarks/ray_start_cost.py --cpus 5    # more logical CPUs: more idle workers started
     python benchmarks/ray_start_cost.py --preload torch   # its workers import torch as they start
+    python benchmarks/ray_start_cost.py --profile-init 12  # where ray.init's own wall time goes
 
 Starts a new local cluster the way hsic_ray's jobs do when none is running (`ray.init(address="local")`, the
 dashboard left out), runs one empty task, waits `--settle` seconds for the cluster's processes to finish
@@ -10,6 +11,8 @@ starting, then lists every process of the cluster (the driver's descendants), wi
 the driver's own; then times an actor that imports torch (as a stage actor does), from its creation to its
 first answer. With `--preload`, the cluster's workers import those modules as they start (Ray's
 `preload_python_modules`), ahead of any actor, while the driver goes on with its own work (here: the wait).
+With `--profile-init N`, ray.init runs under cProfile and its N costliest calls (cumulative time) are printed:
+what in the driver's wait is Ray polling for the processes it started.
 Every job that starts its own cluster pays this, and so does every test that does.
 """
 
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import sys
 import time
 
@@ -29,13 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=float, default=2.0, help="the cluster's logical CPUs")
     p.add_argument("--settle", type=float, default=6.0, help="seconds to wait before counting")
     p.add_argument("--preload", nargs="+", default=[], metavar="MODULE", help="modules workers import as they start")
+    p.add_argument("--profile-init", type=int, default=0, metavar="N", help="print ray.init's N costliest calls")
     args = p.parse_args(argv)
 
     started = time.time()
     system_config = {"preload_python_modules": args.preload} if args.preload else None
-    ray.init(
-        address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, _system_config=system_config
-    )
+    profile = cProfile.Profile() if args.profile_init else contextlib.nullcontext()
+    with profile:
+        ray.init(
+            address="local",
+            num_cpus=args.cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _system_config=system_config,
+        )
+    init_seconds = time.time() - started
     ray.get(ray.remote(lambda: None).remote())
     to_first_task = time.time() - started
     time.sleep(args.settle)
@@ -50,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     actor_ready = time.time() - created
     ray.shutdown()
 
-    print(f"ray.init and a first task: {to_first_task:.2f} s wall; the cluster's processes after {args.settle:g} s:")
+    print(f"ray.init {init_seconds:.2f} s and a first task: {to_first_task:.2f} s wall")
+    if args.profile_init:
+        pstats.Stats(profile, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile_init)
+    print(f"the cluster's processes after {args.settle:g} s:")
     print("| process | CPU s |\n|---|---|")
     for cpu, label in sorted(rows, reverse=True):
         print(f"| {label} | {cpu:.2f} |")
