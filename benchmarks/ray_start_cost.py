@@ -3,6 +3,7 @@
     python benchmarks/ray_start_cost.py             # a cluster as a job starts it (2 logical CPUs, no dashboard)
     python benchmarks/ray_start_cost.py --cpus 5    # more logical CPUs: more idle workers started
     python benchmarks/ray_start_cost.py --preload torch   # its workers import torch as they start
+    python benchmarks/ray_start_cost.py --setup-hook      # each worker imports torch as the job's runtime env starts it
     python benchmarks/ray_start_cost.py --profile-init 12  # where ray.init's own wall time goes
 
 Starts a new local cluster the way hsic_ray's jobs do when none is running (`ray.init(address="local")`, the
@@ -12,7 +13,9 @@ the driver's own; then times an actor that imports torch (as a stage actor does)
 first answer. With `--preload`, the cluster's workers import those modules as they start (Ray's
 `preload_python_modules`), ahead of any actor, while the driver goes on with its own work (here: the wait).
 With `--profile-init N`, ray.init runs under cProfile and its N costliest calls (cumulative time) are printed:
-what in the driver's wait is Ray polling for the processes it started.
+what in the driver's wait is Ray polling for the processes it started. With `--setup-hook`, the job's runtime
+environment has every worker it starts import torch first (Ray's `worker_process_setup_hook`); the last line
+says whether the actor found a worker started ahead of it.
 Every job that starts its own cluster pays this, and so does every test that does.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import os
 import pstats
 import sys
 import time
@@ -34,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpus", type=float, default=2.0, help="the cluster's logical CPUs")
     p.add_argument("--settle", type=float, default=6.0, help="seconds to wait before counting")
     p.add_argument("--preload", nargs="+", default=[], metavar="MODULE", help="modules workers import as they start")
+    p.add_argument("--setup-hook", action="store_true", help="workers the job starts import torch first")
     p.add_argument("--profile-init", type=int, default=0, metavar="N", help="print ray.init's N costliest calls")
     args = p.parse_args(argv)
 
@@ -47,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             include_dashboard=False,
             log_to_driver=False,
             _system_config=system_config,
+            runtime_env={"worker_process_setup_hook": _import_torch} if args.setup_hook else None,
         )
     init_seconds = time.time() - started
     ray.get(ray.remote(lambda: None).remote())
@@ -58,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             times = proc.cpu_times()
             rows.append((times.user + times.system, _label(proc.cmdline() or [proc.name()])))
     driver = sum(psutil.Process().cpu_times()[:2])
+    idle = {proc.pid for proc in psutil.Process().children(recursive=True) if proc.name() == "ray::IDLE"}
     created = time.time()
-    ray.get(TorchActor.remote().ready.remote())
+    actor_pid = ray.get(TorchActor.remote().pid.remote())
     actor_ready = time.time() - created
     ray.shutdown()
 
@@ -73,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| all of the cluster's | {sum(cpu for cpu, _ in rows):.2f} |")
     print(f"| the driver (imports, ray.init, the task) | {driver:.2f} |")
     print(
-        f"\nan actor that imports torch, created {args.settle:g} s after the first task: ready in {actor_ready:.2f} s"
+        f"\nan actor that imports torch, created {args.settle:g} s after the first task: ready in {actor_ready:.2f} s, "
+        f"on a worker started ahead of it: {'yes' if actor_pid in idle else 'no'}"
     )
     return 0
 
@@ -83,8 +91,12 @@ class TorchActor:
     def __init__(self):
         import torch  # noqa: F401  (its import is what a stage actor's start costs)
 
-    def ready(self) -> bool:
-        return True
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _import_torch() -> None:
+    import torch  # noqa: F401
 
 
 def _label(cmdline: list[str]) -> str:
