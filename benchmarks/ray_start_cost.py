@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     ray.get(ray.remote(lambda: None).remote())
     to_first_task = time.time() - started
     time.sleep(args.settle)
-    rows = []
+    rows, idle = [], set()  # idle: the workers Ray started ahead of any task or actor that needs them
     for proc in psutil.Process().children(recursive=True):  # the cluster's processes, all started by ray.init
         with contextlib.suppress(psutil.NoSuchProcess):
             times = proc.cpu_times()
             rows.append((times.user + times.system, _label(proc.cmdline() or [proc.name()])))
+            if proc.name() == "ray::IDLE":
+                idle.add(proc.pid)
     driver = sum(psutil.Process().cpu_times()[:2])
-    idle = {proc.pid for proc in psutil.Process().children(recursive=True) if proc.name() == "ray::IDLE"}
     created = time.time()
     actor_pid = ray.get(TorchActor.remote().pid.remote())
     actor_ready = time.time() - created
