@@ -1,6 +1,6 @@
 """Sweep depth (and optionally beta, sigma, lr, estimator) with Ray Tune, comparing HSIC with backprop.
 
-    python jobs/sweep_depth.py --smoke-test                    # two depths x two methods, a few minutes on 2 CPUs
+    python jobs/sweep_depth.py --smoke-test                    # two depths x two methods, tiny trials one at a time
     python jobs/sweep_depth.py --depths 5 10 20 50 --epochs 5  # the full depth sweep
     python jobs/sweep_depth.py --output runs/sweep --resume    # continue an interrupted sweep
     python jobs/sweep_depth.py --depths 5 50 --methods hsic \
