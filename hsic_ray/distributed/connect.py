@@ -210,9 +210,9 @@ def connect(
 
     Joining an existing cluster, `ship_package` (config `ray.ship_package`) ships this hsic_ray package to
     the job's workers (`package_runtime_env`); a new local cluster's workers import it as this process does.
-    With `state_api`, a new local cluster serves Ray's state API (its dashboard process, about 2 s more to
-    start): Ray Train's placement-group cleaner asks it every second whether the controller lives, and logs a
-    warning each time it cannot.
+    With `state_api`, a new local cluster serves Ray's state API (its full dashboard process, slower to start
+    than the minimal one it runs otherwise): Ray Train's placement-group cleaner asks it every second whether
+    the controller lives, and logs a warning each time it cannot.
     """
     if ray.is_initialized():
         return
