@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from hsic_ray.machine import glibc_version
+
 CHILD = """
 import json, resource, sys
 sys.path.insert(0, {bench!r})
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--json {args.json}: its directory does not exist; create it first")
 
     rows = []
-    print(f"# memory reuse ({platform.machine()}, {os.cpu_count()} cores, {os.confstr('CS_GNU_LIBC_VERSION')})")
+    print(f"# memory reuse ({platform.machine()}, {os.cpu_count()} cores, {glibc_version() or 'not glibc'})")
     print(
         "| case | HSIC ms, default | HSIC ms, kept | ratio | faults/step, default | kept "
         "| backprop ms, default | kept |"

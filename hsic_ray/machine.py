@@ -32,6 +32,14 @@ def threads_for(cpus: float) -> int:
     return max(1, min(int(cpus), machine_cores()))
 
 
+def glibc_version() -> str | None:
+    """This process's C library, where it is glibc ("glibc 2.36"); None elsewhere."""
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION") or None
+    except (AttributeError, ValueError):  # no confstr (Windows), or no such name (macOS, musl)
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Have this process's malloc (glibc's) reuse the memory it frees rather than return it to the kernel: no
     block gets a mapping of its own, and the heap is never trimmed. Returns whether it applies (glibc only).
@@ -42,11 +50,7 @@ def keep_freed_memory() -> bool:
     a large share of its step (docs/results.md, "Memory reused between steps"). A process keeps its peak
     memory instead, as PyTorch's CUDA allocator does on a GPU.
     """
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION")
-    except (AttributeError, ValueError):
-        glibc = None
-    if not glibc:  # macOS, musl, Windows: their own allocators' ways
+    if glibc_version() is None:  # macOS, musl, Windows: their own allocators' ways
         return False
     libc = ctypes.CDLL(None)  # this process's own symbols, glibc's among them: no library search (a subprocess)
     return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
