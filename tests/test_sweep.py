@@ -296,3 +296,36 @@ def test_asha_ranks_both_methods_by_one_per_epoch_readout_key_and_the_best_trial
         got = accuracy(model(to_tensor(data.x_test)), data.y_test)
     assert got == pytest.approx(best.metrics[METRIC], abs=100 / len(data.y_test))
     assert model.method == best.config["method"] and model.config.model.depth == 2
+
+
+def test_progress_tables_come_at_most_every_period_only_after_a_change_and_once_more_at_the_end(monkeypatch, caplog):
+    """SweepProgress's pacing, on a clock the test sets: the end-to-end sweeps can only bound the count of tables
+    by their own duration, so the exact rule is pinned here."""
+    from types import SimpleNamespace
+
+    from hsic_ray import sweep_progress
+
+    clock = [0.0]
+    monkeypatch.setattr(sweep_progress.time, "monotonic", lambda: clock[0])
+    trial = SimpleNamespace(trial_id="t0", config={"method": "hsic", "depth": 2}, last_result={}, status="RUNNING")
+    progress = sweep_progress.SweepProgress(METRIC, [], every_s=30.0)
+
+    def tables_after(*events: tuple[float, str]) -> int:
+        caplog.clear()
+        for at, event in events:
+            clock[0] = at
+            if event == "result":
+                progress.on_trial_result(0, [trial], trial, {METRIC: 50.0, "epoch": 1})
+            elif event == "end":
+                progress.on_experiment_end([trial])
+            else:
+                progress.on_step_end(0, [trial])
+        return sum(record.getMessage().startswith("trials: ") for record in caplog.records)
+
+    with caplog.at_level("INFO", logger="hsic_ray"):
+        assert tables_after((0.0, "step")) == 1  # the first step: the sweep's start
+        assert tables_after((1.0, "step"), (5.0, "result"), (29.9, "step")) == 0  # changed, but within the period
+        assert tables_after((30.0, "step")) == 1  # the period since the last table is up
+        assert tables_after((100.0, "step")) == 0  # nothing changed since
+        assert tables_after((101.0, "result"), (102.0, "end")) == 1  # the end shows what changed since the last
+        assert tables_after((103.0, "end")) == 0  # and only that
