@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--setup-hook", action="store_true", help="workers the job starts import torch first")
     p.add_argument("--profile-init", type=int, default=0, metavar="N", help="print ray.init's N costliest calls")
     args = p.parse_args(argv)
+    if args.profile_init < 0:
+        p.error(f"--profile-init {args.profile_init}: how many calls to print, 0 (none) or more")
 
     started = time.time()
     system_config = {"preload_python_modules": args.preload} if args.preload else None
